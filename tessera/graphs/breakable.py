@@ -1,0 +1,108 @@
+"""The breakable strategy: no Dynamo. The forward runs once per size under stream capture; each split
+op ends the current capture, runs eagerly, is recorded as an eager step over the (static) tensors it
+was given, and a new capture begins. Start-up takes seconds; the kernels are the eager ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from tessera.graphs import ops
+from tessera.graphs.platform import CudaGraphBackend, Graph
+from tessera.graphs.strategy import CaptureStrategy, Inputs
+
+
+class _EagerStep(Graph):
+    __slots__ = ("args", "split")
+
+    def __init__(self, split: ops.SplitOp, args: tuple[Any, ...]) -> None:
+        self.split, self.args = split, args
+
+    def replay(self) -> None:
+        self.split.run(*self.args)
+
+
+class _SegmentedGraph(Graph):
+    """Graph segments and eager steps, replayed in capture order."""
+
+    __slots__ = ("calls", "num_segments")
+
+    def __init__(self, steps: list[Graph]) -> None:
+        # NOTE: bound methods resolved once; the replay loop is the whole per-step host cost.
+        self.calls: list[Callable[[], None]] = [
+            s.graph.replay if hasattr(s, "graph") else s.replay for s in steps
+        ]
+        self.num_segments = sum(not isinstance(s, _EagerStep) for s in steps)
+
+    def replay(self) -> None:
+        for call in self.calls:
+            call()
+
+
+class BreakableStrategy(CaptureStrategy):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._graphs: dict[int, Graph] = {}
+        self._outputs: dict[int, Any] = {}
+        self._pieces = 0
+
+    @property
+    def num_pieces(self) -> int:
+        return self._pieces
+
+    def prepare(self, inputs: Inputs) -> None:
+        self.forward(*inputs)
+
+    def capture(self, size: int, inputs: Inputs) -> Any:
+        self.forward(*inputs)  # per-size warm-up: BLAS heuristics and JIT kernels for this shape
+        splits: list[str] = []
+        self.location = f"segment 0 at {size} tokens"
+        if isinstance(self.backend, CudaGraphBackend):
+            graph, out = self._capture_segments(size, inputs, splits)
+        else:
+            with _intercept(lambda split, args: self._count(split, args, size, splits)):
+                graph, out = self.backend.capture(self.forward, inputs)
+        self._pieces = len(splits) + 1
+        self._graphs[size] = graph
+        self._outputs[size] = self.backend.hold(out)
+        return out
+
+    def replay(self, size: int, inputs: Inputs) -> Any:
+        self._graphs[size].replay()
+        return self._outputs[size]
+
+    def _count(self, split: ops.SplitOp, args: tuple[Any, ...], size: int, splits: list[str]):
+        splits.append(split.name)
+        self.location = f"segment {len(splits)} (after {split.name}) at {size} tokens"
+        split.run(*args)
+
+    def _capture_segments(self, size: int, inputs: Inputs, splits: list[str]) -> tuple[Graph, Any]:
+        backend = self.backend
+        assert isinstance(backend, CudaGraphBackend)
+        steps: list[Graph] = []
+
+        def on_split(split: ops.SplitOp, args: tuple[Any, ...]) -> None:
+            steps.append(backend.end())
+            self._count(split, args, size, splits)
+            steps.append(_EagerStep(split, backend.hold(args)))
+            backend.begin()
+
+        backend.begin()
+        try:
+            with _intercept(on_split):
+                out = self.forward(*inputs)
+        except BaseException:
+            backend.abort()
+            raise
+        steps.append(backend.end())
+        return _SegmentedGraph(steps), out
+
+
+@contextmanager
+def _intercept(fn: ops.SplitInterceptor) -> Iterator[None]:
+    previous = ops.set_split_interceptor(fn)
+    try:
+        yield
+    finally:
+        ops.set_split_interceptor(previous)

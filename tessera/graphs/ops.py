@@ -1,0 +1,141 @@
+"""Registering the two kinds of custom op the runtime knows.
+
+* A **split op** is a graph boundary (attention, a non-capturable collective). It runs eagerly between
+  pieces, returns nothing and writes its result into preallocated `outputs`, so every tensor that
+  crosses a piece boundary keeps a stable address. The runtime zeroes the padded rows of those outputs
+  after the op ran, so padding never leaks out of attention.
+* An **opaque op** stays *inside* a piece. Dynamo does not trace into it (it sees only the fake
+  implementation), which is how hand-written Triton/JIT kernels survive `fullgraph=True`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tessera.graphs.context import _current_or_none
+
+SplitFn = Callable[..., None]
+# Set while a breakable capture is running: it turns each split-op call into a graph break.
+SplitInterceptor = Callable[["SplitOp", tuple[Any, ...]], None]
+_interceptor: SplitInterceptor | None = None
+
+
+@dataclass(frozen=True)
+class SplitOp:
+    name: str
+    fn: SplitFn
+    op: Any  # the torch.library custom op
+    output_positions: tuple[int, ...]
+
+    def run(self, *args: Any) -> None:
+        """Run eagerly (positional arguments), then zero the padded tail of the outputs."""
+        self.fn(*args)
+        ctx = _current_or_none()
+        if ctx is not None and ctx.raw_num_tokens < ctx.num_tokens:
+            for i in self.output_positions:
+                args[i][ctx.raw_num_tokens : ctx.num_tokens].zero_()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.op(*args, **kwargs)
+
+
+_SPLIT_OPS: dict[str, SplitOp] = {}
+_SPLIT_TARGETS: dict[Any, SplitOp] = {}
+_OPAQUE_OPS: dict[str, Any] = {}
+
+
+def split_op(
+    name: str, *, outputs: Sequence[str], mutates: Sequence[str] = ()
+) -> Callable[[SplitFn], SplitOp]:
+    """Register `fn` as a split op named `name` ("namespace::op").
+
+    `outputs` name the token-indexed arguments the op writes its result into (rows past
+    `raw_num_tokens` are zeroed by the runtime); `mutates` names other arguments it writes (a KV cache).
+    """
+
+    def register(fn: SplitFn) -> SplitOp:
+        if name in _SPLIT_OPS:
+            raise ValueError(f"split op {name!r} is already registered")
+        params = list(inspect.signature(fn).parameters)
+        missing = [o for o in (*outputs, *mutates) if o not in params]
+        if missing or not outputs:
+            raise ValueError(f"split op {name!r}: outputs must name parameters of {fn.__name__}")
+        mutates_args = (*outputs, *mutates)
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        positions = tuple(params.index(o) for o in outputs)
+        holder: list[SplitOp] = []
+
+        def impl(*args: Any, **kwargs: Any) -> None:
+            split = holder[0]
+            if kwargs:
+                args = _positional(fn, args, kwargs)
+            if _interceptor is not None:
+                _interceptor(split, args)
+            else:
+                split.run(*args)
+
+        op = torch.library.custom_op(name, impl, mutates_args=mutates_args, schema=schema)
+        op.register_fake(lambda *args, **kwargs: None)
+        split = SplitOp(name=name, fn=fn, op=op, output_positions=positions)
+        holder.append(split)
+        _SPLIT_OPS[name] = split
+        packet = _op_packet(name)
+        _SPLIT_TARGETS[packet] = split
+        _SPLIT_TARGETS[packet.default] = split
+        return split
+
+    return register
+
+
+def opaque_op(
+    name: str, *, fake: Callable[..., Any], mutates: Sequence[str] = ()
+) -> Callable[[Callable[..., Any]], Any]:
+    """Register `fn` as an opaque op: compiled graphs call it as a black box, pieces capture it.
+
+    `fake` computes output metadata (shapes, dtypes) from fake inputs without running the kernel.
+    """
+
+    def register(fn: Callable[..., Any]) -> Any:
+        if name in _OPAQUE_OPS:
+            raise ValueError(f"opaque op {name!r} is already registered")
+        op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates))
+        op.register_fake(fake)
+        _OPAQUE_OPS[name] = op
+        return op
+
+    return register
+
+
+def split_op_for(target: Any) -> SplitOp | None:
+    """The split op an FX node target calls, if any (Dynamo records the overload packet)."""
+    return _SPLIT_TARGETS.get(target)
+
+
+def registered_split_ops() -> list[str]:
+    return sorted(_SPLIT_OPS)
+
+
+def registered_opaque_ops() -> list[str]:
+    return sorted(_OPAQUE_OPS)
+
+
+def set_split_interceptor(fn: SplitInterceptor | None) -> SplitInterceptor | None:
+    global _interceptor
+    previous, _interceptor = _interceptor, fn
+    return previous
+
+
+def _op_packet(name: str) -> Any:
+    namespace, opname = name.split("::")
+    return getattr(getattr(torch.ops, namespace), opname)
+
+
+def _positional(fn: SplitFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())

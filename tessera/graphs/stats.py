@@ -1,0 +1,82 @@
+"""Counters that are always on: what replayed, what fell back and why, and what padding cost."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("tessera.graphs")
+
+# Reasons a forward did not replay a captured graph.
+OVERSIZE = "oversize"  # more tokens than the largest captured size
+RECOMPILE = "recompile"  # Dynamo had to recompile after start-up
+UNCAPTURED = "uncaptured_size"  # a compiled piece met a size it holds no graph for
+DISABLED = "disabled"  # graphs are switched off, or not captured yet
+
+
+@dataclass
+class GraphStats:
+    replays: Counter[int] = field(default_factory=Counter)
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    _warned: set[str] = field(default_factory=set, repr=False)
+
+    def record_replay(self, size: int, raw: int) -> None:
+        self.replays[size] += 1
+        self.real_tokens += raw
+        self.padded_tokens += size - raw
+
+    def record_fallback(self, reason: str, tokens: int, detail: str = "") -> None:
+        self.fallbacks[reason] += 1
+        self.real_tokens += tokens
+        if reason not in self._warned and reason != DISABLED:
+            self._warned.add(reason)
+            logger.warning("piecewise graphs: eager fallback (%s) %s", reason, detail)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "replays": {str(k): v for k, v in sorted(self.replays.items())},
+            "eager_fallbacks": dict(self.fallbacks),
+            "real_tokens": self.real_tokens,
+            "padded_tokens": self.padded_tokens,
+        }
+
+
+@dataclass
+class InitReport:
+    """What start-up cost: seconds per phase, graph memory, how much was captured."""
+
+    strategy: str
+    compiler: str
+    platform: str
+    num_sizes: int = 0
+    num_pieces: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    graph_memory_bytes: int = 0
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "compiler": self.compiler,
+            "platform": self.platform,
+            "num_sizes": self.num_sizes,
+            "num_pieces": self.num_pieces,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "total_seconds": round(self.total_seconds, 3),
+            "graph_memory_bytes": self.graph_memory_bytes,
+        }
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        return (
+            f"piecewise graphs ({self.strategy}/{self.compiler} on {self.platform}): "
+            f"{self.num_sizes} sizes x {self.num_pieces} pieces in {self.total_seconds:.2f}s "
+            f"({phases}), graph memory {self.graph_memory_bytes / 2**20:.1f} MiB"
+        )
