@@ -1,8 +1,8 @@
 """tessera.graphs: piecewise CUDA graphs for any PyTorch forward. Imports only torch (and tqdm).
 
-    runner = PiecewiseGraphRunner(model, GraphConfig(strategy="breakable", max_tokens=512))
-    runner.capture(example_inputs)      # start-up: warm up and capture every size
-    out = runner(*inputs)               # pads to the nearest size, replays, slices to real tokens
+runner = PiecewiseGraphRunner(model, GraphConfig(strategy="breakable", max_tokens=512))
+runner.capture(example_inputs)      # start-up: warm up and capture every size
+out = runner(*inputs)               # pads to the nearest size, replays, slices to real tokens
 """
 
 from tessera.graphs.compile import AddressMismatchError

@@ -79,9 +79,7 @@ class _SplitCall:
         self.run = split.run
         self.__name__ = split.name.replace("::", "_")
         index = {name: i for i, name in enumerate(placeholders)}
-        self._plan = [
-            (index[a.name], None) if isinstance(a, torch.fx.Node) else (None, a) for a in node.args
-        ]
+        self._plan = [(index[a.name], None) if isinstance(a, torch.fx.Node) else (None, a) for a in node.args]
 
     def __call__(self, *args: Any) -> None:
         self.run(*[args[i] if i is not None else const for i, const in self._plan])

@@ -5,6 +5,7 @@ CUDA and ROCm share one path: PyTorch's HIP build exposes HIP graphs through the
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +47,7 @@ class GraphBackend(ABC):
         return tree
 
     def synchronize(self) -> None:
-        pass
+        return None
 
     def memory_reserved(self) -> int:
         return 0
@@ -99,10 +100,8 @@ class CudaGraphBackend(GraphBackend):
     def abort(self) -> None:
         """End a capture that failed half-way, ignoring the (expected) invalidation error."""
         if self._graph is not None:
-            try:
+            with contextlib.suppress(RuntimeError):
                 self.end()
-            except RuntimeError:
-                pass
 
     def capture(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Graph, Any]:
         self.begin()
@@ -163,9 +162,5 @@ def _weak_alias(x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
     storage = x.untyped_storage()
-    alias = torch._C._construct_storage_from_data_pointer(
-        storage.data_ptr(), x.device, storage.nbytes()
-    )
-    return torch.empty(0, dtype=x.dtype, device=x.device).set_(
-        alias, x.storage_offset(), x.shape, x.stride()
-    )
+    alias = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), x.device, storage.nbytes())
+    return torch.empty(0, dtype=x.dtype, device=x.device).set_(alias, x.storage_offset(), x.shape, x.stride())

@@ -104,8 +104,11 @@ class PiecewiseGraphRunner:
         memory_before = backend.memory_reserved()
         report.seconds["warmup_hooks"] = time.perf_counter() - t
         with frozen_gc():
-            self._timed(report, "compile" if self.config.strategy == "compile" else "warmup",
-                        lambda: self._prepare(strategy))
+            self._timed(
+                report,
+                "compile" if self.config.strategy == "compile" else "warmup",
+                lambda: self._prepare(strategy),
+            )
             self._timed(report, "capture", lambda: self._capture_all(strategy))
         backend.synchronize()
         strategy.finish_startup()
@@ -135,8 +138,13 @@ class PiecewiseGraphRunner:
 
     def _capture_all(self, strategy: CaptureStrategy) -> None:
         sizes = sorted(self.sizes, reverse=True)  # largest first: smaller graphs reuse its pool
-        bar = tqdm(sizes, desc="capturing piecewise graphs", unit="size",
-                   disable=not self.config.progress, leave=False)
+        bar = tqdm(
+            sizes,
+            desc="capturing piecewise graphs",
+            unit="size",
+            disable=not self.config.progress,
+            leave=False,
+        )
         for size in bar:
             with self._capture_guard(strategy, size):
                 strategy.capture(size, self._views[size])

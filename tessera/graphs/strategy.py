@@ -42,6 +42,7 @@ class CaptureStrategy(ABC):
 
     def finish_startup(self) -> None:
         """Capture is over: from here on nothing new is captured."""
+        return None
 
     def where(self) -> str:
         return self.location

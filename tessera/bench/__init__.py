@@ -1,0 +1,1 @@
+"""Benchmarks behind `tessera bench ...`; they need a GPU."""

@@ -1,0 +1,199 @@
+"""`tessera bench graphs`: step time of a toy 30-layer transformer under each way of running it.
+
+Variants at each token count N (one sequence, bf16):
+  eager            the plain module
+  pcg-breakable    tessera.graphs, breakable strategy, default capture sizes
+  pcg-compile      tessera.graphs, compile strategy (pieces compiled with `eager` / `inductor`)
+  full-graph       the whole forward captured as one CUDA graph at exactly N (attention inside)
+  peer-breakable   the PyPI package breakable-cuda-graphs on the same toy, captured at exactly N
+  kernel-floor     sum of GPU kernel durations of the eager step (torch.profiler): no launch gaps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context, ops
+from tessera.graphs.toy import ToyConfig, ToyModel
+
+SMOLLM2_SHAPED = ToyConfig(
+    vocab_size=49152, hidden_size=576, num_heads=9, intermediate_size=1536, num_layers=30
+)
+Step = Callable[[torch.Tensor], Any]
+
+
+def time_step(step: Step, ids: torch.Tensor, iters: int = 30, reps: int = 7) -> float:
+    """Median over `reps` of the mean time of `iters` back-to-back steps, in ms (CUDA events)."""
+    for _ in range(5):
+        step(ids)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            step(ids)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def kernel_floor(step: Step, ids: torch.Tensor, iters: int = 10) -> tuple[float, int]:
+    """(ms of GPU kernel time per step, kernels per step) from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step(ids)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time for e in kernels)
+    return total_us / iters / 1e3, round(len(kernels) / iters)
+
+
+def eager_step(model: ToyModel) -> Step:
+    def step(ids: torch.Tensor) -> Any:
+        n = ids.shape[0]
+        with forward_context(ForwardContext(n, n)):
+            return model(ids)
+
+    return step
+
+
+def pcg_runner(model: ToyModel, strategy: str, compiler: str, max_tokens: int) -> tuple[Any, dict]:
+    cfg = GraphConfig(strategy=strategy, compiler=compiler, max_tokens=max_tokens)
+    runner = PiecewiseGraphRunner(model, cfg)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    report = runner.capture([torch.randint(0, model.cfg.vocab_size, (64,), device="cuda")])
+    assert report is not None
+    info = report.as_dict() | {"wall_seconds": round(time.perf_counter() - t, 3)}
+    return runner, info
+
+
+def full_graph_step(model: ToyModel, n: int) -> Step:
+    static = torch.randint(0, model.cfg.vocab_size, (n,), device="cuda")
+    ctx = ForwardContext(n, n)
+    with forward_context(ctx):
+        for _ in range(2):
+            model(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(static)
+
+    def step(ids: torch.Tensor) -> Any:
+        static.copy_(ids)
+        with forward_context(ctx):
+            graph.replay()
+        return out
+
+    return step
+
+
+def peer_step(model: ToyModel, n: int) -> Step:
+    """breakable-cuda-graphs applied to the same toy: its `no_graph` wraps the attention call."""
+    from breakable_cuda_graphs import BreakableCUDAGraph, breakable_graph, no_graph
+
+    static = torch.randint(0, model.cfg.vocab_size, (n,), device="cuda")
+    ctx = ForwardContext(n, n)
+    eager_attention = no_graph(lambda split, args: split.run(*args))
+    previous = ops.set_split_interceptor(eager_attention)
+    try:
+        with forward_context(ctx):
+            model(static)
+            graph = BreakableCUDAGraph()
+            with breakable_graph(graph):
+                out = model(static)
+    finally:
+        ops.set_split_interceptor(previous)
+
+    def step(ids: torch.Tensor) -> Any:
+        static.copy_(ids)
+        with forward_context(ctx):
+            graph.replay()
+        return out
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(
+        prog="tessera bench graphs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512, 2048])
+    p.add_argument("--max-tokens", type=int, default=8192, help="largest captured size")
+    p.add_argument("--compilers", nargs="+", default=["eager", "inductor"])
+    p.add_argument("--no-peer", action="store_true", help="skip breakable-cuda-graphs")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tessera bench graphs needs a GPU: on CPU graphs are only emulated")
+
+    torch.manual_seed(0)
+    model = ToyModel(SMOLLM2_SHAPED).cuda().to(torch.bfloat16).eval()
+    ids = {n: torch.randint(0, model.cfg.vocab_size, (n,), device="cuda") for n in args.tokens}
+    results: dict[str, dict[int, float]] = {}
+    startup: dict[str, Any] = {}
+    with torch.no_grad():
+        eager = eager_step(model)
+        results["eager"] = {n: time_step(eager, ids[n]) for n in args.tokens}
+        floors = {n: kernel_floor(eager, ids[n]) for n in args.tokens}
+        results["kernel-floor"] = {n: f[0] for n, f in floors.items()}
+        variants = [("breakable", "eager")] + [("compile", c) for c in args.compilers]
+        for strategy, compiler in variants:
+            name = "pcg-breakable" if strategy == "breakable" else f"pcg-compile-{compiler}"
+            runner, startup[name] = pcg_runner(model, strategy, compiler, args.max_tokens)
+            results[name] = {n: time_step(runner, ids[n]) for n in args.tokens}
+            startup[name]["kernels_per_step"] = {n: kernel_floor(runner, ids[n])[1] for n in args.tokens}
+            del runner
+            torch.cuda.empty_cache()
+        results["full-graph"] = {n: time_step(full_graph_step(model, n), ids[n]) for n in args.tokens}
+        if not args.no_peer:
+            results["peer-breakable"] = {n: time_step(peer_step(model, n), ids[n]) for n in args.tokens}
+
+    report = {
+        "benchmark": "graphs",
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": {"kind": "toy transformer (SmolLM2-135M shapes)", **asdict(model.cfg)},
+        "dtype": "bfloat16",
+        "step_ms": {k: {str(n): round(v, 4) for n, v in r.items()} for k, r in results.items()},
+        "eager_kernels_per_step": {str(n): f[1] for n, f in floors.items()},
+        "startup": startup,
+    }
+    print_table(report, args.tokens)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_table(report: dict[str, Any], tokens: list[int]) -> None:
+    steps = report["step_ms"]
+    floor = steps["kernel-floor"]
+    print(f"\nstep time in ms on {report['gpu']} (x = ratio to the kernel-time floor)")
+    print(f"{'variant':<22}" + "".join(f"{'N=' + str(n):>16}" for n in tokens))
+    for name, row in steps.items():
+        cells = "".join(f"{row[str(n)]:>9.3f} ({row[str(n)] / floor[str(n)]:4.2f}x)" for n in tokens)
+        print(f"{name:<22}{cells}")
+    for name, info in report["startup"].items():
+        print(
+            f"start-up {name}: {info['total_seconds']:.2f}s for {info['num_sizes']} sizes, "
+            f"graph memory {info['graph_memory_bytes'] / 2**20:.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
