@@ -75,8 +75,7 @@ def _triton(device: torch.device) -> None:
         from triton.runtime import driver
     except ImportError:
         return
-    driver.active.get_current_device()
-    driver.active.get_current_stream()
+    driver.active.get_current_stream(driver.active.get_current_device())
 
 
 register_warmup_hook("device_properties", _device_properties)
