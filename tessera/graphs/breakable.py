@@ -52,9 +52,11 @@ class BreakableStrategy(CaptureStrategy):
         return self._pieces
 
     def prepare(self, inputs: Inputs) -> None:
+        self.location = f"the first forward at {inputs[0].shape[0]} tokens"
         self.forward(*inputs)
 
     def capture(self, size: int, inputs: Inputs) -> Any:
+        self.location = f"the warm-up forward at {size} tokens"
         self.forward(*inputs)  # per-size warm-up: BLAS heuristics and JIT kernels for this shape
         splits: list[str] = []
         self.location = f"segment 0 at {size} tokens"

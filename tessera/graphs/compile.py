@@ -10,7 +10,10 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._dynamo.decorators import mark_unbacked
+from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 from torch.fx.passes.split_module import split_module
+from torch.utils._pytree import tree_leaves
 
 from tessera.graphs import ops
 from tessera.graphs.platform import Graph
@@ -34,6 +37,8 @@ class Piece:
         self.graphs: dict[int, Graph] = {}
         self.outputs: dict[int, Any] = {}
         self.addresses: dict[int, list[int]] = {}
+        self.scalars: dict[int, tuple[Any, ...]] = {}
+        self.volatile: dict[int, dict[int, torch.Tensor]] = {}
 
     def __call__(self, *args: Any) -> Any:
         owner = self.owner
@@ -42,6 +47,14 @@ class Piece:
             return self.general(*args)
         graph = self.graphs.get(size)
         if graph is not None:
+            if self.scalars[size] != _scalars(args):
+                # NOTE: a graph bakes in the scalars it was captured with (Dynamo may have turned a
+                # changed float attribute into an input). Later pieces cannot replay over outputs
+                # that general code wrote elsewhere, so the rest of this forward runs general too.
+                owner._fallback, owner.graph_size = RECOMPILE, None
+                return self.general(*args)
+            for i, static in self.volatile[size].items():
+                static.copy_(args[i])
             if owner.config.debug_addresses:
                 self._check_addresses(size, args)
             graph.replay()
@@ -53,16 +66,31 @@ class Piece:
         return self._capture(size, args)
 
     def _capture(self, size: int, args: tuple[Any, ...]) -> Any:
+        owner = self.owner
+        owner.location = f"piece {self.index} at {size} tokens"
         self.general(*args)  # warm-up at this size
-        self.owner.location = f"piece {self.index} at {size} tokens"
-        graph, out = self.owner.backend.capture(self.general, args)
+        # NOTE: inputs that are not parameters, static inputs or earlier pieces' outputs are made
+        # afresh by Dynamo on every call (e.g. a float attribute turned into a 0-d tensor); the graph
+        # reads a static copy of them, refreshed before each replay.
+        volatile = {
+            i: a.clone()
+            for i, a in enumerate(args)
+            if isinstance(a, torch.Tensor) and a.data_ptr() not in owner.stable
+        }
+        if volatile:
+            args = tuple(volatile.get(i, a) for i, a in enumerate(args))
+        graph, out = owner.backend.capture(self.general, args)
+        owner.stable.update(t.data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         self.graphs[size] = graph
-        self.outputs[size] = self.owner.backend.hold(out)
+        self.outputs[size] = owner.backend.hold(out)
+        self.volatile[size] = volatile
         self.addresses[size] = _addresses(args)
+        self.scalars[size] = _scalars(args)
         return out
 
     def _check_addresses(self, size: int, args: tuple[Any, ...]) -> None:
-        now = _addresses(args)
+        static = self.volatile[size]
+        now = _addresses(tuple(static.get(i, a) for i, a in enumerate(args)))
         for i, (then, current) in enumerate(zip(self.addresses[size], now, strict=True)):
             if then != current:
                 raise AddressMismatchError(
@@ -93,7 +121,11 @@ class CompileStrategy(CaptureStrategy):
         self.pieces: list[Piece] = []
         self.splits: list[str] = []
         self._started = False
-        self._compiled = torch.compile(self.forward, fullgraph=True, backend=self._backend)
+        self.stable: set[int] = set()  # data pointers a graph may read without a copy
+        if isinstance(self.forward, torch.nn.Module):
+            tensors = [*self.forward.parameters(), *self.forward.buffers()]
+            self.stable.update(t.data_ptr() for t in tensors)
+        self._compiled = torch.compile(_own_code(self.forward), fullgraph=True, backend=self._backend)
 
     @property
     def num_pieces(self) -> int:
@@ -101,13 +133,15 @@ class CompileStrategy(CaptureStrategy):
 
     def prepare(self, inputs: Inputs) -> None:
         for x in inputs:
-            # NOTE: one compile for every token count; without this Dynamo specialises on the first
-            # size and recompiles at the second.
-            torch._dynamo.mark_dynamic(x, 0)
-        self.location = "Dynamo compile"
+            # NOTE: unbacked, not merely dynamic: a backed size has a hint, and Inductor installs
+            # guards from hints (seen: `96 <= s0` after compiling at 96), so every smaller size
+            # recompiled the whole forward and shadowed the graphs captured before it.
+            mark_unbacked(x, 0)
+        self.location = f"the Dynamo compile at {inputs[0].shape[0]} tokens"
         self._call(None, inputs)
 
     def capture(self, size: int, inputs: Inputs) -> Any:
+        self.stable.update(x.data_ptr() for x in inputs)
         self.capturing = True
         try:
             return self._call(size, inputs)
@@ -115,7 +149,13 @@ class CompileStrategy(CaptureStrategy):
             self.capturing = False
 
     def replay(self, size: int, inputs: Inputs) -> Any:
-        return self._call(size, inputs)
+        try:
+            return self._call(size, inputs)
+        except (TorchDynamoException, FailOnRecompileLimitHit) as exc:
+            # NOTE: Dynamo refuses before running any compiled code, so nothing ran twice.
+            logger.warning("Dynamo failed after start-up (%s); running eagerly", type(exc).__name__)
+            self._fallback = RECOMPILE
+            return self.forward(*inputs)
 
     def finish_startup(self) -> None:
         self._started = True
@@ -148,6 +188,23 @@ class CompileStrategy(CaptureStrategy):
             return gm(*args)
 
         return run
+
+
+def _own_code(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A trampoline to `forward` with a code object of its own.
+
+    NOTE: Dynamo keeps compiled entries on the *code object*, shared by every instance of a model
+    class, and with inlined nn.Modules the guards do not pin the instance. Runners over the same class
+    would then share one cache: they exhaust the recompile limit, and once a runner is freed its
+    backend's id can be reused, letting a new runner replay a dead runner's graphs. A private code
+    object gives each runner a private cache that dies with it.
+    """
+
+    def entry(*inputs: Any) -> Any:
+        return forward(*inputs)
+
+    entry.__code__ = entry.__code__.replace()
+    return entry
 
 
 def split_at_split_ops(
@@ -219,6 +276,10 @@ def _compile_pieces_inductor(
     with fake_mode:
         _Interpreter(split_gm).run(*fake_args)
     return compiled
+
+
+def _scalars(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a for a in args if not isinstance(a, torch.Tensor))
 
 
 def _addresses(args: tuple[Any, ...]) -> list[int]:

@@ -1,0 +1,85 @@
+"""Small models and ops that the graph-runtime tests share."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+from torch import nn
+
+from tessera.graphs import get_forward_context, split_op
+from tessera.graphs.toy import ToyConfig, ToyModel
+
+TINY = ToyConfig(vocab_size=128, hidden_size=32, num_heads=2, intermediate_size=64, num_layers=3)
+
+# What the recording op saw on its last calls: (num_tokens, raw, metadata, layer objects, gc enabled).
+SEEN: list[tuple[int, int, Any, Any, Any, bool]] = []
+
+
+@split_op("tessera_test::record", outputs=("out",))
+def record(x: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
+    ctx = get_forward_context()
+    SEEN.append(
+        (
+            ctx.num_tokens,
+            ctx.raw_num_tokens,
+            ctx.metadata,
+            ctx.layer(layer_id, "mha"),
+            ctx.layer(layer_id, "mqa"),
+            gc.isenabled(),
+        )
+    )
+    out.copy_(x * 2)
+
+
+class Recorder(nn.Module):
+    """One layer whose split op looks up both roles of an MLA-like layer in the context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        out = torch.empty_like(h)
+        torch.ops.tessera_test.record(h, out, 0)
+        return out + 1
+
+
+class Leaky(nn.Module):
+    """Mixes rows: every output row depends on the mean over all rows, padding included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ToyModel(TINY)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.inner(ids)
+        return h - h.mean(dim=0, keepdim=True)
+
+
+class Flippable(ToyModel):
+    """A bool attribute is always a guarded constant in Dynamo: flipping it forces a recompile."""
+
+    def __init__(self) -> None:
+        super().__init__(TINY)
+        self.flip = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = super().forward(ids)
+        return -h if self.flip else h
+
+
+def flippable(seed: int = 0) -> Flippable:
+    torch.manual_seed(seed)
+    return Flippable().eval()
+
+
+def tiny_model(seed: int = 0) -> ToyModel:
+    torch.manual_seed(seed)
+    return ToyModel(TINY).eval()
+
+
+def ids(n: int) -> torch.Tensor:
+    return torch.randint(0, TINY.vocab_size, (n,))
