@@ -164,3 +164,20 @@ def test_rocm_device_env_is_set_before_capture(monkeypatch: pytest.MonkeyPatch) 
     hygiene._rocm_env(torch.device("cuda", 0))
     assert os.environ["CU_NUM"] == "304" and os.environ["GPU_ARCHS"] == "gfx942"
     assert "rocm_env" in hygiene.warmup_hooks()
+
+
+def test_readme_example_runs_on_cpu() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "wrap_model.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "max |pcg - eager| = 0.00e+00" in done.stdout
+    assert "emulated" in done.stderr + done.stdout

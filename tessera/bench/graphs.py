@@ -154,7 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants = [("breakable", "eager")] + [("compile", c) for c in args.compilers]
         for strategy, compiler in variants:
             name = "pcg-breakable" if strategy == "breakable" else f"pcg-compile-{compiler}"
-            runner, startup[name] = pcg_runner(model, strategy, compiler, args.max_tokens)
+            try:
+                runner, startup[name] = pcg_runner(model, strategy, compiler, args.max_tokens)
+            except Exception as exc:  # record and go on: one broken variant must not cost the rest
+                startup[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+                continue
             results[name] = {n: time_step(runner, ids[n]) for n in args.tokens}
             startup[name]["kernels_per_step"] = {n: kernel_floor(runner, ids[n])[1] for n in args.tokens}
             del runner
@@ -189,6 +193,9 @@ def print_table(report: dict[str, Any], tokens: list[int]) -> None:
         cells = "".join(f"{row[str(n)]:>9.3f} ({row[str(n)] / floor[str(n)]:4.2f}x)" for n in tokens)
         print(f"{name:<22}{cells}")
     for name, info in report["startup"].items():
+        if "error" in info:
+            print(f"start-up {name}: FAILED {info['error'][:200]}")
+            continue
         print(
             f"start-up {name}: {info['total_seconds']:.2f}s for {info['num_sizes']} sizes, "
             f"graph memory {info['graph_memory_bytes'] / 2**20:.0f} MiB"

@@ -177,9 +177,15 @@ class CompileStrategy(CaptureStrategy):
         else:
             compiled = {name: getattr(split_gm, name) for name in piece_names}
         self.pieces = [Piece(i, compiled[name], self) for i, name in enumerate(piece_names)]
-        self.splits = splits
+        self.splits = [split.name for _, split in splits]
+        # NOTE: the parent's forward looks submodules up by attribute, so instance attributes
+        # replace them; done after compiling, which runs the split module on fake tensors.
         for name, piece in zip(piece_names, self.pieces, strict=True):
-            split_gm.__dict__[name] = piece  # the parent's forward looks submodules up by attribute
+            split_gm.__dict__[name] = piece
+        for name, split in splits:
+            call = _direct_call(getattr(split_gm, name), split)
+            if call is not None:
+                split_gm.__dict__[name] = call
         return split_gm
 
     def _general_after_recompile(self, gm: torch.fx.GraphModule) -> Callable[..., Any]:
@@ -209,9 +215,9 @@ def _own_code(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def split_at_split_ops(
     gm: torch.fx.GraphModule,
-) -> tuple[torch.fx.GraphModule, list[str], list[str]]:
+) -> tuple[torch.fx.GraphModule, list[str], list[tuple[str, ops.SplitOp]]]:
     """Cut `gm` before and after every split op. Returns the parent module, the names of the graph
-    pieces in order, and the split ops met, in order."""
+    pieces in order, and the split submodules with their ops, in order."""
     part: dict[torch.fx.Node, int] = {}
     current = 0
     splits: list[tuple[int, ops.SplitOp, torch.fx.Node]] = []
@@ -235,12 +241,7 @@ def split_at_split_ops(
         for n in split_gm.graph.nodes
         if n.op == "call_module" and int(n.target.rsplit("_", 1)[1]) not in split_parts
     ]
-    for i, split, _ in splits:
-        name = f"submod_{i}"
-        call = _direct_call(getattr(split_gm, name), split)
-        if call is not None:
-            split_gm.__dict__[name] = call
-    return split_gm, piece_names, [s.name for _, s, _ in splits]
+    return split_gm, piece_names, [(f"submod_{i}", split) for i, split, _ in splits]
 
 
 def _direct_call(sub: torch.fx.GraphModule, split: ops.SplitOp) -> _SplitCall | None:
