@@ -128,6 +128,39 @@ def peer_step(model: ToyModel, n: int) -> Step:
     return step
 
 
+def graph_memory(make: Callable[[], Any]) -> int:
+    """Bytes the caching allocator reserves for what `make()` captures (kept alive while measured)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    keep = make()
+    torch.cuda.synchronize()
+    used = torch.cuda.memory_reserved() - before
+    del keep
+    return used
+
+
+def memory_at(model: ToyModel, n: int) -> dict[str, int]:
+    """Graph memory of capturing one size `n` in each graph variant."""
+
+    def pcg(strategy: str) -> Callable[[], Any]:
+        def make() -> Any:
+            runner = PiecewiseGraphRunner(
+                model, GraphConfig(strategy=strategy, capture_sizes=[n], progress=False)
+            )
+            runner.capture([torch.randint(0, model.cfg.vocab_size, (n,), device="cuda")])
+            return runner
+
+        return make
+
+    return {
+        "pcg-breakable": graph_memory(pcg("breakable")),
+        "pcg-compile-eager": graph_memory(pcg("compile")),
+        "full-graph": graph_memory(lambda: full_graph_step(model, n)),
+        "peer-breakable": graph_memory(lambda: peer_step(model, n)),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         prog="tessera bench graphs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del runner
             torch.cuda.empty_cache()
         results["full-graph"] = {n: time_step(full_graph_step(model, n), ids[n]) for n in args.tokens}
+        memory = memory_at(model, 2048) if not args.no_peer else {}
         if not args.no_peer:
             results["peer-breakable"] = {n: time_step(peer_step(model, n), ids[n]) for n in args.tokens}
 
@@ -176,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_ms": {k: {str(n): round(v, 4) for n, v in r.items()} for k, r in results.items()},
         "eager_kernels_per_step": {str(n): f[1] for n, f in floors.items()},
         "startup": startup,
+        "graph_memory_bytes_one_size_2048": memory,
     }
     print_table(report, args.tokens)
     if args.out:
@@ -192,6 +227,8 @@ def print_table(report: dict[str, Any], tokens: list[int]) -> None:
     for name, row in steps.items():
         cells = "".join(f"{row[str(n)]:>9.3f} ({row[str(n)] / floor[str(n)]:4.2f}x)" for n in tokens)
         print(f"{name:<22}{cells}")
+    for name, used in report["graph_memory_bytes_one_size_2048"].items():
+        print(f"graph memory, one 2048-token capture, {name}: {used / 2**20:.0f} MiB")
     for name, info in report["startup"].items():
         if "error" in info:
             print(f"start-up {name}: FAILED {info['error'][:200]}")

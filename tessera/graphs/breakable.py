@@ -57,7 +57,8 @@ class BreakableStrategy(CaptureStrategy):
 
     def capture(self, size: int, inputs: Inputs) -> Any:
         self.location = f"the warm-up forward at {size} tokens"
-        self.forward(*inputs)  # per-size warm-up: BLAS heuristics and JIT kernels for this shape
+        for _ in range(self.config.warmups_per_size):
+            self.forward(*inputs)
         splits: list[str] = []
         self.location = f"segment 0 at {size} tokens"
         if isinstance(self.backend, CudaGraphBackend):

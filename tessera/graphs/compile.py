@@ -68,7 +68,8 @@ class Piece:
     def _capture(self, size: int, args: tuple[Any, ...]) -> Any:
         owner = self.owner
         owner.location = f"piece {self.index} at {size} tokens"
-        self.general(*args)  # warm-up at this size
+        for _ in range(owner.config.warmups_per_size):
+            self.general(*args)
         # NOTE: inputs that are not parameters, static inputs or earlier pieces' outputs are made
         # afresh by Dynamo on every call (e.g. a float attribute turned into a 0-d tensor); the graph
         # reads a static copy of them, refreshed before each replay.

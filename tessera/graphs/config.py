@@ -52,6 +52,9 @@ class GraphConfig:
     max_tokens: int = 8192
     capture_sizes: Sequence[int] | None = None
     capture_timeout_s: float = 120.0
+    # Eager forwards per size before its capture. The forward at the largest size already initialised
+    # every library lazily; raise this for kernels that autotune per shape (Triton autotune).
+    warmups_per_size: int = 0
     debug_addresses: bool = False
     poison_padding: bool = False
     progress: bool = True
@@ -63,6 +66,8 @@ class GraphConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}: use 'compile' or 'breakable'")
         if self.compiler not in ("eager", "inductor"):
             raise ValueError(f"unknown compiler {self.compiler!r}: use 'eager' or 'inductor'")
+        if self.warmups_per_size < 0:
+            raise ValueError("warmups_per_size must be >= 0")
         if self.capture_timeout_s <= 0:
             raise ValueError("capture_timeout_s must be positive")
         raw = self.capture_sizes or default_capture_sizes(self.max_tokens)

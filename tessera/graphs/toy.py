@@ -20,6 +20,14 @@ def toy_attention(
     """Causal attention over the real tokens of one sequence. q, k, v, out: [T, H, D]."""
     ctx = _current_or_none()
     n = ctx.raw_num_tokens if ctx is not None else q.shape[0]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # NOTE: the flash kernel directly, in its native [B, S, H, D] layout: F.sdpa's backend
+        # selection and transposes cost ~240 us of host time per call, 45 us this way (H200 host).
+        o = torch.ops.aten._flash_attention_forward(
+            q[:n].unsqueeze(0), k[:n].unsqueeze(0), v[:n].unsqueeze(0), None, None, n, n, 0.0, True, False
+        )[0]
+        out[:n].copy_(o[0])
+        return
     o = F.scaled_dot_product_attention(
         q[:n].transpose(0, 1), k[:n].transpose(0, 1), v[:n].transpose(0, 1), is_causal=True
     )  # [H, n, D]
