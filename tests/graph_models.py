@@ -47,6 +47,27 @@ class Recorder(nn.Module):
         return out + 1
 
 
+@split_op("tessera_test::scaled_copy", outputs=("out",))
+def scaled_copy(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Writes every row, padded ones included: the runtime must zero those afterwards."""
+    out.copy_(x * 3)
+
+
+class SumsAllRows(nn.Module):
+    """Returns a sum over *all* rows (not token-indexed, so never sliced): padded rows of the split
+    op's output show up in it unless the runtime zeroed them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + 1.0
+        out = torch.empty_like(h)
+        torch.ops.tessera_test.scaled_copy(h, out)
+        return out.sum(dim=0, keepdim=True)
+
+
 class Leaky(nn.Module):
     """Mixes rows: every output row depends on the mean over all rows, padding included."""
 

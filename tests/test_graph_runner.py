@@ -15,7 +15,7 @@ from tessera.graphs import (
     PiecewiseGraphRunner,
 )
 
-from .graph_models import SEEN, TINY, Leaky, Recorder, flippable, ids, tiny_model
+from .graph_models import SEEN, TINY, Leaky, Recorder, SumsAllRows, flippable, ids, tiny_model
 
 STRATEGIES = ["breakable", "compile"]
 SIZES = [4, 8, 16, 32]
@@ -159,6 +159,19 @@ def test_missing_layer_role_names_the_roles_there() -> None:
     runner = PiecewiseGraphRunner(Recorder(), cfg, layers={(0, "mha"): 1})
     with pytest.raises(CaptureError, match=r"role='mqa'.*\['mha'\]"), torch.no_grad():
         runner.capture([torch.randn(3, 8)])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@torch.no_grad()
+def test_padded_rows_of_split_op_outputs_are_zeroed(strategy: str) -> None:
+    model = SumsAllRows()
+    cfg = GraphConfig(strategy=strategy, capture_sizes=[8, 16], progress=False)
+    runner = PiecewiseGraphRunner(model, cfg)
+    runner.capture([torch.randn(3, 8)])
+    for n in (3, 8, 11, 3):
+        x = torch.randn(n, 8)
+        torch.testing.assert_close(runner(x), model(x))
+    assert runner.stats.replays == {8: 3, 16: 1}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

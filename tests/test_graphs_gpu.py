@@ -11,6 +11,7 @@ from tessera.graphs import CaptureError, GraphConfig, PiecewiseGraphRunner
 from tessera.graphs.toy import ToyConfig, ToyModel
 
 from .conftest import rel_err
+from .graph_models import SumsAllRows
 
 pytestmark = pytest.mark.gpu
 
@@ -78,6 +79,20 @@ def test_pool_is_shared_across_sizes(strategy: str) -> None:
     assert largest_only > 0
     # NOTE: 42 sizes into one pool; without sharing this would be ~2x the sum of all sizes' needs.
     assert every_size <= 1.5 * largest_only + (32 << 20), (every_size, largest_only)
+
+
+@pytest.mark.parametrize("strategy", ["breakable", "compile"])
+@torch.no_grad()
+def test_padded_rows_of_split_outputs_are_zeroed(strategy: str) -> None:
+    model = SumsAllRows().cuda()
+    runner = PiecewiseGraphRunner(
+        model, GraphConfig(strategy=strategy, capture_sizes=[8, 16], progress=False)
+    )
+    runner.capture([torch.randn(3, 8, device="cuda")])
+    for n in (3, 8, 11, 3, 16):
+        x = torch.randn(n, 8, device="cuda")
+        torch.testing.assert_close(runner(x), model(x))
+    assert runner.stats.replays == {8: 3, 16: 2}
 
 
 class _Hangs(torch.nn.Module):

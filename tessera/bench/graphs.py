@@ -31,21 +31,29 @@ SMOLLM2_SHAPED = ToyConfig(
 Step = Callable[[torch.Tensor], Any]
 
 
-def time_step(step: Step, ids: torch.Tensor, iters: int = 30, reps: int = 7) -> float:
-    """Median over `reps` of the mean time of `iters` back-to-back steps, in ms (CUDA events)."""
-    for _ in range(5):
+def time_once(step: Step, ids: torch.Tensor, iters: int) -> float:
+    """Mean time of `iters` back-to-back steps, in ms (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
         step(ids)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(iters):
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def time_interleaved(steps: dict[str, Step], ids: torch.Tensor, iters: int = 20, reps: int = 15) -> dict:
+    """Median per variant over `reps` rounds that run every variant once each, so drift in the host's
+    speed (seen: eager varying 15-26 ms between runs) hits all variants alike."""
+    for step in steps.values():
+        for _ in range(3):
             step(ids)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            samples[name].append(time_once(step, ids, iters))
+    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def kernel_floor(step: Step, ids: torch.Tensor, iters: int = 10) -> tuple[float, int]:
@@ -72,8 +80,10 @@ def eager_step(model: ToyModel) -> Step:
     return step
 
 
-def pcg_runner(model: ToyModel, strategy: str, compiler: str, max_tokens: int) -> tuple[Any, dict]:
-    cfg = GraphConfig(strategy=strategy, compiler=compiler, max_tokens=max_tokens)
+def pcg_runner(
+    model: ToyModel, strategy: str, compiler: str, max_tokens: int, warmups: int
+) -> tuple[Any, dict]:
+    cfg = GraphConfig(strategy=strategy, compiler=compiler, max_tokens=max_tokens, warmups_per_size=warmups)
     runner = PiecewiseGraphRunner(model, cfg)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -169,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-tokens", type=int, default=8192, help="largest captured size")
     p.add_argument("--compilers", nargs="+", default=["eager", "inductor"])
     p.add_argument("--no-peer", action="store_true", help="skip breakable-cuda-graphs")
+    p.add_argument("--warmups-per-size", type=int, default=0, help="eager forwards before each capture")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -177,29 +188,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     model = ToyModel(SMOLLM2_SHAPED).cuda().to(torch.bfloat16).eval()
     ids = {n: torch.randint(0, model.cfg.vocab_size, (n,), device="cuda") for n in args.tokens}
-    results: dict[str, dict[int, float]] = {}
     startup: dict[str, Any] = {}
+    runners: dict[str, Any] = {}
     with torch.no_grad():
         eager = eager_step(model)
-        results["eager"] = {n: time_step(eager, ids[n]) for n in args.tokens}
         floors = {n: kernel_floor(eager, ids[n]) for n in args.tokens}
-        results["kernel-floor"] = {n: f[0] for n, f in floors.items()}
         variants = [("breakable", "eager")] + [("compile", c) for c in args.compilers]
         for strategy, compiler in variants:
             name = "pcg-breakable" if strategy == "breakable" else f"pcg-compile-{compiler}"
+            if args.warmups_per_size:
+                name += f"-warm{args.warmups_per_size}"
             try:
-                runner, startup[name] = pcg_runner(model, strategy, compiler, args.max_tokens)
+                runners[name], startup[name] = pcg_runner(
+                    model, strategy, compiler, args.max_tokens, args.warmups_per_size
+                )
             except Exception as exc:  # record and go on: one broken variant must not cost the rest
                 startup[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
                 continue
-            results[name] = {n: time_step(runner, ids[n]) for n in args.tokens}
-            startup[name]["kernels_per_step"] = {n: kernel_floor(runner, ids[n])[1] for n in args.tokens}
-            del runner
-            torch.cuda.empty_cache()
-        results["full-graph"] = {n: time_step(full_graph_step(model, n), ids[n]) for n in args.tokens}
+            startup[name]["kernels_per_step"] = {
+                n: kernel_floor(runners[name], ids[n])[1] for n in args.tokens
+            }
         memory = memory_at(model, 2048) if not args.no_peer else {}
-        if not args.no_peer:
-            results["peer-breakable"] = {n: time_step(peer_step(model, n), ids[n]) for n in args.tokens}
+        results: dict[str, dict[int, float]] = {"kernel-floor": {n: f[0] for n, f in floors.items()}}
+        for n in args.tokens:
+            steps: dict[str, Step] = {"eager": eager, **runners, "full-graph": full_graph_step(model, n)}
+            if not args.no_peer:
+                steps["peer-breakable"] = peer_step(model, n)
+            for name, ms in time_interleaved(steps, ids[n]).items():
+                results.setdefault(name, {})[n] = ms
+            for runner in runners.values():
+                fallbacks = runner.stats.fallbacks
+                assert not fallbacks, f"benchmark steps fell back to eager: {dict(fallbacks)}"
 
     report = {
         "benchmark": "graphs",
@@ -209,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": "bfloat16",
         "step_ms": {k: {str(n): round(v, 4) for n, v in r.items()} for k, r in results.items()},
         "eager_kernels_per_step": {str(n): f[1] for n, f in floors.items()},
+        "warmups_per_size": args.warmups_per_size,
         "startup": startup,
         "graph_memory_bytes_one_size_2048": memory,
     }

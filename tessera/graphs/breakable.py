@@ -8,19 +8,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 from tessera.graphs import ops
+from tessera.graphs.context import get_forward_context
 from tessera.graphs.platform import CudaGraphBackend, Graph
 from tessera.graphs.strategy import CaptureStrategy, Inputs
 
 
 class _EagerStep(Graph):
-    __slots__ = ("args", "split")
+    """A split op replayed eagerly. Its padded rows are zeroed by the next graph segment."""
+
+    __slots__ = ("args", "fn")
 
     def __init__(self, split: ops.SplitOp, args: tuple[Any, ...]) -> None:
-        self.split, self.args = split, args
+        self.fn, self.args = split.fn, args
 
     def replay(self) -> None:
-        self.split.run(*self.args)
+        self.fn(*self.args)
 
 
 class _SegmentedGraph(Graph):
@@ -46,6 +51,9 @@ class BreakableStrategy(CaptureStrategy):
         self._graphs: dict[int, Graph] = {}
         self._outputs: dict[int, Any] = {}
         self._pieces = 0
+        # [largest, 1] bool, True on padded rows; refreshed once per replay (CUDA only).
+        self._padded: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
 
     @property
     def num_pieces(self) -> int:
@@ -53,6 +61,10 @@ class BreakableStrategy(CaptureStrategy):
 
     def prepare(self, inputs: Inputs) -> None:
         self.location = f"the first forward at {inputs[0].shape[0]} tokens"
+        if isinstance(self.backend, CudaGraphBackend):
+            largest = inputs[0].shape[0]
+            self._positions = torch.arange(largest, device=inputs[0].device).view(largest, 1)
+            self._padded = torch.zeros(largest, 1, dtype=torch.bool, device=inputs[0].device)
         self.forward(*inputs)
 
     def capture(self, size: int, inputs: Inputs) -> Any:
@@ -72,6 +84,9 @@ class BreakableStrategy(CaptureStrategy):
         return out
 
     def replay(self, size: int, inputs: Inputs) -> Any:
+        if self._padded is not None:
+            raw = get_forward_context().raw_num_tokens
+            torch.ge(self._positions[:size], raw, out=self._padded[:size])
         self._graphs[size].replay()
         return self._outputs[size]
 
@@ -90,6 +105,13 @@ class BreakableStrategy(CaptureStrategy):
             self._count(split, args, size, splits)
             steps.append(_EagerStep(split, backend.hold(args)))
             backend.begin()
+            # NOTE: zero the op's padded rows inside the next segment, against a mask refreshed once
+            # per step, instead of one eager launch per layer. masked_fill, unlike a multiply by a
+            # 0/1 mask, also clears NaN.
+            assert self._padded is not None
+            for i in split.output_positions:
+                out = args[i][:size]
+                out.masked_fill_(self._padded[:size].view(size, *[1] * (out.dim() - 1)), 0)
 
         backend.begin()
         try:
