@@ -208,7 +208,7 @@ def test_address_check_catches_a_rebound_parameter(strategy: str) -> None:
 def test_piece_address_check_names_piece_and_size() -> None:
     runner = _runner(tiny_model(), "compile", debug_addresses=True)
     piece = runner.strategy.pieces[1]
-    piece.addresses[8][0] += 64  # as if its first input had moved since capture
+    piece.entries[8].addresses[0] += 64  # as if its first input had moved since capture
     runner.config.__dict__["debug_addresses"] = True
     runner._addresses = runner._tensor_addresses()
     with pytest.raises(AddressMismatchError, match="piece 1 at 8 tokens: input 0 moved"):

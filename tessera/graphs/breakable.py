@@ -35,9 +35,7 @@ class _SegmentedGraph(Graph):
 
     def __init__(self, steps: list[Graph]) -> None:
         # NOTE: bound methods resolved once; the replay loop is the whole per-step host cost.
-        self.calls: list[Callable[[], None]] = [
-            s.graph.replay if hasattr(s, "graph") else s.replay for s in steps
-        ]
+        self.calls: list[Callable[[], None]] = [s.fast_replay() for s in steps]
         self.num_segments = sum(not isinstance(s, _EagerStep) for s in steps)
 
     def replay(self) -> None:

@@ -5,7 +5,9 @@ kernels), and wraps each piece so it captures and replays one graph per token co
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +18,6 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_leaves
 
 from tessera.graphs import ops
-from tessera.graphs.platform import Graph
 from tessera.graphs.stats import RECOMPILE, UNCAPTURED
 from tessera.graphs.strategy import CaptureStrategy, Inputs
 
@@ -27,6 +28,17 @@ class AddressMismatchError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What a piece replays at one size, resolved at capture so replay does no searching."""
+
+    replay: Callable[[], None]
+    outputs: Any
+    volatile: tuple[tuple[int, torch.Tensor], ...]  # (argument index, its static copy)
+    scalars: Any  # the scalar arguments at capture, as `Piece.scalars_of` returns them
+    addresses: list[int]
+
+
 class Piece:
     """One graph piece: general-shape code plus one captured graph per token count."""
 
@@ -34,42 +46,42 @@ class Piece:
         self.index = index
         self.general = general
         self.owner = owner
-        self.graphs: dict[int, Graph] = {}
-        self.outputs: dict[int, Any] = {}
-        self.addresses: dict[int, list[int]] = {}
-        self.scalars: dict[int, tuple[Any, ...]] = {}
-        self.volatile: dict[int, dict[int, torch.Tensor]] = {}
+        self.entries: dict[int, _Entry] = {}
+        self.scalars_of: Callable[[tuple[Any, ...]], Any] = lambda args: ()
 
     def __call__(self, *args: Any) -> Any:
         owner = self.owner
         size = owner.graph_size
         if size is None:
             return self.general(*args)
-        graph = self.graphs.get(size)
-        if graph is not None:
-            if self.scalars[size] != _scalars(args):
-                # NOTE: a graph bakes in the scalars it was captured with (Dynamo may have turned a
-                # changed float attribute into an input). Later pieces cannot replay over outputs
-                # that general code wrote elsewhere, so the rest of this forward runs general too.
-                owner._fallback, owner.graph_size = RECOMPILE, None
+        entry = self.entries.get(size)
+        if entry is None:
+            if not owner.capturing:
+                # NOTE: capture after start-up is refused: it would fragment the shared pool.
+                owner._fallback = UNCAPTURED
                 return self.general(*args)
-            for i, static in self.volatile[size].items():
-                static.copy_(args[i])
-            if owner.config.debug_addresses:
-                self._check_addresses(size, args)
-            graph.replay()
-            return self.outputs[size]
-        if not owner.capturing:
-            # NOTE: capture after start-up is refused: it would fragment the shared pool.
-            owner._fallback = UNCAPTURED
+            return self._capture(size, args)
+        if self.scalars_of(args) != entry.scalars:
+            # NOTE: a graph bakes in the scalars it was captured with (Dynamo may have turned a
+            # changed float attribute into an input). Later pieces cannot replay over outputs that
+            # general code wrote elsewhere, so the rest of this forward runs general too.
+            owner._fallback, owner.graph_size = RECOMPILE, None
             return self.general(*args)
-        return self._capture(size, args)
+        for i, static in entry.volatile:
+            static.copy_(args[i])
+        if owner.config.debug_addresses:
+            self._check_addresses(size, entry, args)
+        entry.replay()
+        return entry.outputs
 
     def _capture(self, size: int, args: tuple[Any, ...]) -> Any:
         owner = self.owner
         owner.location = f"piece {self.index} at {size} tokens"
         for _ in range(owner.config.warmups_per_size):
             self.general(*args)
+        scalar_positions = [i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
+        if scalar_positions:
+            self.scalars_of = operator.itemgetter(*scalar_positions)
         # NOTE: inputs that are not parameters, static inputs or earlier pieces' outputs are made
         # afresh by Dynamo on every call (e.g. a float attribute turned into a 0-d tensor); the graph
         # reads a static copy of them, refreshed before each replay.
@@ -82,17 +94,19 @@ class Piece:
             args = tuple(volatile.get(i, a) for i, a in enumerate(args))
         graph, out = owner.backend.capture(self.general, args)
         owner.stable.update(t.data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        self.graphs[size] = graph
-        self.outputs[size] = owner.backend.hold(out)
-        self.volatile[size] = volatile
-        self.addresses[size] = _addresses(args)
-        self.scalars[size] = _scalars(args)
+        self.entries[size] = _Entry(
+            replay=graph.fast_replay(),
+            outputs=owner.backend.hold(out),
+            volatile=tuple(volatile.items()),
+            scalars=self.scalars_of(args),
+            addresses=_addresses(args),
+        )
         return out
 
-    def _check_addresses(self, size: int, args: tuple[Any, ...]) -> None:
-        static = self.volatile[size]
+    def _check_addresses(self, size: int, entry: _Entry, args: tuple[Any, ...]) -> None:
+        static = dict(entry.volatile)
         now = _addresses(tuple(static.get(i, a) for i, a in enumerate(args)))
-        for i, (then, current) in enumerate(zip(self.addresses[size], now, strict=True)):
+        for i, (then, current) in enumerate(zip(entry.addresses, now, strict=True)):
             if then != current:
                 raise AddressMismatchError(
                     f"piece {self.index} at {size} tokens: input {i} moved from {then:#x} to "
@@ -108,10 +122,20 @@ class _SplitCall:
         self.run = split.run
         self.__name__ = split.name.replace("::", "_")
         index = {name: i for i, name in enumerate(placeholders)}
-        self._plan = [(index[a.name], None) if isinstance(a, torch.fx.Node) else (None, a) for a in node.args]
+        sources = [index[a.name] if isinstance(a, torch.fx.Node) else None for a in node.args]
+        fed = [i for i in sources if i is not None]
+        self._consts = tuple(a for a, i in zip(node.args, sources, strict=True) if i is None)
+        # NOTE: the common layout — graph values first, constants (layer id) last — replays with one
+        # C-level itemgetter; anything else goes through the general plan.
+        self._simple = sources == fed + [None] * len(self._consts) and len(fed) > 1
+        self._get = operator.itemgetter(*fed) if self._simple else None
+        self._plan = [(i, a) for i, a in zip(sources, node.args, strict=True)]
 
     def __call__(self, *args: Any) -> None:
-        self.run(*[args[i] if i is not None else const for i, const in self._plan])
+        if self._get is not None:
+            self.run(*self._get(args), *self._consts)
+        else:
+            self.run(*[args[i] if i is not None else const for i, const in self._plan])
 
 
 class CompileStrategy(CaptureStrategy):
@@ -278,10 +302,6 @@ def _compile_pieces_inductor(
     with fake_mode:
         _Interpreter(split_gm).run(*fake_args)
     return compiled
-
-
-def _scalars(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a for a in args if not isinstance(a, torch.Tensor))
 
 
 def _addresses(args: tuple[Any, ...]) -> list[int]:

@@ -28,6 +28,10 @@ class Graph(ABC):
     @abstractmethod
     def replay(self) -> None: ...
 
+    def fast_replay(self) -> Callable[[], None]:
+        """The cheapest callable that replays this graph (replay loops resolve it once)."""
+        return self.replay
+
 
 class GraphBackend(ABC):
     """Captures work into replayable graphs that share one memory pool."""
@@ -61,6 +65,9 @@ class _CudaGraph(Graph):
 
     def replay(self) -> None:
         self.graph.replay()
+
+    def fast_replay(self) -> Callable[[], None]:
+        return self.graph.replay
 
 
 class CudaGraphBackend(GraphBackend):
