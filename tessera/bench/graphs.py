@@ -93,6 +93,18 @@ def pcg_runner(
     return runner, info
 
 
+def _replay_step(graph: Any, static: torch.Tensor, ctx: ForwardContext, out: Any) -> Step:
+    """A step that feeds `static`, then replays `graph` (a graph captured at exactly N)."""
+
+    def step(ids: torch.Tensor) -> Any:
+        static.copy_(ids)
+        with forward_context(ctx):
+            graph.replay()
+        return out
+
+    return step
+
+
 def full_graph_step(model: ToyModel, n: int) -> Step:
     static = torch.randint(0, model.cfg.vocab_size, (n,), device="cuda")
     ctx = ForwardContext(n, n)
@@ -103,13 +115,7 @@ def full_graph_step(model: ToyModel, n: int) -> Step:
         with torch.cuda.graph(graph):
             out = model(static)
 
-    def step(ids: torch.Tensor) -> Any:
-        static.copy_(ids)
-        with forward_context(ctx):
-            graph.replay()
-        return out
-
-    return step
+    return _replay_step(graph, static, ctx, out)
 
 
 def peer_step(model: ToyModel, n: int) -> Step:
@@ -129,13 +135,7 @@ def peer_step(model: ToyModel, n: int) -> Step:
     finally:
         ops.set_split_interceptor(previous)
 
-    def step(ids: torch.Tensor) -> Any:
-        static.copy_(ids)
-        with forward_context(ctx):
-            graph.replay()
-        return out
-
-    return step
+    return _replay_step(graph, static, ctx, out)
 
 
 def graph_memory(make: Callable[[], Any]) -> int:
