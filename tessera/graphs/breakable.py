@@ -31,12 +31,11 @@ class _EagerStep(Graph):
 class _SegmentedGraph(Graph):
     """Graph segments and eager steps, replayed in capture order."""
 
-    __slots__ = ("calls", "num_segments")
+    __slots__ = ("calls",)
 
     def __init__(self, steps: list[Graph]) -> None:
         # NOTE: bound methods resolved once; the replay loop is the whole per-step host cost.
         self.calls: list[Callable[[], None]] = [s.fast_replay() for s in steps]
-        self.num_segments = sum(not isinstance(s, _EagerStep) for s in steps)
 
     def replay(self) -> None:
         for call in self.calls:

@@ -47,7 +47,11 @@ class GraphStats:
 
 @dataclass
 class InitReport:
-    """What start-up cost: seconds per phase, graph memory, how much was captured."""
+    """What start-up cost: seconds per phase, graph memory, how much was captured.
+
+    `graph_memory_bytes` is how much the allocator's reserved memory grew over start-up: the graphs'
+    shared pool plus blocks the warm-up forward left cached (0 on the emulated backend).
+    """
 
     strategy: str
     compiler: str
