@@ -1,0 +1,62 @@
+"""Turning scheduled sequences into the tensors of one forward: EXTEND (prefill, chunked prefill over a
+cached prefix), DECODE, or both mixed in one batch — the attention metadata covers all three alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tessera.engine.kv_cache import PagePool
+from tessera.engine.sequence import Sequence
+from tessera.layers.attention import AttentionMetadata, SeqLayout
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_seqs] row of each sequence's last new token
+    seqs: list[Sequence]
+
+
+def build_batch(
+    work: list[tuple[Sequence, int]], pool: PagePool, page_size: int, device: torch.device
+) -> ForwardBatch:
+    """`work` pairs each sequence with how many of its uncached tokens run now. Pages are allocated
+    for them here; the sequences' `num_cached` advances once the forward is done (`commit`)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    layouts: list[SeqLayout] = []
+    last: list[int] = []
+    for seq, n in work:
+        start, end = seq.num_cached, seq.num_cached + n
+        if n < 1 or end > seq.num_tokens:
+            raise ValueError(f"sequence {seq.id}: cannot run {n} tokens from {start} of {seq.num_tokens}")
+        need = -(-end // page_size) - len(seq.pages)
+        if need > 0:
+            seq.pages += pool.allocate(need)
+        ids += seq.token_ids[start:end]
+        positions += range(start, end)
+        slots = [seq.slot(p, page_size) for p in range(end)]
+        slot_mapping += slots[start:]
+        layouts.append(SeqLayout(query_len=n, context_len=end, slots=_tensor(slots, device)))
+        last.append(len(ids) - 1)
+    return ForwardBatch(
+        input_ids=_tensor(ids, device),
+        positions=_tensor(positions, device),
+        metadata=AttentionMetadata(slot_mapping=_tensor(slot_mapping, device), seqs=layouts),
+        logits_indices=_tensor(last, device),
+        seqs=[seq for seq, _ in work],
+    )
+
+
+def commit(work: list[tuple[Sequence, int]]) -> None:
+    for seq, n in work:
+        seq.num_cached += n
+
+
+def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)

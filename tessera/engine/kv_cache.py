@@ -1,0 +1,64 @@
+"""Paged KV cache: fixed-size pages of slots; a token's K/V lives at `page * page_size + offset`.
+
+Slot 0 is reserved as the dummy slot: padded tokens of a graph replay write their K/V there, so they
+can never overwrite a real sequence's cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DUMMY_SLOT = 0
+
+
+@dataclass
+class KVCache:
+    """Per layer `[num_slots, num_kv_heads, head_dim]` K and V tensors."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    page_size: int
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        shape = (num_pages * page_size, num_kv_heads, head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return cls(k=k, v=v, page_size=page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0] // self.page_size
+
+
+class PagePool:
+    """Free list of pages. Page 0 holds the dummy slot and is never handed out."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 2:
+            raise ValueError("need at least 2 KV pages (one is reserved)")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"KV cache full: {n} pages wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))

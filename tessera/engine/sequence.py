@@ -1,0 +1,37 @@
+"""A request's token state and its KV pages."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from tessera.engine.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V is in the cache
+    finish_reason: str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def slot(self, position: int, page_size: int) -> int:
+        return self.pages[position // page_size] * page_size + position % page_size

@@ -1,0 +1,163 @@
+"""Llama / Mistral / Qwen2 (q/k/v bias) / Qwen3 (q/k RMSNorm): GQA, RoPE, RMSNorm, SwiGLU.
+
+`forward(input_ids, positions)` takes tensors only; attention finds its cache and the batch layout in
+the forward context. Q/K/V and gate/up projections are fused: one GEMM each instead of three and two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.layers.attention import attention  # noqa: F401  (registers tessera::attention)
+from tessera.layers.norm import RMSNorm
+from tessera.layers.rotary import RotaryEmbedding
+from tessera.models.config import ModelConfig
+
+# (fused parameter, HF parameter, shard) — shard is q/k/v or the index in gate/up.
+_STACKED = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.cfg, self.layer_id, self.rotary = cfg, layer_id, rotary
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t, cfg = x.shape[0], self.cfg
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(t, cfg.num_heads, cfg.head_dim)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = torch.empty_like(q)
+        torch.ops.tessera.attention(q, k, v, out, self.layer_id)
+        return self.o_proj(out.view(t, cfg.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_id, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """-> hidden states [T, hidden]; logits come from `compute_logits` on the rows that need them."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors, filling the fused projections shard by shard. Raises if any parameter
+        is left unloaded or a name is unknown."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            target, shard = _fused_target(name)
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            self._copy_shard(params[target], tensor, shard)
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        missing = [n for n in self._expected(params) if n not in loaded]
+        if missing:
+            raise KeyError(f"checkpoint misses {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _copy_shard(self, param: torch.Tensor, tensor: torch.Tensor, shard: str | int | None) -> None:
+        cfg = self.cfg
+        if shard is None:
+            dst = param
+        elif isinstance(shard, int):
+            dst = param.narrow(0, shard * cfg.intermediate_size, cfg.intermediate_size)
+        else:
+            offset = {"q": 0, "k": cfg.q_size, "v": cfg.q_size + cfg.kv_size}[shard]
+            size = cfg.q_size if shard == "q" else cfg.kv_size
+            dst = param.narrow(0, offset, size)
+        if dst.shape != tensor.shape:
+            raise ValueError(
+                f"shape mismatch: parameter {tuple(dst.shape)} vs checkpoint {tuple(tensor.shape)}"
+            )
+        dst.copy_(tensor)
+
+    def _expected(self, params: dict[str, torch.Tensor]) -> list[str]:
+        names = []
+        for name in params:
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            if "qkv_proj" in name:
+                names += [f"{name}#{s}" for s in "qkv"]
+            elif "gate_up_proj" in name:
+                names += [f"{name}#0", f"{name}#1"]
+            else:
+                names.append(name)
+        return names
+
+
+def _fused_target(name: str) -> tuple[str, str | int | None]:
+    for fused, part, shard in _STACKED:
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}."), shard
+    return name, None
