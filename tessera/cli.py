@@ -1,21 +1,82 @@
-"""The `tessera` command line."""
+"""The `tessera` command line (`python -m tessera` works the same)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text offline (default model: embedded SmolLM2-135M)")
+    p.add_argument("--model", default=None, help="a .gguf file or an HF model folder")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def generate(args: argparse.Namespace) -> None:
+    from tessera.engine.llm import LLM
+    from tessera.engine.sampling import SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        logprobs=args.json,
+    )
+    prompts = args.prompt
+    if args.chat:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    for original, out in zip(args.prompt, llm.generate(prompts, params), strict=True):
+        if args.json:
+            record = {
+                "prompt": original,
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "prompt_token_ids": out.prompt_token_ids,
+                "finish_reason": out.finish_reason,
+                "logprobs": out.logprobs,
+                "graph_stats": llm.graph_stats(),
+            }
+            print(json.dumps(record))
+        else:
+            print(f"{original}{out.text}" if not args.chat else out.text)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="tessera", description="piecewise-CUDA-graph LLM engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (GPU)", add_help=False)
     bench.add_argument("which", choices=["graphs"])
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "bench" and args.which == "graphs":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "generate":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        try:
+            generate(args)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"tessera generate: error: {exc}", file=sys.stderr)
+            return 2
+    elif args.command == "bench" and args.which == "graphs":
         from tessera.bench.graphs import main as bench_graphs
 
         bench_graphs(rest)

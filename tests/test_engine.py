@@ -1,0 +1,178 @@
+"""The embedded SmolLM2-135M end to end on CPU: loading, tokenizer, generation, sampling, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tessera.engine.llm import LLM
+from tessera.engine.model_runner import ModelRunner
+from tessera.engine.sampling import SamplingParams
+from tessera.engine.sequence import Sequence
+from tessera.loader.gguf_file import GGUFFile, unpermute
+from tessera.models.registry import default_model_path
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(device="cpu")
+
+
+def _logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    runner = ModelRunner(llm.model, llm.cfg, num_pages=8, page_size=16)
+    return runner.run([(Sequence(ids, SamplingParams()), len(ids))])[0]
+
+
+def test_smollm2_knows_the_capital_of_france(llm: LLM) -> None:
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=4))[0]
+    assert out.text.startswith(" Paris"), out.text
+    assert out.prompt_token_ids == llm.tokenizer.encode(PROMPT)
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+
+
+def test_real_weights_match_hf_transformers(llm: LLM) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = llm.cfg
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(dict(GGUFFile(default_model_path()).weights()), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    ids = llm.tokenizer.encode("Piecewise CUDA graphs replay the pieces between attention calls.")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1]
+    got = _logits(llm, ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_unpermute_inverts_llama_cpp_permute() -> None:
+    heads, w = 3, torch.randn(3 * 8, 5)
+    permuted = w.reshape(heads, 2, 4, 5).swapaxes(1, 2).reshape(w.shape)  # llama.cpp's convert script
+    torch.testing.assert_close(unpermute(permuted, heads), w)
+
+
+def test_batch_and_chunked_prefill_give_the_same_tokens(llm: LLM) -> None:
+    prompts = [PROMPT, "Water boils at", "def fibonacci(n):"]
+    params = SamplingParams(max_tokens=6)
+    batched = [o.token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate(p, params)[0].token_ids for p in prompts]
+    assert batched == alone
+    try:
+        llm.max_batch_tokens = 3  # prompts run in chunks over their cached prefix
+        chunked = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.max_batch_tokens = 2048
+    assert chunked == batched
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(llm: LLM) -> None:
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=7)
+    first, again = (llm.generate(PROMPT, sampled)[0].token_ids for _ in range(2))
+    other = llm.generate(PROMPT, dataclasses.replace(sampled, seed=8))[0].token_ids
+    assert first == again and first != other
+    greedy = llm.generate(PROMPT, SamplingParams(max_tokens=8))[0].token_ids
+    top1 = llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0.7, top_k=1, seed=3))[0]
+    assert top1.token_ids == greedy
+
+
+def test_stop_strings_logprobs_and_eos(llm: LLM) -> None:
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=20, stop=(".",), logprobs=True))[0]
+    assert out.finish_reason == "stop" and out.text == " Paris"
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+    assert all(lp <= 0 for lp in out.logprobs)
+    chat = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=64))
+    assert chat.finish_reason == "stop" and chat.text  # ended by <|im_end|>, which is not in the text
+    assert llm.cfg.eos_token_ids[0] not in chat.token_ids
+
+
+def test_tokenizer_from_gguf(llm: LLM) -> None:
+    tok = llm.tokenizer
+    for text in ["Hello, world!", "12345 apples", "naïve café — ünïcödé", "  two  spaces\nnewline"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("<|im_start|>") == [tok.token_id("<|im_start|>")]
+    assert len(tok.encode("123")) == 3  # SmolLM2 splits digits one by one
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_bad_requests_are_refused_clearly(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate("")
+    with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
+        llm.generate(["a", "b"], [SamplingParams()])
+
+
+def test_hf_folder_and_gguf_give_the_same_logits(llm: LLM, tmp_path: Path) -> None:
+    safetensors = pytest.importorskip("safetensors.torch")
+    cfg = llm.cfg
+    weights = {k: v.contiguous() for k, v in GGUFFile(default_model_path()).weights()}
+    safetensors.save_file(weights, str(tmp_path / "model.safetensors"))
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    llm.tokenizer.tok.save(str(tmp_path / "tokenizer.json"))
+    from_folder = LLM(tmp_path, device="cpu")
+    ids = llm.tokenizer.encode(PROMPT)
+    assert from_folder.tokenizer.encode(PROMPT) == ids
+    torch.testing.assert_close(_logits(from_folder, ids), _logits(llm, ids), rtol=0, atol=0)
+
+
+def test_cli_generate_json() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tessera",
+            "generate",
+            "--prompt",
+            PROMPT,
+            "--prompt",
+            "2 + 2 =",
+            "--max-tokens",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == [PROMPT, "2 + 2 ="]
+    assert records[0]["text"].startswith(" Paris")
+    assert {"text", "token_ids", "prompt_token_ids", "graph_stats"} <= set(records[0])
+    assert "running eagerly on the CPU" in done.stderr
