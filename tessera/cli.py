@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from tessera.engine.config import RunnerConfig
+
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text offline (default model: embedded SmolLM2-135M)")
@@ -23,13 +25,52 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_runner_flags(p)
+
+
+def add_runner_flags(p: argparse.ArgumentParser) -> None:
+    """Model-runner flags, spelled as SGLang spells them."""
+    g = p.add_argument_group("model runner")
+    g.add_argument("--chunked-prefill-size", type=int, default=2048)
+    g.add_argument("--page-size", type=int, default=16)
+    g.add_argument("--mem-fraction", type=float, default=0.8, help="of free GPU memory, for the KV cache")
+    g.add_argument("--disable-piecewise-cuda-graph", action="store_true")
+    g.add_argument(
+        "--piecewise-cuda-graph-max-tokens",
+        type=int,
+        default=None,
+        help="largest captured token count (default: --chunked-prefill-size)",
+    )
+    g.add_argument(
+        "--piecewise-cuda-graph-tokens", type=int, nargs="+", default=None, help="explicit capture sizes"
+    )
+    g.add_argument("--piecewise-cuda-graph-strategy", choices=["breakable", "compile"], default="breakable")
+    g.add_argument("--piecewise-cuda-graph-compiler", choices=["eager", "inductor"], default="eager")
+
+
+def runner_config(args: argparse.Namespace) -> RunnerConfig:
+    return RunnerConfig(
+        page_size=args.page_size,
+        chunked_prefill_size=args.chunked_prefill_size,
+        disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
+        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
+        piecewise_cuda_graph_tokens=tuple(args.piecewise_cuda_graph_tokens or ()) or None,
+        piecewise_cuda_graph_strategy=args.piecewise_cuda_graph_strategy,
+        piecewise_cuda_graph_compiler=args.piecewise_cuda_graph_compiler,
+    )
 
 
 def generate(args: argparse.Namespace) -> None:
     from tessera.engine.llm import LLM
     from tessera.engine.sampling import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        config=runner_config(args),
+        mem_fraction=args.mem_fraction,
+    )
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -176,3 +176,42 @@ def test_cli_generate_json() -> None:
     assert records[0]["text"].startswith(" Paris")
     assert {"text", "token_ids", "prompt_token_ids", "graph_stats"} <= set(records[0])
     assert "running eagerly on the CPU" in done.stderr
+
+
+PROMPTS = [
+    PROMPT,
+    "Water boils at",
+    "List three primary colors:",
+    "Write one sentence about graphs that are captured once and replayed many times on a GPU.",
+]
+
+
+def test_piecewise_graphs_give_the_same_tokens_as_eager(llm: LLM) -> None:
+    from tessera.engine.config import RunnerConfig
+
+    config = RunnerConfig(emulate_graphs_on_cpu=True, piecewise_cuda_graph_tokens=(4, 8, 16))
+    pcg = LLM(device="cpu", config=config)
+    params = SamplingParams(max_tokens=6)
+    assert [o.token_ids for o in pcg.generate(PROMPTS, params)] == [
+        o.token_ids for o in llm.generate(PROMPTS, params)
+    ]
+    alone = pcg.generate(PROMPT, params)[0]  # a 5-token prefill replays the 8-token graphs
+    assert alone.token_ids == llm.generate(PROMPT, params)[0].token_ids
+    stats = pcg.graph_stats()
+    assert stats["mode"] == "piecewise"
+    assert set(stats["replays"]) == {"4", "8"}  # decode steps of <= 4 sequences pad to 4
+    assert stats["eager_fallbacks"] == {"oversize": 1}  # the 4 prompts together: 38 tokens > 16
+    assert stats["padded_tokens"] > 0
+    assert llm.graph_stats()["mode"] == "eager"
+
+
+def test_requests_beyond_the_kv_cache_run_in_waves_and_free_every_page() -> None:
+    small = LLM(device="cpu", cpu_kv_tokens=64)  # 4 pages of 16 tokens
+    capacity = small.runner.pool.num_free
+    params = SamplingParams(max_tokens=8)
+    outs = small.generate(PROMPTS[:3], params)
+    assert [o.text for o in outs] == [small.generate(p, params)[0].text for p in PROMPTS[:3]]
+    assert small.runner.pool.num_free == capacity
+    with pytest.raises(ValueError, match=r"needs \d+ KV tokens"):
+        small.generate(PROMPT, SamplingParams(max_tokens=100))
+    assert small.runner.pool.num_free == capacity

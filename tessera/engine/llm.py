@@ -1,5 +1,5 @@
-"""`tessera.LLM`: offline batched generation. All requests run together: one prefill of every
-prompt (chunked to a token budget), then decode steps over the running sequences."""
+"""`tessera.LLM`: offline batched generation. Requests are admitted in waves that fit the KV cache;
+a wave runs its prompts' prefill (chunked to a token budget), then decode steps until all finish."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams, sample
 from tessera.engine.sequence import Sequence
@@ -34,8 +35,9 @@ class LLM:
         *,
         dtype: str | None = None,
         device: str | None = None,
-        max_batch_tokens: int = 2048,
-        page_size: int = 16,
+        config: RunnerConfig | None = None,
+        mem_fraction: float = 0.8,
+        cpu_kv_tokens: int = 8192,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
@@ -46,8 +48,27 @@ class LLM:
             else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         )
         self.model, self.tokenizer, self.cfg = registry.load(model, torch_dtype, self.device)
-        self.max_batch_tokens = max_batch_tokens
-        self.page_size = page_size
+        self.config = config or RunnerConfig()
+        self.max_batch_tokens = self.config.chunked_prefill_size
+        self.page_size = self.config.page_size
+        pages = self._num_pages(torch_dtype, mem_fraction, cpu_kv_tokens)
+        self.runner = ModelRunner(self.model, self.cfg, num_pages=pages, config=self.config)
+
+    def _num_pages(self, dtype: torch.dtype, mem_fraction: float, cpu_kv_tokens: int) -> int:
+        """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU."""
+        if not 0 < mem_fraction < 1:
+            raise ValueError(f"mem_fraction must be in (0, 1), got {mem_fraction}")
+        cfg = self.cfg
+        page_bytes = 2 * cfg.num_layers * self.page_size * cfg.kv_size * dtype.itemsize
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            pages = int(free * mem_fraction) // page_bytes
+        else:
+            pages = -(-cpu_kv_tokens // self.page_size)
+        logger.info(
+            "KV cache: %d pages of %d tokens (%.0f MiB)", pages, self.page_size, pages * page_bytes / 2**20
+        )
+        return max(pages, 2)
 
     def generate(
         self, prompts: str | list[str], params: SamplingParams | list[SamplingParams] | None = None
@@ -58,18 +79,47 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         seqs = [Sequence(self._encode(p), sp) for p, sp in zip(prompts, params, strict=True)]
-        runner = self._runner(seqs)
-        generators = [_generator(s.params.seed, self.device) for s in seqs]
-        self._prefill(runner, seqs, generators)
-        while running := [(s, g) for s, g in zip(seqs, generators, strict=True) if not s.finished]:
-            logits = runner.run([(s, 1) for s, _ in running])
-            for (seq, gen), row in zip(running, logits, strict=True):
-                self._append(seq, row, gen)
+        for wave in self._waves(seqs):
+            try:
+                self._run(wave)
+            finally:
+                for seq in wave:
+                    self.runner.free(seq)
         return [self._output(p, s) for p, s in zip(prompts, seqs, strict=True)]
 
     def graph_stats(self) -> dict[str, object]:
-        """Graph runtime counters of this engine (eager on CPU: nothing replays)."""
-        return {"mode": "eager", "device": self.device.type, "replays": {}, "eager_fallbacks": {}}
+        """Graph runtime counters of this engine: replays by size, eager fallbacks by reason, tokens."""
+        return self.runner.graph_stats()
+
+    def _pages(self, seq: Sequence) -> int:
+        return -(-(len(seq.prompt_token_ids) + seq.params.max_tokens) // self.page_size)
+
+    def _waves(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Consecutive groups of requests whose prompts and outputs fit the KV cache together."""
+        capacity = self.runner.pool.num_free
+        waves: list[list[Sequence]] = []
+        used = capacity
+        for seq in seqs:
+            need = self._pages(seq)
+            if need > capacity:
+                raise ValueError(
+                    f"a request needs {need * self.page_size} KV tokens (prompt + max_tokens); "
+                    f"the cache holds {capacity * self.page_size}"
+                )
+            if used + need > capacity:
+                waves.append([])
+                used = 0
+            waves[-1].append(seq)
+            used += need
+        return waves
+
+    def _run(self, seqs: list[Sequence]) -> None:
+        generators = [_generator(s.params.seed, self.device) for s in seqs]
+        self._prefill(self.runner, seqs, generators)
+        while running := [(s, g) for s, g in zip(seqs, generators, strict=True) if not s.finished]:
+            logits = self.runner.run([(s, 1) for s, _ in running])
+            for (seq, gen), row in zip(running, logits, strict=True):
+                self._append(seq, row, gen)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate(self.tokenizer.apply_chat_template(messages), params)[0]
@@ -82,10 +132,6 @@ class LLM:
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids
-
-    def _runner(self, seqs: list[Sequence]) -> ModelRunner:
-        pages = sum(-(-(len(s.prompt_token_ids) + s.params.max_tokens) // self.page_size) for s in seqs)
-        return ModelRunner(self.model, self.cfg, num_pages=pages + 1, page_size=self.page_size)
 
     def _prefill(self, runner: ModelRunner, seqs: list[Sequence], generators: list) -> None:
         """All prompts, in chunks of at most `max_batch_tokens` tokens; a sequence whose prompt is

@@ -1,17 +1,24 @@
-"""Runs one scheduled batch through the model: builds the batch tensors, sets the forward context
-(batch metadata and the per-layer attention table), and returns logits of each sequence's last token."""
+"""Runs one scheduled batch through the model: builds the batch tensors, runs the forward — through
+piecewise graphs when they are on, eagerly otherwise, inside the same forward context either way — and
+returns logits of each sequence's last token."""
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import torch
 from torch import nn
 
 from tessera.engine.batch import build_batch, commit
-from tessera.engine.kv_cache import KVCache, PagePool
+from tessera.engine.config import RunnerConfig
+from tessera.engine.kv_cache import DUMMY_SLOT, KVCache, PagePool
 from tessera.engine.sequence import Sequence
-from tessera.graphs import ForwardContext, forward_context
-from tessera.layers.attention import AttentionLayer
+from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
+from tessera.layers.attention import AttentionLayer, AttentionMetadata, SeqLayout
 from tessera.models.config import ModelConfig
+
+logger = logging.getLogger("tessera")
 
 
 class ModelRunner:
@@ -22,11 +29,13 @@ class ModelRunner:
         *,
         num_pages: int,
         page_size: int = 16,
+        config: RunnerConfig | None = None,
     ) -> None:
         self.model, self.cfg = model, cfg
+        self.config = config or RunnerConfig(page_size=page_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.page_size = page_size
+        self.page_size = page_size = self.config.page_size
         self.kv = KVCache.allocate(
             cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
@@ -35,14 +44,52 @@ class ModelRunner:
         self.layers = {
             (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale) for i in range(cfg.num_layers)
         }
+        self.graphs = self._capture_graphs() if self._graphs_wanted() else None
+
+    def _graphs_wanted(self) -> bool:
+        c = self.config
+        if c.disable_piecewise_cuda_graph:
+            return False
+        return self.device.type == "cuda" or c.emulate_graphs_on_cpu
+
+    def _capture_graphs(self) -> PiecewiseGraphRunner:
+        c = self.config
+        graph_config = GraphConfig(
+            strategy=c.piecewise_cuda_graph_strategy,  # type: ignore[arg-type]
+            compiler=c.piecewise_cuda_graph_compiler,  # type: ignore[arg-type]
+            max_tokens=c.graph_max_tokens,
+            capture_sizes=c.piecewise_cuda_graph_tokens,
+            disable_hint="pass --disable-piecewise-cuda-graph",
+        )
+        runner = PiecewiseGraphRunner(
+            self.model, graph_config, layers=self.layers, capture_metadata=self._capture_metadata
+        )
+        example = torch.arange(8, device=self.device)
+        with torch.no_grad():
+            runner.capture([example % self.cfg.vocab_size, example])
+        return runner
+
+    def _capture_metadata(self, num_tokens: int) -> AttentionMetadata:
+        """A batch of one sequence of `num_tokens` tokens that lives entirely in the dummy slot: capture
+        writes and reads no real sequence's cache."""
+        slots = torch.full((num_tokens,), DUMMY_SLOT, dtype=torch.long, device=self.device)
+        return AttentionMetadata(slot_mapping=slots, seqs=[SeqLayout(num_tokens, num_tokens, slots)])
+
+    def graph_stats(self) -> dict[str, Any]:
+        if self.graphs is None:
+            return {"mode": "eager", "replays": {}, "eager_fallbacks": {}}
+        return {"mode": "piecewise", **self.graphs.stats.as_dict()}
 
     @torch.no_grad()
     def run(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Forward `work` (sequence, tokens to run) -> logits [num_seqs, vocab] in float32."""
         batch = build_batch(work, self.pool, self.page_size, self.device)
-        n = batch.input_ids.shape[0]
-        with forward_context(ForwardContext(n, n, batch.metadata, self.layers)):
-            hidden = self.model(batch.input_ids, batch.positions)
+        if self.graphs is not None:
+            hidden = self.graphs(batch.input_ids, batch.positions, metadata=batch.metadata)
+        else:
+            n = batch.input_ids.shape[0]
+            with forward_context(ForwardContext(n, n, batch.metadata, self.layers)):
+                hidden = self.model(batch.input_ids, batch.positions)
         commit(work)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
