@@ -46,6 +46,12 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--piecewise-cuda-graph-strategy", choices=["breakable", "compile"], default="breakable")
     g.add_argument("--piecewise-cuda-graph-compiler", choices=["eager", "inductor"], default="eager")
+    g.add_argument(
+        "--attention-backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="auto: triton on a GPU, torch on a CPU",
+    )
 
 
 def runner_config(args: argparse.Namespace) -> RunnerConfig:
@@ -57,6 +63,7 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
         piecewise_cuda_graph_tokens=tuple(args.piecewise_cuda_graph_tokens or ()) or None,
         piecewise_cuda_graph_strategy=args.piecewise_cuda_graph_strategy,
         piecewise_cuda_graph_compiler=args.piecewise_cuda_graph_compiler,
+        attention_backend=args.attention_backend,
     )
 
 

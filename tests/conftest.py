@@ -1,7 +1,15 @@
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# NOTE: without a GPU, Triton kernels run in its interpreter; the flag is read when a kernel module
+# is imported, so it must be set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

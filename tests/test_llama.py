@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
+from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
@@ -12,6 +15,7 @@ from tessera.models.config import ModelConfig
 from tessera.models.llama import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 TINY = dict(
     vocab_size=256,
@@ -59,21 +63,26 @@ def hf_and_ours(family: str) -> tuple[torch.nn.Module, LlamaForCausalLM]:
     return hf, ours
 
 
-def _runner(model: LlamaForCausalLM) -> ModelRunner:
-    return ModelRunner(model, model.cfg, num_pages=32, page_size=4)
+def _runner(model: LlamaForCausalLM, backend: str = "torch") -> ModelRunner:
+    config = RunnerConfig(page_size=4, attention_backend=backend)
+    return ModelRunner(model, model.cfg, num_pages=32, config=config)
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 
 
 def _seq(ids: list[int]) -> Sequence:
     return Sequence(prompt_token_ids=ids, params=SamplingParams())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_match_hf(family: str) -> None:
+def test_logits_match_hf(family: str, backend: str) -> None:
     hf, ours = hf_and_ours(family)
     ids = torch.randint(0, 256, (1, 11))
     with torch.no_grad():
         ref = hf(ids).logits[0]
-    runner = _runner(ours)
+    runner = _runner(ours, backend)
     # every prefix's last logits, via a prefill then one decode step per token
     seq = _seq(ids[0].tolist())
     got = [runner.run([(seq, 6)])[0]]
@@ -93,16 +102,17 @@ def test_prefix_cached_extend_equals_full_prefill() -> None:
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_batch_equals_each_sequence_alone() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_equals_each_sequence_alone(backend: str) -> None:
     _, ours = hf_and_ours("Qwen3ForCausalLM")
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (9, 4, 6)]
     alone = []
     for ids in prompts:
-        runner = _runner(ours)
+        runner = _runner(ours, backend)
         seq = _seq(ids)
         runner.run([(seq, len(ids) - 1)])
         alone.append(runner.run([(seq, 1)])[0])
-    runner = _runner(ours)
+    runner = _runner(ours, backend)
     seqs = [_seq(ids) for ids in prompts]
     runner.run([(s, len(s.prompt_token_ids) - 1) for s in seqs[:2]])  # two sequences cached
     # one batch: two decodes and one whole prefill

@@ -9,7 +9,7 @@ import torch
 
 from tessera.engine.kv_cache import PagePool
 from tessera.engine.sequence import Sequence
-from tessera.layers.attention import AttentionMetadata, SeqLayout
+from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
 
 
 @dataclass
@@ -31,6 +31,7 @@ def build_batch(
     slot_mapping: list[int] = []
     layouts: list[SeqLayout] = []
     last: list[int] = []
+    page_rows: list[list[int]] = []
     for seq, n in work:
         start, end = seq.num_cached, seq.num_cached + n
         if n < 1 or end > seq.num_tokens:
@@ -43,13 +44,33 @@ def build_batch(
         slots = [seq.slot(p, page_size) for p in range(end)]
         slot_mapping += slots[start:]
         layouts.append(SeqLayout(query_len=n, context_len=end, slots=_tensor(slots, device)))
+        page_rows.append(seq.pages[: -(-end // page_size)])
         last.append(len(ids) - 1)
     return ForwardBatch(
         input_ids=_tensor(ids, device),
         positions=_tensor(positions, device),
-        metadata=AttentionMetadata(slot_mapping=_tensor(slot_mapping, device), seqs=layouts),
+        metadata=AttentionMetadata(
+            slot_mapping=_tensor(slot_mapping, device),
+            seqs=layouts,
+            kernel=kernel_layout(layouts, page_rows, device),
+        ),
         logits_indices=_tensor(last, device),
         seqs=[seq for seq, _ in work],
+    )
+
+
+def kernel_layout(layouts: list[SeqLayout], page_rows: list[list[int]], device: torch.device) -> KernelLayout:
+    width = max(len(r) for r in page_rows)
+    table = torch.tensor([r + [0] * (width - len(r)) for r in page_rows], dtype=torch.int32)
+    q_len = torch.tensor([s.query_len for s in layouts], dtype=torch.int32)
+    q_start = torch.cumsum(q_len, 0, dtype=torch.int32) - q_len
+    ctx_len = torch.tensor([s.context_len for s in layouts], dtype=torch.int32)
+    return KernelLayout(
+        page_table=table.to(device),
+        q_start=q_start.to(device),
+        q_len=q_len.to(device),
+        ctx_len=ctx_len.to(device),
+        max_q_len=int(q_len.max()),
     )
 
 

@@ -14,12 +14,15 @@ class RunnerConfig:
     piecewise_cuda_graph_tokens: tuple[int, ...] | None = None  # explicit capture sizes
     piecewise_cuda_graph_strategy: str = "breakable"
     piecewise_cuda_graph_compiler: str = "eager"
+    attention_backend: str = "auto"  # auto: triton on a GPU, torch on a CPU
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
     emulate_graphs_on_cpu: bool = False
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.chunked_prefill_size < 1:
             raise ValueError("page_size and chunked_prefill_size must be >= 1")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown attention backend {self.attention_backend!r}: auto, torch or triton")
 
     @property
     def graph_max_tokens(self) -> int:

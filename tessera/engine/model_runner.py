@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tessera.engine.batch import build_batch, commit
+from tessera.engine.batch import build_batch, commit, kernel_layout
 from tessera.engine.config import RunnerConfig
 from tessera.engine.kv_cache import DUMMY_SLOT, KVCache, PagePool
 from tessera.engine.sequence import Sequence
@@ -41,10 +41,18 @@ class ModelRunner:
         )
         self.pool = PagePool(num_pages)
         scale = cfg.head_dim**-0.5
+        self.attention_backend = self._attention_backend()
         self.layers = {
-            (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale) for i in range(cfg.num_layers)
+            (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale, page_size, self.attention_backend)
+            for i in range(cfg.num_layers)
         }
         self.graphs = self._capture_graphs() if self._graphs_wanted() else None
+
+    def _attention_backend(self) -> str:
+        wanted = self.config.attention_backend
+        if wanted == "auto":
+            return "triton" if self.device.type == "cuda" else "torch"
+        return wanted
 
     def _graphs_wanted(self) -> bool:
         c = self.config
@@ -73,7 +81,9 @@ class ModelRunner:
         """A batch of one sequence of `num_tokens` tokens that lives entirely in the dummy slot: capture
         writes and reads no real sequence's cache."""
         slots = torch.full((num_tokens,), DUMMY_SLOT, dtype=torch.long, device=self.device)
-        return AttentionMetadata(slot_mapping=slots, seqs=[SeqLayout(num_tokens, num_tokens, slots)])
+        layout = SeqLayout(num_tokens, num_tokens, slots)
+        pages = [[DUMMY_SLOT // self.page_size] * -(-num_tokens // self.page_size)]
+        return AttentionMetadata(slots, [layout], kernel_layout([layout], pages, self.device))
 
     def graph_stats(self) -> dict[str, Any]:
         if self.graphs is None:

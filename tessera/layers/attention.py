@@ -21,18 +21,32 @@ class SeqLayout:
 
 
 @dataclass
+class KernelLayout:
+    """The batch layout as tensors, for a kernel that runs the whole batch in one launch."""
+
+    page_table: torch.Tensor  # [B, max_pages] int32
+    q_start: torch.Tensor  # [B] int32, first row of each sequence's queries
+    q_len: torch.Tensor  # [B] int32
+    ctx_len: torch.Tensor  # [B] int32, cached + new tokens
+    max_q_len: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     seqs: list[SeqLayout]
+    kernel: KernelLayout | None = None
 
 
 @dataclass
 class AttentionLayer:
-    """What the attention op of one layer needs: its cache and its softmax scale."""
+    """What the attention op of one layer needs: its cache, softmax scale and backend."""
 
     k_cache: torch.Tensor  # [num_slots, kv_heads, head_dim]
     v_cache: torch.Tensor
     scale: float
+    page_size: int = 16
+    backend: str = "torch"  # "torch" (reference, any device) or "triton" (one launch per batch)
 
 
 @split_op("tessera::attention", outputs=("out",), mutates=())
@@ -45,6 +59,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     slots = meta.slot_mapping[:n]
     layer.k_cache.index_copy_(0, slots, k[:n])
     layer.v_cache.index_copy_(0, slots, v[:n])
+    if layer.backend == "triton":
+        from tessera.layers.triton_attention import paged_attention
+
+        kl = meta.kernel
+        assert kl is not None, "the triton backend needs the batch's KernelLayout"
+        paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
+                        kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale)  # fmt: skip
+        return
     start = 0
     for seq in meta.seqs:
         end = start + seq.query_len

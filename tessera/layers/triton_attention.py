@@ -1,0 +1,104 @@
+"""Paged attention in Triton: one launch for a whole batch of extend, decode or mixed sequences.
+
+Grid: (sequence, head, block of BLOCK_M queries). Each program walks its sequence's context through the
+page table in blocks of BLOCK_N slots with an online softmax; queries attend causally, offset by the
+sequence's cached prefix. New tokens' K/V are in the cache already (the attention op writes them first),
+so prefix and new tokens are one loop. Written in Triton so the same kernel runs on ROCm.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q, K, V, Out,
+    page_table, q_start, q_len, ctx_len,
+    scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pb,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    qlen = tl.load(q_len + b)
+    if mb * BLOCK_M >= qlen:
+        return
+    first = tl.load(q_start + b)
+    clen = tl.load(ctx_len + b)
+    prefix = clen - qlen
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < qlen
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + (first + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    kv_head = h // GROUP
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end = tl.minimum(clen, prefix + (mb + 1) * BLOCK_M)  # causal: nothing past the block's last query
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        page = tl.load(page_table + b * stride_pb + offs_n // PAGE, mask=n_ok, other=0)
+        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(
+            K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
+        )
+        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+        visible = (offs_n[None, :] <= prefix + offs_m[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(
+        Out + (first + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    page_table: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    ctx_len: torch.Tensor,
+    max_q_len: int,
+    page_size: int,
+    scale: float,
+) -> None:
+    """q, out: [T, H, D]; caches: [slots, KVH, D]; page_table: [B, max_pages] int32;
+    q_start / q_len / ctx_len: [B] int32. Writes out rows of the batch's real tokens."""
+    batch, heads, head_dim = q_len.shape[0], q.shape[1], q.shape[2]
+    group = heads // k_cache.shape[1]
+    block_m = 16 if max_q_len <= 16 else 64
+    grid = (batch, heads, triton.cdiv(max_q_len, block_m))
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out,
+        page_table, q_start, q_len, ctx_len,
+        scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), page_table.stride(0),
+        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )  # fmt: skip
