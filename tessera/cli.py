@@ -64,6 +64,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
         piecewise_cuda_graph_strategy=args.piecewise_cuda_graph_strategy,
         piecewise_cuda_graph_compiler=args.piecewise_cuda_graph_compiler,
         attention_backend=args.attention_backend,
+        disable_cuda_graph=args.disable_cuda_graph,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
     )
 
 

@@ -12,9 +12,11 @@ from torch import nn
 
 from tessera.engine.batch import build_batch, commit, kernel_layout
 from tessera.engine.config import RunnerConfig
+from tessera.engine.decode_graphs import DecodeGraphRunner
 from tessera.engine.kv_cache import DUMMY_SLOT, KVCache, PagePool
 from tessera.engine.sequence import Sequence
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
+from tessera.graphs.platform import make_backend
 from tessera.layers.attention import AttentionLayer, AttentionMetadata, SeqLayout
 from tessera.models.config import ModelConfig
 
@@ -47,6 +49,7 @@ class ModelRunner:
             for i in range(cfg.num_layers)
         }
         self.graphs = self._capture_graphs() if self._graphs_wanted() else None
+        self.decode_graphs = self._capture_decode_graphs() if self._decode_graphs_wanted() else None
 
     def _attention_backend(self) -> str:
         wanted = self.config.attention_backend
@@ -77,6 +80,30 @@ class ModelRunner:
             runner.capture([example % self.cfg.vocab_size, example])
         return runner
 
+    def _decode_graphs_wanted(self) -> bool:
+        c = self.config
+        if c.disable_cuda_graph or not (self.device.type == "cuda" or c.emulate_graphs_on_cpu):
+            return False
+        if self.attention_backend != "triton":
+            logger.warning("decode CUDA graphs need --attention-backend triton; decode runs without them")
+            return False
+        return True
+
+    def _capture_decode_graphs(self) -> DecodeGraphRunner:
+        # NOTE: the piecewise runner's backend, so both kinds of graph share one memory pool.
+        backend = self.graphs.backend if self.graphs is not None else make_backend(self.device)
+        assert backend is not None
+        runner = DecodeGraphRunner(
+            self.model,
+            backend,
+            self.layers,
+            max_bs=self.config.cuda_graph_max_bs,
+            max_pages_per_seq=-(-self.cfg.max_position_embeddings // self.page_size),
+            page_size=self.page_size,
+        )
+        runner.capture()
+        return runner
+
     def _capture_metadata(self, num_tokens: int) -> AttentionMetadata:
         """A batch of one sequence of `num_tokens` tokens that lives entirely in the dummy slot: capture
         writes and reads no real sequence's cache."""
@@ -86,15 +113,19 @@ class ModelRunner:
         return AttentionMetadata(slots, [layout], kernel_layout([layout], pages, self.device))
 
     def graph_stats(self) -> dict[str, Any]:
+        decode = self.decode_graphs.replays if self.decode_graphs is not None else 0
         if self.graphs is None:
-            return {"mode": "eager", "replays": {}, "eager_fallbacks": {}}
-        return {"mode": "piecewise", **self.graphs.stats.as_dict()}
+            return {"mode": "eager", "replays": {}, "eager_fallbacks": {}, "decode_graph_replays": decode}
+        return {"mode": "piecewise", **self.graphs.stats.as_dict(), "decode_graph_replays": decode}
 
     @torch.no_grad()
     def run(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Forward `work` (sequence, tokens to run) -> logits [num_seqs, vocab] in float32."""
         batch = build_batch(work, self.pool, self.page_size, self.device)
-        if self.graphs is not None:
+        decode = all(n == 1 for _, n in work)
+        if decode and self.decode_graphs is not None and self.decode_graphs.fits(batch):
+            hidden = self.decode_graphs.run(batch)
+        elif self.graphs is not None:
             hidden = self.graphs(batch.input_ids, batch.positions, metadata=batch.metadata)
         else:
             n = batch.input_ids.shape[0]
