@@ -46,6 +46,8 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--piecewise-cuda-graph-strategy", choices=["breakable", "compile"], default="breakable")
     g.add_argument("--piecewise-cuda-graph-compiler", choices=["eager", "inductor"], default="eager")
+    g.add_argument("--disable-cuda-graph", action="store_true", help="no full CUDA graphs for decode")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=64, help="largest decode batch captured")
     g.add_argument(
         "--attention-backend",
         choices=["auto", "torch", "triton"],
