@@ -40,19 +40,7 @@ def test_smollm2_knows_the_capital_of_france(llm: LLM) -> None:
 
 def test_real_weights_match_hf_transformers(llm: LLM) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = llm.cfg
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
-    )
+    hf_cfg = transformers.LlamaConfig(**llm.cfg.to_hf())
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     missing, unexpected = hf.load_state_dict(dict(GGUFFile(default_model_path()).weights()), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
@@ -126,24 +114,9 @@ def test_bad_requests_are_refused_clearly(llm: LLM) -> None:
 
 def test_hf_folder_and_gguf_give_the_same_logits(llm: LLM, tmp_path: Path) -> None:
     safetensors = pytest.importorskip("safetensors.torch")
-    cfg = llm.cfg
     weights = {k: v.contiguous() for k, v in GGUFFile(default_model_path()).weights()}
     safetensors.save_file(weights, str(tmp_path / "model.safetensors"))
-    hf_config = {
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": True,
-        "eos_token_id": 2,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    (tmp_path / "config.json").write_text(json.dumps(llm.cfg.to_hf()))
     llm.tokenizer.tok.save(str(tmp_path / "tokenizer.json"))
     from_folder = LLM(tmp_path, device="cpu")
     ids = llm.tokenizer.encode(PROMPT)

@@ -158,3 +158,9 @@ def test_decode_and_piecewise_graphs_match_eager() -> None:
     stats = graphs.graph_stats()
     assert stats["decode_graph_replays"] == 4
     assert stats["eager_fallbacks"] == {"oversize": 1}  # the 19-token prefill > 16
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_config_round_trips_through_hf(family: str) -> None:
+    _, ours = hf_and_ours(family)
+    assert ModelConfig.from_hf(ours.cfg.to_hf()) == ours.cfg

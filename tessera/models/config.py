@@ -54,6 +54,29 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` of this configuration (inverse of `from_hf`)."""
+        hf: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": next(t for t, a in _BY_MODEL_TYPE.items() if a == self.architecture),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+        }
+        if self.rope_scaling:
+            hf["rope_scaling"] = self.rope_scaling
+        return hf
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         arch = (hf.get("architectures") or [_BY_MODEL_TYPE.get(hf.get("model_type", ""), "")])[0]
