@@ -127,7 +127,8 @@ def test_unknown_checkpoint_tensor_is_an_error() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="no triton")
-def test_decode_and_piecewise_graphs_match_eager() -> None:
+@pytest.mark.parametrize("strategy", ["breakable", "compile"])
+def test_decode_and_piecewise_graphs_match_eager(strategy: str) -> None:
     _, ours = hf_and_ours("LlamaForCausalLM")
     graphs = ModelRunner(
         ours,
@@ -139,15 +140,18 @@ def test_decode_and_piecewise_graphs_match_eager() -> None:
             emulate_graphs_on_cpu=True,
             cuda_graph_max_bs=4,
             piecewise_cuda_graph_tokens=(8, 16),
+            piecewise_cuda_graph_strategy=strategy,
         ),
     )
     assert graphs.decode_graphs is not None and graphs.decode_graphs.sizes == [1, 2, 4]
     eager = _runner(ours)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 11, 3)]
+    late = torch.randint(0, 256, (6,)).tolist()
     runs = {"graphs": (graphs, [_seq(p) for p in prompts]), "eager": (eager, [_seq(p) for p in prompts])}
     logits: dict[str, list[torch.Tensor]] = {"graphs": [], "eager": []}
     for name, (runner, seqs) in runs.items():
         logits[name].append(runner.run([(s, len(s.prompt_token_ids)) for s in seqs]))  # prefill: 19 tokens
+        logits[name].append(runner.run([(_seq(late), 6)]))  # a 6-token prefill replays the 8-token graphs
         for step in range(4):
             active = seqs if step < 2 else seqs[:1]  # 3 sequences (padded to 4), then 1
             for s in active:  # feed a fixed next token so both runs see the same inputs
@@ -158,6 +162,7 @@ def test_decode_and_piecewise_graphs_match_eager() -> None:
     stats = graphs.graph_stats()
     assert stats["decode_graph_replays"] == 4
     assert stats["eager_fallbacks"] == {"oversize": 1}  # the 19-token prefill > 16
+    assert stats["replays"] == {"8": 1}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
