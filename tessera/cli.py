@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (GPU)", add_help=False)
-    bench.add_argument("which", choices=["graphs"])
+    bench.add_argument("which", choices=["graphs", "step"])
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "generate":
@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             print(f"tessera generate: error: {exc}", file=sys.stderr)
             return 2
-    elif args.command == "bench" and args.which == "graphs":
-        from tessera.bench.graphs import main as bench_graphs
+    elif args.command == "bench":
+        import importlib
 
-        bench_graphs(rest)
+        importlib.import_module(f"tessera.bench.{args.which}").main(rest)
     return 0
 
 

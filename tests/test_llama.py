@@ -169,3 +169,20 @@ def test_decode_and_piecewise_graphs_match_eager(strategy: str) -> None:
 def test_config_round_trips_through_hf(family: str) -> None:
     _, ours = hf_and_ours(family)
     assert ModelConfig.from_hf(ours.cfg.to_hf()) == ours.cfg
+
+
+def test_bench_batches_replay_without_changing_the_sequences() -> None:
+    from tessera.bench.step import make_batch
+
+    _, ours = hf_and_ours("LlamaForCausalLM")
+    runner = _runner(ours)
+    extend = make_batch(runner, "extend", 13, 8)
+    assert extend.input_ids.shape[0] == 13 and len(extend.seqs) == 8
+    decode = make_batch(runner, "decode", 3, 3, context=20)
+    assert decode.metadata.kernel is not None and decode.metadata.kernel.max_q_len == 1
+    assert [s.context_len for s in decode.metadata.seqs] == [20] * 3
+    for batch in (extend, decode):
+        cached = [s.num_cached for s in batch.seqs]
+        first, again = runner.forward(batch), runner.forward(batch)
+        torch.testing.assert_close(first, again, rtol=0, atol=0)
+        assert [s.num_cached for s in batch.seqs] == cached

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,53 +21,13 @@ from typing import Any
 
 import torch
 
+from tessera.bench.timing import Step, kernel_floor, time_interleaved
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context, ops
 from tessera.graphs.toy import ToyConfig, ToyModel
 
 SMOLLM2_SHAPED = ToyConfig(
     vocab_size=49152, hidden_size=576, num_heads=9, intermediate_size=1536, num_layers=30
 )
-Step = Callable[[torch.Tensor], Any]
-
-
-def time_once(step: Step, ids: torch.Tensor, iters: int) -> float:
-    """Mean time of `iters` back-to-back steps, in ms (CUDA events)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        step(ids)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def time_interleaved(steps: dict[str, Step], ids: torch.Tensor, iters: int = 20, reps: int = 15) -> dict:
-    """Median per variant over `reps` rounds that run every variant once each, so drift in the host's
-    speed (seen: eager varying 15-26 ms between runs) hits all variants alike."""
-    for step in steps.values():
-        for _ in range(3):
-            step(ids)
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            samples[name].append(time_once(step, ids, iters))
-    return {name: statistics.median(t) for name, t in samples.items()}
-
-
-def kernel_floor(step: Step, ids: torch.Tensor, iters: int = 10) -> tuple[float, int]:
-    """(ms of GPU kernel time per step, kernels per step) from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step(ids)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step(ids)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total_us = sum(e.device_time for e in kernels)
-    return total_us / iters / 1e3, round(len(kernels) / iters)
 
 
 def eager_step(model: ToyModel) -> Step:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tessera.engine.batch import build_batch, commit, kernel_layout
+from tessera.engine.batch import ForwardBatch, build_batch, commit, kernel_layout
 from tessera.engine.config import RunnerConfig
 from tessera.engine.decode_graphs import DecodeGraphRunner
 from tessera.engine.kv_cache import DUMMY_SLOT, KVCache, PagePool
@@ -122,7 +122,15 @@ class ModelRunner:
     def run(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Forward `work` (sequence, tokens to run) -> logits [num_seqs, vocab] in float32."""
         batch = build_batch(work, self.pool, self.page_size, self.device)
-        decode = all(n == 1 for _, n in work)
+        logits = self.forward(batch)
+        commit(work)
+        return logits
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """One forward of a built batch, through decode graphs, piecewise graphs or eagerly. Leaves the
+        sequences as they were (a benchmark can replay the same batch)."""
+        decode = batch.metadata.kernel is not None and batch.metadata.kernel.max_q_len == 1
         if decode and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             hidden = self.decode_graphs.run(batch)
         elif self.graphs is not None:
@@ -131,7 +139,6 @@ class ModelRunner:
             n = batch.input_ids.shape[0]
             with forward_context(ForwardContext(n, n, batch.metadata, self.layers)):
                 hidden = self.model(batch.input_ids, batch.positions)
-        commit(work)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def free(self, seq: Sequence) -> None:

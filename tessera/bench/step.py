@@ -1,0 +1,148 @@
+"""`tessera bench step`: forward-step time of the engine on real batches (GPU).
+
+For each model, EXTEND of N tokens (one sequence, and N split over 8) and DECODE of B sequences (each with
+a 256-token context) through: eager, piecewise graphs (breakable; compile with `eager` pieces) with
+decode graphs, and the GPU kernel time of the eager step (torch.profiler: the launch-free floor). Also
+start-up time per variant and kernels per step. Models: SmolLM2-135M (the embedded GGUF) and a
+Llama-3-8B-shaped config with random bf16 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.bench.timing import Step, kernel_floor, time_interleaved
+from tessera.engine.batch import ForwardBatch, build_batch
+from tessera.engine.config import RunnerConfig
+from tessera.engine.model_runner import ModelRunner
+from tessera.engine.sampling import SamplingParams
+from tessera.engine.sequence import Sequence
+from tessera.models import registry
+from tessera.models.config import ModelConfig
+from tessera.models.llama import LlamaForCausalLM
+
+LLAMA3_8B = ModelConfig(
+    architecture="LlamaForCausalLM",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+)
+VARIANTS = {
+    "eager": RunnerConfig(disable_piecewise_cuda_graph=True, disable_cuda_graph=True),
+    "pcg-breakable": RunnerConfig(piecewise_cuda_graph_strategy="breakable"),
+    "pcg-compile": RunnerConfig(piecewise_cuda_graph_strategy="compile"),
+}
+DECODE_CONTEXT = 256
+
+
+def load_model(name: str) -> LlamaForCausalLM:
+    device = torch.device("cuda")
+    if name == "smollm2":
+        return registry.load(None, torch.bfloat16, device)[0]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LLAMA3_8B).to(torch.bfloat16)
+    for p in model.parameters():  # random, never zeros; scaled so activations stay finite
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    return model.eval()
+
+
+def make_batch(
+    runner: ModelRunner, kind: str, size: int, seqs: int, context: int = DECODE_CONTEXT
+) -> ForwardBatch:
+    """A batch that can be replayed: EXTEND of `size` tokens over `seqs` sequences, or DECODE of `size`
+    sequences with a cached context. Pages are allocated once; the cache holds random values."""
+    vocab = runner.cfg.vocab_size
+    work = []
+    if kind == "extend":
+        for i in range(seqs):
+            n = size // seqs + (1 if i < size % seqs else 0)
+            work.append((Sequence(torch.randint(0, vocab, (n,)).tolist(), SamplingParams()), n))
+    else:
+        for _ in range(size):
+            seq = Sequence(torch.randint(0, vocab, (context,)).tolist(), SamplingParams())
+            seq.num_cached = context - 1
+            work.append((seq, 1))
+    return build_batch(work, runner.pool, runner.page_size, runner.device)
+
+
+def bench_model(name: str, extend: list[int], decode: list[int], num_pages: int) -> dict[str, Any]:
+    model = load_model(name)
+    runners: dict[str, ModelRunner] = {}
+    startup: dict[str, float] = {}
+    for variant, config in VARIANTS.items():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        runners[variant] = ModelRunner(model, model.cfg, num_pages=num_pages, config=config)
+        torch.cuda.synchronize()
+        startup[variant] = round(time.perf_counter() - t, 2)
+        for cache in runners[variant].kv.k + runners[variant].kv.v:
+            cache.normal_()
+    cases = [("extend", n, s) for n in extend for s in (1, 8) if n >= s] + [("decode", b, b) for b in decode]
+    rows = []
+    for kind, size, seqs in cases:
+        batches = {v: make_batch(r, kind, size, seqs) for v, r in runners.items()}
+        steps: dict[str, Step] = {v: _step(r, batches[v]) for v, r in runners.items()}
+        times = time_interleaved(steps, torch.empty(0))
+        floor_ms, eager_kernels = kernel_floor(steps["eager"], torch.empty(0))
+        kernels = {v: kernel_floor(s, torch.empty(0))[1] for v, s in steps.items()}
+        rows.append({"kind": kind, "size": size, "seqs": seqs, "ms": times, "kernel_floor_ms": floor_ms,
+                     "kernels_per_step": kernels | {"eager": eager_kernels}})  # fmt: skip
+        for v, r in runners.items():
+            for seq in batches[v].seqs:
+                r.free(seq)
+    stats = {v: r.graph_stats() for v, r in runners.items()}
+    return {
+        "model": name,
+        "config": model.cfg.to_hf(),
+        "startup_seconds": startup,
+        "cases": rows,
+        "graph_stats": stats,
+    }
+
+
+def _step(runner: ModelRunner, batch: ForwardBatch) -> Step:
+    return lambda _: runner.forward(batch)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="tessera bench step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"], choices=["smollm2", "llama3-8b"])
+    p.add_argument("--extend", type=int, nargs="+", default=[16, 64, 128, 512, 2048])
+    p.add_argument("--decode", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--num-pages", type=int, default=3000, help="KV pages per variant")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tessera bench step needs a GPU")
+    report = {
+        "benchmark": "step",
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "models": [bench_model(m, args.extend, args.decode, args.num_pages) for m in args.models],
+    }
+    for m in report["models"]:
+        print(f"\n{m['model']} on {report['gpu']}: ms per step (x = ratio to the kernel-time floor)")
+        print(f"  start-up: {m['startup_seconds']}")
+        for row in m["cases"]:
+            floor = row["kernel_floor_ms"]
+            cells = "  ".join(f"{v} {ms:.3f} ({ms / floor:.2f}x)" for v, ms in row["ms"].items())
+            print(f"  {row['kind']:<6} {row['size']:>5} x{row['seqs']:<3} floor {floor:.3f}  {cells}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report

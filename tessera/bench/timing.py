@@ -1,0 +1,51 @@
+"""Timing helpers shared by the benchmarks: CUDA events, interleaved rounds, the kernel-time floor."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Step = Callable[[torch.Tensor], Any]
+
+
+def time_once(step: Step, ids: torch.Tensor, iters: int) -> float:
+    """Mean time of `iters` back-to-back steps, in ms (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        step(ids)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def time_interleaved(steps: dict[str, Step], ids: torch.Tensor, iters: int = 20, reps: int = 15) -> dict:
+    """Median per variant over `reps` rounds that run every variant once each, so drift in the host's
+    speed (seen: eager varying 15-26 ms between runs) hits all variants alike."""
+    for step in steps.values():
+        for _ in range(3):
+            step(ids)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            samples[name].append(time_once(step, ids, iters))
+    return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def kernel_floor(step: Step, ids: torch.Tensor, iters: int = 10) -> tuple[float, int]:
+    """(ms of GPU kernel time per step, kernels per step) from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step(ids)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time for e in kernels)
+    return total_us / iters / 1e3, round(len(kernels) / iters)
