@@ -40,7 +40,8 @@ class LLM:
         cpu_kv_tokens: int = 8192,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cpu":
+        self.config = config or RunnerConfig()
+        if self.device.type == "cpu" and not self.config.emulate_graphs_on_cpu:
             logger.warning("no GPU: running eagerly on the CPU (piecewise CUDA graphs need a GPU)")
         torch_dtype = (
             getattr(torch, dtype)
@@ -48,7 +49,6 @@ class LLM:
             else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         )
         self.model, self.tokenizer, self.cfg = registry.load(model, torch_dtype, self.device)
-        self.config = config or RunnerConfig()
         self.max_batch_tokens = self.config.chunked_prefill_size
         self.page_size = self.config.page_size
         pages = self._num_pages(torch_dtype, mem_fraction, cpu_kv_tokens)
