@@ -43,6 +43,14 @@ FAMILIES = {
         },
     ),
     "Qwen2ForCausalLM": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "Qwen2ForCausalLM-yarn-rope": (
+        "Qwen2Config",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    ),
+    "Qwen2ForCausalLM-yarn-mscale": (
+        "Qwen2Config",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5}},
+    ),
     "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 32}),
     "MistralForCausalLM": ("MistralConfig", {"sliding_window": None}),
 }

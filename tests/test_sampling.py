@@ -1,0 +1,43 @@
+"""The sampler's filters on synthetic logits: each filter removes exactly the tokens it should."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tessera.engine.sampling import SamplingParams, sample
+
+# probabilities 0.5, 0.25, 0.15, 0.07, 0.03
+PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+LOGITS = PROBS.log()
+
+
+def _draws(params: SamplingParams, n: int = 400) -> set[int]:
+    gen = torch.Generator().manual_seed(0)
+    return {sample(LOGITS, params, gen)[0] for _ in range(n)}
+
+
+def test_greedy_takes_the_argmax_and_reports_its_logprob() -> None:
+    token, logprob = sample(LOGITS, SamplingParams(), None)
+    assert token == 0 and math.isclose(logprob, math.log(0.5), rel_tol=1e-5)
+
+
+def test_top_k_keeps_the_k_most_likely() -> None:
+    assert _draws(SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
+    assert _draws(SamplingParams(temperature=1.0, top_p=0.8)) == {0, 1, 2}  # 0.5 + 0.25 < 0.8
+    assert _draws(SamplingParams(temperature=1.0, top_p=0.5)) == {0}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
+    assert _draws(SamplingParams(temperature=1.0, min_p=0.2)) == {0, 1, 2}  # 0.07 < 0.2 * 0.5
+
+
+def test_plain_temperature_sampling_reaches_every_token_and_logprobs_are_unscaled() -> None:
+    assert _draws(SamplingParams(temperature=1.0), n=2000) == {0, 1, 2, 3, 4}
+    gen = torch.Generator().manual_seed(1)
+    token, logprob = sample(LOGITS, SamplingParams(temperature=2.0), gen)
+    assert math.isclose(logprob, math.log(PROBS[token].item()), rel_tol=1e-5)
