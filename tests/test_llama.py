@@ -194,3 +194,13 @@ def test_bench_batches_replay_without_changing_the_sequences() -> None:
         first, again = runner.forward(batch), runner.forward(batch)
         torch.testing.assert_close(first, again, rtol=0, atol=0)
         assert [s.num_cached for s in batch.seqs] == cached
+
+
+def test_hf_baseline_model_carries_our_weights() -> None:
+    from tessera.bench.hf_baselines import hf_eager_step, hf_model
+
+    _, ours = hf_and_ours("LlamaForCausalLM")
+    ids = torch.randint(0, 256, (7,))
+    got = _runner(ours).run([(_seq(ids.tolist()), 7)])[0]
+    ref = hf_eager_step(hf_model(ours))(ids)[0, -1]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

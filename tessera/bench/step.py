@@ -1,9 +1,10 @@
-"""`tessera bench step`: forward-step time of the engine on real batches (GPU).
+"""`tessera bench step`: forward-step time of the engine on real batches (GPU). Not yet run on a GPU.
 
 For each model, EXTEND of N tokens (one sequence, and N split over 8) and DECODE of B sequences (each with
 a 256-token context) through: eager, piecewise graphs (breakable; compile with `eager` pieces) with
 decode graphs, and the GPU kernel time of the eager step (torch.profiler: the launch-free floor). Also
-start-up time per variant and kernels per step. Models: SmolLM2-135M (the embedded GGUF) and a
+start-up time per variant and kernels per step; for one-sequence EXTEND also HF transformers eager and
+HF + breakable-cuda-graphs (`bench/hf_baselines.py`). Models: SmolLM2-135M (the embedded GGUF) and a
 Llama-3-8B-shaped config with random bf16 weights.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tessera.bench import hf_baselines
 from tessera.bench.timing import Step, kernel_floor, time_interleaved
 from tessera.engine.batch import ForwardBatch, build_batch
 from tessera.engine.config import RunnerConfig
@@ -79,7 +81,9 @@ def make_batch(
     return build_batch(work, runner.pool, runner.page_size, runner.device)
 
 
-def bench_model(name: str, extend: list[int], decode: list[int], num_pages: int) -> dict[str, Any]:
+def bench_model(
+    name: str, extend: list[int], decode: list[int], num_pages: int, with_hf: bool
+) -> dict[str, Any]:
     model = load_model(name)
     runners: dict[str, ModelRunner] = {}
     startup: dict[str, float] = {}
@@ -92,11 +96,16 @@ def bench_model(name: str, extend: list[int], decode: list[int], num_pages: int)
         for cache in runners[variant].kv.k + runners[variant].kv.v:
             cache.normal_()
     cases = [("extend", n, s) for n in extend for s in (1, 8) if n >= s] + [("decode", b, b) for b in decode]
+    hf = hf_baselines.hf_model(model) if with_hf else None
     rows = []
     for kind, size, seqs in cases:
         batches = {v: make_batch(r, kind, size, seqs) for v, r in runners.items()}
         steps: dict[str, Step] = {v: _step(r, batches[v]) for v, r in runners.items()}
-        times = time_interleaved(steps, torch.empty(0))
+        ids = batches["eager"].input_ids
+        if hf is not None and kind == "extend" and seqs == 1:
+            steps["hf-eager"] = hf_baselines.hf_eager_step(hf)
+            steps["hf-breakable"] = hf_baselines.hf_breakable_step(hf, size)
+        times = time_interleaved(steps, ids)
         floor_ms, eager_kernels = kernel_floor(steps["eager"], torch.empty(0))
         kernels = {v: kernel_floor(s, torch.empty(0))[1] for v, s in steps.items()}
         rows.append({"kind": kind, "size": size, "seqs": seqs, "ms": times, "kernel_floor_ms": floor_ms,
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--extend", type=int, nargs="+", default=[16, 64, 128, 512, 2048])
     p.add_argument("--decode", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--num-pages", type=int, default=3000, help="KV pages per variant")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -133,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "step",
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "models": [bench_model(m, args.extend, args.decode, args.num_pages) for m in args.models],
+        "models": [
+            bench_model(m, args.extend, args.decode, args.num_pages, not args.no_hf) for m in args.models
+        ],
     }
     for m in report["models"]:
         print(f"\n{m['model']} on {report['gpu']}: ms per step (x = ratio to the kernel-time floor)")
