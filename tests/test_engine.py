@@ -63,11 +63,12 @@ def test_batch_and_chunked_prefill_give_the_same_tokens(llm: LLM) -> None:
     batched = [o.token_ids for o in llm.generate(prompts, params)]
     alone = [llm.generate(p, params)[0].token_ids for p in prompts]
     assert batched == alone
-    try:
-        llm.max_batch_tokens = 3  # prompts run in chunks over their cached prefix
+    config = llm.scheduler.config
+    try:  # prompts run in chunks of 3 tokens, partly over prefixes cached by the runs above
+        llm.scheduler.config = dataclasses.replace(config, chunked_prefill_size=3, max_num_batched_tokens=4)
         chunked = [o.token_ids for o in llm.generate(prompts, params)]
     finally:
-        llm.max_batch_tokens = 2048
+        llm.scheduler.config = config
     assert chunked == batched
 
 
@@ -178,13 +179,15 @@ def test_piecewise_graphs_give_the_same_tokens_as_eager(llm: LLM) -> None:
     assert llm.graph_stats()["mode"] == "eager"
 
 
-def test_requests_beyond_the_kv_cache_run_in_waves_and_free_every_page() -> None:
-    small = LLM(device="cpu", cpu_kv_tokens=64)  # 4 pages of 16 tokens
+def test_requests_beyond_the_kv_cache_are_preempted_and_every_page_comes_back(llm: LLM) -> None:
+    small = LLM(device="cpu", cpu_kv_tokens=64)  # 4 pages of 16 tokens: requests must take turns
     capacity = small.runner.pool.num_free
-    params = SamplingParams(max_tokens=8)
-    outs = small.generate(PROMPTS[:3], params)
-    assert [o.text for o in outs] == [small.generate(p, params)[0].text for p in PROMPTS[:3]]
-    assert small.runner.pool.num_free == capacity
+    params = SamplingParams(max_tokens=24)
+    outs = small.generate(PROMPTS, params)
+    assert small.scheduler.preemptions >= 1  # recomputed, nothing lost:
+    assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate(PROMPTS, params)]
+    cache = small.scheduler.cache
+    assert cache is not None and small.runner.pool.num_free + cache.num_pages == capacity
     with pytest.raises(ValueError, match=r"needs \d+ KV tokens"):
         small.generate(PROMPT, SamplingParams(max_tokens=100))
-    assert small.runner.pool.num_free == capacity
+    assert small.runner.pool.num_free + cache.num_pages == capacity

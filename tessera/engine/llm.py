@@ -1,5 +1,5 @@
-"""`tessera.LLM`: offline batched generation. Requests are admitted in waves that fit the KV cache;
-a wave runs its prompts' prefill (chunked to a token budget), then decode steps until all finish."""
+"""`tessera.LLM`: offline batched generation with continuous batching: the scheduler mixes chunked
+prefills and decodes under a token budget, shares cached prefixes and preempts when KV pages run out."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams, sample
+from tessera.engine.scheduler import Scheduler, SchedulerConfig
 from tessera.engine.sequence import Sequence
 from tessera.models import registry
 
@@ -36,6 +37,7 @@ class LLM:
         dtype: str | None = None,
         device: str | None = None,
         config: RunnerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
         mem_fraction: float = 0.8,
         cpu_kv_tokens: int = 8192,
     ) -> None:
@@ -49,10 +51,13 @@ class LLM:
             else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         )
         self.model, self.tokenizer, self.cfg = registry.load(model, torch_dtype, self.device)
-        self.max_batch_tokens = self.config.chunked_prefill_size
         self.page_size = self.config.page_size
         pages = self._num_pages(torch_dtype, mem_fraction, cpu_kv_tokens)
         self.runner = ModelRunner(self.model, self.cfg, num_pages=pages, config=self.config)
+        self.scheduler_config = scheduler or SchedulerConfig(
+            chunked_prefill_size=self.config.chunked_prefill_size
+        )
+        self.scheduler = Scheduler(self.runner.pool, self.page_size, self.scheduler_config)
 
     def _num_pages(self, dtype: torch.dtype, mem_fraction: float, cpu_kv_tokens: int) -> int:
         """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU."""
@@ -79,47 +84,32 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         seqs = [Sequence(self._encode(p), sp) for p, sp in zip(prompts, params, strict=True)]
-        for wave in self._waves(seqs):
-            try:
-                self._run(wave)
-            finally:
-                for seq in wave:
-                    self.runner.free(seq)
+        generators = {s: _generator(s.params.seed, self.device) for s in seqs}
+        for seq in seqs:
+            self.scheduler.add(seq)
+        try:
+            while self.scheduler.has_work:
+                self._step(generators)
+        except BaseException:
+            for seq in seqs:
+                self.scheduler.abort(seq)
+            raise
         return [self._output(p, s) for p, s in zip(prompts, seqs, strict=True)]
 
     def graph_stats(self) -> dict[str, object]:
         """Graph runtime counters of this engine: replays by size, eager fallbacks by reason, tokens."""
         return self.runner.graph_stats()
 
-    def _pages(self, seq: Sequence) -> int:
-        return -(-(len(seq.prompt_token_ids) + seq.params.max_tokens) // self.page_size)
-
-    def _waves(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Consecutive groups of requests whose prompts and outputs fit the KV cache together."""
-        capacity = self.runner.pool.num_free
-        waves: list[list[Sequence]] = []
-        used = capacity
-        for seq in seqs:
-            need = self._pages(seq)
-            if need > capacity:
-                raise ValueError(
-                    f"a request needs {need * self.page_size} KV tokens (prompt + max_tokens); "
-                    f"the cache holds {capacity * self.page_size}"
-                )
-            if used + need > capacity:
-                waves.append([])
-                used = 0
-            waves[-1].append(seq)
-            used += need
-        return waves
-
-    def _run(self, seqs: list[Sequence]) -> None:
-        generators = [_generator(s.params.seed, self.device) for s in seqs]
-        self._prefill(self.runner, seqs, generators)
-        while running := [(s, g) for s, g in zip(seqs, generators, strict=True) if not s.finished]:
-            logits = self.runner.run([(s, 1) for s, _ in running])
-            for (seq, gen), row in zip(running, logits, strict=True):
-                self._append(seq, row, gen)
+    def _step(self, generators: dict[Sequence, torch.Generator | None]) -> None:
+        work = self.scheduler.schedule()
+        if not work:
+            raise RuntimeError("the scheduler found nothing it could run (KV cache too small?)")
+        logits = self.runner.run(work)
+        for (seq, _), row in zip(work, logits, strict=True):
+            if seq.uncached == 0:  # its whole tail ran: the logits are for a new token
+                self._append(seq, row, generators[seq])
+                if seq.finished:
+                    self.scheduler.finish(seq)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate(self.tokenizer.apply_chat_template(messages), params)[0]
@@ -132,24 +122,6 @@ class LLM:
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids
-
-    def _prefill(self, runner: ModelRunner, seqs: list[Sequence], generators: list) -> None:
-        """All prompts, in chunks of at most `max_batch_tokens` tokens; a sequence whose prompt is
-        done gets its first token sampled."""
-        pending = list(zip(seqs, generators, strict=True))
-        while pending:
-            work, budget = [], self.max_batch_tokens
-            for seq, _ in pending:
-                n = min(len(seq.prompt_token_ids) - seq.num_cached, budget)
-                if n == 0:
-                    break
-                work.append((seq, n))
-                budget -= n
-            logits = runner.run(work)
-            for (seq, _), row in zip(work, logits, strict=True):
-                if seq.num_cached == len(seq.prompt_token_ids):
-                    self._append(seq, row, dict(pending)[seq])
-            pending = [(s, g) for s, g in pending if s.num_cached < len(s.prompt_token_ids)]
 
     def _append(self, seq: Sequence, logits: torch.Tensor, gen: torch.Generator | None) -> None:
         token, logprob = sample(logits, seq.params, gen)

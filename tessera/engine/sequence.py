@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from tessera.engine.sampling import SamplingParams
 
@@ -18,6 +19,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    prefix_nodes: list[Any] = field(default_factory=list)  # prefix-cache nodes whose pages lead `pages`
     num_cached: int = 0  # tokens whose K/V is in the cache
     finish_reason: str | None = None
 
@@ -28,6 +30,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def uncached(self) -> int:
+        """Tokens whose K/V is not in the cache yet: the prompt's tail, or the last sampled token."""
+        return self.num_tokens - self.num_cached
 
     @property
     def finished(self) -> bool:
