@@ -8,6 +8,7 @@ import logging
 import sys
 
 from tessera.engine.config import RunnerConfig
+from tessera.engine.scheduler import SchedulerConfig
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,9 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--piecewise-cuda-graph-strategy", choices=["breakable", "compile"], default="breakable")
     g.add_argument("--piecewise-cuda-graph-compiler", choices=["eager", "inductor"], default="eager")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one forward")
+    g.add_argument("--max-running-requests", type=int, default=256)
+    g.add_argument("--disable-radix-cache", action="store_true", help="no prefix sharing between requests")
     g.add_argument("--disable-cuda-graph", action="store_true", help="no full CUDA graphs for decode")
     g.add_argument("--cuda-graph-max-bs", type=int, default=64, help="largest decode batch captured")
     g.add_argument(
@@ -53,6 +57,15 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
         choices=["auto", "torch", "triton"],
         default="auto",
         help="auto: triton on a GPU, torch on a CPU",
+    )
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_running_requests=args.max_running_requests,
+        disable_radix_cache=args.disable_radix_cache,
     )
 
 
@@ -80,6 +93,7 @@ def generate(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         device=args.device,
         config=runner_config(args),
+        scheduler=scheduler_config(args),
         mem_fraction=args.mem_fraction,
     )
     params = SamplingParams(
