@@ -22,6 +22,7 @@ class Sequence:
     prefix_nodes: list[Any] = field(default_factory=list)  # prefix-cache nodes whose pages lead `pages`
     num_cached: int = 0  # tokens whose K/V is in the cache
     finish_reason: str | None = None
+    generator: Any = None  # torch.Generator of a seeded request
 
     @property
     def token_ids(self) -> list[int]:
