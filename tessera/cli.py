@@ -24,13 +24,23 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_runner_flags(p)
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument(
+        "model", nargs="?", default=None, help="a .gguf file or an HF model folder (default: SmolLM2)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
     add_runner_flags(p)
 
 
 def add_runner_flags(p: argparse.ArgumentParser) -> None:
     """Model-runner flags, spelled as SGLang spells them."""
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g = p.add_argument_group("model runner")
     g.add_argument("--chunked-prefill-size", type=int, default=2048)
     g.add_argument("--page-size", type=int, default=16)
@@ -84,6 +94,26 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
     )
 
 
+def serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import uvicorn
+
+    from tessera.engine.engine import Engine
+    from tessera.server.api import create_app
+
+    engine = Engine(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        config=runner_config(args),
+        scheduler=scheduler_config(args),
+        mem_fraction=args.mem_fraction,
+    )
+    name = Path(args.model).stem if args.model else "SmolLM2-135M-Instruct"
+    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info")
+
+
 def generate(args: argparse.Namespace) -> None:
     from tessera.engine.llm import LLM
     from tessera.engine.sampling import SamplingParams
@@ -130,17 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tessera", description="piecewise-CUDA-graph LLM engine")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _serve_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (GPU)", add_help=False)
     bench.add_argument("which", choices=["graphs", "step"])
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.command == "generate":
+    if args.command in ("generate", "serve"):
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         try:
-            generate(args)
+            (generate if args.command == "generate" else serve)(args)
         except (FileNotFoundError, ValueError) as exc:
-            print(f"tessera generate: error: {exc}", file=sys.stderr)
+            print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
             return 2
     elif args.command == "bench":
         import importlib

@@ -1,0 +1,190 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (streaming or not),
+/v1/models, /health and Prometheus /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tessera.engine.engine import Engine
+from tessera.server.engine_loop import AsyncEngine, Handle, Update
+from tessera.server.metrics import metrics_response
+from tessera.server.protocol import ChatRequest, CompletionRequest
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    loop_engine = AsyncEngine(engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        loop_engine.shutdown()
+
+    app = FastAPI(title="tessera", lifespan=lifespan)
+    app.state.engine = loop_engine
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "tessera"}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response(app.state.engine)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        prompt_ids = engine.tokenizer.encode(body.prompt)
+        params = [body.sampling(body.max_tokens, i, body.logprobs is not None) for i in range(body.n)]
+        return await _serve(
+            app.state.engine, request, prompt_ids, params, body.stream, "text_completion", model_name
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        try:
+            text = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        except Exception as exc:  # a template may reject a conversation (raise_exception)
+            return _error(400, f"messages: {exc}", "messages")
+        prompt_ids = engine.tokenizer.encode(text)
+        params = [body.sampling(body.limit, i, body.logprobs) for i in range(body.n)]
+        return await _serve(
+            app.state.engine, request, prompt_ids, params, body.stream, "chat.completion", model_name
+        )
+
+    return app
+
+
+async def _serve(
+    engine: AsyncEngine, request: Request, prompt_ids: list[int], params: list, stream: bool, kind: str,
+    model: str,
+) -> Response:  # fmt: skip
+    handles: list[Handle] = []
+    try:
+        for p in params:
+            handles.append(await engine.submit(prompt_ids, p))
+    except ValueError as exc:
+        for h in handles:
+            engine.abort(h.seq)
+        return _error(400, str(exc), "prompt")
+    rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if stream:
+        events = _stream(engine, handles, rid, created, kind, model, len(prompt_ids))
+        return StreamingResponse(events, media_type="text/event-stream")
+    finals = await _wait(engine, request, handles)
+    if finals is None:
+        return Response(status_code=499)
+    choices = [_choice(kind, i, u, params[i].logprobs) for i, u in enumerate(finals)]
+    usage = _usage(len(prompt_ids), finals)
+    return JSONResponse({"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
+                         "usage": usage})  # fmt: skip
+
+
+async def _final(handle: Handle) -> Update:
+    while (update := await handle.updates.get()).finish_reason is None:
+        pass
+    return update
+
+
+async def _wait(engine: AsyncEngine, request: Request, handles: list[Handle]) -> list[Update] | None:
+    """Final updates of all choices; None (requests aborted, pages freed) if the client went away."""
+    everything = asyncio.ensure_future(asyncio.gather(*(_final(h) for h in handles)))
+    while not everything.done():
+        await asyncio.wait({everything}, timeout=0.5)
+        if not everything.done() and await request.is_disconnected():
+            everything.cancel()
+            for h in handles:
+                engine.abort(h.seq)
+            return None
+    return list(everything.result())
+
+
+async def _stream(
+    engine: AsyncEngine, handles: list[Handle], rid: str, created: int, kind: str, model: str, prompt_len: int
+) -> AsyncIterator[str]:
+    merged: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
+
+    async def forward(i: int, h: Handle) -> None:
+        while True:
+            u = await h.updates.get()
+            await merged.put((i, u))
+            if u.finish_reason is not None:
+                return
+
+    tasks = [asyncio.create_task(forward(i, h)) for i, h in enumerate(handles)]
+    sent = [""] * len(handles)
+    finals: dict[int, Update] = {}
+    chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+    try:
+        if kind == "chat.completion":
+            for i in range(len(handles)):
+                yield _sse(rid, created, model, chunk_kind, [{"index": i, "delta": {"role": "assistant"}}])
+        while len(finals) < len(handles):
+            i, u = await merged.get()
+            delta, sent[i] = u.text[len(sent[i]) :], u.text
+            if u.finish_reason is not None:
+                finals[i] = u
+            if delta or u.finish_reason is not None:
+                choice: dict[str, Any] = {"index": i, "finish_reason": u.finish_reason}
+                if kind == "chat.completion":
+                    choice["delta"] = {"content": delta} if delta else {}
+                else:
+                    choice["text"] = delta
+                yield _sse(rid, created, model, chunk_kind, [choice])
+        usage = _usage(prompt_len, list(finals.values()))
+        yield _sse(rid, created, model, chunk_kind, [], usage=usage)
+        yield "data: [DONE]\n\n"
+    finally:  # finished, or the client disconnected: abort whatever still runs
+        for task in tasks:
+            task.cancel()
+        for i, h in enumerate(handles):
+            if i not in finals:
+                engine.abort(h.seq)
+
+
+def _choice(kind: str, index: int, u: Update, logprobs: bool) -> dict[str, Any]:
+    ids = u.token_ids[: len(u.logprobs)]
+    if kind == "text_completion":
+        lp = {"tokens": [str(t) for t in ids], "token_logprobs": u.logprobs} if logprobs else None
+        return {"index": index, "text": u.text, "logprobs": lp, "finish_reason": u.finish_reason}
+    lp = {"content": [{"token": str(t), "logprob": p} for t, p in zip(ids, u.logprobs, strict=True)]}
+    return {"index": index, "message": {"role": "assistant", "content": u.text},
+            "logprobs": lp if logprobs else None, "finish_reason": u.finish_reason}  # fmt: skip
+
+
+def _usage(prompt_len: int, finals: list[Update]) -> dict[str, int]:
+    completion = sum(len(u.token_ids) for u in finals)
+    return {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": completion,
+        "total_tokens": prompt_len + completion,
+    }
+
+
+def _sse(rid: str, created: int, model: str, kind: str, choices: list[dict[str, Any]], **extra: Any) -> str:
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _error(status: int, message: str, param: str | None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)

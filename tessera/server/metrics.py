@@ -1,0 +1,64 @@
+"""Prometheus metrics, read from the engine at scrape time (names prefixed `tessera_`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tessera.server.engine_loop import AsyncEngine
+
+
+class _EngineCollector:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.engine
+        requests = CounterMetricFamily("tessera_requests", "Requests by outcome", labels=["outcome"])
+        for outcome, count in e.requests.items():
+            requests.add_metric([outcome], count)
+        yield requests
+        yield CounterMetricFamily("tessera_prompt_tokens", "Prompt tokens admitted", value=e.prompt_tokens)
+        yield CounterMetricFamily("tessera_generation_tokens", "Tokens generated", value=e.generation_tokens)
+        yield GaugeMetricFamily("tessera_num_requests_running", "Requests running", value=e.num_running)
+        yield GaugeMetricFamily("tessera_num_requests_waiting", "Requests waiting", value=e.num_waiting)
+        pool = e.engine.runner.pool
+        usable = pool.num_pages - 1
+        yield GaugeMetricFamily("tessera_kv_cache_usage", "Fraction of KV pages in use",
+                                value=(usable - pool.num_free) / usable)  # fmt: skip
+        cache = e.engine.scheduler.cache
+        rate = cache.hit_rate if cache is not None else 0.0
+        yield GaugeMetricFamily(
+            "tessera_prefix_cache_hit_rate", "Prompt tokens served from the cache", value=rate
+        )
+        yield from _graph_metrics(e.engine.graph_stats())
+
+
+def _graph_metrics(stats: dict) -> Iterator[Metric]:
+    replays = CounterMetricFamily("tessera_graph_replays", "Piecewise graph replays by size", labels=["size"])
+    for size, count in stats.get("replays", {}).items():
+        replays.add_metric([str(size)], count)
+    yield replays
+    fallbacks = CounterMetricFamily(
+        "tessera_graph_eager_fallbacks", "Eager forwards by reason", labels=["reason"]
+    )
+    for reason, count in stats.get("eager_fallbacks", {}).items():
+        fallbacks.add_metric([reason], count)
+    yield fallbacks
+    yield CounterMetricFamily(
+        "tessera_graph_padded_tokens", "Padding rows replayed", value=stats.get("padded_tokens", 0)
+    )
+    yield CounterMetricFamily(
+        "tessera_graph_real_tokens", "Real rows replayed", value=stats.get("real_tokens", 0)
+    )
+    yield CounterMetricFamily("tessera_decode_graph_replays", "Decode graph replays",
+                              value=stats.get("decode_graph_replays", 0))  # fmt: skip
+
+
+def metrics_response(engine: AsyncEngine) -> Response:
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(engine))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

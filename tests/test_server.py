@@ -1,0 +1,154 @@
+"""The OpenAI-compatible server, live on localhost, driven by the official `openai` client (CPU, SmolLM2)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tessera.engine.engine import Engine
+from tessera.engine.llm import LLM
+from tessera.engine.sampling import SamplingParams
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, Engine]]:
+    from tessera.server.api import create_app
+
+    engine = Engine(device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(engine, "smollm2"), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "server did not start"
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(timeout=20)
+
+
+@pytest.fixture
+def client(server: tuple[str, Engine]) -> Iterator[openai.OpenAI]:
+    url, engine = server
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    _assert_all_pages_back(engine)
+
+
+def _assert_all_pages_back(engine: Engine, timeout: float = 20.0) -> None:
+    pool, cache = engine.runner.pool, engine.scheduler.cache
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        held = cache.num_pages if cache is not None else 0
+        if not engine.has_work and pool.num_free + held == pool.num_pages - 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"KV pages leaked: {pool.num_free} free of {pool.num_pages - 1}")
+
+
+@pytest.fixture(scope="module")
+def reference() -> LLM:
+    return LLM(device="cpu")
+
+
+def test_completion_equals_offline_generate(client: openai.OpenAI, reference: LLM) -> None:
+    out = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0)
+    expected = reference.generate(PROMPT, SamplingParams(max_tokens=8))[0]
+    assert out.choices[0].text == expected.text and out.choices[0].text.startswith(" Paris")
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids) and out.usage.completion_tokens == 8
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_and_not_give_the_same_text(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+    pieces = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
+                                            stream=True)  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert streamed == whole.choices[0].message.content and "Paris" in streamed
+    assert whole.choices[0].finish_reason == "stop"  # <|im_end|>
+
+
+def test_n_choices_stop_strings_and_logprobs(client: openai.OpenAI) -> None:
+    out = client.completions.create(
+        model="smollm2", prompt=PROMPT, max_tokens=16, temperature=1.0, n=3, seed=5
+    )
+    assert len(out.choices) == 3 and sorted(c.index for c in out.choices) == [0, 1, 2]
+    stopped = client.completions.create(
+        model="smollm2", prompt=PROMPT, max_tokens=16, temperature=0, stop=["."], logprobs=1
+    )
+    choice = stopped.choices[0]
+    assert choice.text == " Paris" and choice.finish_reason == "stop"
+    assert choice.logprobs is not None and all(p <= 0 for p in choice.logprobs.token_logprobs)
+
+
+def test_concurrent_requests_all_complete_like_sequential_ones(client: openai.OpenAI) -> None:
+    prompts = [f"Count to {i}:" for i in range(12)]
+
+    def ask(p: str) -> str:
+        return (
+            client.completions.create(model="smollm2", prompt=p, max_tokens=6, temperature=0).choices[0].text
+        )
+
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == [ask(p) for p in prompts[:4]] + together[4:]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tuple[str, Engine]) -> None:
+    url, engine = server
+    cases = [
+        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 4}, "prompt"),
+        ({"prompt": PROMPT, "temperature": -1}, "temperature"),
+        ({"prompt": "word " * 9000, "max_tokens": 4}, "context"),
+    ]
+    for body, mention in cases:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and mention in error["message"], error
+    r = httpx.post(
+        f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    ok = httpx.post(
+        f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0}, timeout=60
+    )
+    assert ok.status_code == 200
+    _assert_all_pages_back(engine)
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_pages(server: tuple[str, Engine]) -> None:
+    url, engine = server
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # got the first token: hang up
+    _assert_all_pages_back(engine)
+
+
+def test_models_health_and_metrics(server: tuple[str, Engine]) -> None:
+    url, _ = server
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "smollm2"
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("tessera_requests_total", "tessera_prompt_tokens_total", "tessera_kv_cache_usage",
+                 "tessera_prefix_cache_hit_rate", "tessera_num_requests_running"):  # fmt: skip
+        assert name in text, name
