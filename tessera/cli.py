@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     _generate_parser(sub)
     _serve_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (GPU)", add_help=False)
-    bench.add_argument("which", choices=["graphs", "step"])
+    bench.add_argument("which", choices=["graphs", "step", "serve"])
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command in ("generate", "serve"):

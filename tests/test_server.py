@@ -152,3 +152,20 @@ def test_models_health_and_metrics(server: tuple[str, Engine]) -> None:
     for name in ("tessera_requests_total", "tessera_prompt_tokens_total", "tessera_kv_cache_usage",
                  "tessera_prefix_cache_hit_rate", "tessera_num_requests_running"):  # fmt: skip
         assert name in text, name
+
+
+def test_a_thousand_concurrent_short_requests(server: tuple[str, Engine]) -> None:
+    import asyncio
+    import resource
+
+    from tessera.bench.serve import make_prompts, run_load, summarize
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))  # 2 sockets a request
+    url, engine = server
+    prompts = make_prompts(1000, 2, 6, seed=1)
+    results, duration = asyncio.run(run_load(url, prompts, output_len=2, rate=float("inf"), concurrency=1000))
+    report = summarize(results, duration)
+    assert report["completed"] == 1000 and report["failed"] == 0, report["errors"]
+    assert all(r.output_tokens == 2 for r in results)
+    _assert_all_pages_back(engine)

@@ -1,0 +1,219 @@
+"""`tessera bench serve`: online serving benchmark in the manner of SGLang's `bench_serving`.
+
+Random prompts (token lengths drawn from [--input-len-min, --input-len-max], --output-len tokens each,
+EOS ignored) are sent to /v1/completions with streaming, at a Poisson --request-rate or as fast as
+--max-concurrency allows, after a warm-up. Reports request throughput, input / output / total tok/s, TTFT,
+TPOT and ITL (mean, median, p99). `--launch "FLAGS"` starts `tessera serve FLAGS` itself (repeatable,
+one run each), so one command compares e.g. piecewise graphs on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+WORDS = ("graph", "piece", "replay", "token", "batch", "kernel", "attention", "layer", "cache", "page",
+         "decode", "prefill", "stream")  # fmt: skip
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def make_prompts(n: int, lo: int, hi: int, seed: int) -> list[str]:
+    """Prompts of roughly lo..hi tokens (one word is about one token for these words)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, output_len: int) -> RequestResult:
+    body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    result, last = RequestResult(ok=False), start
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                result.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return result
+            async for line in r.aiter_lines():
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                chunk = json.loads(line[5:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0].get("text"):
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+        result.latency = time.perf_counter() - start
+        result.ok = result.output_tokens > 0
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def run_load(url: str, prompts: list[str], output_len: int, rate: float, concurrency: int) -> tuple:
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        gate = asyncio.Semaphore(concurrency)
+        rng = random.Random(0)
+
+        async def limited(p: str) -> RequestResult:
+            async with gate:
+                return await one_request(client, url, p, output_len)
+
+        tasks, start = [], time.perf_counter()
+        for p in prompts:
+            tasks.append(asyncio.create_task(limited(p)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    inp, out = sum(r.prompt_tokens for r in ok), sum(r.output_tokens for r in ok)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [x for r in ok for x in r.itl]
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        if not xs:
+            return {"mean_ms": 0.0, "median_ms": 0.0, "p99_ms": 0.0}
+        xs = sorted(xs)
+        return {"mean_ms": 1e3 * statistics.fmean(xs), "median_ms": 1e3 * statistics.median(xs),
+                "p99_ms": 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))]}  # fmt: skip
+
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "input_tok_s": inp / duration,
+        "output_tok_s": out / duration,
+        "total_tok_s": (inp + out) / duration,
+        "ttft": stats([r.ttft for r in ok]),
+        "tpot": stats(tpot),
+        "itl": stats(itl),
+    }
+
+
+@contextmanager
+def launched(flags: str, ready_timeout: float = 900.0):
+    """Start `tessera serve FLAGS` on a free port; yield its URL; stop it afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tessera", "serve", "--port", str(port), *shlex.split(flags)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise TimeoutError(f"server not ready after {ready_timeout}s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    prompts = make_prompts(args.num_prompts, args.input_len_min, args.input_len_max, args.seed)
+    warm = make_prompts(args.warmup, args.input_len_min, args.input_len_max, args.seed + 1)
+    asyncio.run(run_load(url, warm, args.output_len, float("inf"), args.max_concurrency))
+    results, duration = asyncio.run(
+        run_load(url, prompts, args.output_len, args.request_rate, args.max_concurrency)
+    )
+    metrics = httpx.get(f"{url}/metrics").text
+    graph_lines = [line for line in metrics.splitlines() if line.startswith("tessera_graph")]
+    return summarize(results, duration) | {"graph_metrics": graph_lines}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(prog="tessera bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--url", default=None, help="a running server (else --launch)")
+    p.add_argument(
+        "--launch", action="append", default=[], help='start `tessera serve FLAGS` ("" = defaults)'
+    )
+    p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument("--input-len-min", type=int, default=256)
+    p.add_argument("--input-len-max", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--max-concurrency", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not args.url and not args.launch:
+        p.error("give --url of a running server or --launch FLAGS")
+    runs = []
+    for flags in args.launch or [None]:
+        if flags is None:
+            report = bench(args.url, args)
+        else:
+            with launched(flags) as url:
+                report = bench(url, args)
+        report |= {"server_flags": flags, "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+        runs.append(report)
+        print(_summary(report, args.url if flags is None else (flags or "default flags")))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        device = _device()
+        args.out.write_text(
+            json.dumps({"benchmark": "serve", "device": device, "runs": runs}, indent=2) + "\n"
+        )
+    return runs
+
+
+def _summary(r: dict[str, Any], label: str) -> str:
+    return (
+        f"\n[{label}] {r['completed']} ok, {r['failed']} failed in {r['duration_s']:.1f}s: "
+        f"{r['request_throughput']:.2f} req/s, total {r['total_tok_s']:.0f} tok/s "
+        f"(output {r['output_tok_s']:.0f}); TTFT median {r['ttft']['median_ms']:.0f} ms, "
+        f"TPOT median {r['tpot']['median_ms']:.1f} ms"
+    )
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
