@@ -41,6 +41,8 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     """Model-runner flags, spelled as SGLang spells them."""
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights for the folder's config.json (benchmarks)")  # fmt: skip
     g = p.add_argument_group("model runner")
     g.add_argument("--chunked-prefill-size", type=int, default=2048)
     g.add_argument("--page-size", type=int, default=16)
@@ -109,6 +111,7 @@ def serve(args: argparse.Namespace) -> None:
         config=runner_config(args),
         scheduler=scheduler_config(args),
         mem_fraction=args.mem_fraction,
+        load_format=args.load_format,
     )
     name = Path(args.model).stem if args.model else "SmolLM2-135M-Instruct"
     uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info")
@@ -125,6 +128,7 @@ def generate(args: argparse.Namespace) -> None:
         config=runner_config(args),
         scheduler=scheduler_config(args),
         mem_fraction=args.mem_fraction,
+        load_format=args.load_format,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -191,3 +191,20 @@ def test_requests_beyond_the_kv_cache_are_preempted_and_every_page_comes_back(ll
     with pytest.raises(ValueError, match=r"needs \d+ KV tokens"):
         small.generate(PROMPT, SamplingParams(max_tokens=100))
     assert small.runner.pool.num_free + cache.num_pages == capacity
+
+
+def test_dummy_weights_from_a_config_folder(tmp_path: Path) -> None:
+    from tessera.bench.step import LLAMA3_8B
+    from tessera.loader.hf import read_config
+
+    assert read_config(Path(__file__).parent.parent / "benchmarks/configs/llama3-8b") == dataclasses.replace(
+        LLAMA3_8B, eos_token_ids=(2,)
+    )
+    tiny = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(tiny))
+    dummy = LLM(tmp_path, device="cpu", load_format="dummy")
+    assert all(p.abs().sum() > 0 for p in dummy.model.parameters())
+    out = dummy.generate(PROMPT, SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5

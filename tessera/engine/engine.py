@@ -42,6 +42,7 @@ class Engine:
         scheduler: SchedulerConfig | None = None,
         mem_fraction: float = 0.8,
         cpu_kv_tokens: int = 8192,
+        load_format: str = "auto",
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = config or RunnerConfig()
@@ -52,7 +53,7 @@ class Engine:
             if dtype
             else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         )
-        self.model, self.tokenizer, self.cfg = registry.load(model, torch_dtype, self.device)
+        self.model, self.tokenizer, self.cfg = registry.load(model, torch_dtype, self.device, load_format)
         self.page_size = self.config.page_size
         pages = self._num_pages(torch_dtype, mem_fraction, cpu_kv_tokens)
         self.runner = ModelRunner(self.model, self.cfg, num_pages=pages, config=self.config)

@@ -31,11 +31,17 @@ def default_model_path() -> Path:
 
 
 def load(
-    model: str | Path | None, dtype: torch.dtype, device: torch.device
+    model: str | Path | None, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
 ) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
+    """`load_format="dummy"`: the folder's config.json with seeded random weights (benchmarks of model
+    shapes whose weights are not here); the folder's tokenizer, or the default model's."""
     path = default_model_path() if model is None else Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a .gguf file or an HF model folder)")
+    if load_format == "dummy":
+        return _dummy(path, dtype, device)
+    if load_format != "auto":
+        raise ValueError(f"unknown load format {load_format!r}: auto or dummy")
     if path.suffix == ".gguf":
         f = GGUFFile(path)
         cfg, weights, tokenizer = f.config, f.weights(), Tokenizer.from_gguf(f.field)
@@ -55,3 +61,22 @@ def load(
         device,
     )
     return net.to(dtype).eval(), tokenizer, cfg
+
+
+def _dummy(
+    folder: Path, dtype: torch.dtype, device: torch.device
+) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
+    cfg = hf.read_config(folder)
+    if (folder / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_folder(folder)
+    else:
+        logger.info("%s has no tokenizer.json: using the default model's tokenizer", folder)
+        tokenizer = Tokenizer.from_gguf(GGUFFile(default_model_path()).field)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in net.named_parameters():  # random, never zeros; small enough to stay finite
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    logger.info("dummy weights for %s: %d layers, hidden %d", folder.name, cfg.num_layers, cfg.hidden_size)
+    return net.eval(), tokenizer, cfg
