@@ -169,3 +169,21 @@ def test_a_thousand_concurrent_short_requests(server: tuple[str, Engine]) -> Non
     assert report["completed"] == 1000 and report["failed"] == 0, report["errors"]
     assert all(r.output_tokens == 2 for r in results)
     _assert_all_pages_back(engine)
+
+
+def test_an_engine_failure_is_a_500_and_the_server_recovers(server: tuple[str, Engine]) -> None:
+    url, engine = server
+    real_run = engine.runner.run
+
+    def broken(work):  # type: ignore[no-untyped-def]
+        engine.runner.run = real_run  # fail once
+        raise RuntimeError("injected kernel failure")
+
+    engine.runner.run = broken
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    ok = httpx.post(
+        f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0}, timeout=60
+    )
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(" Paris")
+    _assert_all_pages_back(engine)

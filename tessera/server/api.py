@@ -93,6 +93,8 @@ async def _serve(
     finals = await _wait(engine, request, handles)
     if finals is None:
         return Response(status_code=499)
+    if any(u.finish_reason == "error" for u in finals):
+        return _error(500, "the engine failed on this batch (see the server log)", None, kind="server_error")
     choices = [_choice(kind, i, u, params[i].logprobs) for i, u in enumerate(finals)]
     usage = _usage(len(prompt_ids), finals)
     return JSONResponse({"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
@@ -185,6 +187,6 @@ def _sse(rid: str, created: int, model: str, kind: str, choices: list[dict[str, 
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _error(status: int, message: str, param: str | None) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+def _error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status)
