@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 from tessera.engine.config import RunnerConfig
 from tessera.engine.scheduler import SchedulerConfig
@@ -96,6 +97,18 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
     )
 
 
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine keyword arguments from the model and runner flags (shared by generate and serve)."""
+    return {
+        "dtype": args.dtype,
+        "device": args.device,
+        "config": runner_config(args),
+        "scheduler": scheduler_config(args),
+        "mem_fraction": args.mem_fraction,
+        "load_format": args.load_format,
+    }
+
+
 def serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -104,15 +117,7 @@ def serve(args: argparse.Namespace) -> None:
     from tessera.engine.engine import Engine
     from tessera.server.api import create_app
 
-    engine = Engine(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        config=runner_config(args),
-        scheduler=scheduler_config(args),
-        mem_fraction=args.mem_fraction,
-        load_format=args.load_format,
-    )
+    engine = Engine(args.model, **engine_options(args))
     name = Path(args.model).stem if args.model else "SmolLM2-135M-Instruct"
     uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info")
 
@@ -121,15 +126,7 @@ def generate(args: argparse.Namespace) -> None:
     from tessera.engine.llm import LLM
     from tessera.engine.sampling import SamplingParams
 
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        config=runner_config(args),
-        scheduler=scheduler_config(args),
-        mem_fraction=args.mem_fraction,
-        load_format=args.load_format,
-    )
+    llm = LLM(args.model, **engine_options(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
