@@ -96,3 +96,12 @@ def test_a_request_larger_than_the_cache_is_refused() -> None:
     s = Scheduler(PagePool(4), PAGE)
     with pytest.raises(ValueError, match=r"needs 20 KV tokens"):
         s.add(_seq(10, max_tokens=10))
+
+
+def test_sequence_token_slices_match_the_full_list() -> None:
+    seq = _seq(5)
+    seq.output_token_ids += [100, 101, 102]
+    full = seq.token_ids
+    for start in range(len(full) + 1):
+        for end in range(start, len(full) + 1):
+            assert seq.tokens(start, end) == full[start:end], (start, end)

@@ -28,10 +28,11 @@ def build_batch(
     for them here; the sequences' `num_cached` advances once the forward is done (`commit`)."""
     ids: list[int] = []
     positions: list[int] = []
-    slot_mapping: list[int] = []
-    layouts: list[SeqLayout] = []
+    spans: list[tuple[int, int]] = []
     last: list[int] = []
     page_rows: list[list[int]] = []
+    context_slots: list[torch.Tensor] = []  # every token's slot, per sequence (CPU)
+    offsets = torch.arange(page_size)
     for seq, n in work:
         start, end = seq.num_cached, seq.num_cached + n
         if n < 1 or end > seq.num_tokens:
@@ -39,18 +40,23 @@ def build_batch(
         need = -(-end // page_size) - len(seq.pages)
         if need > 0:
             seq.pages += pool.allocate(need)
-        ids += seq.token_ids[start:end]
+        ids += seq.tokens(start, end)
         positions += range(start, end)
-        slots = [seq.slot(p, page_size) for p in range(end)]
-        slot_mapping += slots[start:]
-        layouts.append(SeqLayout(query_len=n, context_len=end, slots=_tensor(slots, device)))
-        page_rows.append(seq.pages[: -(-end // page_size)])
+        rows = seq.pages[: -(-end // page_size)]
+        page_rows.append(rows)
+        # NOTE: tensor arithmetic over the page list, not a Python loop over the context: this runs
+        # for every sequence on every step.
+        context_slots.append((torch.tensor(rows)[:, None] * page_size + offsets).flatten()[:end])
+        spans.append((start, end))
         last.append(len(ids) - 1)
+    slots = torch.cat(context_slots).to(device).split([t.numel() for t in context_slots])  # one copy
+    layouts = [SeqLayout(end - start, end, s) for (start, end), s in zip(spans, slots, strict=True)]
+    slot_mapping = torch.cat([s[start:] for (start, _), s in zip(spans, slots, strict=True)])
     return ForwardBatch(
         input_ids=_tensor(ids, device),
         positions=_tensor(positions, device),
         metadata=AttentionMetadata(
-            slot_mapping=_tensor(slot_mapping, device),
+            slot_mapping=slot_mapping,
             seqs=layouts,
             kernel=kernel_layout(layouts, page_rows, device),
         ),
