@@ -64,7 +64,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, output_l
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"] and chunk["choices"][0].get("text"):
+                elif chunk["choices"]:  # one chunk per generated token, text or not
                     if result.ttft == 0.0:
                         result.ttft = now - start
                     else:

@@ -145,13 +145,14 @@ async def _stream(
             delta, sent[i] = u.text[len(sent[i]) :], u.text
             if u.finish_reason is not None:
                 finals[i] = u
-            if delta or u.finish_reason is not None:
-                choice: dict[str, Any] = {"index": i, "finish_reason": u.finish_reason}
-                if kind == "chat.completion":
-                    choice["delta"] = {"content": delta} if delta else {}
-                else:
-                    choice["text"] = delta
-                yield _sse(rid, created, model, chunk_kind, [choice])
+            # NOTE: one chunk per step, also when its text is held back (a partial UTF-8 sequence,
+            # a token the tokenizer cannot spell): clients time tokens by chunks (TTFT, ITL).
+            choice: dict[str, Any] = {"index": i, "finish_reason": u.finish_reason}
+            if kind == "chat.completion":
+                choice["delta"] = {"content": delta} if delta else {}
+            else:
+                choice["text"] = delta
+            yield _sse(rid, created, model, chunk_kind, [choice])
         usage = _usage(prompt_len, list(finals.values()))
         yield _sse(rid, created, model, chunk_kind, [], usage=usage)
         yield "data: [DONE]\n\n"
