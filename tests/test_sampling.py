@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tessera.engine.sampling import SamplingParams, sample
+from tessera.engine.sampling import SamplingParams, sample, sample_batch
 
 # probabilities 0.5, 0.25, 0.15, 0.07, 0.03
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -41,3 +41,18 @@ def test_plain_temperature_sampling_reaches_every_token_and_logprobs_are_unscale
     gen = torch.Generator().manual_seed(1)
     token, logprob = sample(LOGITS, SamplingParams(temperature=2.0), gen)
     assert math.isclose(logprob, math.log(PROBS[token].item()), rel_tol=1e-5)
+
+
+def test_a_batch_samples_each_row_as_it_would_alone() -> None:
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=t, top_k=k, seed=7) for t, k in ((0, 0), (1.0, 5), (0, 0), (0.7, 0))]
+    params += [SamplingParams(logprobs=True), SamplingParams(temperature=1.5, top_p=0.5, seed=3)]
+
+    def gens() -> list[torch.Generator | None]:
+        return [None if p.greedy else torch.Generator().manual_seed(p.seed or 0) for p in params]
+
+    tokens, logprobs = sample_batch(logits, params, gens())
+    alone = [sample(row, p, g) for row, p, g in zip(logits, params, gens(), strict=True)]
+    assert tokens == [t for t, _ in alone]
+    assert logprobs == [lp for _, lp in alone]
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())

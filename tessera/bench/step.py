@@ -106,8 +106,8 @@ def bench_model(
             steps["hf-eager"] = hf_baselines.hf_eager_step(hf)
             steps["hf-breakable"] = hf_baselines.hf_breakable_step(hf, size)
         times = time_interleaved(steps, ids)
-        floor_ms, eager_kernels = kernel_floor(steps["eager"], torch.empty(0))
-        kernels = {v: kernel_floor(s, torch.empty(0))[1] for v, s in steps.items()}
+        floor_ms, eager_kernels = kernel_floor(steps["eager"], ids)
+        kernels = {v: kernel_floor(s, ids)[1] for v, s in steps.items()}
         rows.append({"kind": kind, "size": size, "seqs": seqs, "ms": times, "kernel_floor_ms": floor_ms,
                      "kernels_per_step": kernels | {"eager": eager_kernels}})  # fmt: skip
         for v, r in runners.items():

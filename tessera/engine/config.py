@@ -16,7 +16,7 @@ class RunnerConfig:
     piecewise_cuda_graph_compiler: str = "eager"
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on a CPU
     disable_cuda_graph: bool = False  # full CUDA graphs for decode batches
-    cuda_graph_max_bs: int = 64
+    cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
     emulate_graphs_on_cpu: bool = False
 

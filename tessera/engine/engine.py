@@ -6,14 +6,14 @@ the server both drive it."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
-from tessera.engine.sampling import SamplingParams, sample
+from tessera.engine.sampling import SamplingParams, sample_batch
 from tessera.engine.scheduler import Scheduler, SchedulerConfig
 from tessera.engine.sequence import Sequence
 from tessera.models import registry
@@ -56,10 +56,13 @@ class Engine:
         self.model, self.tokenizer, self.cfg = registry.load(model, torch_dtype, self.device, load_format)
         self.page_size = self.config.page_size
         pages = self._num_pages(torch_dtype, mem_fraction, cpu_kv_tokens)
-        self.runner = ModelRunner(self.model, self.cfg, num_pages=pages, config=self.config)
         self.scheduler_config = scheduler or SchedulerConfig(
             chunked_prefill_size=self.config.chunked_prefill_size
         )
+        if self.config.cuda_graph_max_bs > self.scheduler_config.max_running_requests:
+            # no decode batch can be larger than the running limit: capturing beyond it wastes start-up
+            self.config = replace(self.config, cuda_graph_max_bs=self.scheduler_config.max_running_requests)
+        self.runner = ModelRunner(self.model, self.cfg, num_pages=pages, config=self.config)
         self.scheduler = Scheduler(self.runner.pool, self.page_size, self.scheduler_config)
 
     def _num_pages(self, dtype: torch.dtype, mem_fraction: float, cpu_kv_tokens: int) -> int:
@@ -102,21 +105,25 @@ class Engine:
         if not work:
             raise RuntimeError("the scheduler found nothing it could run (KV cache too small?)")
         logits = self.runner.run(work)
-        advanced = []
-        for (seq, _), row in zip(work, logits, strict=True):
-            if seq.uncached == 0:  # its whole tail ran: the logits are for a new token
-                self._append(seq, row, seq.generator)
-                advanced.append(seq)
-                if seq.finished:
-                    self.scheduler.finish(seq)
+        # a sequence whose whole tail ran gets a new token; a chunk of a longer prompt does not
+        rows = [i for i, (seq, _) in enumerate(work) if seq.uncached == 0]
+        if not rows:
+            return []
+        advanced = [work[i][0] for i in rows]
+        if len(rows) < len(work):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        tokens, logprobs = sample_batch(logits, [s.params for s in advanced], [s.generator for s in advanced])
+        for seq, token, logprob in zip(advanced, tokens, logprobs, strict=True):
+            self._append(seq, token, logprob)
+            if seq.finished:
+                self.scheduler.finish(seq)
         return advanced
 
     def graph_stats(self) -> dict[str, object]:
         """Graph runtime counters of this engine: replays by size, eager fallbacks by reason, tokens."""
         return self.runner.graph_stats()
 
-    def _append(self, seq: Sequence, logits: torch.Tensor, gen: torch.Generator | None) -> None:
-        token, logprob = sample(logits, seq.params, gen)
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
         p = seq.params

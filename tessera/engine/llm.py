@@ -10,8 +10,11 @@ __all__ = ["LLM", "RequestOutput"]
 
 class LLM(Engine):
     def generate(
-        self, prompts: str | list[str], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
+        """Prompts are texts or token-id lists; all of them run together."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prompts)
@@ -20,14 +23,16 @@ class LLM(Engine):
         seqs = []
         try:
             for prompt, sp in zip(prompts, params, strict=True):
-                seqs.append(self.add(self.tokenizer.encode(prompt), sp))
+                ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+                seqs.append(self.add(ids, sp))
             while self.has_work:
                 self.step()
         except BaseException:
             for seq in seqs:
                 self.abort(seq)
             raise
-        return [self.output(p, s) for p, s in zip(prompts, seqs, strict=True)]
+        texts = [self.tokenizer.decode(p) if isinstance(p, list) else p for p in prompts]
+        return [self.output(p, s) for p, s in zip(texts, seqs, strict=True)]
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate(self.tokenizer.apply_chat_template(messages), params)[0]

@@ -44,10 +44,30 @@ def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> tuple[int, float]:
     """One token from one row of logits [V]; returns (token, its log-probability under the model)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    if params.greedy:
-        token = int(torch.argmax(logits))
-        return token, float(logprobs[token])
+    tokens, logprobs = sample_batch(logits[None], [params], [generator])
+    return tokens[0], logprobs[0]
+
+
+def sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> tuple[list[int], list[float]]:
+    """A token for every row of logits [B, V], and its log-probability under the model.
+
+    Greedy rows take one batched argmax; only rows that sample run their own filters. Everything stays
+    on the device until the one copy back at the end: a per-row `.item()` costs a sync each, which at
+    a few hundred running requests was most of a decode step's host time."""
+    tokens = torch.argmax(logits, dim=-1)
+    for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if not p.greedy:
+            tokens[i] = _sample_row(logits[i], p, gen)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
+    return [int(t) for t in both[0]], both[1]
+
+
+def _sample_row(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_k:
         kth = torch.topk(probs, min(params.top_k, probs.numel())).values[-1]
@@ -59,5 +79,4 @@ def sample(
         # NOTE: keep the smallest prefix whose mass reaches top_p (the top token always survives)
         drop = sorted_probs.cumsum(0) - sorted_probs > params.top_p * sorted_probs.sum()
         probs = probs.scatter(0, order[drop], 0.0)
-    token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-    return token, float(logprobs[token])
+    return torch.multinomial(probs / probs.sum(), 1, generator=generator)[0]

@@ -24,12 +24,16 @@ Work = list[tuple[Sequence, int]]
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 8192  # all tokens of one forward
+    # All tokens of one forward, decodes included; None: chunked_prefill_size, so a mixed batch never
+    # outgrows the piecewise graphs' range (whose default top is the chunked-prefill size).
+    max_num_batched_tokens: int | None = None
     chunked_prefill_size: int = 2048  # prefill tokens of one forward
     max_running_requests: int = 256
     disable_radix_cache: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_num_batched_tokens is None:
+            object.__setattr__(self, "max_num_batched_tokens", self.chunked_prefill_size)
         if min(self.max_num_batched_tokens, self.chunked_prefill_size, self.max_running_requests) < 1:
             raise ValueError("scheduler budgets must be >= 1")
 
