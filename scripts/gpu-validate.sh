@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # The GPU validation runs of issues 2-4, in phases that each fit one device call (10 min). Every step
 # runs under its own time limit and logs to $OUT, so one failure does not cost the rest of the call.
-#   phase 1 (carry .wheels/gpu .wheels/stage/part-aa): graph runtime tests + `tessera bench graphs`
-#   phase 2 (carry .wheels/gpu .wheels/stage/part-ab, within 30 s): engine tests + `tessera bench step`
-#   phase 3: GSM8K graphs on/off + `tessera bench serve` on SmolLM2
-#   phase 4: `tessera bench serve` on the Llama-3-8B config (random weights)
+#   1: graph runtime tests + `tessera bench graphs`   2: engine tests + `tessera bench step`
+#   3: GSM8K graphs on/off + `tessera bench serve` on SmolLM2   4: the same serving runs on Llama-3-8B
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -17,32 +15,28 @@ step() {  # step NAME SECONDS CMD...
   local rc=$?
   echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
 }
-serve() {  # serve NAME CONCURRENCY [MODEL FLAGS]
-  local name=$1 conc=$2 model=${3:-}
-  step "$name" 280 python3 -m tessera bench serve --num-prompts 512 --max-concurrency "$conc" \
+serve() {  # serve NAME SECONDS [MODEL FLAGS]: all graphs, decode graphs only, eager; concurrency 64 and 256
+  local name=$1 limit=$2 model=${3:-}
+  step "$name" "$limit" python3 -m tessera bench serve --num-prompts 512 --max-concurrency 64 256 \
     --launch="$model" --launch="$model --disable-piecewise-cuda-graph" \
     --launch="$model --disable-piecewise-cuda-graph --disable-cuda-graph" --out "$OUT/$name.json"
 }
 case "${1:-}" in
-  1)
+  1)  # (carry .wheels/gpu .wheels/stage/part-aa) the graph runtime; stages the model's first half
     bash scripts/stage-model.sh first
     step setup 120 bash scripts/gpu-setup.sh
     step test_graphs 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_graphs_gpu.py
-    step bench_graphs 280 python3 -m tessera bench graphs --out "$OUT/graphs.json" ;;
-  2)
+    [ "${2:-}" = quick ] || step bench_graphs 280 python3 -m tessera bench graphs --out "$OUT/graphs.json" ;;
+  2)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of phase 1) the engine
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
-    step test_engine 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
-    step bench_step 330 python3 -m tessera bench step --out "$OUT/step.json" ;;
+    step test_engine 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
+    step bench_step 300 python3 -m tessera bench step --out "$OUT/step.json" ;;
   3)
-    step gsm8k 250 python3 benchmarks/eval_gsm8k.py --out "$OUT/gsm8k.json"
-    serve serve_smollm2_c64 64
-    ;;
+    step gsm8k 200 python3 benchmarks/eval_gsm8k.py --out "$OUT/gsm8k.json"
+    serve serve_smollm2 380 ;;
   4)
-    serve serve_smollm2_c256 256
-    serve serve_llama3_8b_c64 64 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  5)
-    serve serve_llama3_8b_c256 256 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1|2|3|4|5" >&2; exit 2 ;;
+    serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
+  *) echo "usage: $0 1 [quick]|2|3|4" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"

@@ -120,12 +120,15 @@ def serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from tessera.engine.engine import Engine
     from tessera.server.api import create_app
+    from tessera.server.engine_loop import AsyncEngine
 
-    engine = Engine(args.model, **engine_options(args))
+    engine = AsyncEngine.start(args.model, engine_options(args))  # its own process (engine_worker.py)
     name = Path(args.model).stem if args.model else "SmolLM2-135M-Instruct"
-    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.shutdown()
 
 
 def generate(args: argparse.Namespace) -> None:

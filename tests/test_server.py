@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tessera.engine.engine import Engine
 from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
+from tessera.server.engine_loop import AsyncEngine
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -22,10 +22,10 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, Engine]]:
+def server() -> Iterator[tuple[str, AsyncEngine]]:
     from tessera.server.api import create_app
 
-    engine = Engine(device="cpu")
+    engine = AsyncEngine.start(None, {"device": "cpu"})  # the engine in its own process, as served
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -41,24 +41,26 @@ def server() -> Iterator[tuple[str, Engine]]:
     yield f"http://127.0.0.1:{port}", engine
     srv.should_exit = True
     thread.join(timeout=20)
+    engine.shutdown()
+    assert not engine._proc.is_alive()
 
 
 @pytest.fixture
-def client(server: tuple[str, Engine]) -> Iterator[openai.OpenAI]:
+def client(server: tuple[str, AsyncEngine]) -> Iterator[openai.OpenAI]:
     url, engine = server
     yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     _assert_all_pages_back(engine)
 
 
-def _assert_all_pages_back(engine: Engine, timeout: float = 20.0) -> None:
-    pool, cache = engine.runner.pool, engine.scheduler.cache
+def _assert_all_pages_back(engine: AsyncEngine, timeout: float = 20.0) -> None:
+    """The engine process reports its pages on going idle: every page is free or held by the cache."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        held = cache.num_pages if cache is not None else 0
-        if not engine.has_work and pool.num_free + held == pool.num_pages - 1:
+        s = engine.stats
+        if not s["has_work"] and s["pages_free"] + s["pages_cached"] == s["pages_usable"]:
             return
         time.sleep(0.05)
-    raise AssertionError(f"KV pages leaked: {pool.num_free} free of {pool.num_pages - 1}")
+    raise AssertionError(f"KV pages leaked: {engine.stats}")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def test_concurrent_requests_all_complete_like_sequential_ones(client: openai.Op
     assert together == [ask(p) for p in prompts[:4]] + together[4:]
 
 
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tuple[str, Engine]) -> None:
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tuple[str, AsyncEngine]) -> None:
     url, engine = server
     cases = [
         ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
@@ -134,7 +136,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tup
     _assert_all_pages_back(engine)
 
 
-def test_client_disconnect_mid_stream_aborts_and_frees_pages(server: tuple[str, Engine]) -> None:
+def test_client_disconnect_mid_stream_aborts_and_frees_pages(server: tuple[str, AsyncEngine]) -> None:
     url, engine = server
     body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
@@ -144,7 +146,7 @@ def test_client_disconnect_mid_stream_aborts_and_frees_pages(server: tuple[str, 
     _assert_all_pages_back(engine)
 
 
-def test_models_health_and_metrics(server: tuple[str, Engine]) -> None:
+def test_models_health_and_metrics(server: tuple[str, AsyncEngine]) -> None:
     url, _ = server
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "smollm2"
@@ -154,7 +156,7 @@ def test_models_health_and_metrics(server: tuple[str, Engine]) -> None:
         assert name in text, name
 
 
-def test_a_thousand_concurrent_short_requests(server: tuple[str, Engine]) -> None:
+def test_a_thousand_concurrent_short_requests(server: tuple[str, AsyncEngine]) -> None:
     import asyncio
     import resource
 
@@ -171,19 +173,24 @@ def test_a_thousand_concurrent_short_requests(server: tuple[str, Engine]) -> Non
     _assert_all_pages_back(engine)
 
 
-def test_an_engine_failure_is_a_500_and_the_server_recovers(server: tuple[str, Engine]) -> None:
+def test_an_engine_failure_is_a_500_and_the_server_recovers(server: tuple[str, AsyncEngine]) -> None:
     url, engine = server
-    real_run = engine.runner.run
-
-    def broken(work):  # type: ignore[no-untyped-def]
-        engine.runner.run = real_run  # fail once
-        raise RuntimeError("injected kernel failure")
-
-    engine.runner.run = broken
+    engine.fail_next_step("injected kernel failure")
     r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=60)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     ok = httpx.post(
         f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0}, timeout=60
     )
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(" Paris")
+    _assert_all_pages_back(engine)
+
+
+def test_cached_prompt_tokens_are_reported_per_request(server: tuple[str, AsyncEngine]) -> None:
+    url, engine = server
+    body = {"prompt": "Tell me about the sea. " * 8, "max_tokens": 2, "temperature": 0}
+    first = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["usage"]
+    second = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["usage"]
+    page = 16  # whole pages of the first request's prompt are shared
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] // page * page
     _assert_all_pages_back(engine)

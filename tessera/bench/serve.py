@@ -18,8 +18,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,36 +132,37 @@ def launched(flags: str, ready_timeout: float = 900.0):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "tessera", "serve", "--port", str(port), *shlex.split(flags)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + ready_timeout
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise TimeoutError(f"server not ready after {ready_timeout}s")
-        yield url
-    finally:
-        proc.terminate()
+    # NOTE: the server's log goes to a file: a pipe nobody reads fills up and blocks the server
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.time() + ready_timeout
+            while time.time() < deadline:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"server exited ({proc.returncode}): {log.read()[-2000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            else:
+                raise TimeoutError(f"server not ready after {ready_timeout}s")
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
-def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench(url: str, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
     prompts = make_prompts(args.num_prompts, args.input_len_min, args.input_len_max, args.seed)
     warm = make_prompts(args.warmup, args.input_len_min, args.input_len_max, args.seed + 1)
-    asyncio.run(run_load(url, warm, args.output_len, float("inf"), args.max_concurrency))
-    results, duration = asyncio.run(
-        run_load(url, prompts, args.output_len, args.request_rate, args.max_concurrency)
-    )
+    asyncio.run(run_load(url, warm, args.output_len, float("inf"), concurrency))
+    results, duration = asyncio.run(run_load(url, prompts, args.output_len, args.request_rate, concurrency))
     metrics = httpx.get(f"{url}/metrics").text
     graph_lines = [line for line in metrics.splitlines() if line.startswith("tessera_graph")]
     return summarize(results, duration) | {"graph_metrics": graph_lines}
@@ -178,7 +180,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--input-len-max", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--request-rate", type=float, default=float("inf"))
-    p.add_argument("--max-concurrency", type=int, default=64)
+    p.add_argument(
+        "--max-concurrency", type=int, nargs="+", default=[64], help="one run each, on the same server"
+    )
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -187,20 +191,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         p.error("give --url of a running server or --launch FLAGS")
     runs = []
     for flags in args.launch or [None]:
-        if flags is None:
-            report = bench(args.url, args)
-        else:
-            with launched(flags) as url:
-                report = bench(url, args)
-        report |= {"server_flags": flags, "settings": {k: v for k, v in vars(args).items() if k != "out"}}
-        runs.append(report)
-        print(_summary(report, args.url if flags is None else (flags or "default flags")))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        device = _device()
-        args.out.write_text(
-            json.dumps({"benchmark": "serve", "device": device, "runs": runs}, indent=2) + "\n"
-        )
+        with nullcontext(args.url) if flags is None else launched(flags) as url:
+            for concurrency in args.max_concurrency:
+                report = bench(url, args, concurrency)
+                settings = {k: v for k, v in vars(args).items() if k != "out"} | {
+                    "max_concurrency": concurrency
+                }
+                report |= {"server_flags": flags, "settings": settings}
+                runs.append(report)
+                label = args.url if flags is None else (flags or "default flags")
+                print(_summary(report, f"{label}, concurrency {concurrency}"))
+                if args.out:  # after every run: a run cut short keeps what it measured
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    report_all = {"benchmark": "serve", "device": _device(), "runs": runs}
+                    args.out.write_text(json.dumps(report_all, indent=2) + "\n")
     return runs
 
 

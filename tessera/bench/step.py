@@ -139,14 +139,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tessera bench step needs a GPU")
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "step",
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "models": [
-            bench_model(m, args.extend, args.decode, args.num_pages, not args.no_hf) for m in args.models
-        ],
+        "models": [],
     }
+    for m in args.models:
+        report["models"].append(bench_model(m, args.extend, args.decode, args.num_pages, not args.no_hf))
+        if args.out:  # after every model: a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
     for m in report["models"]:
         print(f"\n{m['model']} on {report['gpu']}: ms per step (x = ratio to the kernel-time floor)")
         print(f"  start-up: {m['startup_seconds']}")
@@ -154,7 +157,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             floor = row["kernel_floor_ms"]
             cells = "  ".join(f"{v} {ms:.3f} ({ms / floor:.2f}x)" for v, ms in row["ms"].items())
             print(f"  {row['kind']:<6} {row['size']:>5} x{row['seqs']:<3} floor {floor:.3f}  {cells}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report

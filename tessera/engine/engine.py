@@ -16,6 +16,7 @@ from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams, sample_batch
 from tessera.engine.scheduler import Scheduler, SchedulerConfig
 from tessera.engine.sequence import Sequence
+from tessera.loader.tokenizer import Tokenizer
 from tessera.models import registry
 
 logger = logging.getLogger("tessera")
@@ -29,6 +30,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop token or string) or "length"
     logprobs: list[float] | None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class Engine:
@@ -138,15 +140,7 @@ class Engine:
         return bool(stops) and any(s in self.tokenizer.decode(seq.output_token_ids) for s in stops)
 
     def text_so_far(self, seq: Sequence) -> str:
-        """The output text without a trailing EOS and cut at a stop string (streaming and final)."""
-        ids = seq.output_token_ids
-        if ids and ids[-1] in self.cfg.eos_token_ids and not seq.params.ignore_eos:
-            ids = ids[:-1]
-        text = self.tokenizer.decode(ids)
-        for stop in seq.params.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
-        return text
+        return output_text(self.tokenizer, seq.output_token_ids, seq.params, self.cfg.eos_token_ids)
 
     def output(self, prompt: str, seq: Sequence) -> RequestOutput:
         ids = seq.output_token_ids
@@ -159,7 +153,19 @@ class Engine:
             prompt_token_ids=seq.prompt_token_ids,
             finish_reason=seq.finish_reason or "length",
             logprobs=seq.output_logprobs[: len(ids)] if seq.params.logprobs else None,
+            num_cached_tokens=seq.cached_prompt_tokens or 0,
         )
+
+
+def output_text(tokenizer: Tokenizer, ids: list[int], params: SamplingParams, eos: tuple[int, ...]) -> str:
+    """The output text without a trailing EOS and cut at a stop string (streaming and final)."""
+    if ids and ids[-1] in eos and not params.ignore_eos:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids)
+    for stop in params.stop:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

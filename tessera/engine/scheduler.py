@@ -112,6 +112,8 @@ class Scheduler:
         seq.prefix_nodes = nodes
         seq.pages = [n.page for n in nodes]
         seq.num_cached = len(nodes) * self.page_size
+        if seq.cached_prompt_tokens is None:  # reported per request; a resumed preemption keeps the first
+            seq.cached_prompt_tokens = seq.num_cached
 
     def _reserve(self, seq: Sequence, n: int, preempt_newer_than: Sequence | None) -> bool:
         """Pages for `seq`'s next `n` tokens: from the pool, then by evicting cached prefixes, then (for

@@ -21,6 +21,7 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     prefix_nodes: list[Any] = field(default_factory=list)  # prefix-cache nodes whose pages lead `pages`
     num_cached: int = 0  # tokens whose K/V is in the cache
+    cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
     finish_reason: str | None = None
     generator: Any = None  # torch.Generator of a seeded request
 

@@ -22,7 +22,13 @@ class Tokenizer:
     def __init__(self, tok: Any, chat_template: str | None, bos: str | None, eos: str | None) -> None:
         self.tok = tok
         self.bos_token, self.eos_token = bos, eos
+        self.chat_template = chat_template
         self._template = _compile(chat_template) if chat_template else None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the server's engine process sends its tokenizer to the HTTP process; a compiled jinja template
+        # does not pickle, its source does
+        return (Tokenizer, (self.tok, self.chat_template, self.bos_token, self.eos_token))
 
     @property
     def vocab_size(self) -> int:

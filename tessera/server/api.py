@@ -15,22 +15,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tessera.engine.engine import Engine
 from tessera.server.engine_loop import AsyncEngine, Handle, Update
 from tessera.server.metrics import metrics_response
 from tessera.server.protocol import ChatRequest, CompletionRequest
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    loop_engine = AsyncEngine(engine)
+def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+    """The app over a started engine process (`AsyncEngine.start`); shutting the app down stops it."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        loop_engine.shutdown()
+        engine.shutdown()
 
     app = FastAPI(title="tessera", lifespan=lifespan)
-    app.state.engine = loop_engine
+    app.state.engine = engine
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -39,8 +38,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        if not engine.alive:
+            return _error(503, "the engine process is not running", None, kind="server_error")
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -83,8 +84,12 @@ async def _serve(
             handles.append(await engine.submit(prompt_ids, p))
     except ValueError as exc:
         for h in handles:
-            engine.abort(h.seq)
+            engine.abort(h)
         return _error(400, str(exc), "prompt")
+    except RuntimeError as exc:  # the engine process is gone
+        for h in handles:
+            engine.abort(h)
+        return _error(503, str(exc), None, kind="server_error")
     rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if stream:
@@ -102,7 +107,7 @@ async def _serve(
 
 
 async def _final(handle: Handle) -> Update:
-    while (update := await handle.updates.get()).finish_reason is None:
+    while (update := await handle.next()).finish_reason is None:
         pass
     return update
 
@@ -115,7 +120,7 @@ async def _wait(engine: AsyncEngine, request: Request, handles: list[Handle]) ->
         if not everything.done() and await request.is_disconnected():
             everything.cancel()
             for h in handles:
-                engine.abort(h.seq)
+                engine.abort(h)
             return None
     return list(everything.result())
 
@@ -127,7 +132,7 @@ async def _stream(
 
     async def forward(i: int, h: Handle) -> None:
         while True:
-            u = await h.updates.get()
+            u = await h.next()
             await merged.put((i, u))
             if u.finish_reason is not None:
                 return
@@ -145,8 +150,9 @@ async def _stream(
             delta, sent[i] = u.text[len(sent[i]) :], u.text
             if u.finish_reason is not None:
                 finals[i] = u
-            # NOTE: one chunk per step, also when its text is held back (a partial UTF-8 sequence,
-            # a token the tokenizer cannot spell): clients time tokens by chunks (TTFT, ITL).
+            # NOTE: a chunk for every wake-up, also when its text is held back (a partial UTF-8
+            # sequence, a token the tokenizer cannot spell): clients time tokens by chunks. A stream
+            # that fell behind gets all its new tokens in one chunk (Handle.next coalesces).
             choice: dict[str, Any] = {"index": i, "finish_reason": u.finish_reason}
             if kind == "chat.completion":
                 choice["delta"] = {"content": delta} if delta else {}
@@ -161,7 +167,7 @@ async def _stream(
             task.cancel()
         for i, h in enumerate(handles):
             if i not in finals:
-                engine.abort(h.seq)
+                engine.abort(h)
 
 
 def _choice(kind: str, index: int, u: Update, logprobs: bool) -> dict[str, Any]:
@@ -174,12 +180,14 @@ def _choice(kind: str, index: int, u: Update, logprobs: bool) -> dict[str, Any]:
             "logprobs": lp if logprobs else None, "finish_reason": u.finish_reason}  # fmt: skip
 
 
-def _usage(prompt_len: int, finals: list[Update]) -> dict[str, int]:
+def _usage(prompt_len: int, finals: list[Update]) -> dict[str, Any]:
     completion = sum(len(u.token_ids) for u in finals)
     return {
         "prompt_tokens": prompt_len,
         "completion_tokens": completion,
         "total_tokens": prompt_len + completion,
+        # OpenAI's field for prompt caching: tokens of this prompt found in the prefix cache
+        "prompt_tokens_details": {"cached_tokens": max((u.cached_tokens for u in finals), default=0)},
     }
 
 

@@ -1,145 +1,236 @@
-"""The engine on its own thread, so HTTP handling never waits on a forward step.
+"""The HTTP process's handle on the engine process (`engine_worker.py`).
 
-Only the engine thread touches the engine. Handlers put submissions and aborts into an inbox; the
-thread drains it between steps and sends each request's progress back to its asyncio queue.
+`AsyncEngine.start` spawns the engine process and waits until its model is loaded and its graphs are
+captured. Handlers `submit` requests and `abort` them; a writer thread sends to the engine, so a full
+pipe never stalls the event loop, and a reader thread hands everything that has arrived to the event
+loop in one callback. Each request's tokens accumulate on its `Handle`; `Handle.next()` wakes once for
+any number of new tokens, so a stream that falls behind sends one chunk with all of them instead of
+falling further behind, while the engine steps on regardless.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing as mp
 import queue
 import threading
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
-from tessera.engine.engine import Engine
+from tessera.engine.engine import output_text
 from tessera.engine.sampling import SamplingParams
-from tessera.engine.sequence import Sequence
+from tessera.loader.tokenizer import Tokenizer
+from tessera.server import engine_worker
 
 logger = logging.getLogger("tessera")
 
 
 @dataclass
 class Update:
-    """A request's state after a step: full text so far, tokens so far, why it ended (or None)."""
+    """A request's state: full text so far, tokens so far, why it ended (or None)."""
 
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str | None
+    finish_reason: str | None  # "stop", "length", or "error" if the engine failed
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
-@dataclass
 class Handle:
-    seq: Sequence
-    updates: asyncio.Queue[Update]
+    """One request in the engine; `next()` waits for news and returns the request's state."""
+
+    def __init__(self, rid: int, params: SamplingParams, tokenizer: Tokenizer, eos: tuple[int, ...]) -> None:
+        self.rid, self.params = rid, params
+        self._tokenizer, self._eos = tokenizer, eos
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.cached_tokens = 0
+        self._changed = asyncio.Event()
+
+    async def next(self) -> Update:
+        await self._changed.wait()
+        self._changed.clear()
+        text = output_text(self._tokenizer, self.token_ids, self.params, self._eos)
+        return Update(text, list(self.token_ids), list(self.logprobs), self.finish_reason, self.cached_tokens)
+
+    def _advance(self, token: int, logprob: float, finish_reason: str | None, cached: int) -> None:
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        self.finish_reason, self.cached_tokens = finish_reason, cached
+        self._changed.set()
+
+    def _fail(self) -> None:
+        self.finish_reason = "error"
+        self._changed.set()
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[Sequence, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Update]]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tessera-engine", daemon=True)
+    def __init__(self, proc: Any, inbox: Connection, outbox: Connection, info: dict[str, Any]) -> None:
+        self._proc, self._inbox, self._outbox = proc, inbox, outbox
+        self.tokenizer: Tokenizer = info["tokenizer"]
+        self.eos_token_ids: tuple[int, ...] = info["eos_token_ids"]
+        self.stats: dict[str, Any] = info["stats"]  # the engine's gauges, refreshed while it runs
+        self.alive = True
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.requests = {"finished": 0, "aborted": 0}
-        self._thread.start()
+        self.requests = {"finished": 0, "aborted": 0, "failed": 0}
+        self._ids = itertools.count()
+        self._handles: dict[int, Handle] = {}
+        self._admissions: dict[int, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sendq: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="tessera-engine-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="tessera-engine-reader", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    @classmethod
+    def start(cls, model: str | None, options: dict[str, Any]) -> AsyncEngine:
+        """Spawn the engine process with `Engine(model, **options)`; returns once it is ready."""
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
+        in_recv, in_send = ctx.Pipe(duplex=False)
+        out_recv, out_send = ctx.Pipe(duplex=False)
+        level = logging.getLogger("tessera").getEffectiveLevel()
+        proc = ctx.Process(
+            target=engine_worker.main,
+            args=(model, options, level, in_recv, out_send),
+            name="tessera-engine",
+            daemon=True,
+        )
+        proc.start()
+        in_recv.close()
+        out_send.close()
+        while not out_recv.poll(1.0):  # loading and capturing; fail fast if the process died
+            if not proc.is_alive():
+                raise RuntimeError(f"the engine process exited with code {proc.exitcode} while starting")
+        msg = out_recv.recv()
+        if msg[0] != "ready":
+            proc.join(timeout=10)
+            raise RuntimeError(f"the engine process failed to start:\n{msg[1]}")
+        return cls(proc, in_send, out_recv, msg[1])
+
+    # -- the HTTP side's calls (event loop) ---------------------------------------------------------
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
-        """Queue a request; raises ValueError (from the engine's checks) if it can never run."""
-        loop = asyncio.get_running_loop()
-        admitted: asyncio.Future[Handle] = loop.create_future()
-        self._inbox.put(("add", (prompt_ids, params, loop, admitted)))
-        return await admitted
+        """Queue a request; raises ValueError (the engine's checks) if it can never run."""
+        if not self.alive:
+            raise RuntimeError("the engine process is not running")
+        self._loop = asyncio.get_running_loop()
+        rid = next(self._ids)
+        handle = Handle(rid, params, self.tokenizer, self.eos_token_ids)
+        admitted = self._loop.create_future()
+        self._handles[rid], self._admissions[rid] = handle, admitted
+        self._sendq.put(("add", rid, prompt_ids, params))
+        try:
+            await admitted
+        except ValueError:
+            self._handles.pop(rid, None)
+            raise
+        except asyncio.CancelledError:  # the client left while the request was being admitted
+            self.abort(handle)
+            raise
+        self.prompt_tokens += len(prompt_ids)
+        return handle
 
-    def abort(self, seq: Sequence) -> None:
-        self._inbox.put(("abort", seq))
+    def abort(self, handle: Handle) -> None:
+        """Stop a request (its pages go back to the pool); a finished one is left as it is."""
+        if self._handles.pop(handle.rid, None) is not None:
+            self._sendq.put(("abort", handle.rid))
+            self.requests["aborted"] += 1
 
-    def shutdown(self) -> None:
-        self._stop.set()
-        self._inbox.put(("wake", None))
-        self._thread.join(timeout=10)
+    def fail_next_step(self, message: str) -> None:
+        """Fault injection: the engine's next step raises RuntimeError(message) (recovery tests)."""
+        self._sendq.put(("fail_next_step", message))
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        self._sendq.put(("stop",))
+        self._sendq.put(None)
+        self._proc.join(timeout=timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout=5)
 
     @property
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.stats["num_running"]
 
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        return self.stats["num_waiting"]
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain(block=not self.engine.has_work)
-            if self.engine.has_work:
-                try:
-                    advanced = self.engine.step()
-                except Exception:
-                    logger.exception("engine step failed; failing its requests")
-                    self._fail_all()
-                    continue
-                for seq in advanced:
-                    self._publish(seq)
+    # -- threads and the event-loop callback -----------------------------------------------------
 
-    def _drain(self, block: bool) -> None:
+    def _write(self) -> None:
+        while (msg := self._sendq.get()) is not None:
+            try:
+                self._inbox.send(msg)
+            except (BrokenPipeError, OSError):
+                return
+
+    def _read(self) -> None:
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(*item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+            while True:
+                batch = [self._outbox.recv()]
+                while self._outbox.poll(0):  # everything that has arrived goes in one callback
+                    batch.append(self._outbox.recv())
+                for msg in batch:
+                    if msg[0] == "step" and msg[2] is not None:
+                        self.stats = msg[2]
+                self._call(self._dispatch, batch)
+        except (EOFError, OSError):
+            self.alive = False
+            self._call(self._engine_gone)
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "add":
-            prompt_ids, params, loop, admitted = payload
-            try:
-                seq = self.engine.add(prompt_ids, params)
-            except ValueError as exc:
-                loop.call_soon_threadsafe(_settle, admitted, None, exc)
-                return
-            updates: asyncio.Queue[Update] = asyncio.Queue()
-            self._streams[seq] = (loop, updates)
-            self.prompt_tokens += len(prompt_ids)
-            loop.call_soon_threadsafe(_settle, admitted, Handle(seq, updates), None)
-        elif kind == "abort" and self._streams.pop(payload, None) is not None:
-            self.engine.abort(payload)
-            self.requests["aborted"] += 1
+    def _call(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
 
-    def _publish(self, seq: Sequence) -> None:
-        target = self._streams.get(seq)
-        if target is None:
-            return
-        self.generation_tokens += 1
-        update = Update(
-            text=self.engine.text_so_far(seq),
-            token_ids=list(seq.output_token_ids),
-            logprobs=list(seq.output_logprobs),
-            finish_reason=seq.finish_reason,
-        )
-        loop, updates = target
-        loop.call_soon_threadsafe(updates.put_nowait, update)
-        if seq.finished:
-            del self._streams[seq]
-            self.requests["finished"] += 1
+    def _dispatch(self, batch: list[tuple[Any, ...]]) -> None:
+        for msg in batch:
+            kind = msg[0]
+            if kind == "step":
+                self.generation_tokens += len(msg[1])
+                for rid, token, logprob, finish_reason, cached in msg[1]:
+                    handle = self._handles.get(rid)
+                    if handle is None:  # aborted here before the engine heard of it
+                        continue
+                    handle._advance(token, logprob, finish_reason, cached)
+                    if finish_reason is not None:
+                        del self._handles[rid]
+                        self.requests["finished"] += 1
+            elif kind == "admitted":
+                for rid in msg[1]:
+                    _settle(self._admissions.pop(rid, None), None)
+                for rid, reason in msg[2]:
+                    _settle(self._admissions.pop(rid, None), ValueError(reason))
+            elif kind == "failed":
+                logger.error("engine step failed (%s); %d requests failed", msg[2], len(msg[1]))
+                for rid in msg[1]:
+                    handle = self._handles.pop(rid, None)
+                    if handle is not None:
+                        handle._fail()
+                        self.requests["failed"] += 1
 
-    def _fail_all(self) -> None:
-        for seq, (loop, updates) in list(self._streams.items()):
-            self.engine.abort(seq)
-            loop.call_soon_threadsafe(updates.put_nowait, Update("", [], [], "error"))
-        self._streams.clear()
+    def _engine_gone(self) -> None:
+        if self._handles:
+            logger.error("the engine process exited; failing %d requests", len(self._handles))
+        for handle in self._handles.values():
+            handle._fail()
+        self._handles.clear()
+        for future in self._admissions.values():
+            _settle(future, RuntimeError("the engine process exited"))
+        self._admissions.clear()
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
+def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    if future is None or future.done():
         return
     if error is not None:
         future.set_exception(error)
     else:
-        future.set_result(result)
+        future.set_result(None)

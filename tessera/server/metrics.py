@@ -1,4 +1,5 @@
-"""Prometheus metrics, read from the engine at scrape time (names prefixed `tessera_`)."""
+"""Prometheus metrics (names prefixed `tessera_`): the HTTP side's counters, and the gauges the engine
+process last reported (at most 0.2 s old while it runs)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,16 @@ class _EngineCollector:
         yield CounterMetricFamily("tessera_generation_tokens", "Tokens generated", value=e.generation_tokens)
         yield GaugeMetricFamily("tessera_num_requests_running", "Requests running", value=e.num_running)
         yield GaugeMetricFamily("tessera_num_requests_waiting", "Requests waiting", value=e.num_waiting)
-        pool = e.engine.runner.pool
-        usable = pool.num_pages - 1
+        stats = e.stats
+        usable = stats["pages_usable"]
         yield GaugeMetricFamily("tessera_kv_cache_usage", "Fraction of KV pages in use",
-                                value=(usable - pool.num_free) / usable)  # fmt: skip
-        cache = e.engine.scheduler.cache
-        rate = cache.hit_rate if cache is not None else 0.0
+                                value=(usable - stats["pages_free"]) / usable)  # fmt: skip
         yield GaugeMetricFamily(
-            "tessera_prefix_cache_hit_rate", "Prompt tokens served from the cache", value=rate
+            "tessera_prefix_cache_hit_rate",
+            "Prompt tokens served from the cache",
+            value=stats["prefix_hit_rate"],
         )
-        yield from _graph_metrics(e.engine.graph_stats())
+        yield from _graph_metrics(stats["graphs"])
 
 
 def _graph_metrics(stats: dict) -> Iterator[Metric]:
