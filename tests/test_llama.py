@@ -187,7 +187,7 @@ def test_bench_batches_replay_without_changing_the_sequences() -> None:
     extend = make_batch(runner, "extend", 13, 8)
     assert extend.input_ids.shape[0] == 13 and len(extend.seqs) == 8
     decode = make_batch(runner, "decode", 3, 3, context=20)
-    assert decode.metadata.kernel is not None and decode.metadata.kernel.max_q_len == 1
+    assert decode.metadata.kernel.max_q_len == 1
     assert [s.context_len for s in decode.metadata.seqs] == [20] * 3
     for batch in (extend, decode):
         cached = [s.num_cached for s in batch.seqs]

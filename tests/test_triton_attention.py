@@ -62,7 +62,7 @@ def test_kernel_matches_reference(q_lens, ctx_lens, heads, kv_heads, head_dim, p
     start = 0
     for ql, cl, t in zip(q_lens, ctx_lens, tables, strict=True):
         slots = torch.tensor([t[p // page] * page + p % page for p in range(cl)], device=DEVICE)
-        ref = _attend(q[start : start + ql].double(), layer, SeqLayout(ql, cl, slots))
+        ref = _attend(q[start : start + ql].double(), layer, SeqLayout(ql, cl), slots)
         err = rel_err(out[start : start + ql], ref)
         # NOTE: on a GPU a float32 tl.dot runs in TF32 (~3e-4); the interpreter computes exactly
         exact = dtype == torch.float32 and DEVICE == "cpu"

@@ -79,7 +79,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, output_l
 
 
 async def run_load(url: str, prompts: list[str], output_len: int, rate: float, concurrency: int) -> tuple:
-    limits = httpx.Limits(max_connections=concurrency + 8)
+    limits = httpx.Limits(max_connections=concurrency + 8, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         gate = asyncio.Semaphore(concurrency)
         rng = random.Random(0)

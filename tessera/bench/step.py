@@ -105,11 +105,12 @@ def bench_model(
         if hf is not None and kind == "extend" and seqs == 1:
             steps["hf-eager"] = hf_baselines.hf_eager_step(hf)
             steps["hf-breakable"] = hf_baselines.hf_breakable_step(hf, size)
-        times = time_interleaved(steps, ids)
+        times = time_interleaved(steps, ids, iters=10, reps=7)
         floor_ms, eager_kernels = kernel_floor(steps["eager"], ids)
         kernels = {v: kernel_floor(s, ids)[1] for v, s in steps.items()}
         rows.append({"kind": kind, "size": size, "seqs": seqs, "ms": times, "kernel_floor_ms": floor_ms,
                      "kernels_per_step": kernels | {"eager": eager_kernels}})  # fmt: skip
+        print(_row(rows[-1]), flush=True)
         for v, r in runners.items():
             for seq in batches[v].seqs:
                 r.free(seq)
@@ -121,6 +122,12 @@ def bench_model(
         "cases": rows,
         "graph_stats": stats,
     }
+
+
+def _row(row: dict[str, Any]) -> str:
+    floor = row["kernel_floor_ms"]
+    cells = "  ".join(f"{v} {ms:.3f} ({ms / floor:.2f}x)" for v, ms in row["ms"].items())
+    return f"  {row['kind']:<6} {row['size']:>5} x{row['seqs']:<3} floor {floor:.3f}  {cells}"
 
 
 def _step(runner: ModelRunner, batch: ForwardBatch) -> Step:
@@ -154,7 +161,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\n{m['model']} on {report['gpu']}: ms per step (x = ratio to the kernel-time floor)")
         print(f"  start-up: {m['startup_seconds']}")
         for row in m["cases"]:
-            floor = row["kernel_floor_ms"]
-            cells = "  ".join(f"{v} {ms:.3f} ({ms / floor:.2f}x)" for v, ms in row["ms"].items())
-            print(f"  {row['kind']:<6} {row['size']:>5} x{row['seqs']:<3} floor {floor:.3f}  {cells}")
+            print(_row(row))
     return report

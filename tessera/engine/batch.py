@@ -28,11 +28,9 @@ def build_batch(
     for them here; the sequences' `num_cached` advances once the forward is done (`commit`)."""
     ids: list[int] = []
     positions: list[int] = []
-    spans: list[tuple[int, int]] = []
     last: list[int] = []
     page_rows: list[list[int]] = []
-    context_slots: list[torch.Tensor] = []  # every token's slot, per sequence (CPU)
-    offsets = torch.arange(page_size)
+    layouts: list[SeqLayout] = []
     for seq, n in work:
         start, end = seq.num_cached, seq.num_cached + n
         if n < 1 or end > seq.num_tokens:
@@ -42,25 +40,32 @@ def build_batch(
             seq.pages += pool.allocate(need)
         ids += seq.tokens(start, end)
         positions += range(start, end)
-        rows = seq.pages[: -(-end // page_size)]
-        page_rows.append(rows)
-        # NOTE: tensor arithmetic over the page list, not a Python loop over the context: this runs
-        # for every sequence on every step.
-        context_slots.append((torch.tensor(rows)[:, None] * page_size + offsets).flatten()[:end])
-        spans.append((start, end))
+        page_rows.append(seq.pages[: -(-end // page_size)])
+        layouts.append(SeqLayout(n, end))
         last.append(len(ids) - 1)
-    slots = torch.cat(context_slots).to(device).split([t.numel() for t in context_slots])  # one copy
-    layouts = [SeqLayout(end - start, end, s) for (start, end), s in zip(spans, slots, strict=True)]
-    slot_mapping = torch.cat([s[start:] for (start, _), s in zip(spans, slots, strict=True)])
+    # NOTE: the rest is tensor arithmetic over the whole batch and two host-to-device copies: this
+    # runs on every step, for every running sequence (at 256 of them, per-sequence tensor ops were
+    # milliseconds of host time a step).
+    width = max(len(r) for r in page_rows)
+    table = torch.tensor([r + [0] * (width - len(r)) for r in page_rows], dtype=torch.long)
+    q_len = torch.tensor([s.query_len for s in layouts])
+    pos = torch.tensor(positions)
+    owner = torch.repeat_interleave(torch.arange(len(work)), q_len)  # each new token's sequence
+    slot_mapping = table[owner, pos // page_size] * page_size + pos % page_size
+    q_start = torch.cumsum(q_len, 0) - q_len
+    ctx_len = torch.tensor([s.context_len for s in layouts])
+    flat = torch.cat((torch.tensor(ids), pos, slot_mapping, torch.tensor(last), q_start, q_len, ctx_len))
+    t, b = len(ids), len(work)
+    input_ids, positions_d, slots_d, last_d, vectors = flat.to(device).split([t, t, t, b, 3 * b])
+    q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
+    kernel = KernelLayout(
+        table.to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(s.query_len for s in layouts)
+    )
     return ForwardBatch(
-        input_ids=_tensor(ids, device),
-        positions=_tensor(positions, device),
-        metadata=AttentionMetadata(
-            slot_mapping=slot_mapping,
-            seqs=layouts,
-            kernel=kernel_layout(layouts, page_rows, device),
-        ),
-        logits_indices=_tensor(last, device),
+        input_ids=input_ids,
+        positions=positions_d,
+        metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts),
+        logits_indices=last_d,
         seqs=[seq for seq, _ in work],
     )
 
@@ -83,7 +88,3 @@ def kernel_layout(layouts: list[SeqLayout], page_rows: list[list[int]], device: 
 def commit(work: list[tuple[Sequence, int]]) -> None:
     for seq, n in work:
         seq.num_cached += n
-
-
-def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)

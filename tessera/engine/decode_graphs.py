@@ -61,7 +61,7 @@ class DecodeGraphRunner:
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         kernel = KernelLayout(self.page_table[:bs], self.q_start[:bs], self.q_len[:bs], self.ctx_len[:bs], 1)
-        return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], seqs=[], kernel=kernel)
+        return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], kernel=kernel, seqs=[])
 
     def _forward(self, bs: int) -> torch.Tensor:
         with forward_context(ForwardContext(bs, bs, self._metadata(bs), self.layers)):
@@ -77,7 +77,7 @@ class DecodeGraphRunner:
         logger.info("decode graphs captured for batch sizes %s", self.sizes)
 
     def fits(self, batch: ForwardBatch) -> bool:
-        return len(batch.seqs) <= self.sizes[-1] and batch.metadata.kernel is not None
+        return len(batch.seqs) <= self.sizes[-1]
 
     @torch.no_grad()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
@@ -85,7 +85,7 @@ class DecodeGraphRunner:
         n = batch.input_ids.shape[0]
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         kernel = batch.metadata.kernel
-        assert kernel is not None and kernel.max_q_len == 1, "decode graphs take one token per sequence"
+        assert kernel.max_q_len == 1, "decode graphs take one token per sequence"
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
         self.slot_mapping[:n].copy_(batch.metadata.slot_mapping)

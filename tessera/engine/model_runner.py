@@ -108,9 +108,9 @@ class ModelRunner:
         """A batch of one sequence of `num_tokens` tokens that lives entirely in the dummy slot: capture
         writes and reads no real sequence's cache."""
         slots = torch.full((num_tokens,), DUMMY_SLOT, dtype=torch.long, device=self.device)
-        layout = SeqLayout(num_tokens, num_tokens, slots)
+        layout = SeqLayout(num_tokens, num_tokens)
         pages = [[DUMMY_SLOT // self.page_size] * -(-num_tokens // self.page_size)]
-        return AttentionMetadata(slots, [layout], kernel_layout([layout], pages, self.device))
+        return AttentionMetadata(slots, kernel_layout([layout], pages, self.device), [layout])
 
     def graph_stats(self) -> dict[str, Any]:
         decode = self.decode_graphs.replays if self.decode_graphs is not None else 0
@@ -130,7 +130,7 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """One forward of a built batch, through decode graphs, piecewise graphs or eagerly. Leaves the
         sequences as they were (a benchmark can replay the same batch)."""
-        decode = batch.metadata.kernel is not None and batch.metadata.kernel.max_q_len == 1
+        decode = batch.metadata.kernel.max_q_len == 1
         if decode and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             hidden = self.decode_graphs.run(batch)
         elif self.graphs is not None:

@@ -17,7 +17,6 @@ class SeqLayout:
 
     query_len: int
     context_len: int
-    slots: torch.Tensor  # [context_len] cache slots of all its tokens, in order
 
 
 @dataclass
@@ -34,8 +33,8 @@ class KernelLayout:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
-    seqs: list[SeqLayout]
-    kernel: KernelLayout | None = None
+    kernel: KernelLayout  # the batch as tensors (page table, lengths)
+    seqs: list[SeqLayout]  # the same on the host, for the per-sequence reference backend
 
 
 @dataclass
@@ -63,21 +62,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         from tessera.layers.triton_attention import paged_attention
 
         kl = meta.kernel
-        assert kl is not None, "the triton backend needs the batch's KernelLayout"
         paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
                         kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale)  # fmt: skip
         return
-    start = 0
-    for seq in meta.seqs:
+    start, page = 0, layer.page_size
+    offsets = torch.arange(page, device=q.device)
+    for row, seq in zip(meta.kernel.page_table, meta.seqs, strict=True):
         end = start + seq.query_len
-        out[start:end] = _attend(q[start:end], layer, seq)
+        pages = row[: -(-seq.context_len // page)].long()
+        slots = (pages[:, None] * page + offsets).flatten()[: seq.context_len]
+        out[start:end] = _attend(q[start:end], layer, seq, slots)
         start = end
 
 
-def _attend(q: torch.Tensor, layer: AttentionLayer, seq: SeqLayout) -> torch.Tensor:
-    """Reference attention of one sequence's queries over its cached context. q: [Q, H, D]."""
-    k = layer.k_cache[seq.slots].transpose(0, 1)  # [KVH, C, D]
-    v = layer.v_cache[seq.slots].transpose(0, 1)
+def _attend(q: torch.Tensor, layer: AttentionLayer, seq: SeqLayout, slots: torch.Tensor) -> torch.Tensor:
+    """Reference attention of one sequence's queries over its cached context (`slots`, in order).
+    q: [Q, H, D]."""
+    k = layer.k_cache[slots].transpose(0, 1)  # [KVH, C, D]
+    v = layer.v_cache[slots].transpose(0, 1)
     qh = q.transpose(0, 1)  # [H, Q, D]
     if qh.shape[0] != k.shape[0]:
         repeat = qh.shape[0] // k.shape[0]

@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -128,16 +128,6 @@ async def _wait(engine: AsyncEngine, request: Request, handles: list[Handle]) ->
 async def _stream(
     engine: AsyncEngine, handles: list[Handle], rid: str, created: int, kind: str, model: str, prompt_len: int
 ) -> AsyncIterator[str]:
-    merged: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
-
-    async def forward(i: int, h: Handle) -> None:
-        while True:
-            u = await h.next()
-            await merged.put((i, u))
-            if u.finish_reason is not None:
-                return
-
-    tasks = [asyncio.create_task(forward(i, h)) for i, h in enumerate(handles)]
     sent = [""] * len(handles)
     finals: dict[int, Update] = {}
     chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
@@ -145,29 +135,50 @@ async def _stream(
         if kind == "chat.completion":
             for i in range(len(handles)):
                 yield _sse(rid, created, model, chunk_kind, [{"index": i, "delta": {"role": "assistant"}}])
-        while len(finals) < len(handles):
-            i, u = await merged.get()
-            delta, sent[i] = u.text[len(sent[i]) :], u.text
-            if u.finish_reason is not None:
-                finals[i] = u
-            # NOTE: a chunk for every wake-up, also when its text is held back (a partial UTF-8
-            # sequence, a token the tokenizer cannot spell): clients time tokens by chunks. A stream
-            # that fell behind gets all its new tokens in one chunk (Handle.next coalesces).
-            choice: dict[str, Any] = {"index": i, "finish_reason": u.finish_reason}
-            if kind == "chat.completion":
-                choice["delta"] = {"content": delta} if delta else {}
-            else:
-                choice["text"] = delta
-            yield _sse(rid, created, model, chunk_kind, [choice])
+        async with aclosing(_updates(handles)) as updates:
+            async for i, u in updates:
+                delta, sent[i] = u.text[len(sent[i]) :], u.text
+                if u.finish_reason is not None:
+                    finals[i] = u
+                # NOTE: a chunk for every wake-up, also when its text is held back (a partial UTF-8
+                # sequence, a token the tokenizer cannot spell): clients time tokens by chunks. A
+                # stream that fell behind gets all its new tokens in one chunk (Handle.next coalesces).
+                choice: dict[str, Any] = {"index": i, "finish_reason": u.finish_reason}
+                if kind == "chat.completion":
+                    choice["delta"] = {"content": delta} if delta else {}
+                else:
+                    choice["text"] = delta
+                yield _sse(rid, created, model, chunk_kind, [choice])
         usage = _usage(prompt_len, list(finals.values()))
         yield _sse(rid, created, model, chunk_kind, [], usage=usage)
         yield "data: [DONE]\n\n"
     finally:  # finished, or the client disconnected: abort whatever still runs
-        for task in tasks:
-            task.cancel()
         for i, h in enumerate(handles):
             if i not in finals:
                 engine.abort(h)
+
+
+async def _updates(handles: list[Handle]) -> AsyncIterator[tuple[int, Update]]:
+    """(choice index, update) as they come, until every choice has finished."""
+    if len(handles) == 1:  # the common case needs no tasks
+        while True:
+            u = await handles[0].next()
+            yield 0, u
+            if u.finish_reason is not None:
+                return
+    pending = {asyncio.ensure_future(h.next()): i for i, h in enumerate(handles)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                i = pending.pop(future)
+                u = future.result()
+                yield i, u
+                if u.finish_reason is None:
+                    pending[asyncio.ensure_future(handles[i].next())] = i
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _choice(kind: str, index: int, u: Update, logprobs: bool) -> dict[str, Any]:
