@@ -2,7 +2,7 @@
 # The GPU validation runs of issues 2-4, in phases that each fit one device call (10 min). Every step
 # runs under its own time limit and logs to $OUT, so one failure does not cost the rest of the call.
 #   1: graph runtime tests + `tessera bench graphs`   2: engine tests + `tessera bench step`
-#   3: GSM8K graphs on/off + `tessera bench serve` on SmolLM2   4: the same serving runs on Llama-3-8B
+#   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -33,10 +33,11 @@ case "${1:-}" in
     step test_engine 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
     step bench_step 300 python3 -m tessera bench step --out "$OUT/step.json" ;;
   3)
-    step gsm8k 200 python3 benchmarks/eval_gsm8k.py --out "$OUT/gsm8k.json"
     serve serve_smollm2 380 ;;
+  gsm8k)
+    step gsm8k 200 python3 benchmarks/eval_gsm8k.py --out "$OUT/gsm8k.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2|3|4" >&2; exit 2 ;;
+  *) echo "usage: $0 1 [quick]|2|3|4|gsm8k" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
