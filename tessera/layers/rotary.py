@@ -8,6 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+try:
+    from tessera.layers import fused
+except ImportError:  # no Triton (a CPU-only install): the torch reference runs
+    fused = None  # type: ignore[assignment]
+
 
 def rope_parameters(
     head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
@@ -80,6 +85,8 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused is not None and q.is_cuda:
+            return torch.ops.tessera.rope(q, k, self.cos, self.sin, positions)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
