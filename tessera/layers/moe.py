@@ -1,0 +1,107 @@
+"""Mixture-of-experts: routing (router logits -> `topk_weights`, `topk_ids`) and the experts, with padded
+rows masked out.
+
+Under piecewise graphs a batch is padded up to a capture size. A padded row's hidden state is whatever
+the static buffer held (garbage, or NaN in the poison test); routed like a real token it would cost
+expert FLOPs and, through a NaN in a shared expert's GEMM tile or an index_add, could reach real rows.
+So rows at or beyond the forward context's `raw_num_tokens` get `topk_ids = -1` and weight 0, and the
+expert computation skips id -1 entirely: no FLOPs, no contribution.
+
+Routing follows HF transformers: Mixtral / Qwen-MoE (softmax over experts, top-k, optional
+renormalisation) and DeepSeek-V2 / V3 (softmax or sigmoid scores, V3's correction bias used for the
+choice only, group-limited top-k, routed scaling factor). Expert weights use HF's fused layout:
+`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]. This file is the reference (any device); a grouped-GEMM
+GPU path is to come with the DeepSeek issue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.graphs.context import _current_or_none
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    top_k: int
+    scoring: str = "softmax"  # "softmax" (Mixtral, Qwen-MoE, DeepSeek-V2) or "sigmoid" (DeepSeek-V3)
+    renormalize: bool = True  # divide the chosen weights by their sum
+    num_groups: int = 1  # group-limited routing: experts in `num_groups` groups ...
+    topk_groups: int = 1  # ... of which the best `topk_groups` are eligible, a group scored by
+    group_score: str = "max"  # its best expert (DeepSeek-V2) or "top2_sum" of its best two (V3)
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown MoE scoring {self.scoring!r}: softmax or sigmoid")
+        if self.group_score not in ("max", "top2_sum"):
+            raise ValueError(f"unknown group score {self.group_score!r}: max or top2_sum")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(
+                f"topk_groups must be in [1, num_groups], got {self.topk_groups}/{self.num_groups}"
+            )
+
+
+def route(
+    router_logits: torch.Tensor,
+    cfg: RoutingConfig,
+    correction_bias: torch.Tensor | None = None,
+    num_real: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_weights float32 [T, K], topk_ids int64 [T, K]) from router logits [T, E]. Rows from
+    `num_real` on (default: the forward context's `raw_num_tokens`, else none) get id -1, weight 0."""
+    logits = router_logits.float()
+    scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if cfg.num_groups > 1:
+        tokens, experts = choice.shape
+        grouped = choice.view(tokens, cfg.num_groups, experts // cfg.num_groups)
+        group_score = grouped.topk(2, -1)[0].sum(-1) if cfg.group_score == "top2_sum" else grouped.amax(-1)
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(cfg.topk_groups, -1, sorted=False)[1], True)
+        choice = choice.masked_fill(~keep.repeat_interleave(experts // cfg.num_groups, 1), float("-inf"))
+    ids = choice.topk(cfg.top_k, -1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if cfg.renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    weights = weights * cfg.routed_scaling_factor
+    if num_real is None:
+        ctx = _current_or_none()
+        num_real = ctx.raw_num_tokens if ctx is not None else ids.shape[0]
+    if num_real < ids.shape[0]:
+        ids[num_real:] = -1
+        weights[num_real:] = 0.0
+    return weights, ids
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts in HF's fused layout; `forward(x, topk_weights, topk_ids)` -> [T, H]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        flat = topk_ids.flatten()
+        # tokens grouped by expert; id -1 (padded rows) sorts first and is cut off, never computed
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat + 1, minlength=self.num_experts + 1).tolist()
+        start = counts[0]
+        for expert, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            picks = order[start : start + count]
+            start += count
+            rows = picks // topk_ids.shape[1]
+            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            weight = topk_weights.flatten()[picks, None]
+            out.index_add_(0, rows, (y * weight).to(out.dtype))
+        return out

@@ -1,0 +1,94 @@
+"""MoE routing and experts against HF transformers (Mixtral, DeepSeek-V2, DeepSeek-V3), and padded rows:
+routed nowhere, computed by no expert, never reaching a real row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.graphs.context import ForwardContext, forward_context
+from tessera.layers.moe import Experts, RoutingConfig, route
+
+transformers = pytest.importorskip("transformers")
+E, H, INTER, T = 8, 32, 48, 13  # experts, hidden, expert MLP width, tokens
+
+
+def _sorted(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = ids.argsort(-1)
+    return weights.gather(1, order), ids.gather(1, order)
+
+
+def _check_router(hf_router: torch.nn.Module, cfg: RoutingConfig, bias: torch.Tensor | None = None) -> None:
+    torch.nn.init.normal_(hf_router.weight, std=0.5)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(0))
+    logits, hf_weights, hf_ids = hf_router(x)
+    weights, ids = route(logits, cfg, bias)
+    (w_ref, i_ref), (w, i) = _sorted(hf_weights.float(), hf_ids), _sorted(weights, ids)
+    assert torch.equal(i, i_ref)
+    assert torch.allclose(w, w_ref, atol=1e-6)
+
+
+def test_mixtral_routing_matches_hf() -> None:
+    from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralTopKRouter
+
+    hf = MixtralTopKRouter(MixtralConfig(hidden_size=H, num_local_experts=E, num_experts_per_tok=2))
+    _check_router(hf, RoutingConfig(top_k=2))
+
+
+def test_deepseek_v2_group_limited_routing_matches_hf() -> None:
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Config, DeepseekV2TopkRouter
+
+    config = DeepseekV2Config(
+        hidden_size=H, n_routed_experts=E, num_experts_per_tok=3, n_group=4, topk_group=2,
+        topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+    )  # fmt: skip
+    cfg = RoutingConfig(top_k=3, renormalize=False, num_groups=4, topk_groups=2, routed_scaling_factor=1.5)
+    _check_router(DeepseekV2TopkRouter(config), cfg)
+
+
+def test_deepseek_v3_sigmoid_bias_routing_matches_hf() -> None:
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3TopkRouter
+
+    config = DeepseekV3Config(hidden_size=H, n_routed_experts=E, num_experts_per_tok=3, n_group=4,
+                              topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)  # fmt: skip
+    hf = DeepseekV3TopkRouter(config)
+    hf.e_score_correction_bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(1)) * 0.3)
+    cfg = RoutingConfig(top_k=3, scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum",
+                        routed_scaling_factor=2.5)  # fmt: skip
+    _check_router(hf, cfg, hf.e_score_correction_bias)
+
+
+def _experts() -> Experts:
+    experts = Experts(E, H, INTER)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(E, 2 * INTER, H, generator=gen) * 0.2)
+        experts.down_proj.copy_(torch.randn(E, H, INTER, generator=gen) * 0.2)
+    return experts
+
+
+def test_experts_match_hf() -> None:
+    from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralExperts
+
+    ours = _experts()
+    hf = MixtralExperts(MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E))
+    hf.load_state_dict(ours.state_dict())
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(3))
+    weights, ids = route(
+        torch.randn(T, E, generator=torch.Generator().manual_seed(4)), RoutingConfig(top_k=2)
+    )
+    assert torch.allclose(ours(x, weights, ids), hf(x, ids, weights), atol=1e-6)
+
+
+def test_padded_rows_are_routed_nowhere_and_never_reach_real_rows() -> None:
+    experts, cfg = _experts(), RoutingConfig(top_k=2)
+    real = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
+    router = torch.randn(E, H, generator=torch.Generator().manual_seed(6))
+    alone = experts(real, *route(real @ router.T, cfg))
+    padded = torch.cat((real, torch.full((16 - T, H), float("nan"))))  # padded up to a capture size
+    with forward_context(ForwardContext(num_tokens=16, raw_num_tokens=T)):
+        weights, ids = route(padded @ router.T, cfg)
+    assert (ids[T:] == -1).all() and (weights[T:] == 0).all()
+    out = experts(padded, weights, ids)
+    assert torch.equal(out[:T], alone)  # bit-identical: the padded rows changed nothing
+    assert (out[T:] == 0).all()  # and cost nothing: no expert computed them
