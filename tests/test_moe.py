@@ -86,9 +86,45 @@ def test_padded_rows_are_routed_nowhere_and_never_reach_real_rows() -> None:
     router = torch.randn(E, H, generator=torch.Generator().manual_seed(6))
     alone = experts(real, *route(real @ router.T, cfg))
     padded = torch.cat((real, torch.full((16 - T, H), float("nan"))))  # padded up to a capture size
-    with forward_context(ForwardContext(num_tokens=16, raw_num_tokens=T)):
+    # as inside a runner: the count of real rows also lives on the device, for captured graphs
+    with forward_context(ForwardContext(num_tokens=16, raw_num_tokens=T, num_real=torch.tensor(T))):
         weights, ids = route(padded @ router.T, cfg)
     assert (ids[T:] == -1).all() and (weights[T:] == 0).all()
     out = experts(padded, weights, ids)
     assert torch.equal(out[:T], alone)  # bit-identical: the padded rows changed nothing
     assert (out[T:] == 0).all()  # and cost nothing: no expert computed them
+
+
+class _MoEStack(torch.nn.Module):
+    """Router + experts; also returns how many rows any expert computed (a 0-d tensor: not sliced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(H, E, bias=False)
+        self.experts = _experts()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.experts(x, *route(self.router(x), RoutingConfig(top_k=2)))
+        return out, (out != 0).any(-1).sum()
+
+
+@pytest.mark.parametrize("strategy", ["breakable", "compile"])
+def test_replayed_graphs_route_padded_rows_nowhere(strategy: str) -> None:
+    """Captured at 8 and 16 tokens, replayed with 5 and 11 real rows (the padding NaN-poisoned): the mask
+    is recomputed at every replay, so no expert touches a padded row and real rows match eager."""
+    from tessera.graphs import GraphConfig, PiecewiseGraphRunner
+
+    model = _MoEStack()
+    config = GraphConfig(strategy=strategy, capture_sizes=[8, 16], progress=False, poison_padding=True)
+    runner = PiecewiseGraphRunner(model, config)
+    runner.capture([torch.randn(8, H, generator=torch.Generator().manual_seed(7))])
+    for n in (5, 11, 16):
+        x = torch.randn(n, H, generator=torch.Generator().manual_seed(n))
+        out, computed = runner(x)
+        assert int(computed) == n  # rows an expert computed: the real ones only
+        with forward_context(ForwardContext(n, n)):
+            ref, _ = model(x)
+        assert torch.equal(out, ref)
+    stats = runner.stats.as_dict()
+    assert stats["replays"] == {"8": 1, "16": 2}
+    assert not stats["eager_fallbacks"]  # compile: a mask read as a Python int would have recompiled

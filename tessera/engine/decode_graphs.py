@@ -55,6 +55,7 @@ class DecodeGraphRunner:
         self.q_start = torch.arange(max_bs, **i32)
         self.q_len = torch.ones(max_bs, **i32)
         self.ctx_len = torch.ones(max_bs, **i32)
+        self.num_real = torch.zeros((), dtype=torch.long, device=device)  # in-graph padded-row masks read it
         self.graphs: dict[int, Graph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0
@@ -64,13 +65,14 @@ class DecodeGraphRunner:
         return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], kernel=kernel, seqs=[])
 
     def _forward(self, bs: int) -> torch.Tensor:
-        with forward_context(ForwardContext(bs, bs, self._metadata(bs), self.layers)):
+        with forward_context(ForwardContext(bs, bs, self._metadata(bs), self.layers, num_real=self.num_real)):
             return self.model(self.input_ids[:bs], self.positions[:bs])
 
     @torch.no_grad()
     def capture(self) -> None:
         with frozen_gc():
             for bs in tqdm(sorted(self.sizes, reverse=True), desc="capturing decode graphs", leave=False):
+                self.num_real.fill_(bs)
                 self._forward(bs)  # warm-up: Triton JIT and BLAS heuristics for this shape
                 graph, out = self.backend.capture(self._forward, (bs,))
                 self.graphs[bs], self.outputs[bs] = graph, out
@@ -92,6 +94,7 @@ class DecodeGraphRunner:
         width = kernel.page_table.shape[1]
         self.page_table[:n, :width].copy_(kernel.page_table)
         self.ctx_len[:n].copy_(kernel.ctx_len)
+        self.num_real.fill_(n)
         if n < bs:  # padded rows: write to and read from the dummy slot only
             self.slot_mapping[n:bs].fill_(DUMMY_SLOT)
             self.page_table[n:bs].fill_(DUMMY_SLOT // self.page_size)

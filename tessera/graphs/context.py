@@ -24,6 +24,9 @@ class ForwardContext:
     raw_num_tokens: int
     metadata: Any = None
     layers: Mapping[LayerKey, Any] = field(default_factory=dict)
+    # raw_num_tokens on the device (a runner's static 0-d tensor, refreshed before every forward): what
+    # code inside a graph must read, since a replay re-runs kernels, not Python (see `padded_rows`)
+    num_real: Any = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.raw_num_tokens <= self.num_tokens:

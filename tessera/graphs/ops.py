@@ -139,3 +139,23 @@ def _positional(fn: SplitFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     bound = inspect.signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
     return tuple(bound.arguments.values())
+
+
+def _padded_rows_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape[0], dtype=torch.bool, device=x.device)
+
+
+@opaque_op("tessera::padded_rows", fake=_padded_rows_fake)
+def padded_rows(x: torch.Tensor) -> torch.Tensor:
+    """bool [T] over x's rows: True on the padding a graph replay carries past the batch's real rows.
+
+    Computed on the device from the forward context's `num_real`, so a captured graph recomputes it on
+    every replay (a Python int would be frozen at capture); opaque, so Dynamo never bakes it in either.
+    All False outside a runner's forward."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    ctx = _current_or_none()
+    if ctx is None:
+        return rows < 0
+    if ctx.num_real is None:
+        return rows >= ctx.raw_num_tokens
+    return rows >= ctx.num_real

@@ -67,6 +67,7 @@ class PiecewiseGraphRunner:
         self._buffers: list[torch.Tensor] = []
         self._views: dict[int, Inputs] = {}
         self._addresses: list[int] = []
+        self._num_real: torch.Tensor | None = None  # device copy of raw_num_tokens for in-graph masks
 
     @property
     def captured(self) -> bool:
@@ -130,6 +131,7 @@ class PiecewiseGraphRunner:
             tiled = x.repeat(reps, *([1] * (x.dim() - 1)))[:largest].clone()
             self._buffers.append(tiled)
         self._views = {s: tuple(b[:s] for b in self._buffers) for s in self.sizes}
+        self._num_real = torch.zeros((), dtype=torch.long, device=example_inputs[0].device)
 
     def _prepare(self, strategy: CaptureStrategy) -> None:
         largest = self.config.largest
@@ -199,7 +201,11 @@ class PiecewiseGraphRunner:
             return self.forward(*inputs)
 
     def _context(self, size: int, n: int, metadata: Any) -> ForwardContext:
-        return ForwardContext(num_tokens=size, raw_num_tokens=n, metadata=metadata, layers=self.layers)
+        if self._num_real is not None:
+            self._num_real.fill_(n)  # before the replay: its captured masks read this
+        return ForwardContext(
+            num_tokens=size, raw_num_tokens=n, metadata=metadata, layers=self.layers, num_real=self._num_real
+        )
 
     def _load(self, views: Inputs, inputs: Inputs, n: int, size: int, *, poison: bool) -> None:
         if len(inputs) != len(views):

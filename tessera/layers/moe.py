@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.graphs.context import _current_or_none
+from tessera.graphs.ops import opaque_op
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,11 @@ class RoutingConfig:
 
 
 def route(
-    router_logits: torch.Tensor,
-    cfg: RoutingConfig,
-    correction_bias: torch.Tensor | None = None,
-    num_real: int | None = None,
+    router_logits: torch.Tensor, cfg: RoutingConfig, correction_bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(topk_weights float32 [T, K], topk_ids int64 [T, K]) from router logits [T, E]. Rows from
-    `num_real` on (default: the forward context's `raw_num_tokens`, else none) get id -1, weight 0."""
+    """(topk_weights float32 [T, K], topk_ids int64 [T, K]) from router logits [T, E]. Padded rows
+    (`tessera::padded_rows`: past the forward context's real rows, recomputed on the device at every
+    graph replay) get id -1 and weight 0."""
     logits = router_logits.float()
     scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias.float()
@@ -69,13 +67,8 @@ def route(
     if cfg.renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     weights = weights * cfg.routed_scaling_factor
-    if num_real is None:
-        ctx = _current_or_none()
-        num_real = ctx.raw_num_tokens if ctx is not None else ids.shape[0]
-    if num_real < ids.shape[0]:
-        ids[num_real:] = -1
-        weights[num_real:] = 0.0
-    return weights, ids
+    padded = torch.ops.tessera.padded_rows(router_logits)[:, None]
+    return weights.masked_fill(padded, 0.0), ids.masked_fill(padded, -1)
 
 
 class Experts(nn.Module):
@@ -88,20 +81,29 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        flat = topk_ids.flatten()
-        # tokens grouped by expert; id -1 (padded rows) sorts first and is cut off, never computed
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat + 1, minlength=self.num_experts + 1).tolist()
-        start = counts[0]
-        for expert, count in enumerate(counts[1:]):
-            if count == 0:
-                continue
-            picks = order[start : start + count]
-            start += count
-            rows = picks // topk_ids.shape[1]
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            weight = topk_weights.flatten()[picks, None]
-            out.index_add_(0, rows, (y * weight).to(out.dtype))
-        return out
+        return torch.ops.tessera.moe_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+
+
+@opaque_op("tessera::moe_experts", fake=lambda x, gate_up, down, weights, ids: torch.empty_like(x))
+def moe_experts(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """The reference expert loop (an opaque op: Dynamo keeps it whole). Its per-expert token counts
+    come back to the host, so it cannot be captured in a CUDA graph; a capture-safe grouped-GEMM path
+    is issue #5's GPU work."""
+    out = torch.zeros_like(x)
+    flat = ids.flatten()
+    # tokens grouped by expert; id -1 (padded rows) sorts first and is cut off, never computed
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat + 1, minlength=gate_up.shape[0] + 1).tolist()
+    start = counts[0]
+    for expert, count in enumerate(counts[1:]):
+        if count == 0:
+            continue
+        picks = order[start : start + count]
+        start += count
+        rows = picks // ids.shape[1]
+        gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[expert])
+        out.index_add_(0, rows, (y * weights.flatten()[picks, None]).to(out.dtype))
+    return out

@@ -12,14 +12,26 @@ LLAMA_FAMILY = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+_BY_MODEL_TYPE = {model_type: arch for arch, model_type in LLAMA_FAMILY.items()}
 
-_BY_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of Mixtral / Qwen3-MoE layers: `num_experts` SwiGLU experts of width
+    `intermediate_size`, `top_k` per token."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool = True  # Mixtral always; Qwen3-MoE: norm_topk_prob
+    sparse_step: int = 1  # every sparse_step-th layer is sparse (Qwen-MoE's decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP (Qwen-MoE's mlp_only_layers)
+
+    def is_sparse(self, layer_id: int) -> bool:
+        return layer_id not in self.dense_layers and (layer_id + 1) % self.sparse_step == 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -75,6 +88,22 @@ class ModelConfig:
         }
         if self.rope_scaling:
             hf["rope_scaling"] = self.rope_scaling
+        moe = self.moe
+        if moe is not None and self.architecture == "MixtralForCausalLM":
+            hf |= {
+                "num_local_experts": moe.num_experts,
+                "num_experts_per_tok": moe.top_k,
+                "intermediate_size": moe.intermediate_size,
+            }
+        elif moe is not None:
+            hf |= {
+                "num_experts": moe.num_experts,
+                "num_experts_per_tok": moe.top_k,
+                "moe_intermediate_size": moe.intermediate_size,
+                "norm_topk_prob": moe.renormalize,
+                "decoder_sparse_step": moe.sparse_step,
+                "mlp_only_layers": list(moe.dense_layers),
+            }
         return hf
 
     @classmethod
@@ -99,10 +128,26 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            moe=_moe(arch, hf),
         )
+
+
+def _moe(arch: str, hf: dict[str, Any]) -> MoEConfig | None:
+    if arch == "MixtralForCausalLM":
+        return MoEConfig(hf["num_local_experts"], hf["num_experts_per_tok"], hf["intermediate_size"])
+    if arch == "Qwen3MoeForCausalLM":
+        return MoEConfig(
+            num_experts=hf.get("num_experts") or hf["num_local_experts"],  # transformers 5 renamed it
+            top_k=hf["num_experts_per_tok"],
+            intermediate_size=hf["moe_intermediate_size"],
+            renormalize=hf.get("norm_topk_prob", False),
+            sparse_step=hf.get("decoder_sparse_step", 1),
+            dense_layers=tuple(hf.get("mlp_only_layers") or ()),
+        )
+    return None
 
 
 def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:

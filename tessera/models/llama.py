@@ -1,4 +1,5 @@
-"""Llama / Mistral / Qwen2 (q/k/v bias) / Qwen3 (q/k RMSNorm): GQA, RoPE, RMSNorm, SwiGLU.
+"""Llama / Mistral / Qwen2 (q/k/v bias) / Qwen3 (q/k RMSNorm), and their sparse variants Mixtral /
+Qwen3-MoE (a routed-experts MLP in place of the dense one): GQA, RoPE, RMSNorm, SwiGLU.
 
 `forward(input_ids, positions)` takes tensors only; attention finds its cache and the batch layout in
 the forward context. Q/K/V and gate/up projections are fused: one GEMM each instead of three and two.
@@ -6,6 +7,7 @@ the forward context. Q/K/V and gate/up projections are fused: one GEMM each inst
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.layers.attention import attention  # noqa: F401  (registers tessera::attention)
+from tessera.layers.moe import Experts, RoutingConfig, route
 from tessera.layers.norm import RMSNorm
 from tessera.layers.norm import fused as fused_kernels
 from tessera.layers.rotary import RotaryEmbedding
@@ -66,13 +69,31 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`) and experts, named as HF's Mixtral / Qwen3-MoE blocks; padded rows are routed
+    nowhere (`tessera.layers.moe`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        moe = cfg.moe
+        assert moe is not None
+        self.routing = RoutingConfig(top_k=moe.top_k, renormalize=moe.renormalize)
+        self.gate = nn.Linear(cfg.hidden_size, moe.num_experts, bias=False)
+        self.experts = Experts(moe.num_experts, cfg.hidden_size, moe.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.routing)
+        return self.experts(x, weights, ids)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, layer_id, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        sparse = cfg.moe is not None and cfg.moe.is_sparse(layer_id)
+        self.mlp: nn.Module = SparseMoeBlock(cfg) if sparse else LlamaMLP(cfg)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -124,23 +145,38 @@ class LlamaForCausalLM(nn.Module):
         is left unloaded or a name is unknown."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
+        expert_parts: dict[str, set[tuple[int, int | None]]] = {}
         for name, tensor in weights:
+            name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral checkpoints' older module name
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            target, shard = _fused_target(name)
+            target, shard = _fused_target(name) if ".experts." not in name else _expert_target(name)
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
             self._copy_shard(params[target], tensor, shard)
-            loaded.add(target if shard is None else f"{target}#{shard}")
+            if isinstance(shard, tuple):
+                expert_parts.setdefault(target, set()).add(shard)
+            else:
+                loaded.add(target if shard is None else f"{target}#{shard}")
+        for target, parts in expert_parts.items():  # per-expert tensors: complete once every part came
+            count, halves = params[target].shape[0], (0, 1) if target.endswith("gate_up_proj") else (None,)
+            if parts >= {(e, h) for e in range(count) for h in halves}:
+                loaded.add(target)
         missing = [n for n in self._expected(params) if n not in loaded]
         if missing:
             raise KeyError(f"checkpoint misses {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _copy_shard(self, param: torch.Tensor, tensor: torch.Tensor, shard: str | int | None) -> None:
+    def _copy_shard(
+        self, param: torch.Tensor, tensor: torch.Tensor, shard: str | int | tuple[int, int | None] | None
+    ) -> None:
         cfg = self.cfg
-        if shard is None:
+        if isinstance(shard, tuple):  # (expert, part): part 0/1 = gate/up rows of gate_up_proj, None = all
+            expert, part = shard
+            dst = param[expert] if part is None else param[expert].narrow(0, part * param.shape[1] // 2,
+                                                                          param.shape[1] // 2)  # fmt: skip
+        elif shard is None:
             dst = param
         elif isinstance(shard, int):
             dst = param.narrow(0, shard * cfg.intermediate_size, cfg.intermediate_size)
@@ -159,13 +195,30 @@ class LlamaForCausalLM(nn.Module):
         for name in params:
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            if "qkv_proj" in name:
+            if ".experts." in name:  # the fused tensor, or every expert's parts (see `_loaded`)
+                names.append(name)
+            elif "qkv_proj" in name:
                 names += [f"{name}#{s}" for s in "qkv"]
             elif "gate_up_proj" in name:
                 names += [f"{name}#0", f"{name}#1"]
             else:
                 names.append(name)
         return names
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1, "w2": None, "down_proj": None}
+
+
+def _expert_target(name: str) -> tuple[str, tuple[int, int | None] | None]:
+    """An expert tensor's parameter: HF's fused 3-D `experts.gate_up_proj` / `experts.down_proj` as they
+    are, or a checkpoint's per-expert `experts.E.{w1,w3,w2}` / `{gate,up,down}_proj` as (expert, part)."""
+    match = _EXPERT.match(name)
+    if match is None:
+        return name, None
+    prefix, expert, kind = match.groups()
+    part = _EXPERT_PART[kind]
+    return f"{prefix}.{'down_proj' if part is None else 'gate_up_proj'}", (int(expert), part)
 
 
 def _fused_target(name: str) -> tuple[str, str | int | None]:
