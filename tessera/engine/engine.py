@@ -72,7 +72,8 @@ class Engine:
         if not 0 < mem_fraction < 1:
             raise ValueError(f"mem_fraction must be in (0, 1), got {mem_fraction}")
         cfg = self.cfg
-        page_bytes = 2 * cfg.num_layers * self.page_size * cfg.kv_size * dtype.itemsize
+        per_token = cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim)  # K and V (MLA: the latent alone)
+        page_bytes = cfg.num_layers * self.page_size * per_token * dtype.itemsize
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             pages = int(free * mem_fraction) // page_bytes

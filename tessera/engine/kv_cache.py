@@ -31,10 +31,13 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        v_head_dim: int | None = None,
     ) -> KVCache:
+        """`v_head_dim`: the V cache's width if not head_dim (0 for MLA, whose latent is all in K)."""
         shape = (num_pages * page_size, num_kv_heads, head_dim)
+        v_shape = (num_pages * page_size, num_kv_heads, head_dim if v_head_dim is None else v_head_dim)
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         return cls(k=k, v=v, page_size=page_size)
 
     @property

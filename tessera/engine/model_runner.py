@@ -19,6 +19,7 @@ from tessera.engine.sequence import Sequence
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
 from tessera.graphs.platform import make_backend
 from tessera.layers.attention import AttentionLayer, AttentionMetadata, SeqLayout
+from tessera.layers.mla import MLALayer
 from tessera.models.config import ModelConfig
 
 logger = logging.getLogger("tessera")
@@ -40,15 +41,22 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.page_size = page_size = self.config.page_size
         self.kv = KVCache.allocate(
-            cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
-        )
+            cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
+            v_head_dim=cfg.v_head_dim,
+        )  # fmt: skip
         self.pool = PagePool(num_pages)
         scale = cfg.head_dim**-0.5
         self.attention_backend = self._attention_backend()
-        self.layers = {
+        self.layers: dict[tuple[int, str], Any] = {
             (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale, page_size, self.attention_backend)
             for i in range(cfg.num_layers)
         }
+        if cfg.mla is not None:  # both MLA paths of every layer, each under its own role
+            attn = [layer.self_attn for layer in model.model.layers]  # type: ignore[union-attr]
+            mla = [MLALayer(self.kv.k[i], attn[i], page_size) for i in range(cfg.num_layers)]
+            self.layers = {
+                (i, role): mla[i] for i in range(cfg.num_layers) for role in ("mla_mha", "mla_mqa")
+            }
         if (
             cfg.moe is not None
             and self.device.type == "cuda"
@@ -95,6 +103,9 @@ class ModelRunner:
     def _decode_graphs_wanted(self) -> bool:
         c = self.config
         if c.disable_cuda_graph or not (self.device.type == "cuda" or c.emulate_graphs_on_cpu):
+            return False
+        if self.cfg.mla is not None:  # its reference ops loop over sequences in Python
+            logger.warning("decode graphs do not cover MLA attention yet; decode runs without them")
             return False
         if self.attention_backend != "triton":
             logger.warning("decode CUDA graphs need --attention-backend triton; decode runs without them")

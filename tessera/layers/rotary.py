@@ -75,8 +75,18 @@ def _llama3(inv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float, max_positions: int, scaling: dict[str, Any] | None):
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        max_positions: int,
+        scaling: dict[str, Any] | None,
+        interleaved: bool = False,
+    ):
+        """`interleaved`: rotate pairs (x0, x1), (x2, x3), ... (DeepSeek's layout) instead of the two
+        halves; the output is in the halves layout either way (q and k alike, so q.k is unchanged)."""
         super().__init__()
+        self.interleaved = interleaved
         inv, attention = rope_parameters(head_dim, theta, scaling, max_positions)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)  # [P, D/2]
         self.register_buffer("cos", freqs.cos() * attention, persistent=False)
@@ -85,7 +95,9 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if fused is not None and q.is_cuda:
+        if self.interleaved:  # pairs to halves first: a strided view, no copy
+            q, k = _deinterleave(q), _deinterleave(k)
+        if fused is not None and q.is_cuda and not self.interleaved:
             return torch.ops.tessera.rope(q, k, self.cos, self.sin, positions)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
@@ -95,3 +107,7 @@ class RotaryEmbedding(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)

@@ -3,6 +3,7 @@ never pokes at raw dicts."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -14,6 +15,8 @@ LLAMA_FAMILY = {
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 _BY_MODEL_TYPE = {model_type: arch for arch, model_type in LLAMA_FAMILY.items()}
 
@@ -29,9 +32,39 @@ class MoEConfig:
     renormalize: bool = True  # Mixtral always; Qwen3-MoE: norm_topk_prob
     sparse_step: int = 1  # every sparse_step-th layer is sparse (Qwen-MoE's decoder_sparse_step)
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP (Qwen-MoE's mlp_only_layers)
+    first_dense: int = 0  # the first layers are dense (DeepSeek's first_k_dense_replace)
+    shared_experts: int = 0  # DeepSeek: an always-on MLP of shared_experts x intermediate_size
+    scoring: str = "softmax"  # DeepSeek-V3: "sigmoid", with a learned score-correction bias
+    num_groups: int = 1  # DeepSeek group-limited routing (see tessera.layers.moe.RoutingConfig)
+    topk_groups: int = 1
+    group_score: str = "max"
+    routed_scaling_factor: float = 1.0
 
     def is_sparse(self, layer_id: int) -> bool:
-        return layer_id not in self.dense_layers and (layer_id + 1) % self.sparse_step == 0
+        if layer_id < self.first_dense or layer_id in self.dense_layers:
+            return False
+        return (layer_id + 1) % self.sparse_step == 0
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek's multi-head latent attention: K and V live in the cache as one latent of
+    `kv_lora_rank` plus a shared rotary key of `qk_rope_head_dim` per token."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    softmax_scale: float = 1.0  # the full scale: qk_head_dim^-0.5, times yarn's mscale^2 if any
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -54,6 +87,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     moe: MoEConfig | None = None
+    mla: MLAConfig | None = None  # DeepSeek: then the KV cache holds one latent "head" of latent_dim
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -66,6 +100,11 @@ class ModelConfig:
     @cached_property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        """Width of the V cache: MLA keeps everything in the one latent (the K cache), so none."""
+        return 0 if self.mla is not None else self.head_dim
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` of this configuration (inverse of `from_hf`)."""
@@ -113,26 +152,82 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(LLAMA_FAMILY)}")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
-        return cls(
-            architecture=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling(hf),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-            moe=_moe(arch, hf),
+        return (
+            cls(
+                architecture=arch,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_scaling=_rope_scaling(hf),
+                max_position_embeddings=hf.get("max_position_embeddings", 4096),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                attention_bias=arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
+                qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+                moe=_moe(arch, hf),
+            )
+            if not arch.startswith("Deepseek")
+            else _deepseek(arch, hf)
         )
+
+
+def _deepseek(arch: str, hf: dict[str, Any]) -> ModelConfig:
+    """DeepSeek-V2 / V3: MLA attention (the cache's "KV head" is the latent) and a DeepSeek MoE."""
+    v3 = arch == "DeepseekV3ForCausalLM"
+    rope, nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
+    scaling = _rope_scaling(hf)
+    scale = (rope + nope) ** -0.5
+    if scaling and scaling.get("mscale_all_dim"):
+        m = (
+            0.1 * scaling["mscale_all_dim"] * math.log(scaling["factor"]) + 1.0
+            if scaling["factor"] > 1
+            else 1.0
+        )
+        scale *= m * m
+    mla = MLAConfig(hf["kv_lora_rank"], nope, rope, hf["v_head_dim"], hf.get("q_lora_rank"), scale)
+    experts = hf.get("n_routed_experts") or hf.get("num_local_experts")
+    moe = MoEConfig(
+        num_experts=experts,
+        top_k=hf["num_experts_per_tok"],
+        intermediate_size=hf["moe_intermediate_size"],
+        renormalize=hf.get("norm_topk_prob", False),
+        first_dense=hf.get("first_k_dense_replace", 0),
+        shared_experts=hf.get("n_shared_experts") or 0,
+        scoring="sigmoid" if v3 else "softmax",
+        num_groups=(hf.get("n_group") or 1) if v3 or hf.get("topk_method") == "group_limited_greedy" else 1,
+        topk_groups=(hf.get("topk_group") or 1)
+        if v3 or hf.get("topk_method") == "group_limited_greedy"
+        else 1,
+        group_score="top2_sum" if v3 else "max",
+        routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+    )
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=1,
+        head_dim=mla.latent_dim,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+        moe=moe,
+        mla=mla,
+    )
 
 
 def _moe(arch: str, hf: dict[str, Any]) -> MoEConfig | None:

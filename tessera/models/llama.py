@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.layers.attention import attention  # noqa: F401  (registers tessera::attention)
+from tessera.layers.mla import MLAAttention
 from tessera.layers.moe import Experts, RoutingConfig, route
 from tessera.layers.norm import RMSNorm
 from tessera.layers.norm import fused as fused_kernels
@@ -56,10 +57,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -69,28 +71,50 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class Router(nn.Module):
+    """Router weights (and DeepSeek-V3's score-correction bias), named as HF's `gate`."""
+
+    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        if correction_bias:  # a parameter, not a buffer, so checkpoints load it like any weight
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class SparseMoeBlock(nn.Module):
-    """Router (`gate`) and experts, named as HF's Mixtral / Qwen3-MoE blocks; padded rows are routed
-    nowhere (`tessera.layers.moe`)."""
+    """Router (`gate`), experts and DeepSeek's shared experts, named as HF's Mixtral / Qwen3-MoE /
+    DeepSeek blocks; padded rows are routed nowhere (`tessera.layers.moe`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         moe = cfg.moe
         assert moe is not None
-        self.routing = RoutingConfig(top_k=moe.top_k, renormalize=moe.renormalize)
-        self.gate = nn.Linear(cfg.hidden_size, moe.num_experts, bias=False)
+        self.routing = RoutingConfig(
+            top_k=moe.top_k, scoring=moe.scoring, renormalize=moe.renormalize, num_groups=moe.num_groups,
+            topk_groups=moe.topk_groups, group_score=moe.group_score,
+            routed_scaling_factor=moe.routed_scaling_factor,
+        )  # fmt: skip
+        self.gate = Router(cfg.hidden_size, moe.num_experts, correction_bias=moe.scoring == "sigmoid")
         self.experts = Experts(moe.num_experts, cfg.hidden_size, moe.intermediate_size)
+        if moe.shared_experts:
+            self.shared_experts = LlamaMLP(cfg, moe.intermediate_size * moe.shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.routing)
-        return self.experts(x, weights, ids)
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        out = self.experts(x, *route(self.gate(x), self.routing, bias))
+        return out + self.shared_experts(x) if hasattr(self, "shared_experts") else out
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_id, rotary)
+        self.self_attn = (
+            MLAAttention(cfg, layer_id, rotary) if cfg.mla else LlamaAttention(cfg, layer_id, rotary)
+        )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         sparse = cfg.moe is not None and cfg.moe.is_sparse(layer_id)
         self.mlp: nn.Module = SparseMoeBlock(cfg) if sparse else LlamaMLP(cfg)
@@ -112,7 +136,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
+        rotary = RotaryEmbedding(
+            rope_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling, interleaved=bool(cfg.mla)
+        )
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -152,7 +179,10 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            target, shard = _fused_target(name) if ".experts." not in name else _expert_target(name)
+            if name in params:  # as it is (MLA's own q_proj, HF's fused expert tensors, ...)
+                target, shard = name, None
+            else:
+                target, shard = _fused_target(name) if ".experts." not in name else _expert_target(name)
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
             self._copy_shard(params[target], tensor, shard)
@@ -178,8 +208,9 @@ class LlamaForCausalLM(nn.Module):
                                                                           param.shape[1] // 2)  # fmt: skip
         elif shard is None:
             dst = param
-        elif isinstance(shard, int):
-            dst = param.narrow(0, shard * cfg.intermediate_size, cfg.intermediate_size)
+        elif isinstance(shard, int):  # gate / up half of a fused gate_up (dense, shared experts alike)
+            half = param.shape[0] // 2
+            dst = param.narrow(0, shard * half, half)
         else:
             offset = {"q": 0, "k": cfg.q_size, "v": cfg.q_size + cfg.kv_size}[shard]
             size = cfg.q_size if shard == "q" else cfg.kv_size

@@ -1,0 +1,150 @@
+"""DeepSeek's multi-head latent attention (MLA) with its two attention paths as split ops.
+
+The cache holds, per token, one latent: the normalized `kv_lora_rank` compression of K and V and the
+rotated `qk_rope_head_dim` key shared by all heads. Two split ops read it, each under its own role in the
+forward context's layer table, and every forward calls both:
+
+- `tessera::mla_mha` (role "mla_mha") serves the batch's EXTEND sequences: it writes all new latents,
+  up-projects each sequence's context to per-head K (nope + shared rope part) and V, and attends as
+  ordinary multi-head attention — qk head dim != v head dim. Output [T, H, v_head_dim].
+- `tessera::mla_mqa` (role "mla_mqa") serves the DECODE sequences: queries absorbed into the latent space
+  (q_nope @ W_UK) attend over the latent cache as one shared head; the output stays latent, [T, H,
+  kv_lora_rank], and is up-projected by W_UV inside the next graph piece.
+
+Each op writes zeros on the rows of the other kind, so a mixed batch is the sum of both. Per-layer
+`MLALayer.absorb_extend` sends extend sequences through the MQA path too (the same numbers, from the
+latent: what a long cached prefix with a short extension would prefer). The torch reference backend;
+Triton kernels for both paths are the GPU half of issue #5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.graphs.context import get_forward_context
+from tessera.graphs.ops import split_op
+from tessera.layers.norm import RMSNorm
+from tessera.layers.rotary import RotaryEmbedding
+from tessera.models.config import MLAConfig, ModelConfig
+
+
+@dataclass
+class MLALayer:
+    """What both MLA ops of one layer need: the latent cache, the module (for W_UK / W_UV) and the scale."""
+
+    cache: torch.Tensor  # [slots, 1, kv_lora_rank + qk_rope_head_dim]
+    module: Any  # MLAAttention
+    page_size: int
+    absorb_extend: bool = False  # extend sequences through the MQA path as well
+
+
+def _context_slots(row: torch.Tensor, context_len: int, page: int) -> torch.Tensor:
+    pages = row[: -(-context_len // page)].long()
+    return (pages[:, None] * page + torch.arange(page, device=row.device)).flatten()[:context_len]
+
+
+def _sequences(meta: Any, layer: MLALayer, want_decode: bool) -> Any:
+    """(row start, SeqLayout, context slots) of the batch's sequences this path serves."""
+    start = 0
+    for row, seq in zip(meta.kernel.page_table, meta.seqs, strict=True):
+        decode = seq.query_len == 1 or layer.absorb_extend
+        if decode == want_decode:
+            yield start, seq, _context_slots(row, seq.context_len, layer.page_size)
+        start += seq.query_len
+
+
+def _causal_mask(seq: Any, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(seq.query_len, device=device)[:, None] + (seq.context_len - seq.query_len)
+    return torch.arange(seq.context_len, device=device)[None, :] <= rows  # [Q, C]
+
+
+@split_op("tessera::mla_mha", outputs=("out",), mutates=())
+def mla_mha(q: torch.Tensor, latent: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
+    """q: [T, H, qk_head_dim]; latent: [T, latent_dim] (new tokens); out: [T, H, v_head_dim]."""
+    ctx = get_forward_context()
+    layer: MLALayer = ctx.layer(layer_id, "mla_mha")
+    n = ctx.raw_num_tokens
+    layer.cache.index_copy_(0, ctx.metadata.slot_mapping[:n], latent[:n, None])  # every new token, once
+    out.zero_()
+    mla: MLAConfig = layer.module.mla
+    w_kc, w_vc = layer.module.absorbed_weights()
+    for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=False):
+        context = layer.cache[slots, 0]  # [C, latent_dim]
+        c, k_rope = context[:, : mla.kv_lora_rank], context[:, mla.kv_lora_rank :]
+        k_nope = torch.einsum("cl,hdl->hcd", c, w_kc)  # [H, C, nope]
+        k = torch.cat((k_nope, k_rope[None].expand(k_nope.shape[0], -1, -1)), dim=-1)
+        v = torch.einsum("cl,hvl->hcv", c, w_vc)  # [H, C, v]
+        qh = q[start : start + seq.query_len].transpose(0, 1)  # [H, Q, qk]
+        o = F.scaled_dot_product_attention(
+            qh, k, v, attn_mask=_causal_mask(seq, q.device), scale=mla.softmax_scale
+        )
+        out[start : start + seq.query_len] = o.transpose(0, 1)
+
+
+@split_op("tessera::mla_mqa", outputs=("out",), mutates=())
+def mla_mqa(q_latent: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
+    """q_latent: [T, H, latent_dim] (q_nope @ W_UK, then q_rope); out: [T, H, kv_lora_rank]. Runs after
+    `mla_mha`, which has written this step's latents."""
+    ctx = get_forward_context()
+    layer: MLALayer = ctx.layer(layer_id, "mla_mqa")
+    out.zero_()
+    mla: MLAConfig = layer.module.mla
+    for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=True):
+        context = layer.cache[slots, 0]  # [C, latent_dim]: one head shared by all query heads
+        qh = q_latent[start : start + seq.query_len].transpose(0, 1)  # [H, Q, latent]
+        scores = (qh.float() @ context.float().T) * mla.softmax_scale  # [H, Q, C]
+        scores = scores.masked_fill(~_causal_mask(seq, q_latent.device), float("-inf"))
+        o = scores.softmax(-1) @ context[:, : mla.kv_lora_rank].float()  # [H, Q, L]
+        out[start : start + seq.query_len] = o.transpose(0, 1).to(out.dtype)
+
+
+class MLAAttention(nn.Module):
+    """DeepSeek-V2/V3 attention, named as HF's: q_proj (or q_a_proj, q_a_layernorm, q_b_proj),
+    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        assert cfg.mla is not None
+        self.mla, self.layer_id, self.rotary, self.heads = cfg.mla, layer_id, rotary, cfg.num_heads
+        mla, h = cfg.mla, cfg.hidden_size
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, cfg.num_heads * mla.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, mla.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, cfg.num_heads * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, mla.latent_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(
+            mla.kv_lora_rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(cfg.num_heads * mla.v_head_dim, h, bias=False)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, L], W_UV [H, v, L]): views of kv_b_proj, the latent's up-projections."""
+        mla = self.mla
+        w = self.kv_b_proj.weight.view(self.heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
+        return w[:, : mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim :]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t, mla = x.shape[0], self.mla
+        q = self.q_proj(x) if mla.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(t, self.heads, mla.qk_head_dim).split(
+            [mla.qk_nope_head_dim, mla.qk_rope_head_dim], -1
+        )
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([mla.kv_lora_rank, mla.qk_rope_head_dim], -1)
+        q_rope, k_rope = self.rotary(positions, q_rope, k_rope[:, None])
+        latent = torch.cat((self.kv_a_layernorm(c), k_rope[:, 0]), dim=-1)  # what the cache keeps
+        out = torch.empty(t, self.heads, mla.v_head_dim, dtype=x.dtype, device=x.device)
+        torch.ops.tessera.mla_mha(torch.cat((q_nope, q_rope), -1), latent, out, self.layer_id)
+        w_kc, w_vc = self.absorbed_weights()
+        q_latent = torch.cat((torch.einsum("thd,hdl->thl", q_nope, w_kc), q_rope), -1)
+        out_latent = torch.empty(t, self.heads, mla.kv_lora_rank, dtype=x.dtype, device=x.device)
+        torch.ops.tessera.mla_mqa(q_latent, out_latent, self.layer_id)
+        out = out + torch.einsum("thl,hvl->thv", out_latent, w_vc)
+        return self.o_proj(out.reshape(t, -1))
