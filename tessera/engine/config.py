@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MLA_GRAPH_MAX_TOKENS = 2048
+
 
 @dataclass(frozen=True)
 class RunnerConfig:
     page_size: int = 16
     chunked_prefill_size: int = 2048  # most prompt tokens one forward runs
     disable_piecewise_cuda_graph: bool = False
-    piecewise_cuda_graph_max_tokens: int | None = None  # default: chunked_prefill_size
+    # default: chunked_prefill_size, capped at MLA_GRAPH_MAX_TOKENS for MLA models
+    piecewise_cuda_graph_max_tokens: int | None = None
     piecewise_cuda_graph_tokens: tuple[int, ...] | None = None  # explicit capture sizes
     piecewise_cuda_graph_strategy: str = "breakable"
     piecewise_cuda_graph_compiler: str = "eager"
@@ -19,6 +22,8 @@ class RunnerConfig:
     cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
     emulate_graphs_on_cpu: bool = False
+    # Debug: every padded replay is re-run with poisoned padding and must leave real rows unchanged.
+    debug_poison_padding: bool = False
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.chunked_prefill_size < 1:
@@ -26,6 +31,10 @@ class RunnerConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}: auto, torch or triton")
 
-    @property
-    def graph_max_tokens(self) -> int:
-        return self.piecewise_cuda_graph_max_tokens or self.chunked_prefill_size
+    def graph_max_tokens(self, mla: bool = False) -> int:
+        """The largest piecewise capture size. MLA models cap it at MLA_GRAPH_MAX_TOKENS (SGLang's
+        choice for DeepSeek: its per-size graphs are large) while chunked prefill may stay larger; a
+        batch above it runs eagerly inside the same forward context."""
+        if self.piecewise_cuda_graph_max_tokens:
+            return self.piecewise_cuda_graph_max_tokens
+        return min(self.chunked_prefill_size, MLA_GRAPH_MAX_TOKENS) if mla else self.chunked_prefill_size

@@ -88,7 +88,8 @@ class ModelRunner:
         graph_config = GraphConfig(
             strategy=c.piecewise_cuda_graph_strategy,  # type: ignore[arg-type]
             compiler=c.piecewise_cuda_graph_compiler,  # type: ignore[arg-type]
-            max_tokens=c.graph_max_tokens,
+            max_tokens=c.graph_max_tokens(mla=self.cfg.mla is not None),
+            poison_padding=c.debug_poison_padding,
             capture_sizes=c.piecewise_cuda_graph_tokens,
             disable_hint="pass --disable-piecewise-cuda-graph",
         )
