@@ -125,3 +125,17 @@ def test_piecewise_graphs_match_eager_with_a_mixed_batch_and_the_eager_path_abov
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     stats = graphs.graph_stats()
     assert stats["replays"] == {"16": 1} and stats["eager_fallbacks"] == {"oversize": 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_bf16_logits_match_hf_on_gpu(family: str) -> None:
+    from .conftest import rel_err
+
+    hf, ours = hf_and_ours(family)
+    hf, ours = hf.cuda().to(torch.bfloat16), ours.cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 23), device="cuda")
+    ref = hf(ids).logits[0, -1].float()
+    got = _runner(ours).run([(_seq(ids[0].tolist()), 23)])[0]
+    assert rel_err(got, ref) < 3e-2

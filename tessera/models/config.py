@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-LLAMA_FAMILY = {
+SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
@@ -18,7 +18,7 @@ LLAMA_FAMILY = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
 }
-_BY_MODEL_TYPE = {model_type: arch for arch, model_type in LLAMA_FAMILY.items()}
+_BY_MODEL_TYPE = {model_type: arch for arch, model_type in SUPPORTED_ARCHITECTURES.items()}
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,9 @@ class ModelConfig:
         return 0 if self.mla is not None else self.head_dim
 
     def to_hf(self) -> dict[str, Any]:
-        """The HF `config.json` of this configuration (inverse of `from_hf`)."""
+        """The HF `config.json` of this configuration (inverse of `from_hf`; not for MLA models yet)."""
+        if self.mla is not None:
+            raise NotImplementedError("to_hf does not write DeepSeek (MLA) configurations yet")
         hf: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": next(t for t, a in _BY_MODEL_TYPE.items() if a == self.architecture),
@@ -148,8 +150,10 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         arch = (hf.get("architectures") or [_BY_MODEL_TYPE.get(hf.get("model_type", ""), "")])[0]
-        if arch not in LLAMA_FAMILY:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(LLAMA_FAMILY)}")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         return (

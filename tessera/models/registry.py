@@ -11,7 +11,7 @@ import torch
 from tessera.loader import hf
 from tessera.loader.gguf_file import GGUFFile
 from tessera.loader.tokenizer import Tokenizer
-from tessera.models.config import LLAMA_FAMILY, ModelConfig
+from tessera.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from tessera.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger("tessera")
@@ -47,7 +47,7 @@ def load(
         cfg, weights, tokenizer = f.config, f.weights(), Tokenizer.from_gguf(f.field)
     else:
         cfg, weights, tokenizer = hf.read_config(path), hf.weights(path), Tokenizer.from_folder(path)
-    if cfg.architecture not in LLAMA_FAMILY:
+    if cfg.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {cfg.architecture}")
     with torch.device(device):
         net = LlamaForCausalLM(cfg)
