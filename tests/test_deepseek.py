@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -63,14 +65,17 @@ def _seq(ids: list[int]) -> Sequence:
     return Sequence(ids, SamplingParams())
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="no triton"))])  # fmt: skip
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_match_hf(family: str) -> None:
-    """Prefill (the MHA path) then decode steps (the absorbed MQA path over the latent cache)."""
+def test_logits_match_hf(family: str, backend: str) -> None:
+    """Prefill then decode steps. torch: the MHA path, then the absorbed MQA path over the latent
+    cache; triton: the paged-attention kernel over the latent cache for both."""
     hf, ours = hf_and_ours(family)
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits[0]
-    runner = _runner(ours)
+    runner = _runner(ours, attention_backend=backend)
     seq = _seq(ids[0].tolist())
     got = [runner.run([(seq, 6)])[0]]
     for _ in range(5):
@@ -101,13 +106,25 @@ def test_both_roles_are_registered_for_every_layer() -> None:
     assert runner.kv.v[0].shape[-1] == 0 and runner.kv.k[0].shape[-1] == 32 + 8  # the latent only
 
 
-@pytest.mark.parametrize("strategy", ["breakable", "compile"])
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "backend"),
+    [
+        ("breakable", "torch"),
+        ("compile", "torch"),
+        pytest.param("breakable", "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
+    ],
+)
 def test_piecewise_graphs_match_eager_with_a_mixed_batch_and_the_eager_path_above_the_range(
-    strategy: str,
+    strategy: str, backend: str
 ) -> None:
+    """torch: both MLA paths inside piecewise graphs; triton: the one-launch MQA path, and decode graphs."""
     _, ours = hf_and_ours("DeepseekV3ForCausalLM")
     graphs = _runner(ours, emulate_graphs_on_cpu=True, piecewise_cuda_graph_tokens=(8, 16),
-                     piecewise_cuda_graph_strategy=strategy)  # fmt: skip
+                     piecewise_cuda_graph_strategy=strategy, attention_backend=backend,
+                     cuda_graph_max_bs=4)  # fmt: skip
     eager = _runner(ours)
     prompts = [
         torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 13, 3)
@@ -120,11 +137,16 @@ def test_piecewise_graphs_match_eager_with_a_mixed_batch_and_the_eager_path_abov
             s.output_token_ids.append(7)
         late = _seq(prompts[1][:6])
         steps.append(runner.run([(s, 1) for s in seqs] + [(late, 6)]))  # 3 decodes + a prefill: 9 -> 16
+        for s in seqs:
+            s.output_token_ids.append(9)
+        steps.append(runner.run([(s, 1) for s in seqs]))  # 3 decodes: a decode graph of 4 with triton
         outs[name] = steps
     for got, ref in zip(outs["graphs"], outs["eager"], strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     stats = graphs.graph_stats()
-    assert stats["replays"] == {"16": 1} and stats["eager_fallbacks"] == {"oversize": 1}
+    assert stats["eager_fallbacks"] == {"oversize": 1}
+    assert stats["replays"] == ({"16": 1} if backend == "triton" else {"16": 1, "8": 1})
+    assert stats["decode_graph_replays"] == (1 if backend == "triton" else 0)
 
 
 @pytest.mark.gpu

@@ -53,7 +53,13 @@ class ModelRunner:
         }
         if cfg.mla is not None:  # both MLA paths of every layer, each under its own role
             attn = [layer.self_attn for layer in model.model.layers]  # type: ignore[union-attr]
-            mla = [MLALayer(self.kv.k[i], attn[i], page_size) for i in range(cfg.num_layers)]
+            triton = self.attention_backend == "triton"  # all sequences through the one-launch MQA path
+            mla = [
+                MLALayer(
+                    self.kv.k[i], attn[i], page_size, absorb_extend=triton, backend=self.attention_backend
+                )
+                for i in range(cfg.num_layers)
+            ]
             self.layers = {
                 (i, role): mla[i] for i in range(cfg.num_layers) for role in ("mla_mha", "mla_mqa")
             }
@@ -104,9 +110,6 @@ class ModelRunner:
     def _decode_graphs_wanted(self) -> bool:
         c = self.config
         if c.disable_cuda_graph or not (self.device.type == "cuda" or c.emulate_graphs_on_cpu):
-            return False
-        if self.cfg.mla is not None:  # its reference ops loop over sequences in Python
-            logger.warning("decode graphs do not cover MLA attention yet; decode runs without them")
             return False
         if self.attention_backend != "triton":
             logger.warning("decode CUDA graphs need --attention-backend triton; decode runs without them")

@@ -13,8 +13,10 @@ forward context's layer table, and every forward calls both:
 
 Each op writes zeros on the rows of the other kind, so a mixed batch is the sum of both. Per-layer
 `MLALayer.absorb_extend` sends extend sequences through the MQA path too (the same numbers, from the
-latent: what a long cached prefix with a short extension would prefer). The torch reference backend;
-Triton kernels for both paths are the GPU half of issue #5.
+latent: what a long cached prefix with a short extension would prefer). With the Triton backend every
+sequence takes the MQA path, as one launch of the paged-attention kernel (the latent is its single KV
+head, its first kv_lora_rank columns the values): no per-sequence Python, so graphs can capture it. A
+Triton kernel for the MHA path itself is still to come.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class MLALayer:
     module: Any  # MLAAttention
     page_size: int
     absorb_extend: bool = False  # extend sequences through the MQA path as well
+    backend: str = "torch"  # "triton": the MQA path in one paged-attention launch (and then it serves all)
 
 
 def _context_slots(row: torch.Tensor, context_len: int, page: int) -> torch.Tensor:
@@ -71,6 +74,8 @@ def mla_mha(q: torch.Tensor, latent: torch.Tensor, out: torch.Tensor, layer_id: 
     n = ctx.raw_num_tokens
     layer.cache.index_copy_(0, ctx.metadata.slot_mapping[:n], latent[:n, None])  # every new token, once
     out.zero_()
+    if layer.absorb_extend:  # every sequence takes the MQA path: nothing more to do here
+        return
     mla: MLAConfig = layer.module.mla
     w_kc, w_vc = layer.module.absorbed_weights()
     for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=False):
@@ -94,6 +99,15 @@ def mla_mqa(q_latent: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
     layer: MLALayer = ctx.layer(layer_id, "mla_mqa")
     out.zero_()
     mla: MLAConfig = layer.module.mla
+    if layer.backend == "triton":
+        from tessera.layers.triton_attention import paged_attention
+
+        kl = ctx.metadata.kernel  # one launch for the batch: the latent is the one KV head, its first
+        # kv_lora_rank columns the values
+        values = layer.cache[:, :, : mla.kv_lora_rank]
+        paged_attention(q_latent, layer.cache, values, out, kl.page_table, kl.q_start, kl.q_len, kl.ctx_len,
+                        kl.max_q_len, layer.page_size, mla.softmax_scale)  # fmt: skip
+        return
     for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=True):
         context = layer.cache[slots, 0]  # [C, latent_dim]: one head shared by all query heads
         qh = q_latent[start : start + seq.query_len].transpose(0, 1)  # [H, Q, latent]

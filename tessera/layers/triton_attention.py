@@ -19,8 +19,8 @@ def _paged_attention_kernel(
     page_table, q_start, q_len, ctx_len,
     scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pb,
-    GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -33,8 +33,10 @@ def _paged_attention_kernel(
     prefix = clen - qlen
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < qlen
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < V_DIM
     q = tl.load(
         Q + (first + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=m_ok[:, None] & d_ok[None, :],
@@ -43,7 +45,7 @@ def _paged_attention_kernel(
     kv_head = h // GROUP
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     end = tl.minimum(clen, prefix + (mb + 1) * BLOCK_M)  # causal: nothing past the block's last query
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -62,15 +64,17 @@ def _paged_attention_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0
+            V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_dv[None, :],
+            mask=n_ok[:, None] & dv_ok[None, :],
+            other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(
-        Out + (first + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        Out + (first + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
         acc.to(Out.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
+        mask=m_ok[:, None] & dv_ok[None, :],
     )
 
 
@@ -87,9 +91,11 @@ def paged_attention(
     page_size: int,
     scale: float,
 ) -> None:
-    """q, out: [T, H, D]; caches: [slots, KVH, D]; page_table: [B, max_pages] int32;
-    q_start / q_len / ctx_len: [B] int32. Writes out rows of the batch's real tokens."""
-    batch, heads, head_dim = q_len.shape[0], q.shape[1], q.shape[2]
+    """q: [T, H, D]; k_cache: [slots, KVH, D]; v_cache, out: [slots, KVH, Dv] and [T, H, Dv] (Dv may
+    differ from D: MLA's absorbed path reads V as the first kv_lora_rank columns of its latent cache);
+    page_table: [B, max_pages] int32; q_start / q_len / ctx_len: [B] int32. Writes out rows of the
+    batch's real tokens."""
+    batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
     group = heads // k_cache.shape[1]
     block_m = 16 if max_q_len <= 16 else 64
     grid = (batch, heads, triton.cdiv(max_q_len, block_m))
@@ -99,6 +105,7 @@ def paged_attention(
         scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0),
-        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim,
+        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim,
         BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
     )  # fmt: skip
