@@ -128,3 +128,27 @@ def test_replayed_graphs_route_padded_rows_nowhere(strategy: str) -> None:
     stats = runner.stats.as_dict()
     assert stats["replays"] == {"8": 1, "16": 2}
     assert not stats["eager_fallbacks"]  # compile: a mask read as a Python int would have recompiled
+
+
+@pytest.mark.parametrize(("tokens", "topk"), [(13, 2), (40, 3), (1, 1)])
+def test_triton_grouped_gemm_experts_match_the_reference(tokens: int, topk: int) -> None:
+    """The capture-safe Triton path (Triton's interpreter here) against the reference loop, padded rows
+    (id -1) included: they must come out zero and cost nothing."""
+    fused_moe = pytest.importorskip("tessera.layers.fused_moe")
+    from tessera.layers.moe import moe_experts
+
+    experts = _experts()
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen)
+    weights, ids = route(torch.randn(tokens, E, generator=gen), RoutingConfig(top_k=topk))
+    real = max(tokens - 3, 1)
+    ids[real:], weights[real:] = -1, 0.0
+    args = (x, experts.gate_up_proj.detach(), experts.down_proj.detach(), weights, ids)
+    got, ref = fused_moe.fused_experts(*args), moe_experts(*args)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert (got[real:] == 0).all()
+    pair_of_slot, expert_of_block = fused_moe._layout(ids, E)
+    used = (pair_of_slot < ids.numel()).nonzero().flatten()  # slots holding a pair
+    laid_out = pair_of_slot[used]
+    assert sorted(laid_out.tolist()) == [i for i, e in enumerate(ids.flatten().tolist()) if e >= 0]
+    assert torch.equal(expert_of_block[used // fused_moe.BLOCK_M], ids.flatten()[laid_out])  # right block

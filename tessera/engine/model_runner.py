@@ -18,6 +18,7 @@ from tessera.engine.kv_cache import DUMMY_SLOT, KVCache, PagePool
 from tessera.engine.sequence import Sequence
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
 from tessera.graphs.platform import make_backend
+from tessera.layers import moe
 from tessera.layers.attention import AttentionLayer, AttentionMetadata, SeqLayout
 from tessera.layers.mla import MLALayer
 from tessera.models.config import ModelConfig
@@ -66,12 +67,13 @@ class ModelRunner:
         if (
             cfg.moe is not None
             and self.device.type == "cuda"
+            and not moe.CAPTURE_SAFE_ON_CUDA
             and not (self.config.disable_piecewise_cuda_graph and self.config.disable_cuda_graph)
         ):
-            # NOTE: the reference expert loop reads per-expert counts on the host, which no CUDA graph
-            # can capture; until the grouped-GEMM path lands (issue #5), MoE models run eagerly on GPU
+            # NOTE: without Triton the experts run the reference loop, which reads per-expert counts on
+            # the host: no CUDA graph can capture that
             logger.warning(
-                "MoE models run without CUDA graphs for now (the expert kernels are not capture-safe)"
+                "MoE without Triton: running without CUDA graphs (the expert loop is not capture-safe)"
             )
             self.config = replace(self.config, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
         self.graphs = self._capture_graphs() if self._graphs_wanted() else None

@@ -10,8 +10,8 @@ expert computation skips id -1 entirely: no FLOPs, no contribution.
 Routing follows HF transformers: Mixtral / Qwen-MoE (softmax over experts, top-k, optional
 renormalisation) and DeepSeek-V2 / V3 (softmax or sigmoid scores, V3's correction bias used for the
 choice only, group-limited top-k, routed scaling factor). Expert weights use HF's fused layout:
-`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]. This file is the reference (any device); a grouped-GEMM
-GPU path is to come with the DeepSeek issue.
+`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]. On CUDA the experts run as Triton grouped GEMMs
+(`fused_moe.py`, capture-safe); elsewhere the reference loop here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.graphs.ops import opaque_op
+
+try:
+    from tessera.layers import fused_moe
+except ImportError:  # no Triton: the reference loop everywhere
+    fused_moe = None  # type: ignore[assignment]
+
+# CUDA graphs can capture the experts only through the Triton grouped GEMMs (the reference loop syncs)
+CAPTURE_SAFE_ON_CUDA = fused_moe is not None
 
 
 @dataclass(frozen=True)
@@ -88,9 +96,11 @@ class Experts(nn.Module):
 def moe_experts(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """The reference expert loop (an opaque op: Dynamo keeps it whole). Its per-expert token counts
-    come back to the host, so it cannot be captured in a CUDA graph; a capture-safe grouped-GEMM path
-    is issue #5's GPU work."""
+    """The experts (an opaque op: Dynamo keeps it whole). On CUDA: the Triton grouped GEMMs of
+    `fused_moe`, capture-safe. Elsewhere: the reference loop, whose per-expert token counts come back to
+    the host (so no CUDA graph could capture it)."""
+    if x.is_cuda and fused_moe is not None:
+        return fused_moe.fused_experts(x, gate_up, down, weights, ids)
     out = torch.zeros_like(x)
     flat = ids.flatten()
     # tokens grouped by expert; id -1 (padded rows) sorts first and is cut off, never computed
