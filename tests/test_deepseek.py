@@ -34,6 +34,22 @@ FAMILIES = {
         "DeepseekV3Config",
         {"q_lora_rank": 24, "n_group": 4, "topk_group": 2, "norm_topk_prob": True},
     ),
+    "DeepseekV2ForCausalLM-yarn": (  # V2-Lite's RoPE: yarn with mscale in the softmax scale
+        "DeepseekV2Config",
+        {
+            "q_lora_rank": None,
+            "topk_method": "greedy",
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+            },
+        },
+    ),
 }
 
 
