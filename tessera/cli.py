@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     _generate_parser(sub)
     _serve_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (GPU)", add_help=False)
-    bench.add_argument("which", choices=["graphs", "step", "serve"])
+    bench.add_argument("which", choices=["graphs", "step", "serve", "moe-padding"])
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command in ("generate", "serve"):
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         import importlib
 
-        importlib.import_module(f"tessera.bench.{args.which}").main(rest)
+        importlib.import_module(f"tessera.bench.{args.which.replace('-', '_')}").main(rest)
     return 0
 
 

@@ -50,10 +50,16 @@ VARIANTS = {
 DECODE_CONTEXT = 256
 
 
+CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+CONFIG_MODELS = ("deepseek-v2-lite", "qwen3-30b-a3b")  # random weights from benchmarks/configs/NAME
+
+
 def load_model(name: str) -> LlamaForCausalLM:
     device = torch.device("cuda")
     if name == "smollm2":
         return registry.load(None, torch.bfloat16, device)[0]
+    if name in CONFIG_MODELS:
+        return registry.load(CONFIGS / name, torch.bfloat16, device, load_format="dummy")[0]
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(LLAMA3_8B).to(torch.bfloat16)
@@ -96,7 +102,8 @@ def bench_model(
         for cache in runners[variant].kv.k + runners[variant].kv.v:
             cache.normal_()
     cases = [("extend", n, s) for n in extend for s in (1, 8) if n >= s] + [("decode", b, b) for b in decode]
-    hf = hf_baselines.hf_model(model) if with_hf else None
+    dense = model.cfg.moe is None and model.cfg.mla is None  # the HF baselines rebuild a Llama
+    hf = hf_baselines.hf_model(model) if with_hf and dense else None
     rows = []
     for kind, size, seqs in cases:
         batches = {v: make_batch(r, kind, size, seqs) for v, r in runners.items()}
@@ -137,7 +144,12 @@ def _step(runner: ModelRunner, batch: ForwardBatch) -> Step:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="tessera bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"], choices=["smollm2", "llama3-8b"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["smollm2", "llama3-8b"],
+        choices=["smollm2", "llama3-8b", *CONFIG_MODELS],
+    )
     p.add_argument("--extend", type=int, nargs="+", default=[16, 64, 128, 512, 2048])
     p.add_argument("--decode", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--num-pages", type=int, default=3000, help="KV pages per variant")

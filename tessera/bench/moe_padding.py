@@ -1,0 +1,72 @@
+"""`tessera bench moe-padding`: does padding cost expert work? GPU time of one MoE layer (router, routing,
+Triton grouped-GEMM experts) on N real rows alone vs the same N rows padded up to a capture size S (the
+padded rows masked by the forward context, as inside a replayed graph). Issue #5's target: within 5 %.
+Shapes: DeepSeek-V2-Lite's MoE layer (64 experts, top-6, expert width 1408, 2 shared) and Qwen3-30B-A3B's
+(128 experts, top-8, width 768), bf16, random weights. Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.bench.timing import time_interleaved
+from tessera.graphs.context import ForwardContext, forward_context
+from tessera.loader.hf import read_config
+from tessera.models.llama import SparseMoeBlock
+
+CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+
+
+def moe_layer(name: str) -> SparseMoeBlock:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        block = SparseMoeBlock(read_config(CONFIGS / name)).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    return block.eval()
+
+
+def bench(name: str, pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    block, rows = moe_layer(name), []
+    hidden = block.gate.weight.shape[1]
+    for n, size in pairs:
+        x = torch.randn(size, hidden, device="cuda", dtype=torch.bfloat16)
+
+        def alone(_: Any, n: int = n, x: torch.Tensor = x) -> Any:
+            with forward_context(ForwardContext(n, n, num_real=torch.tensor(n, device="cuda"))):
+                return block(x[:n])
+
+        def padded(_: Any, n: int = n, size: int = size, x: torch.Tensor = x) -> Any:
+            with forward_context(ForwardContext(size, n, num_real=torch.tensor(n, device="cuda"))):
+                return block(x)
+
+        with torch.no_grad():
+            ms = time_interleaved({"alone": alone, "padded": padded}, x)
+        rows.append(
+            {"model": name, "real": n, "padded_to": size, "ms": ms, "ratio": ms["padded"] / ms["alone"]}
+        )
+        print(f"{name}: {n} real rows {ms['alone']:.3f} ms, padded to {size} {ms['padded']:.3f} ms "
+              f"({rows[-1]['ratio']:.3f}x)")  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(prog="tessera bench moe-padding", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--models", nargs="+", default=["deepseek-v2-lite", "qwen3-30b-a3b"])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tessera bench moe-padding needs a GPU")
+    rows = [r for m in args.models for r in bench(m, [(129, 144), (520, 576)])]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {"benchmark": "moe-padding", "gpu": torch.cuda.get_device_name(), "rows": rows}
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return rows
