@@ -39,6 +39,7 @@ class MoEConfig:
     topk_groups: int = 1
     group_score: str = "max"
     routed_scaling_factor: float = 1.0
+    router_fp32: bool = False  # DeepSeek computes router logits in float32 (as HF does)
 
     def is_sparse(self, layer_id: int) -> bool:
         if layer_id < self.first_dense or layer_id in self.dense_layers:
@@ -211,6 +212,7 @@ def _deepseek(arch: str, hf: dict[str, Any]) -> ModelConfig:
         else 1,
         group_score="top2_sum" if v3 else "max",
         routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+        router_fp32=True,
     )
     eos = hf.get("eos_token_id")
     return ModelConfig(

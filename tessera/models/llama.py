@@ -74,14 +74,15 @@ class LlamaMLP(nn.Module):
 class Router(nn.Module):
     """Router weights (and DeepSeek-V3's score-correction bias), named as HF's `gate`."""
 
-    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool, fp32: bool = False) -> None:
         super().__init__()
+        self.fp32 = fp32  # logits in float32 whatever the model's dtype: near-ties route as HF's do
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         if correction_bias:  # a parameter, not a buffer, so checkpoints load it like any weight
             self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x.float(), self.weight.float()) if self.fp32 else F.linear(x, self.weight)
 
 
 class SparseMoeBlock(nn.Module):
@@ -97,7 +98,9 @@ class SparseMoeBlock(nn.Module):
             topk_groups=moe.topk_groups, group_score=moe.group_score,
             routed_scaling_factor=moe.routed_scaling_factor,
         )  # fmt: skip
-        self.gate = Router(cfg.hidden_size, moe.num_experts, correction_bias=moe.scoring == "sigmoid")
+        self.gate = Router(
+            cfg.hidden_size, moe.num_experts, correction_bias=moe.scoring == "sigmoid", fp32=moe.router_fp32
+        )
         self.experts = Experts(moe.num_experts, cfg.hidden_size, moe.intermediate_size)
         if moe.shared_experts:
             self.shared_experts = LlamaMLP(cfg, moe.intermediate_size * moe.shared_experts)
