@@ -214,3 +214,22 @@ def test_v2_lite_shaped_model_gives_the_same_greedy_tokens_with_and_without_grap
     stats = on.graph_stats()
     assert stats["eager_fallbacks"] == {"oversize": 3}  # 2049, 3000, 4096 tokens
     assert stats["decode_graph_replays"] > 0
+
+
+def test_the_engine_generates_with_a_dummy_deepseek_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """End to end on CPU: config folder -> random weights -> scheduler, MLA cache, MoE, sampling."""
+    import json
+
+    from tessera.engine.llm import LLM
+
+    config = {"architectures": ["DeepseekV3ForCausalLM"], **TINY, "vocab_size": 49152, "q_lora_rank": 24,
+              "n_group": 4, "topk_group": 2, "norm_topk_prob": True}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = LLM(tmp_path, device="cpu", load_format="dummy")
+    outs = llm.generate(
+        ["The capital of France is", "Water boils at"], SamplingParams(max_tokens=4, ignore_eos=True)
+    )
+    assert [len(o.token_ids) for o in outs] == [4, 4]
+    assert llm.runner.pool.num_free + (llm.scheduler.cache.num_pages if llm.scheduler.cache else 0) == (
+        llm.runner.pool.num_pages - 1
+    )
