@@ -46,24 +46,8 @@ class ModelRunner:
             v_head_dim=cfg.v_head_dim,
         )  # fmt: skip
         self.pool = PagePool(num_pages)
-        scale = cfg.head_dim**-0.5
         self.attention_backend = self._attention_backend()
-        self.layers: dict[tuple[int, str], Any] = {
-            (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale, page_size, self.attention_backend)
-            for i in range(cfg.num_layers)
-        }
-        if cfg.mla is not None:  # both MLA paths of every layer, each under its own role
-            attn = [layer.self_attn for layer in model.model.layers]  # type: ignore[union-attr]
-            triton = self.attention_backend == "triton"  # all sequences through the one-launch MQA path
-            mla = [
-                MLALayer(
-                    self.kv.k[i], attn[i], page_size, absorb_extend=triton, backend=self.attention_backend
-                )
-                for i in range(cfg.num_layers)
-            ]
-            self.layers = {
-                (i, role): mla[i] for i in range(cfg.num_layers) for role in ("mla_mha", "mla_mqa")
-            }
+        self.layers = self._layer_table(model)
         if (
             cfg.moe is not None
             and self.device.type == "cuda"
@@ -78,6 +62,25 @@ class ModelRunner:
             self.config = replace(self.config, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
         self.graphs = self._capture_graphs() if self._graphs_wanted() else None
         self.decode_graphs = self._capture_decode_graphs() if self._decode_graphs_wanted() else None
+
+    def _layer_table(self, model: nn.Module) -> dict[tuple[int, str], Any]:
+        """What each attention split op finds in the forward context, by (layer, role): "attn" for
+        Llama-style layers; "mla_mha" and "mla_mqa" (one object, one latent cache) for MLA layers."""
+        cfg, page, backend = self.cfg, self.page_size, self.attention_backend
+        if cfg.mla is None:
+            scale = cfg.head_dim**-0.5
+            return {
+                (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale, page, backend)
+                for i in range(cfg.num_layers)
+            }
+        table: dict[tuple[int, str], Any] = {}
+        for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
+            # triton: every sequence through the one-launch MQA path
+            mla = MLALayer(
+                self.kv.k[i], layer.self_attn, page, absorb_extend=backend == "triton", backend=backend
+            )
+            table[(i, "mla_mha")] = table[(i, "mla_mqa")] = mla
+        return table
 
     def _attention_backend(self) -> str:
         wanted = self.config.attention_backend
