@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
+from tessera.bench.step import CONFIGS
 from tessera.bench.timing import time_interleaved
 from tessera.graphs.context import ForwardContext, forward_context
 from tessera.loader.hf import read_config
 from tessera.models.llama import SparseMoeBlock
-
-CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 
 
 def moe_layer(name: str) -> SparseMoeBlock:
