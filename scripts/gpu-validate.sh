@@ -4,6 +4,7 @@
 #   1: graph runtime tests + `tessera bench graphs`   2: engine tests + `tessera bench step`
 #   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
 #   5: DeepSeek / MoE GPU tests, `tessera bench moe-padding`, `tessera bench step` on their shapes
+#      (5a: the first two, 5b: the last)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -37,13 +38,16 @@ case "${1:-}" in
     serve serve_smollm2 380 ;;
   gsm8k)
     step gsm8k 200 python3 benchmarks/eval_gsm8k.py --out "$OUT/gsm8k.json" ;;
-  5)  # issue 5 (after phase 1): DeepSeek/MoE GPU tests, their step bench, the padded-MoE timing
+  5|5a)  # issue 5 (after phase 1): DeepSeek/MoE GPU tests and the padded-MoE timing ...
     step test_moe 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_deepseek.py tests/test_moe.py
     step moe_padding 60 python3 -m tessera bench moe-padding --out "$OUT/moe_padding.json"
+    [ "$1" = 5a ] || step bench_step_moe 280 python3 -m tessera bench step --models deepseek-v2-lite qwen3-30b-a3b --no-hf \
+      --extend 16 128 512 2048 --decode 1 32 128 --num-pages 1500 --out "$OUT/step_moe.json" ;;
+  5b)  # ... and their step bench
     step bench_step_moe 280 python3 -m tessera bench step --models deepseek-v2-lite qwen3-30b-a3b --no-hf \
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 1500 --out "$OUT/step_moe.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2|3|4|5|gsm8k" >&2; exit 2 ;;
+  *) echo "usage: $0 1 [quick]|2|3|4|5|5a|5b|gsm8k" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"

@@ -191,7 +191,8 @@ def test_v2_lite_shaped_model_gives_the_same_greedy_tokens_with_and_without_grap
     from tessera.models import registry
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "deepseek-v2-lite"
-    model, _, cfg = registry.load(folder, torch.bfloat16, torch.device("cuda"), load_format="dummy")
+    model = registry.dummy_model(folder, torch.bfloat16, torch.device("cuda"))
+    cfg = model.cfg
     pages = 4096 * 2 // 16 + 8
     on = ModelRunner(model, cfg, num_pages=pages, config=RunnerConfig(chunked_prefill_size=4096))
     off = ModelRunner(model, cfg, num_pages=pages, config=RunnerConfig(

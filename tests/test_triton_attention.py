@@ -21,6 +21,7 @@ def _batch(
     head_dim: int,
     page: int,
     dtype: torch.dtype,
+    v_dim: int,
 ) -> tuple:
     g = torch.Generator().manual_seed(sum(ctx_lens) * 31 + head_dim)
     pages_needed = [-(-c // page) for c in ctx_lens]
@@ -33,24 +34,26 @@ def _batch(
         cursor += n
     num_slots = (int(perm.max()) + 1) * page
     k = torch.randn(num_slots, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
-    v = torch.randn(num_slots, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    v = torch.randn(num_slots, kv_heads, v_dim, generator=g).to(DEVICE, dtype)
     q = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(DEVICE, dtype)
     return q, k, v, tables
 
 
 @pytest.mark.parametrize(
-    ("q_lens", "ctx_lens", "heads", "kv_heads", "head_dim", "page"),
+    ("q_lens", "ctx_lens", "heads", "kv_heads", "head_dim", "page", "v_dim"),
     [
-        ([7], [7], 4, 4, 32, 16),  # one prefill
-        ([1, 1, 1], [5, 40, 17], 4, 2, 64, 16),  # decode batch, GQA
-        ([6, 1, 20], [10, 33, 20], 8, 2, 32, 4),  # mixed: chunk over a prefix, decode, prefill
-        ([3, 1], [70, 9], 2, 1, 48, 1),  # head dim not a power of two, page size 1
+        ([7], [7], 4, 4, 32, 16, 32),  # one prefill
+        ([1, 1, 1], [5, 40, 17], 4, 2, 64, 16, 64),  # decode batch, GQA
+        ([6, 1, 20], [10, 33, 20], 8, 2, 32, 4, 32),  # mixed: chunk over a prefix, decode, prefill
+        ([3, 1], [70, 9], 2, 1, 48, 1, 48),  # head dim not a power of two (32 + 16), page size 1
+        ([20, 1], [45, 12], 2, 1, 192, 16, 128),  # 128 + 64 wide keys, narrower values
+        ([17, 1], [30, 21], 4, 1, 576, 16, 512),  # MLA's absorbed path: 512 + 64 wide latent, MQA
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_matches_reference(q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype) -> None:
-    q, k, v, tables = _batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype)
-    out = torch.full_like(q, float("nan"))
+def test_kernel_matches_reference(q_lens, ctx_lens, heads, kv_heads, head_dim, page, v_dim, dtype) -> None:
+    q, k, v, tables = _batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype, v_dim)
+    out = torch.full((q.shape[0], heads, v_dim), float("nan"), dtype=dtype, device=DEVICE)
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
     q_len = torch.tensor(q_lens, dtype=torch.int32, device=DEVICE)
@@ -68,3 +71,11 @@ def test_kernel_matches_reference(q_lens, ctx_lens, heads, kv_heads, head_dim, p
         exact = dtype == torch.float32 and DEVICE == "cpu"
         assert err < (1e-5 if exact else 2e-3), (ql, cl, err)
         start += ql
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "blocks"), [(8, (16, 0)), (64, (64, 0)), (48, (32, 16)), (72, (64, 16)), (192, (128, 64)),
+                             (576, (512, 64))],
+)  # fmt: skip
+def test_head_dim_is_cut_into_a_power_of_two_and_a_tail(head_dim: int, blocks: tuple[int, int]) -> None:
+    assert triton_attention.head_blocks(head_dim) == blocks

@@ -45,7 +45,7 @@ def load_model(name: str) -> LlamaForCausalLM:
     device = torch.device("cuda")
     if name == "smollm2":
         return registry.load(None, torch.bfloat16, device)[0]
-    return registry.load(CONFIGS / name, torch.bfloat16, device, load_format="dummy")[0]
+    return registry.dummy_model(CONFIGS / name, torch.bfloat16, device)
 
 
 def make_batch(

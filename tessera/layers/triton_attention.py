@@ -20,7 +20,8 @@ def _paged_attention_kernel(
     scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pb,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -42,6 +43,16 @@ def _paged_attention_kernel(
         mask=m_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
+    # NOTE: a head dim that is no power of two is cut in two blocks (MLA's 576 = 512 + 64, 192 = 128 +
+    # 64) rather than padded to the next power (1024, 256): half the registers and shared memory.
+    if BLOCK_DT > 0:  # a compile-time branch: its names stay in scope below
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+        dt_ok = offs_dt < HEAD_DIM
+        q_tail = tl.load(
+            Q + (first + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dt[None, :],
+            mask=m_ok[:, None] & dt_ok[None, :],
+            other=0.0,
+        )
     kv_head = h // GROUP
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -56,7 +67,15 @@ def _paged_attention_kernel(
         k = tl.load(
             K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
         )
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+        if BLOCK_DT > 0:
+            k_tail = tl.load(
+                K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_dt[None, :],
+                mask=n_ok[:, None] & dt_ok[None, :],
+                other=0.0,
+            )
+            s += tl.dot(q_tail, tl.trans(k_tail))
+        s = s * scale
         visible = (offs_n[None, :] <= prefix + offs_m[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -97,7 +116,11 @@ def paged_attention(
     batch's real tokens."""
     batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
     group = heads // k_cache.shape[1]
-    block_m = 16 if max_q_len <= 16 else 64
+    block_d, block_dt = head_blocks(head_dim)
+    # NOTE: MLA's latent rows (576 wide, values 512) hold a [BLOCK_M, 512] fp32 accumulator and 36 KiB of
+    # K a block: fewer query rows, more warps and one buffered stage keep that in an SM (227 KiB).
+    wide = head_dim > 256 or v_dim > 256
+    block_m = 16 if max_q_len <= 16 else 32 if wide else 64
     grid = (batch, heads, triton.cdiv(max_q_len, block_m))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out,
@@ -106,6 +129,15 @@ def paged_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0),
         GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim,
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DT=block_dt,
         BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
+        **({"num_warps": 8, "num_stages": 2} if wide else {}),
     )  # fmt: skip
+
+
+def head_blocks(head_dim: int) -> tuple[int, int]:
+    """(main, tail) column blocks covering `head_dim`: the largest power of two that fits, then the rest
+    rounded up to a power of two (0: none). tl.dot needs blocks of at least 16."""
+    main = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - main
+    return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)

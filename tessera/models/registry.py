@@ -66,12 +66,18 @@ def load(
 def _dummy(
     folder: Path, dtype: torch.dtype, device: torch.device
 ) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
-    cfg = hf.read_config(folder)
     if (folder / "tokenizer.json").exists():
         tokenizer = Tokenizer.from_folder(folder)
     else:
         logger.info("%s has no tokenizer.json: using the default model's tokenizer", folder)
         tokenizer = Tokenizer.from_gguf(GGUFFile(default_model_path()).field)
+    net = dummy_model(folder, dtype, device)
+    return net, tokenizer, net.cfg
+
+
+def dummy_model(folder: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """The model of `folder`'s config.json with seeded random weights (no tokenizer needed)."""
+    cfg = hf.read_config(folder)
     torch.manual_seed(0)
     with torch.device(device):
         net = LlamaForCausalLM(cfg).to(dtype)
@@ -79,4 +85,4 @@ def _dummy(
         for name, p in net.named_parameters():  # random, never zeros; small enough to stay finite
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     logger.info("dummy weights for %s: %d layers, hidden %d", folder.name, cfg.num_layers, cfg.hidden_size)
-    return net.eval(), tokenizer, cfg
+    return net.eval()

@@ -1,0 +1,132 @@
+"""Where the host time of one engine step goes (GPU): a SmolLM2-shaped model with random weights, an
+EXTEND of 16 tokens, the attention split op taken apart. Prints microseconds per call.
+
+python3 benchmarks/profile_engine.py
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+from tessera.bench.step import make_batch
+from tessera.engine.config import RunnerConfig
+from tessera.engine.model_runner import ModelRunner
+from tessera.graphs import ForwardContext, forward_context
+from tessera.layers import attention as attn
+from tessera.layers.triton_attention import paged_attention
+from tessera.models import registry
+
+FOLDER = Path(__file__).resolve().parent / "configs" / "smollm2-135m"
+
+
+@triton.jit
+def _noop(x, n):
+    pass
+
+
+def host_us(fn: Callable[[], Any], iters: int = 200) -> float:
+    """Host microseconds per call, the GPU kept busy first so that it never throttles the host."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~100 ms of GPU work queued ahead of the calls
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / iters * 1e6
+
+
+def gpu_ms(fn: Callable[[], Any], iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    model = registry.dummy_model(FOLDER, torch.bfloat16, torch.device("cuda"))
+    cfg = model.cfg
+    rows: list[tuple[str, float]] = []
+    runner = ModelRunner(
+        model, cfg, num_pages=512, config=RunnerConfig(piecewise_cuda_graph_strategy="breakable")
+    )
+    batch = make_batch(runner, "extend", 16, 1)
+    rows.append(("step, wall (ms, GPU events)", gpu_ms(lambda: runner.forward(batch))))
+    rows.append(("step, host only (us; 20 per call)", host_us(lambda: runner.forward(batch), 20)))
+    layer = runner.layers[(0, "attn")]
+    meta = batch.metadata
+    q = torch.randn(16, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (
+        torch.randn(16, cfg.num_kv_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16) for _ in "kv"
+    )
+    out = torch.empty_like(q)
+    kl = meta.kernel
+    with forward_context(ForwardContext(16, 16, meta, runner.layers)):
+        op, fn = torch.ops.tessera.attention, attn.attention.fn
+        rows.append(("torch.ops.tessera.attention (eager path)", host_us(lambda: op(q, k, v, out, 0))))
+        rows.append(("  its Python body (what a replay calls)", host_us(lambda: fn(q, k, v, out, 0))))
+        slots = meta.slot_mapping[:16]
+        rows.append(
+            (
+                "  two index_copy_ (KV write)",
+                host_us(
+                    lambda: (layer.k_cache.index_copy_(0, slots, k), layer.v_cache.index_copy_(0, slots, v))
+                ),
+            )
+        )
+        rows.append(("  slicing x3", host_us(lambda: (meta.slot_mapping[:16], k[:16], v[:16]))))
+        rows.append(
+            (
+                "  paged_attention (Triton launch)",
+                host_us(
+                    lambda: paged_attention(
+                        q,
+                        layer.k_cache,
+                        layer.v_cache,
+                        out,
+                        kl.page_table,
+                        kl.q_start,
+                        kl.q_len,
+                        kl.ctx_len,
+                        kl.max_q_len,
+                        layer.page_size,
+                        layer.scale,
+                    )
+                ),
+            )
+        )
+        x = torch.zeros(16, device="cuda")
+        rows.append(("a Triton launch of an empty 2-arg kernel", host_us(lambda: _noop[(1,)](x, 16))))
+        rows.append(("a torch add_", host_us(lambda: x.add_(1))))
+        graphs = runner.graphs
+        assert graphs is not None and graphs.strategy is not None
+        calls = graphs.strategy._graphs[16].calls  # [segment, attention, segment, ..., segment]
+        segments = calls[::2]
+        rows.append(
+            (f"replay: {len(calls)} segments + eager steps", host_us(lambda: [c() for c in calls], 20))
+        )
+        rows.append(
+            (f"  the {len(segments)} graph segments alone", host_us(lambda: [c() for c in segments], 20))
+        )
+    gpu = torch.cuda.get_device_name()
+    print(f"\nhost time on {gpu}, torch {torch.__version__}, triton {triton.__version__}")
+    for name, us in rows:
+        print(f"{name:<48}{us:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
