@@ -85,8 +85,8 @@ def _seq(ids: list[int]) -> Sequence:
     importlib.util.find_spec("triton") is None, reason="no triton"))])  # fmt: skip
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_hf(family: str, backend: str) -> None:
-    """Prefill then decode steps. torch: the MHA path, then the absorbed MQA path over the latent
-    cache; triton: the paged-attention kernel over the latent cache for both."""
+    """Prefill then decode steps: the MHA path, then the absorbed MQA path over the latent cache (triton:
+    each one launch of the paged-attention kernel)."""
     hf, ours = hf_and_ours(family)
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -99,19 +99,22 @@ def test_logits_match_hf(family: str, backend: str) -> None:
     torch.testing.assert_close(torch.stack(got), ref[5:], rtol=1e-4, atol=1e-4)
 
 
-def test_mha_and_mqa_paths_agree_on_an_extend_batch() -> None:
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="no triton"))])  # fmt: skip
+def test_mha_and_mqa_paths_agree_on_an_extend_batch(backend: str) -> None:
     _, ours = hf_and_ours("DeepseekV3ForCausalLM")
     prompts = [
-        torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 4)
+        torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 4, 5)
     ]
     results = []
     for absorb in (False, True):
-        runner = _runner(ours)
+        runner = _runner(ours, attention_backend=backend)
         for layer in runner.layers.values():
             layer.absorb_extend = absorb
         seqs = [_seq(p) for p in prompts]
-        runner.run([(seqs[0], 3)])  # a cached prefix, then an extend over it, mixed with a prefill
-        results.append(runner.run([(seqs[0], 4), (seqs[1], 4)]))
+        runner.run([(seqs[0], 3), (seqs[2], 4)])  # cached prefixes, then a batch of three kinds: an
+        # extend over a prefix, a prefill and a decode
+        results.append(runner.run([(seqs[0], 4), (seqs[1], 4), (seqs[2], 1)]))
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
 
 
@@ -136,7 +139,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 def test_piecewise_graphs_match_eager_with_a_mixed_batch_and_the_eager_path_above_the_range(
     strategy: str, backend: str
 ) -> None:
-    """torch: both MLA paths inside piecewise graphs; triton: the one-launch MQA path, and decode graphs."""
+    """Both MLA paths inside piecewise graphs (triton: each one kernel launch), and decode graphs."""
     _, ours = hf_and_ours("DeepseekV3ForCausalLM")
     graphs = _runner(ours, emulate_graphs_on_cpu=True, piecewise_cuda_graph_tokens=(8, 16),
                      piecewise_cuda_graph_strategy=strategy, attention_backend=backend,

@@ -1,4 +1,4 @@
-"""`tessera bench step`: forward-step time of the engine on real batches (GPU). Not yet run on a GPU.
+"""`tessera bench step`: forward-step time of the engine on real batches (GPU).
 
 For each model, EXTEND of N tokens (one sequence, and N split over 8) and DECODE of B sequences (each with
 a 256-token context) through: eager, piecewise graphs (breakable; compile with `eager` pieces) with
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,15 @@ def make_batch(
 
 
 def bench_model(
-    name: str, extend: list[int], decode: list[int], num_pages: int, with_hf: bool
+    name: str,
+    extend: list[int],
+    decode: list[int],
+    num_pages: int,
+    with_hf: bool,
+    save: Callable[[dict[str, Any]], None] = lambda result: None,
 ) -> dict[str, Any]:
+    """The model's cases, one by one; `save(result so far)` after each, so a run cut at its time limit
+    keeps what it measured."""
     model = load_model(name)
     runners: dict[str, ModelRunner] = {}
     startup: dict[str, float] = {}
@@ -84,7 +92,10 @@ def bench_model(
     cases = [("extend", n, s) for n in extend for s in (1, 8) if n >= s] + [("decode", b, b) for b in decode]
     dense = model.cfg.moe is None and model.cfg.mla is None  # the HF baselines rebuild a Llama
     hf = hf_baselines.hf_model(model) if with_hf and dense else None
-    rows = []
+    rows: list[dict[str, Any]] = []
+    config = json.loads((CONFIGS / name / "config.json").read_text()) if name in CONFIG_MODELS else None
+    result = {"model": name, "config": config or model.cfg.to_hf(), "startup_seconds": startup,
+              "cases": rows, "graph_stats": {}}  # fmt: skip
     for kind, size, seqs in cases:
         batches = {v: make_batch(r, kind, size, seqs) for v, r in runners.items()}
         steps: dict[str, Step] = {v: _step(r, batches[v]) for v, r in runners.items()}
@@ -101,14 +112,10 @@ def bench_model(
         for v, r in runners.items():
             for seq in batches[v].seqs:
                 r.free(seq)
-    stats = {v: r.graph_stats() for v, r in runners.items()}
-    return {
-        "model": name,
-        "config": model.cfg.to_hf(),
-        "startup_seconds": startup,
-        "cases": rows,
-        "graph_stats": stats,
-    }
+        save(result)
+    result["graph_stats"] = {v: r.graph_stats() for v, r in runners.items()}
+    save(result)
+    return result
 
 
 def _row(row: dict[str, Any]) -> str:
@@ -130,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=["smollm2", "llama3-8b"],
         choices=["smollm2", *CONFIG_MODELS],
     )
-    p.add_argument("--extend", type=int, nargs="+", default=[16, 64, 128, 512, 2048])
-    p.add_argument("--decode", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--extend", type=int, nargs="*", default=[16, 64, 128, 512, 2048])
+    p.add_argument("--decode", type=int, nargs="*", default=[1, 8, 32, 128])
     p.add_argument("--num-pages", type=int, default=3000, help="KV pages per variant")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     p.add_argument("--out", type=Path, default=None)
@@ -144,11 +151,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "models": [],
     }
-    for m in args.models:
-        report["models"].append(bench_model(m, args.extend, args.decode, args.num_pages, not args.no_hf))
-        if args.out:  # after every model: a run cut short keeps what it measured
+
+    def save(result: dict[str, Any]) -> None:
+        if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            done = [m for m in report["models"] if m is not result]
+            args.out.write_text(json.dumps({**report, "models": [*done, result]}, indent=2) + "\n")
+
+    for m in args.models:
+        hf = not args.no_hf
+        report["models"].append(bench_model(m, args.extend, args.decode, args.num_pages, hf, save))
     for m in report["models"]:
         print(f"\n{m['model']} on {report['gpu']}: ms per step (x = ratio to the kernel-time floor)")
         print(f"  start-up: {m['startup_seconds']}")

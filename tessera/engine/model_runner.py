@@ -75,10 +75,7 @@ class ModelRunner:
             }
         table: dict[tuple[int, str], Any] = {}
         for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
-            # triton: every sequence through the one-launch MQA path
-            mla = MLALayer(
-                self.kv.k[i], layer.self_attn, page, absorb_extend=backend == "triton", backend=backend
-            )
+            mla = MLALayer(self.kv.k[i], layer.self_attn, page, backend=backend)
             table[(i, "mla_mha")] = table[(i, "mla_mqa")] = mla
         return table
 

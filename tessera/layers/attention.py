@@ -3,7 +3,8 @@ tokens only, and finds its layer and the batch layout through the forward contex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     kernel: KernelLayout  # the batch as tensors (page table, lengths)
     seqs: list[SeqLayout]  # the same on the host, for the per-sequence reference backend
+    # per-batch values a split op derives once and every layer reuses (MLA's per-path layouts)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass

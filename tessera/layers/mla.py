@@ -13,10 +13,12 @@ forward context's layer table, and every forward calls both:
 
 Each op writes zeros on the rows of the other kind, so a mixed batch is the sum of both. Per-layer
 `MLALayer.absorb_extend` sends extend sequences through the MQA path too (the same numbers, from the
-latent: what a long cached prefix with a short extension would prefer). With the Triton backend every
-sequence takes the MQA path, as one launch of the paged-attention kernel (the latent is its single KV
-head, its first kv_lora_rank columns the values): no per-sequence Python, so graphs can capture it. A
-Triton kernel for the MHA path itself is still to come.
+latent: what a long cached prefix with a short extension would prefer).
+
+Backends: `torch` (reference, per sequence, any device) and `triton`, where each path is one launch of
+the paged-attention kernel over its sequences: MQA over the latent cache itself (the latent is the single
+KV head, its first kv_lora_rank columns the values); MHA over the sequences' contexts gathered from the
+latent cache and up-projected by kv_b_proj in one GEMM, laid out as pages of one token.
 """
 
 from __future__ import annotations
@@ -43,7 +45,61 @@ class MLALayer:
     module: Any  # MLAAttention
     page_size: int
     absorb_extend: bool = False  # extend sequences through the MQA path as well
-    backend: str = "torch"  # "triton": the MQA path in one paged-attention launch (and then it serves all)
+    backend: str = "torch"  # "triton": each path one paged-attention launch over its sequences
+
+
+@dataclass(frozen=True)
+class PathLayout:
+    """The sequences one MLA path serves, as the paged-attention kernel takes them."""
+
+    page_table: torch.Tensor  # [B, pages]; MHA: rows of the gathered context (pages of one token)
+    q_start: torch.Tensor  # [B] int32
+    q_len: torch.Tensor
+    ctx_len: torch.Tensor
+    max_q_len: int
+    slots: torch.Tensor | None = None  # MHA: the cache slots of the gathered contexts, in order
+
+
+def path_layouts(meta: Any, layer: MLALayer) -> tuple[PathLayout | None, PathLayout | None]:
+    """(MHA, MQA) layouts of this batch, None for a path with no sequence. Derived once per batch (on
+    the host's sequence lengths) and shared by every layer."""
+    key = f"mla/{layer.page_size}/{layer.absorb_extend}"
+    if key not in meta.derived:
+        meta.derived[key] = _path_layouts(meta, layer.page_size, layer.absorb_extend)
+    return meta.derived[key]
+
+
+def _path_layouts(meta: Any, page: int, absorb_extend: bool) -> tuple[PathLayout | None, PathLayout | None]:
+    kl = meta.kernel
+    # NOTE: decode graphs carry no host sequence list, and hold only decodes
+    if absorb_extend or kl.max_q_len == 1:
+        return None, PathLayout(kl.page_table, kl.q_start, kl.q_len, kl.ctx_len, kl.max_q_len)
+    extend = [i for i, s in enumerate(meta.seqs) if s.query_len > 1]
+    decode = [i for i, s in enumerate(meta.seqs) if s.query_len == 1]
+
+    def pick(rows: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
+        if len(rows) == len(meta.seqs):
+            return list(tensors)
+        index = torch.tensor(rows, device=kl.q_len.device)
+        return [t.index_select(0, index) for t in tensors]
+
+    mqa = None
+    if decode:
+        mqa = PathLayout(*pick(decode, kl.page_table, kl.q_start, kl.q_len, kl.ctx_len), max_q_len=1)
+    if not extend:
+        return None, mqa
+    table, q_start, q_len, ctx_len = pick(extend, kl.page_table, kl.q_start, kl.q_len, kl.ctx_len)
+    lengths = [meta.seqs[i].context_len for i in extend]
+    device = ctx_len.device
+    # each sequence's context, in position order: row -> cache slot through its page table
+    counts = torch.tensor(lengths, device=device)
+    row_of = torch.repeat_interleave(torch.arange(len(extend), device=device), counts)
+    firsts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(int(sum(lengths)), device=device) - firsts[row_of]
+    slots = table[row_of, pos // page].long() * page + pos % page
+    rows = (firsts[:, None] + torch.arange(max(lengths), device=device)[None, :]).to(torch.int32)
+    mha = PathLayout(rows, q_start, q_len, ctx_len, max(meta.seqs[i].query_len for i in extend), slots)
+    return mha, mqa
 
 
 def _context_slots(row: torch.Tensor, context_len: int, page: int) -> torch.Tensor:
@@ -77,6 +133,9 @@ def mla_mha(q: torch.Tensor, latent: torch.Tensor, out: torch.Tensor, layer_id: 
     if layer.absorb_extend:  # every sequence takes the MQA path: nothing more to do here
         return
     mla: MLAConfig = layer.module.mla
+    if layer.backend == "triton":
+        _mha_triton(q, out, layer, mla, ctx.metadata)
+        return
     w_kc, w_vc = layer.module.absorbed_weights()
     for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=False):
         context = layer.cache[slots, 0]  # [C, latent_dim]
@@ -102,11 +161,11 @@ def mla_mqa(q_latent: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
     if layer.backend == "triton":
         from tessera.layers.triton_attention import paged_attention
 
-        kl = ctx.metadata.kernel  # one launch for the batch: the latent is the one KV head, its first
-        # kv_lora_rank columns the values
-        values = layer.cache[:, :, : mla.kv_lora_rank]
-        paged_attention(q_latent, layer.cache, values, out, kl.page_table, kl.q_start, kl.q_len, kl.ctx_len,
-                        kl.max_q_len, layer.page_size, mla.softmax_scale)  # fmt: skip
+        _, p = path_layouts(ctx.metadata, layer)
+        if p is not None:  # the latent is the one KV head, its first kv_lora_rank columns the values
+            values = layer.cache[:, :, : mla.kv_lora_rank]
+            paged_attention(q_latent, layer.cache, values, out, p.page_table, p.q_start, p.q_len, p.ctx_len,
+                            p.max_q_len, layer.page_size, mla.softmax_scale)  # fmt: skip
         return
     for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=True):
         context = layer.cache[slots, 0]  # [C, latent_dim]: one head shared by all query heads
@@ -115,6 +174,25 @@ def mla_mqa(q_latent: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
         scores = scores.masked_fill(~_causal_mask(seq, q_latent.device), float("-inf"))
         o = scores.softmax(-1) @ context[:, : mla.kv_lora_rank].float()  # [H, Q, L]
         out[start : start + seq.query_len] = o.transpose(0, 1).to(out.dtype)
+
+
+def _mha_triton(q: torch.Tensor, out: torch.Tensor, layer: MLALayer, mla: MLAConfig, meta: Any) -> None:
+    """The extend sequences' contexts gathered from the latent cache, up-projected to per-head K and V
+    in one GEMM, then one paged-attention launch with pages of one token."""
+    from tessera.layers.triton_attention import paged_attention
+
+    p, _ = path_layouts(meta, layer)
+    if p is None:
+        return
+    assert p.slots is not None
+    context = layer.cache[p.slots, 0]  # [C, kv_lora_rank + rope]
+    c, k_rope = context.split([mla.kv_lora_rank, mla.qk_rope_head_dim], -1)
+    heads = q.shape[1]
+    kv = layer.module.kv_b_proj(c).view(-1, heads, mla.qk_nope_head_dim + mla.v_head_dim)
+    k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], -1)
+    k = torch.cat((k_nope, k_rope[:, None].expand(-1, heads, -1)), -1)  # [C, H, qk_head_dim]
+    paged_attention(q, k, v, out, p.page_table, p.q_start, p.q_len, p.ctx_len, p.max_q_len, 1,
+                    mla.softmax_scale)  # fmt: skip
 
 
 class MLAAttention(nn.Module):
