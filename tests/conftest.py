@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -10,6 +11,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+
+# Triton runs CPU tensors only in its interpreter, turned on above only where there is no GPU: the CPU
+# engine tests with the triton backend run in CI and are skipped on a GPU machine (its GPU tests cover it).
+needs_triton_on_cpu = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton on CPU tensors needs triton and its interpreter (TRITON_INTERPRET=1, set without a GPU)",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

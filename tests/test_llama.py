@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -14,8 +12,9 @@ from tessera.engine.sequence import Sequence
 from tessera.models.config import ModelConfig
 from tessera.models.llama import LlamaForCausalLM
 
+from .conftest import needs_triton_on_cpu
+
 transformers = pytest.importorskip("transformers")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 TINY = dict(
     vocab_size=256,
@@ -92,7 +91,7 @@ def _runner(model: LlamaForCausalLM, backend: str = "torch") -> ModelRunner:
     return ModelRunner(model, model.cfg, num_pages=32, config=config)
 
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton_on_cpu)]
 
 
 def _seq(ids: list[int]) -> Sequence:
@@ -150,7 +149,7 @@ def test_unknown_checkpoint_tensor_is_an_error() -> None:
         ours.load_weights([("model.layers.0.mystery.weight", torch.zeros(1))])
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+@needs_triton_on_cpu
 @pytest.mark.parametrize("strategy", ["breakable", "compile"])
 @pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
 def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str) -> None:
