@@ -31,7 +31,8 @@ def _noop(x, n):
 
 
 def host_us(fn: Callable[[], Any], iters: int = 200) -> float:
-    """Host microseconds per call, the GPU kept busy first so that it never throttles the host."""
+    """Host microseconds per call, the GPU kept busy first so that it never throttles the host. Keep
+    iters x launches per call under ~1000: past the launch queue's depth the host waits on the GPU."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
@@ -66,7 +67,7 @@ def main() -> None:
     )
     batch = make_batch(runner, "extend", 16, 1)
     rows.append(("step, wall (ms, GPU events)", gpu_ms(lambda: runner.forward(batch))))
-    rows.append(("step, host only (us; 20 per call)", host_us(lambda: runner.forward(batch), 20)))
+    rows.append(("step, host only (us)", host_us(lambda: runner.forward(batch), 5)))
     layer = runner.layers[(0, "attn")]
     meta = batch.metadata
     q = torch.randn(16, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
@@ -117,7 +118,7 @@ def main() -> None:
         calls = graphs.strategy._graphs[16].calls  # [segment, attention, segment, ..., segment]
         segments = calls[::2]
         rows.append(
-            (f"replay: {len(calls)} segments + eager steps", host_us(lambda: [c() for c in calls], 20))
+            (f"replay: {len(calls)} segments + eager steps", host_us(lambda: [c() for c in calls], 5))
         )
         rows.append(
             (f"  the {len(segments)} graph segments alone", host_us(lambda: [c() for c in segments], 20))

@@ -34,10 +34,15 @@ def step_tables(report: dict[str, Any]) -> str:
             )
             cells = [_ms(row["ms"][v], floor) if v in row["ms"] else "" for v in variants]
             out.append(f"| {label} | {floor:.2f} | " + " | ".join(cells) + " |")
-        startup = ", ".join(f"{v} {s:.1f} s" for v, s in m["startup_seconds"].items())
-        kernels = m["cases"][0]["kernels_per_step"]
-        out.append(f"\nStart-up: {startup}. Kernels per step (first row): "
-                   + ", ".join(f"{v} {k}" for v, k in kernels.items()) + ".\n")  # fmt: skip
+        notes = []
+        if "startup_seconds" in m:
+            notes.append("Start-up: " + ", ".join(f"{v} {s:.1f} s" for v, s in m["startup_seconds"].items()))
+        if "kernels_per_step" in m["cases"][0]:
+            kernels = m["cases"][0]["kernels_per_step"]
+            notes.append("Kernels per step (first row): " + ", ".join(f"{v} {k}" for v, k in kernels.items()))
+        if m.get("partial"):
+            notes.append(f"Partial: {m['source']}; not run: {m['not_run']}")
+        out.append("\n" + ". ".join(notes) + ".\n")
     return "\n".join(out)
 
 

@@ -77,6 +77,13 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: triton on a GPU, torch on a CPU",
     )
+    g.add_argument(
+        "--moe-runner-backend",
+        choices=["auto", "triton", "grouped_mm"],
+        default="auto",
+        help="MoE experts: auto = Triton grouped GEMMs on a GPU (reference loop on a CPU); grouped_mm = "
+        "torch._grouped_mm",
+    )
 
 
 def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
@@ -98,6 +105,7 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
         piecewise_cuda_graph_strategy=args.piecewise_cuda_graph_strategy,
         piecewise_cuda_graph_compiler=args.piecewise_cuda_graph_compiler,
         attention_backend=args.attention_backend,
+        moe_runner_backend=args.moe_runner_backend,
         disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -151,11 +153,16 @@ def test_unknown_checkpoint_tensor_is_an_error() -> None:
 
 @needs_triton_on_cpu
 @pytest.mark.parametrize("strategy", ["breakable", "compile"])
-@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
-def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "moe_backend"),
+    [("LlamaForCausalLM", "auto"), ("Qwen3MoeForCausalLM", "auto"), ("Qwen3MoeForCausalLM", "grouped_mm")],
+)
+def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str, moe_backend: str) -> None:
     """Graphs (emulated: the same static buffers and padding) against eager. For the MoE family the
-    padded rows of every replay are routed nowhere by a mask computed on the device at replay time."""
+    padded rows of every replay are routed nowhere by a mask computed on the device at replay time; with
+    grouped_mm the experts run as torch._grouped_mm, against the eager reference loop."""
     _, ours = hf_and_ours(family)
+    reference = copy.deepcopy(ours)  # a runner sets its MoE backend on the model's modules
     graphs = ModelRunner(
         ours,
         ours.cfg,
@@ -167,10 +174,11 @@ def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str) -> 
             cuda_graph_max_bs=4,
             piecewise_cuda_graph_tokens=(8, 16),
             piecewise_cuda_graph_strategy=strategy,
+            moe_runner_backend=moe_backend,
         ),
     )
     assert graphs.decode_graphs is not None and graphs.decode_graphs.sizes == [1, 2, 4]
-    eager = _runner(ours)
+    eager = _runner(reference)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 11, 3)]
     late = torch.randint(0, 256, (6,)).tolist()
     runs = {"graphs": (graphs, [_seq(p) for p in prompts]), "eager": (eager, [_seq(p) for p in prompts])}

@@ -157,3 +157,30 @@ def test_triton_grouped_gemm_experts_match_the_reference(tokens: int, topk: int)
     laid_out = pair_of_slot[used]
     assert sorted(laid_out.tolist()) == [i for i, e in enumerate(ids.flatten().tolist()) if e >= 0]
     assert torch.equal(expert_of_block[used // fused_moe.BLOCK_M], ids.flatten()[laid_out])  # right block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "topk"), [(13, 2), (40, 3), (1, 1)])
+def test_grouped_mm_experts_match_the_reference(tokens: int, topk: int, dtype: torch.dtype) -> None:
+    """torch._grouped_mm experts against the reference loop; padded rows (id -1) sort past every
+    expert's run and come out zero."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    from tessera.layers.grouped_mm_moe import grouped_mm_experts
+    from tessera.layers.moe import moe_experts
+
+    experts = _experts()
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen)
+    weights, ids = route(torch.randn(tokens, E, generator=gen), RoutingConfig(top_k=topk))
+    real = max(tokens - 3, 1)
+    ids[real:], weights[real:] = -1, 0.0
+    x[real:] = float("nan")  # a padded row's garbage must not reach anything
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [x, experts.gate_up_proj.detach(), experts.down_proj.detach(), weights, ids]
+    args[:3] = [t.to(dtype) for t in args[:3]]
+    got = grouped_mm_experts(*(t.to(device) for t in args)).cpu()
+    ref = moe_experts(*(t.double() if t.is_floating_point() else t for t in args))
+    assert (got[real:] == 0).all()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got[:real].double(), ref[:real], rtol=tol, atol=tol)

@@ -1,9 +1,10 @@
-"""`tessera bench moe-padding`: does padding cost expert work? GPU time of one MoE layer (router, routing,
-Triton grouped-GEMM experts) on N real rows alone vs the same N rows padded up to a capture size S (the
-padded rows masked by the forward context, as inside a replayed graph). Issue #5's target: within 5 %.
-Shapes: DeepSeek-V2-Lite's MoE layer (64 experts, top-6, expert width 1408, 2 shared) and Qwen3-30B-A3B's
-(128 experts, top-8, width 768), bf16, random weights. Not yet run on a GPU.
-"""
+"""`tessera bench moe-padding`: does padding cost expert work, and which expert backend is faster? GPU time
+of one MoE layer (router, routing, experts) on N real rows alone vs the same N rows padded up to a capture
+size S (the padded rows masked by the forward context, as inside a replayed graph), for each expert
+backend: the Triton grouped GEMMs and torch._grouped_mm. Issue #5's targets: padded within 5 % of alone;
+the default backend is the one that measures faster. Shapes: DeepSeek-V2-Lite's MoE layer (64 experts,
+top-6, expert width 1408, 2 shared) and Qwen3-30B-A3B's (128 experts, top-8, width 768), bf16, random
+weights."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def moe_layer(name: str) -> SparseMoeBlock:
     return block.eval()
 
 
-def bench(name: str, pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+def bench(name: str, pairs: list[tuple[int, int]], backend: str) -> list[dict[str, Any]]:
     block, rows = moe_layer(name), []
+    block.experts.backend = backend
     hidden = block.gate.weight.shape[1]
     for n, size in pairs:
         x = torch.randn(size, hidden, device="cuda", dtype=torch.bfloat16)
@@ -47,11 +49,10 @@ def bench(name: str, pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
 
         with torch.no_grad():
             ms = time_interleaved({"alone": alone, "padded": padded}, x)
-        rows.append(
-            {"model": name, "real": n, "padded_to": size, "ms": ms, "ratio": ms["padded"] / ms["alone"]}
-        )
-        print(f"{name}: {n} real rows {ms['alone']:.3f} ms, padded to {size} {ms['padded']:.3f} ms "
-              f"({rows[-1]['ratio']:.3f}x)")  # fmt: skip
+        rows.append({"model": name, "experts": backend, "real": n, "padded_to": size, "ms": ms,
+                     "ratio": ms["padded"] / ms["alone"]})  # fmt: skip
+        print(f"{name} ({backend}): {n} real rows {ms['alone']:.3f} ms, padded to {size} "
+              f"{ms['padded']:.3f} ms ({rows[-1]['ratio']:.3f}x)")  # fmt: skip
     return rows
 
 
@@ -59,11 +60,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="tessera bench moe-padding", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--models", nargs="+", default=["deepseek-v2-lite", "qwen3-30b-a3b"])
+    p.add_argument("--experts", nargs="+", default=["triton", "grouped_mm"], choices=["triton", "grouped_mm"])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tessera bench moe-padding needs a GPU")
-    rows = [r for m in args.models for r in bench(m, [(129, 144), (520, 576)])]
+    pairs = [(16, 16), (129, 144), (520, 576), (2048, 2048)]
+    rows = [r for m in args.models for b in args.experts for r in bench(m, pairs, b)]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {"benchmark": "moe-padding", "gpu": torch.cuda.get_device_name(), "rows": rows}

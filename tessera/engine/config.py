@@ -18,6 +18,7 @@ class RunnerConfig:
     piecewise_cuda_graph_strategy: str = "breakable"
     piecewise_cuda_graph_compiler: str = "eager"
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on a CPU
+    moe_runner_backend: str = "auto"  # auto: Triton grouped GEMMs on a GPU; triton; grouped_mm
     disable_cuda_graph: bool = False  # full CUDA graphs for decode batches
     cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
@@ -30,6 +31,10 @@ class RunnerConfig:
             raise ValueError("page_size and chunked_prefill_size must be >= 1")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}: auto, torch or triton")
+        if self.moe_runner_backend not in ("auto", "triton", "grouped_mm"):
+            raise ValueError(
+                f"unknown MoE runner backend {self.moe_runner_backend!r}: auto, triton or grouped_mm"
+            )
 
     def graph_max_tokens(self, mla: bool = False) -> int:
         """The largest piecewise capture size. MLA models cap it at MLA_GRAPH_MAX_TOKENS (SGLang's

@@ -48,10 +48,14 @@ class ModelRunner:
         self.pool = PagePool(num_pages)
         self.attention_backend = self._attention_backend()
         self.layers = self._layer_table(model)
+        for module in model.modules():
+            if isinstance(module, moe.Experts):
+                module.backend = self.config.moe_runner_backend
         if (
             cfg.moe is not None
             and self.device.type == "cuda"
             and not moe.CAPTURE_SAFE_ON_CUDA
+            and self.config.moe_runner_backend != "grouped_mm"
             and not (self.config.disable_piecewise_cuda_graph and self.config.disable_cuda_graph)
         ):
             # NOTE: without Triton the experts run the reference loop, which reads per-expert counts on

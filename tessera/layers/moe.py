@@ -11,7 +11,8 @@ Routing follows HF transformers: Mixtral / Qwen-MoE (softmax over experts, top-k
 renormalisation) and DeepSeek-V2 / V3 (softmax or sigmoid scores, V3's correction bias used for the
 choice only, group-limited top-k, routed scaling factor). Expert weights use HF's fused layout:
 `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]. On CUDA the experts run as Triton grouped GEMMs
-(`fused_moe.py`, capture-safe); elsewhere the reference loop here.
+(`fused_moe.py`) or as `torch._grouped_mm` (`grouped_mm_moe.py`), both capture-safe; elsewhere the
+reference loop here unless grouped_mm is asked for.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def route(
     return weights.masked_fill(padded, 0.0), ids.masked_fill(padded, -1)
 
 
+# "auto": the Triton grouped GEMMs on a GPU, the reference loop elsewhere; "triton": the former, required;
+# "grouped_mm": torch._grouped_mm on any device (both capture-safe)
+EXPERT_BACKENDS = ("auto", "triton", "grouped_mm")
+
+
 class Experts(nn.Module):
     """E SwiGLU experts in HF's fused layout; `forward(x, topk_weights, topk_ids)` -> [T, H]."""
 
@@ -87,18 +93,39 @@ class Experts(nn.Module):
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.backend = "auto"  # one of EXPERT_BACKENDS; the model runner sets it from its config
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return torch.ops.tessera.moe_experts(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        return torch.ops.tessera.moe_experts(
+            x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.backend
+        )
 
 
-@opaque_op("tessera::moe_experts", fake=lambda x, gate_up, down, weights, ids: torch.empty_like(x))
+def _experts_fake(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:  # fmt: skip
+    return torch.empty_like(x)
+
+
+@opaque_op("tessera::moe_experts", fake=_experts_fake)
 def moe_experts(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The experts (an opaque op: Dynamo keeps it whole). On CUDA: the Triton grouped GEMMs of
-    `fused_moe`, capture-safe. Elsewhere: the reference loop, whose per-expert token counts come back to
-    the host (so no CUDA graph could capture it)."""
+    `fused_moe`, or `torch._grouped_mm`; both capture-safe. Elsewhere by default: the reference loop,
+    whose per-expert token counts come back to the host (so no CUDA graph could capture it)."""
+    if backend == "grouped_mm":
+        from tessera.layers.grouped_mm_moe import grouped_mm_experts
+
+        return grouped_mm_experts(x, gate_up, down, weights, ids)
+    if backend == "triton" and (fused_moe is None or not x.is_cuda):
+        raise RuntimeError("the triton MoE backend needs Triton and a GPU; use auto or grouped_mm")
     if x.is_cuda and fused_moe is not None:
         return fused_moe.fused_experts(x, gate_up, down, weights, ids)
     out = torch.zeros_like(x)
