@@ -4,7 +4,7 @@
 #   1: graph runtime tests + `tessera bench graphs`   2: engine tests + `tessera bench step`
 #   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
 #   5: DeepSeek / MoE GPU tests, `tessera bench moe-padding`, `tessera bench step` on their shapes
-#      (5a: the first two, 5b: the last)
+#      (5 = 5a: the first two; 5b, 5c: the step bench on DeepSeek-V2-Lite, on Qwen3-30B-A3B)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -38,16 +38,17 @@ case "${1:-}" in
     serve serve_smollm2 380 ;;
   gsm8k)
     step gsm8k 200 python3 benchmarks/eval_gsm8k.py --out "$OUT/gsm8k.json" ;;
-  5|5a)  # issue 5 (after phase 1): DeepSeek/MoE GPU tests and the padded-MoE timing ...
+  5|5a)  # issue 5: DeepSeek/MoE GPU tests and the padded-MoE timing (carry .wheels/gpu) ...
+    step setup 120 bash scripts/gpu-setup.sh
     step test_moe 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_deepseek.py tests/test_moe.py
-    step moe_padding 60 python3 -m tessera bench moe-padding --out "$OUT/moe_padding.json"
-    [ "$1" = 5a ] || step bench_step_moe 280 python3 -m tessera bench step --models deepseek-v2-lite qwen3-30b-a3b --no-hf \
-      --extend 16 128 512 2048 --decode 1 32 128 --num-pages 1500 --out "$OUT/step_moe.json" ;;
-  5b)  # ... and their step bench
-    step bench_step_moe 280 python3 -m tessera bench step --models deepseek-v2-lite qwen3-30b-a3b --no-hf \
-      --extend 16 128 512 2048 --decode 1 32 128 --num-pages 1500 --out "$OUT/step_moe.json" ;;
+    step moe_padding 150 python3 -m tessera bench moe-padding --out "$OUT/moe_padding.json" ;;
+  5b|5c)  # ... and their step bench, one shape a call (~40 s a case): 5b DeepSeek-V2-Lite, 5c Qwen3-30B-A3B
+    model=$([ "$1" = 5b ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
+    step setup 120 bash scripts/gpu-setup.sh
+    step "step_$model" 560 python3 -m tessera bench step --models "$model" --no-hf \
+      --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2|3|4|5|5a|5b|gsm8k" >&2; exit 2 ;;
+  *) echo "usage: $0 1 [quick]|2|3|4|5|5a|5b|5c|gsm8k" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
