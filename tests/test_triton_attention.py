@@ -51,7 +51,13 @@ def _batch(
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_matches_reference(q_lens, ctx_lens, heads, kv_heads, head_dim, page, v_dim, dtype) -> None:
+@pytest.mark.parametrize("new_kv", [False, True], ids=["all-cached", "new-tokens-passed"])
+def test_kernel_matches_reference(
+    q_lens, ctx_lens, heads, kv_heads, head_dim, page, v_dim, dtype, new_kv: bool
+) -> None:
+    """all-cached: every token in the cache. new-tokens-passed: this step's tokens given as K/V tensors,
+    their cache slots NaN before the call: the kernel must attend to the tensors, never to those slots,
+    and leave them written."""
     q, k, v, tables = _batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype, v_dim)
     out = torch.full((q.shape[0], heads, v_dim), float("nan"), dtype=dtype, device=DEVICE)
     width = max(len(t) for t in tables)
@@ -60,11 +66,22 @@ def test_kernel_matches_reference(q_lens, ctx_lens, heads, kv_heads, head_dim, p
     q_start = torch.cumsum(q_len, 0, dtype=torch.int32) - q_len
     ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
-    triton_attention.paged_attention(q, k, v, out, table, q_start, q_len, ctx, max(q_lens), page, scale)
-    layer = AttentionLayer(k.double(), v.double(), scale, page)
+    seq_slots = [
+        torch.tensor([t[p // page] * page + p % page for p in range(cl)], device=DEVICE)
+        for cl, t in zip(ctx_lens, tables, strict=True)
+    ]
+    layer = AttentionLayer(k.double(), v.double(), scale, page)  # the reference's copy of the cache
+    extra = None
+    if new_kv:
+        new = torch.cat([s[cl - ql :] for s, ql, cl in zip(seq_slots, q_lens, ctx_lens, strict=True)])
+        extra = (k[new].clone(), v[new].clone(), new)
+        k[new], v[new] = float("nan"), float("nan")
+    triton_attention.paged_attention(q, k, v, out, table, q_start, q_len, ctx, max(q_lens), page, scale,
+                                     new_kv=extra)  # fmt: skip
+    if extra is not None:
+        assert torch.equal(k.double(), layer.k_cache) and torch.equal(v.double(), layer.v_cache)
     start = 0
-    for ql, cl, t in zip(q_lens, ctx_lens, tables, strict=True):
-        slots = torch.tensor([t[p // page] * page + p % page for p in range(cl)], device=DEVICE)
+    for ql, cl, slots in zip(q_lens, ctx_lens, seq_slots, strict=True):
         ref = _attend(q[start : start + ql].double(), layer, SeqLayout(ql, cl), slots)
         err = rel_err(out[start : start + ql], ref)
         # NOTE: on a GPU a float32 tl.dot runs in TF32 (~3e-4); the interpreter computes exactly

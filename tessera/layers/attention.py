@@ -11,6 +11,11 @@ import torch.nn.functional as F
 
 from tessera.graphs import get_forward_context, split_op
 
+try:
+    from tessera.layers.triton_attention import paged_attention as triton_paged_attention
+except ImportError:  # no Triton: the torch backend only
+    triton_paged_attention = None  # type: ignore[assignment]
+
 
 @dataclass
 class SeqLayout:
@@ -57,17 +62,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     ctx = get_forward_context()
     meta: AttentionMetadata = ctx.metadata
     layer: AttentionLayer = ctx.layer(layer_id, "attn")
+    if layer.backend == "triton":  # one launch: it also writes the new tokens' K/V to the cache
+        assert triton_paged_attention is not None, "the triton attention backend needs triton"
+        kl = meta.kernel
+        triton_paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
+                               kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale,
+                               new_kv=(k, v, meta.slot_mapping))  # fmt: skip
+        return
     n = ctx.raw_num_tokens
     slots = meta.slot_mapping[:n]
     layer.k_cache.index_copy_(0, slots, k[:n])
     layer.v_cache.index_copy_(0, slots, v[:n])
-    if layer.backend == "triton":
-        from tessera.layers.triton_attention import paged_attention
-
-        kl = meta.kernel
-        paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
-                        kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale)  # fmt: skip
-        return
     start, page = 0, layer.page_size
     offsets = torch.arange(page, device=q.device)
     for row, seq in zip(meta.kernel.page_table, meta.seqs, strict=True):

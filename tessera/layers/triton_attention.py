@@ -1,9 +1,12 @@
 """Paged attention in Triton: one launch for a whole batch of extend, decode or mixed sequences.
 
-Grid: (sequence, head, block of BLOCK_M queries). Each program walks its sequence's context through the
-page table in blocks of BLOCK_N slots with an online softmax; queries attend causally, offset by the
-sequence's cached prefix. New tokens' K/V are in the cache already (the attention op writes them first),
-so prefix and new tokens are one loop. Written in Triton so the same kernel runs on ROCm.
+Grid: (sequence, head, block of BLOCK_M queries). Each program walks its sequence's context in blocks of
+BLOCK_N tokens with an online softmax; queries attend causally, offset by the sequence's cached prefix.
+The cached prefix is read through the page table. With `new_kv`, this step's new tokens are read from
+the K/V tensors the layer just computed, and the first query head of each KV head writes them to their
+cache slots: no separate cache-write launches (two fewer eager launches a layer under piecewise graphs)
+and no program reads a slot another may still be writing. Without it (MLA, whose op wrote the latent
+before), every token comes from the cache. Written in Triton so the same kernel runs on ROCm.
 """
 
 from __future__ import annotations
@@ -14,12 +17,46 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_block(
+    q, q_tail, k_rows, v_rows, offs_n, n_ok, offs_m, prefix, scale, m_i, l_i, acc,
+    offs_d, d_ok, offs_dt, dt_ok, offs_dv, dv_ok, BLOCK_DT: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over BLOCK_N keys whose rows start at `k_rows` / `v_rows` (pointers)."""
+    k = tl.load(k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+    if BLOCK_DT > 0:
+        k_tail = tl.load(k_rows[:, None] + offs_dt[None, :], mask=n_ok[:, None] & dt_ok[None, :], other=0.0)
+        s += tl.dot(q_tail, tl.trans(k_tail))
+    s = s * scale
+    visible = (offs_n[None, :] <= prefix + offs_m[:, None]) & n_ok[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_rows[:, None] + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _copy_rows(src_rows, dst_rows, offs, rows_ok, cols_ok):
+    """dst[row, offs] = src[row, offs] for rows given as pointers to their first element."""
+    mask = rows_ok[:, None] & cols_ok[None, :]
+    tl.store(
+        dst_rows[:, None] + offs[None, :], tl.load(src_rows[:, None] + offs[None, :], mask=mask), mask=mask
+    )
+
+
+@triton.jit
 def _paged_attention_kernel(
-    Q, K, V, Out,
+    Q, K, V, Out, NK, NV, slot_mapping,
     page_table, q_start, q_len, ctx_len,
     scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pb,
+    stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+    HAS_NEW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
@@ -38,57 +75,56 @@ def _paged_attention_kernel(
     m_ok = offs_m < qlen
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_DIM
-    q = tl.load(
-        Q + (first + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q_rows = Q + (first + offs_m) * stride_qt + h * stride_qh
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     # NOTE: a head dim that is no power of two is cut in two blocks (MLA's 576 = 512 + 64, 192 = 128 +
     # 64) rather than padded to the next power (1024, 256): half the registers and shared memory.
     if BLOCK_DT > 0:  # a compile-time branch: its names stay in scope below
         offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
         dt_ok = offs_dt < HEAD_DIM
-        q_tail = tl.load(
-            Q + (first + offs_m)[:, None] * stride_qt + h * stride_qh + offs_dt[None, :],
-            mask=m_ok[:, None] & dt_ok[None, :],
-            other=0.0,
-        )
+        q_tail = tl.load(q_rows[:, None] + offs_dt[None, :], mask=m_ok[:, None] & dt_ok[None, :], other=0.0)
+    else:
+        offs_dt, dt_ok, q_tail = offs_d, d_ok, q
     kv_head = h // GROUP
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     end = tl.minimum(clen, prefix + (mb + 1) * BLOCK_M)  # causal: nothing past the block's last query
-    for start in range(0, end, BLOCK_N):
+    if HAS_NEW:
+        if h % GROUP == 0:  # one writer per KV head: this block's new tokens into their cache slots
+            slots = tl.load(slot_mapping + first + offs_m, mask=m_ok, other=0).to(tl.int64)
+            nk_rows = NK + (first + offs_m) * stride_nkt + kv_head * stride_nkh
+            nv_rows = NV + (first + offs_m) * stride_nvt + kv_head * stride_nvh
+            k_dst = K + slots * stride_kt + kv_head * stride_kh
+            v_dst = V + slots * stride_vt + kv_head * stride_vh
+            _copy_rows(nk_rows, k_dst, offs_d, m_ok, d_ok)
+            if BLOCK_DT > 0:
+                _copy_rows(nk_rows, k_dst, offs_dt, m_ok, dt_ok)
+            _copy_rows(nv_rows, v_dst, offs_dv, m_ok, dv_ok)
+        cached_end = prefix
+    else:
+        cached_end = end
+    for start in range(0, cached_end, BLOCK_N):  # the cache, through the page table
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
+        n_ok = offs_n < cached_end
         page = tl.load(page_table + b * stride_pb + offs_n // PAGE, mask=n_ok, other=0)
         slot = page.to(tl.int64) * PAGE + offs_n % PAGE
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
-        )
-        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
-        if BLOCK_DT > 0:
-            k_tail = tl.load(
-                K + slot[:, None] * stride_kt + kv_head * stride_kh + offs_dt[None, :],
-                mask=n_ok[:, None] & dt_ok[None, :],
-                other=0.0,
-            )
-            s += tl.dot(q_tail, tl.trans(k_tail))
-        s = s * scale
-        visible = (offs_n[None, :] <= prefix + offs_m[:, None]) & n_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_dv[None, :],
-            mask=n_ok[:, None] & dv_ok[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            q, q_tail, K + slot * stride_kt + kv_head * stride_kh, V + slot * stride_vt + kv_head * stride_vh,
+            offs_n, n_ok, offs_m, prefix, scale, m_i, l_i, acc, offs_d, d_ok, offs_dt, dt_ok, offs_dv, dv_ok,
+            BLOCK_DT,
+        )  # fmt: skip
+    if HAS_NEW:
+        for start in range(prefix, end, BLOCK_N):  # this step's tokens, from the layer's K/V
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            rows = first + offs_n - prefix
+            m_i, l_i, acc = _attend_block(
+                q, q_tail, NK + rows * stride_nkt + kv_head * stride_nkh,
+                NV + rows * stride_nvt + kv_head * stride_nvh,
+                offs_n, n_ok, offs_m, prefix, scale, m_i, l_i, acc, offs_d, d_ok, offs_dt, dt_ok, offs_dv,
+                dv_ok, BLOCK_DT,
+            )  # fmt: skip
     acc = acc / l_i[:, None]
     tl.store(
         Out + (first + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
@@ -109,11 +145,14 @@ def paged_attention(
     max_q_len: int,
     page_size: int,
     scale: float,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """q: [T, H, D]; k_cache: [slots, KVH, D]; v_cache, out: [slots, KVH, Dv] and [T, H, Dv] (Dv may
     differ from D: MLA's absorbed path reads V as the first kv_lora_rank columns of its latent cache);
     page_table: [B, max_pages] int32; q_start / q_len / ctx_len: [B] int32. Writes out rows of the
-    batch's real tokens."""
+    batch's real tokens. `new_kv` = (k [T, KVH, D], v [T, KVH, Dv], slot_mapping [T]): this step's
+    tokens, attended from these tensors and written to the cache here; without it they must be in the
+    cache already."""
     batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
     group = heads // k_cache.shape[1]
     block_d, block_dt = head_blocks(head_dim)
@@ -122,13 +161,15 @@ def paged_attention(
     wide = head_dim > 256 or v_dim > 256
     block_m = 16 if max_q_len <= 16 else 32 if wide else 64
     grid = (batch, heads, triton.cdiv(max_q_len, block_m))
+    nk, nv, slots = new_kv if new_kv is not None else (k_cache, v_cache, q_start)  # unread placeholders
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out,
+        q, k_cache, v_cache, out, nk, nv, slots,
         page_table, q_start, q_len, ctx_len,
         scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0),
-        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim,
+        nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1),
+        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim, HAS_NEW=new_kv is not None,
         BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DT=block_dt,
         BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
         **({"num_warps": 8, "num_stages": 2} if wide else {}),
