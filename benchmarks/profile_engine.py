@@ -6,7 +6,6 @@ python3 benchmarks/profile_engine.py
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 import triton
 
 from tessera.bench.step import make_batch
+from tessera.bench.timing import host_us
 from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.graphs import ForwardContext, forward_context
@@ -28,21 +28,6 @@ FOLDER = Path(__file__).resolve().parent / "configs" / "smollm2-135m"
 @triton.jit
 def _noop(x, n):
     pass
-
-
-def host_us(fn: Callable[[], Any], iters: int = 200) -> float:
-    """Host microseconds per call, the GPU kept busy first so that it never throttles the host. Keep
-    iters x launches per call under ~1000: past the launch queue's depth the host waits on the GPU."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # ~100 ms of GPU work queued ahead of the calls
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return dt / iters * 1e6
 
 
 def gpu_ms(fn: Callable[[], Any], iters: int = 20) -> float:

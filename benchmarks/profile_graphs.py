@@ -6,29 +6,16 @@ python3 benchmarks/profile_graphs.py
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from tessera.bench.graphs import SMOLLM2_SHAPED
+from tessera.bench.timing import host_us
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
 from tessera.graphs.platform import CudaGraphBackend
 from tessera.graphs.toy import ToyModel
-
-
-def host_us(fn: Callable[[], Any], iters: int = 200) -> float:
-    """Host-side microseconds per call (CPU clock, GPU never the bottleneck for these tiny calls)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return dt / iters * 1e6
 
 
 def main() -> None:
@@ -79,9 +66,9 @@ def main() -> None:
         runner.capture([ids])
         strategy = runner.strategy
         assert strategy is not None
-        rows.append(("runner step (breakable, N=16)", host_us(lambda: runner(ids))))
+        rows.append(("runner step (breakable, N=16)", host_us(lambda: runner(ids), 10)))
         with forward_context(ForwardContext(16, 16)):
-            rows.append(("strategy.replay alone", host_us(lambda: strategy.replay(16, ()))))
+            rows.append(("strategy.replay alone", host_us(lambda: strategy.replay(16, ()), 10)))
         graph = strategy._graphs[16]
         rows.append(("  of which graph segments", len(graph.calls) and 0.0))
 

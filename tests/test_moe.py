@@ -130,6 +130,17 @@ def test_replayed_graphs_route_padded_rows_nowhere(strategy: str) -> None:
     assert not stats["eager_fallbacks"]  # compile: a mask read as a Python int would have recompiled
 
 
+def _padded_batch(tokens: int, topk: int) -> tuple[Experts, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Experts, x, routing weights and ids with the last rows padded (id -1, weight 0), real rows."""
+    experts = _experts()
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=gen)
+    weights, ids = route(torch.randn(tokens, E, generator=gen), RoutingConfig(top_k=topk))
+    real = max(tokens - 3, 1)
+    ids[real:], weights[real:] = -1, 0.0
+    return experts, x, weights, ids, real
+
+
 @pytest.mark.parametrize(("tokens", "topk"), [(13, 2), (40, 3), (1, 1)])
 def test_triton_grouped_gemm_experts_match_the_reference(tokens: int, topk: int) -> None:
     """The capture-safe Triton path (Triton's interpreter here) against the reference loop, padded rows
@@ -137,12 +148,7 @@ def test_triton_grouped_gemm_experts_match_the_reference(tokens: int, topk: int)
     fused_moe = pytest.importorskip("tessera.layers.fused_moe")
     from tessera.layers.moe import moe_experts
 
-    experts = _experts()
-    gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, H, generator=gen)
-    weights, ids = route(torch.randn(tokens, E, generator=gen), RoutingConfig(top_k=topk))
-    real = max(tokens - 3, 1)
-    ids[real:], weights[real:] = -1, 0.0
+    experts, x, weights, ids, real = _padded_batch(tokens, topk)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (conftest)
     args = tuple(
         t.to(device) for t in (x, experts.gate_up_proj.detach(), experts.down_proj.detach(), weights, ids)
@@ -169,12 +175,7 @@ def test_grouped_mm_experts_match_the_reference(tokens: int, topk: int, dtype: t
     from tessera.layers.grouped_mm_moe import grouped_mm_experts
     from tessera.layers.moe import moe_experts
 
-    experts = _experts()
-    gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, H, generator=gen)
-    weights, ids = route(torch.randn(tokens, E, generator=gen), RoutingConfig(top_k=topk))
-    real = max(tokens - 3, 1)
-    ids[real:], weights[real:] = -1, 0.0
+    experts, x, weights, ids, real = _padded_batch(tokens, topk)
     x[real:] = float("nan")  # a padded row's garbage must not reach anything
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = [x, experts.gate_up_proj.detach(), experts.down_proj.detach(), weights, ids]

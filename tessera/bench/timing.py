@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,3 +50,19 @@ def kernel_floor(step: Step, ids: torch.Tensor, iters: int = 10) -> tuple[float,
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in kernels)
     return total_us / iters / 1e3, round(len(kernels) / iters)
+
+
+def host_us(fn: Callable[[], Any], iters: int = 200) -> float:
+    """Host microseconds per call of `fn`, with ~100 ms of GPU work queued first so the GPU never holds
+    the host back. Keep iters x launches per call under ~1000: past the launch queue's depth the host
+    waits on the GPU and this times the GPU instead."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / iters * 1e6
