@@ -48,3 +48,33 @@ def test_eviction_takes_unreferenced_leaves_least_recently_used_first() -> None:
     assert cache.match([1] * 9) == []
     cache.release(held)
     assert cache.evict(4) == 2 and cache.num_pages == 0
+
+
+def test_a_prefix_used_again_is_evicted_after_older_ones() -> None:
+    """Least recently *used*, not inserted: a prefix matched after the others outlives them (its older
+    heap entries are stale and skipped), and a path's pages go leaf first."""
+    cache = _cache(pages=16)
+    pages = {}
+    for i, name in enumerate("abc", start=1):
+        pages[name] = cache.pool.allocate(2)
+        cache.insert([i] * 8, pages[name])
+
+    def use(name: str) -> list[int]:  # match and release: what a finished request does
+        nodes = cache.match([" abc".index(name)] * 9)
+        cache.release(nodes)
+        return [n.page for n in nodes]
+
+    use("a")  # a: used last
+    assert cache.evict(1) == 1 and use("b") == pages["b"][:1]  # b's leaf went; b's first page now newest
+    assert cache.evict(2) == 2 and use("c") == []  # c, leaf then the parent that became a leaf
+    assert cache.evict(1) == 1 and use("a") == pages["a"][:1]  # a's leaf goes before b's newer page
+    assert cache.evict(8) == 2 and cache.num_pages == 0
+
+
+def test_eviction_keeps_its_heap_bounded() -> None:
+    cache = _cache(pages=64)
+    tokens, pages = [7] * 8, cache.pool.allocate(2)
+    cache.insert(tokens, pages)
+    for _ in range(500):  # every use pushes a fresh entry; stale ones must not pile up forever
+        cache.release(cache.match([*tokens, 0]))
+    assert len(cache._heap) <= 4 * cache.num_pages + 64

@@ -3,8 +3,10 @@ cached prefix), DECODE, or both mixed in one batch — the attention metadata co
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tessera.engine.kv_cache import PagePool
@@ -46,8 +48,7 @@ def build_batch(
     # NOTE: the rest is tensor arithmetic over the whole batch and two host-to-device copies: this
     # runs on every step, for every running sequence (at 256 of them, per-sequence tensor ops were
     # milliseconds of host time a step).
-    width = max(len(r) for r in page_rows)
-    table = torch.tensor([r + [0] * (width - len(r)) for r in page_rows], dtype=torch.long)
+    table = page_table(page_rows)
     q_len = torch.tensor([s.query_len for s in layouts])
     pos = torch.tensor(positions)
     owner = torch.repeat_interleave(torch.arange(len(work)), q_len)  # each new token's sequence
@@ -70,9 +71,18 @@ def build_batch(
     )
 
 
+def page_table(page_rows: list[list[int]]) -> torch.Tensor:
+    """The rows as one [B, longest] int64 tensor, zero-padded. NOTE: through numpy (one flat copy and a
+    masked fill): padding Python lists row by row took ~0.9 ms at 256 sequences, this ~0.2 ms."""
+    lengths = np.fromiter(map(len, page_rows), dtype=np.int64, count=len(page_rows))
+    flat = np.fromiter(itertools.chain.from_iterable(page_rows), dtype=np.int64, count=int(lengths.sum()))
+    table = np.zeros((len(page_rows), int(lengths.max())), dtype=np.int64)
+    table[np.arange(table.shape[1])[None, :] < lengths[:, None]] = flat
+    return torch.from_numpy(table)
+
+
 def kernel_layout(layouts: list[SeqLayout], page_rows: list[list[int]], device: torch.device) -> KernelLayout:
-    width = max(len(r) for r in page_rows)
-    table = torch.tensor([r + [0] * (width - len(r)) for r in page_rows], dtype=torch.int32)
+    table = page_table(page_rows).to(torch.int32)
     q_len = torch.tensor([s.query_len for s in layouts], dtype=torch.int32)
     q_start = torch.cumsum(q_len, 0, dtype=torch.int32) - q_len
     ctx_len = torch.tensor([s.context_len for s in layouts], dtype=torch.int32)

@@ -3,10 +3,17 @@
 Each node holds one page and the `page_size` tokens it caches; a path from the root spells a token
 prefix. Requests reference the nodes they use; nodes no request references are evicted least recently
 used first, leaves before their parents, when the page pool runs dry.
+
+Eviction pops a min-heap of evictable leaves keyed by last use. Entries are pushed whenever a node
+becomes (or, used again, stays) an evictable leaf and are checked when popped, so an entry made stale
+by a later use, a new child or a new reference is skipped: an eviction costs O(log n), where a scan of
+the whole tree (tens of thousands of pages on a full GPU) cost milliseconds on every step that needed
+pages.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -32,6 +39,8 @@ class PrefixCache:
         self.num_pages = 0  # pages held by the tree
         self.hits = 0  # tokens served from the cache
         self.queries = 0  # tokens looked up
+        self._heap: list[tuple[int, int, _Node]] = []  # (last_used, tie-break, node), some stale
+        self._tie = itertools.count()
 
     def match(self, tokens: list[int]) -> list[_Node]:
         """Nodes caching the longest page-aligned prefix of `tokens`, referenced for the caller.
@@ -56,6 +65,7 @@ class PrefixCache:
         for n in nodes:
             assert n.refs > 0, "released a prefix node twice"
             n.refs -= 1
+            self._offer(n)
 
     def insert(self, tokens: list[int], pages: list[int]) -> list[int]:
         """Hand the full pages of a finished sequence to the tree. Returns the pages the tree did not
@@ -73,30 +83,36 @@ class PrefixCache:
                 leftover.append(pages[i])
             child.last_used = now
             node = child
+        self._offer(node)  # the path's end; every node above it has a child
         return leftover + pages[full:]
 
     def evict(self, pages_wanted: int) -> int:
         """Free up to `pages_wanted` pages of unreferenced leaves, least recently used first."""
         freed = 0
-        while freed < pages_wanted:
-            leaves = [n for n in self._nodes() if not n.children and n.refs == 0]
-            if not leaves:
-                break
-            for leaf in sorted(leaves, key=lambda n: n.last_used)[: pages_wanted - freed]:
-                assert leaf.parent is not None
-                del leaf.parent.children[leaf.tokens]
-                self.pool.free([leaf.page])
-                self.num_pages -= 1
-                freed += 1
+        while freed < pages_wanted and self._heap:
+            last_used, _, leaf = heapq.heappop(self._heap)
+            if not self._evictable(leaf) or leaf.last_used != last_used:
+                continue  # stale: used, extended or referenced since it was pushed
+            parent = leaf.parent
+            assert parent is not None
+            del parent.children[leaf.tokens]
+            leaf.parent = None
+            self.pool.free([leaf.page])
+            self.num_pages -= 1
+            freed += 1
+            self._offer(parent)  # it may have become a leaf
         return freed
 
-    def _nodes(self) -> list[_Node]:
-        out, stack = [], list(self.root.children.values())
-        while stack:
-            n = stack.pop()
-            out.append(n)
-            stack.extend(n.children.values())
-        return out
+    def _evictable(self, node: _Node) -> bool:
+        return node.parent is not None and not node.children and node.refs == 0
+
+    def _offer(self, node: _Node) -> None:
+        if not self._evictable(node):
+            return
+        heapq.heappush(self._heap, (node.last_used, next(self._tie), node))
+        if len(self._heap) > 4 * self.num_pages + 64:  # mostly stale entries: rebuild (amortized O(1))
+            self._heap = [e for e in self._heap if self._evictable(e[2]) and e[2].last_used == e[0]]
+            heapq.heapify(self._heap)
 
     @property
     def hit_rate(self) -> float:
