@@ -154,6 +154,16 @@ def test_models_health_and_metrics(server: tuple[str, AsyncEngine]) -> None:
     for name in ("tessera_requests_total", "tessera_prompt_tokens_total", "tessera_kv_cache_usage",
                  "tessera_prefix_cache_hit_rate", "tessera_num_requests_running"):  # fmt: skip
         assert name in text, name
+    from tessera.bench.serve import engine_steps
+
+    steps_before, _ = engine_steps(text)
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    deadline = time.monotonic() + 10  # the engine reports its counters on going idle
+    while (steps := engine_steps(httpx.get(f"{url}/metrics").text))[0] < steps_before + 3:
+        assert time.monotonic() < deadline, steps
+        time.sleep(0.05)
+    assert set(steps[1]) == {"schedule", "forward", "sample", "update"} and steps[1]["forward"] > 0
 
 
 def test_a_thousand_concurrent_short_requests(server: tuple[str, AsyncEngine]) -> None:

@@ -6,6 +6,7 @@ the server both drive it."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,6 +67,10 @@ class Engine:
             self.config = replace(self.config, cuda_graph_max_bs=self.scheduler_config.max_running_requests)
         self.runner = ModelRunner(self.model, self.cfg, num_pages=pages, config=self.config)
         self.scheduler = Scheduler(self.runner.pool, self.page_size, self.scheduler_config)
+        # Host seconds of every step, by phase: schedule; forward (building the batch and launching
+        # its work, asynchronous on a GPU); sample (which waits for the GPU to finish); update.
+        self.steps = 0
+        self.step_seconds = dict.fromkeys(("schedule", "forward", "sample", "update"), 0.0)
 
     def _num_pages(self, dtype: torch.dtype, mem_fraction: float, cpu_kv_tokens: int) -> int:
         """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU."""
@@ -104,10 +109,17 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One forward; returns the sequences that got a new token (finished ones are released)."""
+        clock, seconds = time.perf_counter, self.step_seconds
+        t0 = clock()
         work = self.scheduler.schedule()
         if not work:
             raise RuntimeError("the scheduler found nothing it could run (KV cache too small?)")
+        t1 = clock()
         logits = self.runner.run(work)
+        t2 = clock()
+        self.steps += 1
+        seconds["schedule"] += t1 - t0
+        seconds["forward"] += t2 - t1
         # a sequence whose whole tail ran gets a new token; a chunk of a longer prompt does not
         rows = [i for i, (seq, _) in enumerate(work) if seq.uncached == 0]
         if not rows:
@@ -116,10 +128,13 @@ class Engine:
         if len(rows) < len(work):
             logits = logits[torch.tensor(rows, device=logits.device)]
         tokens, logprobs = sample_batch(logits, [s.params for s in advanced], [s.generator for s in advanced])
+        t3 = clock()
         for seq, token, logprob in zip(advanced, tokens, logprobs, strict=True):
             self._append(seq, token, logprob)
             if seq.finished:
                 self.scheduler.finish(seq)
+        seconds["sample"] += t3 - t2
+        seconds["update"] += clock() - t3
         return advanced
 
     def graph_stats(self) -> dict[str, object]:

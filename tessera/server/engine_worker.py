@@ -38,6 +38,8 @@ def engine_stats(engine: Engine) -> dict[str, Any]:
         "prefix_hit_rate": cache.hit_rate if cache is not None else 0.0,
         "has_work": engine.has_work,
         "graphs": engine.graph_stats(),
+        "steps": engine.steps,
+        "step_seconds": dict(engine.step_seconds),
     }
 
 

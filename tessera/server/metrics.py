@@ -35,6 +35,16 @@ class _EngineCollector:
             "Prompt tokens served from the cache",
             value=stats["prefix_hit_rate"],
         )
+        yield CounterMetricFamily("tessera_engine_steps", "Engine steps (forwards)", value=stats["steps"])
+        phases = CounterMetricFamily(
+            "tessera_engine_step_seconds",
+            "Engine host seconds by step phase: schedule, forward (batch building and launches), sample "
+            "(waits for the GPU), update",
+            labels=["phase"],
+        )
+        for phase, seconds in stats["step_seconds"].items():
+            phases.add_metric([phase], seconds)
+        yield phases
         yield from _graph_metrics(stats["graphs"])
 
 
