@@ -120,6 +120,8 @@ def moe_experts(
     """The experts (an opaque op: Dynamo keeps it whole). On CUDA: the Triton grouped GEMMs of
     `fused_moe`, or `torch._grouped_mm`; both capture-safe. Elsewhere by default: the reference loop,
     whose per-expert token counts come back to the host (so no CUDA graph could capture it)."""
+    if backend not in EXPERT_BACKENDS:
+        raise ValueError(f"unknown MoE backend {backend!r}: one of {', '.join(EXPERT_BACKENDS)}")
     if backend == "grouped_mm":
         from tessera.layers.grouped_mm_moe import grouped_mm_experts
 
