@@ -33,7 +33,7 @@ case "${1:-}" in
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
     step test_engine 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
-    step bench_step 300 python3 -m tessera bench step --out "$OUT/step.json" ;;
+    step bench_step 420 python3 -m tessera bench step --out "$OUT/step.json" ;;
   3)
     serve serve_smollm2 380 ;;
   gsm8k)
