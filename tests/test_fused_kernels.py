@@ -73,3 +73,13 @@ def test_silu_mul_matches_the_reference(dtype: torch.dtype) -> None:
     got = fused.silu_mul(x)
     assert got.shape == (6, inter)
     assert torch.allclose(got.float(), (F.silu(gate) * up).float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize(("n", "pow2"), [(0, 1), (1, 1), (2, 2), (3, 4), (64, 64), (65, 128), (576, 1024)])
+def test_launch_arithmetic_matches_triton(n: int, pow2: int) -> None:
+    import triton
+
+    from tessera.layers.launch import cdiv, next_pow2
+
+    assert next_pow2(n) == pow2 == (triton.next_power_of_2(n) if n else 1)
+    assert cdiv(n, 16) == triton.cdiv(n, 16)

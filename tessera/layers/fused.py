@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from tessera.graphs.ops import opaque_op
+from tessera.layers.launch import cdiv, next_pow2
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         return out, summed
     _rms_norm_kernel[(rows,)](
         x, r, weight, out, summed, x.stride(0), r.stride(0), out.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+        HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
     )  # fmt: skip
     return out, summed
 
@@ -99,8 +100,8 @@ def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
     if tokens:
         _rope_kernel[(tokens,)](
             x, out, cos, sin, positions, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            cos.stride(0), HEADS=heads, HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads),
-            BLOCK_D=triton.next_power_of_2(dim // 2),
+            cos.stride(0), HEADS=heads, HALF=dim // 2, BLOCK_H=next_pow2(heads),
+            BLOCK_D=next_pow2(dim // 2),
         )  # fmt: skip
     return out
 
@@ -133,7 +134,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for x = [gate | up] of shape [T, 2I] (Triton)."""
     rows, n = x.shape[0], x.shape[1] // 2
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    block = min(1024, triton.next_power_of_2(n))
+    block = min(1024, next_pow2(n))
     if rows:
-        _silu_mul_kernel[(rows, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+        _silu_mul_kernel[(rows, cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
     return out

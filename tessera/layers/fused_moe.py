@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.layers.launch import cdiv, next_pow2
+
 BLOCK_M = 16
 
 
@@ -98,9 +100,9 @@ def fused_experts(
 
     def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, gather: bool, scale: bool) -> None:
         n, k = b.shape[1], b.shape[2]
-        block_n = min(64, max(16, triton.next_power_of_2(n)))
-        block_k = min(64, max(16, triton.next_power_of_2(k)))
-        _grouped_gemm_kernel[(blocks, triton.cdiv(n, block_n))](
+        block_n = min(64, max(16, next_pow2(n)))
+        block_k = min(64, max(16, next_pow2(k)))
+        _grouped_gemm_kernel[(blocks, cdiv(n, block_n))](
             a, b, c, pair_of_slot, expert_of_block, pair_weights,
             n_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             GATHER_TOKENS=gather, TOPK=topk, APPLY_SCALE=scale,

@@ -11,9 +11,13 @@ before), every token comes from the cache. Written in Triton so the same kernel 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from tessera.layers.launch import cdiv, next_pow2
 
 
 @triton.jit
@@ -154,26 +158,40 @@ def paged_attention(
     tokens, attended from these tensors and written to the cache here; without it they must be in the
     cache already."""
     batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
-    group = heads // k_cache.shape[1]
+    block_m, blocks = _blocks(head_dim, v_dim, max_q_len <= 16)
+    nk, nv, slots = new_kv if new_kv is not None else (k_cache, v_cache, q_start)  # unread placeholders
+    # NOTE: one .stride() tuple a tensor and cached block sizes: this runs eagerly on every layer of every
+    # step, where Python arithmetic is host time the GPU waits for
+    sq, sk, sv, so, snk, snv = (
+        q.stride(),
+        k_cache.stride(),
+        v_cache.stride(),
+        out.stride(),
+        nk.stride(),
+        nv.stride(),
+    )
+    _paged_attention_kernel[(batch, heads, cdiv(max_q_len, block_m))](
+        q, k_cache, v_cache, out, nk, nv, slots,
+        page_table, q_start, q_len, ctx_len,
+        scale,
+        sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], so[0], so[1], page_table.stride(0),
+        snk[0], snk[1], snv[0], snv[1],
+        GROUP=heads // k_cache.shape[1], PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim,
+        HAS_NEW=new_kv is not None, BLOCK_M=block_m, BLOCK_N=32, **blocks,
+    )  # fmt: skip
+
+
+@functools.cache
+def _blocks(head_dim: int, v_dim: int, short: bool) -> tuple[int, dict[str, int]]:
+    """(BLOCK_M, the other block sizes and launch options) for these widths; `short`: no sequence has
+    more than 16 queries (decode, small extends)."""
     block_d, block_dt = head_blocks(head_dim)
     # NOTE: MLA's latent rows (576 wide, values 512) hold a [BLOCK_M, 512] fp32 accumulator and 36 KiB of
     # K a block: fewer query rows, more warps and one buffered stage keep that in an SM (227 KiB).
     wide = head_dim > 256 or v_dim > 256
-    block_m = 16 if max_q_len <= 16 else 32 if wide else 64
-    grid = (batch, heads, triton.cdiv(max_q_len, block_m))
-    nk, nv, slots = new_kv if new_kv is not None else (k_cache, v_cache, q_start)  # unread placeholders
-    _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, nk, nv, slots,
-        page_table, q_start, q_len, ctx_len,
-        scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), page_table.stride(0),
-        nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1),
-        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim, HAS_NEW=new_kv is not None,
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DT=block_dt,
-        BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
-        **({"num_warps": 8, "num_stages": 2} if wide else {}),
-    )  # fmt: skip
+    block_m = 16 if short else 32 if wide else 64
+    options = {"BLOCK_D": block_d, "BLOCK_DT": block_dt, "BLOCK_DV": max(16, next_pow2(v_dim))}
+    return block_m, options | ({"num_warps": 8, "num_stages": 2} if wide else {})
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
@@ -181,4 +199,4 @@ def head_blocks(head_dim: int) -> tuple[int, int]:
     rounded up to a power of two (0: none). tl.dot needs blocks of at least 16."""
     main = max(16, 1 << (head_dim.bit_length() - 1))
     rest = head_dim - main
-    return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+    return main, (max(16, next_pow2(rest)) if rest > 0 else 0)
