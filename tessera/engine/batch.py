@@ -33,35 +33,38 @@ def build_batch(
     last: list[int] = []
     page_rows: list[list[int]] = []
     layouts: list[SeqLayout] = []
+    q_lens: list[int] = []
+    ctx_lens: list[int] = []
     for seq, n in work:
-        start, end = seq.num_cached, seq.num_cached + n
+        start = seq.num_cached
+        end = start + n
         if n < 1 or end > seq.num_tokens:
             raise ValueError(f"sequence {seq.id}: cannot run {n} tokens from {start} of {seq.num_tokens}")
-        need = -(-end // page_size) - len(seq.pages)
-        if need > 0:
-            seq.pages += pool.allocate(need)
+        pages, used = seq.pages, -(-end // page_size)
+        if used > len(pages):
+            pages += pool.allocate(used - len(pages))
         ids += seq.tokens(start, end)
         positions += range(start, end)
-        page_rows.append(seq.pages[: -(-end // page_size)])
+        page_rows.append(pages if used == len(pages) else pages[:used])  # read only: no copy needed
         layouts.append(SeqLayout(n, end))
+        q_lens.append(n)
+        ctx_lens.append(end)
         last.append(len(ids) - 1)
     # NOTE: the rest is tensor arithmetic over the whole batch and two host-to-device copies: this
     # runs on every step, for every running sequence (at 256 of them, per-sequence tensor ops were
     # milliseconds of host time a step).
     table = page_table(page_rows)
-    q_len = torch.tensor([s.query_len for s in layouts])
+    q_len = torch.tensor(q_lens)
     pos = torch.tensor(positions)
     owner = torch.repeat_interleave(torch.arange(len(work)), q_len)  # each new token's sequence
     slot_mapping = table[owner, pos // page_size] * page_size + pos % page_size
     q_start = torch.cumsum(q_len, 0) - q_len
-    ctx_len = torch.tensor([s.context_len for s in layouts])
+    ctx_len = torch.tensor(ctx_lens)
     flat = torch.cat((torch.tensor(ids), pos, slot_mapping, torch.tensor(last), q_start, q_len, ctx_len))
     t, b = len(ids), len(work)
     input_ids, positions_d, slots_d, last_d, vectors = flat.to(device).split([t, t, t, b, 3 * b])
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
-    kernel = KernelLayout(
-        table.to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(s.query_len for s in layouts)
-    )
+    kernel = KernelLayout(table.to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(q_lens))
     return ForwardBatch(
         input_ids=input_ids,
         positions=positions_d,
