@@ -83,7 +83,8 @@ def _seq(ids: list[int]) -> Sequence:
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_on_cpu)])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_match_hf(family: str, backend: str) -> None:
+@pytest.mark.parametrize("absorb", [False, None], ids=["prefill-mha", "by-cost"])
+def test_logits_match_hf(family: str, backend: str, absorb: bool | None) -> None:
     """Prefill then decode steps: the MHA path, then the absorbed MQA path over the latent cache (triton:
     each one launch of the paged-attention kernel)."""
     hf, ours = hf_and_ours(family)
@@ -91,6 +92,8 @@ def test_logits_match_hf(family: str, backend: str) -> None:
     with torch.no_grad():
         ref = hf(ids).logits[0]
     runner = _runner(ours, attention_backend=backend)
+    for layer in runner.layers.values():
+        layer.absorb_extend = absorb  # by cost, this tiny config's 6-token prefill takes MQA
     seq = _seq(ids[0].tolist())
     got = [runner.run([(seq, 6)])[0]]
     for _ in range(5):
@@ -139,6 +142,8 @@ def test_piecewise_graphs_match_eager_with_a_mixed_batch_and_the_eager_path_abov
     graphs = _runner(ours, emulate_graphs_on_cpu=True, piecewise_cuda_graph_tokens=(8, 16),
                      piecewise_cuda_graph_strategy=strategy, attention_backend=backend,
                      cuda_graph_max_bs=4)  # fmt: skip
+    for layer in graphs.layers.values():
+        layer.absorb_extend = False  # extends through MHA (by cost this tiny config would absorb them)
     eager = _runner(ours)
     prompts = [
         torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 13, 3)
@@ -234,3 +239,17 @@ def test_the_engine_generates_with_a_dummy_deepseek_folder(tmp_path) -> None:  #
     assert llm.runner.pool.num_free + (llm.scheduler.cache.num_pages if llm.scheduler.cache else 0) == (
         llm.runner.pool.num_pages - 1
     )
+
+
+def test_extends_take_the_mqa_path_where_it_costs_fewer_flops() -> None:
+    from tessera.layers.mla import MLALayer, takes_mqa
+    from tessera.models.config import MLAConfig
+
+    v2 = MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    assert int(v2.mqa_cheaper_below) == 170
+    layer = MLALayer(torch.empty(0), type("Module", (), {"mla": v2})(), page_size=16)
+    assert [takes_mqa(layer, n) for n in (1, 16, 170, 171, 2048)] == [True, True, True, False, False]
+    layer.absorb_extend = False
+    assert [takes_mqa(layer, n) for n in (1, 16)] == [True, False]
+    layer.absorb_extend = True
+    assert takes_mqa(layer, 2048)

@@ -4,16 +4,17 @@ The cache holds, per token, one latent: the normalized `kv_lora_rank` compressio
 rotated `qk_rope_head_dim` key shared by all heads. Two split ops read it, each under its own role in the
 forward context's layer table, and every forward calls both:
 
-- `tessera::mla_mha` (role "mla_mha") serves the batch's EXTEND sequences: it writes all new latents,
+- `tessera::mla_mha` (role "mla_mha") serves the batch's longer EXTEND sequences: it writes all new latents,
   up-projects each sequence's context to per-head K (nope + shared rope part) and V, and attends as
   ordinary multi-head attention — qk head dim != v head dim. Output [T, H, v_head_dim].
-- `tessera::mla_mqa` (role "mla_mqa") serves the DECODE sequences: queries absorbed into the latent space
+- `tessera::mla_mqa` (role "mla_mqa") serves DECODE and short extends: queries absorbed into the latent space
   (q_nope @ W_UK) attend over the latent cache as one shared head; the output stays latent, [T, H,
   kv_lora_rank], and is up-projected by W_UV inside the next graph piece.
 
-Each op writes zeros on the rows of the other kind, so a mixed batch is the sum of both. Per-layer
-`MLALayer.absorb_extend` sends extend sequences through the MQA path too (the same numbers, from the
-latent: what a long cached prefix with a short extension would prefer).
+Each op writes zeros on the rows of the other kind, so a mixed batch is the sum of both. Extends take
+the MQA path too where it costs fewer FLOPs (the same numbers, from the latent): fewer queries than
+`MLAConfig.mqa_cheaper_below` (170 for DeepSeek-V2/V3), since MHA up-projects the whole context first.
+`MLALayer.absorb_extend` overrides that: True sends every extend through MQA, False none.
 
 Backends: `torch` (reference, per sequence, any device) and `triton`, where each path is one launch of
 the paged-attention kernel over its sequences: MQA over the latent cache itself (the latent is the single
@@ -44,7 +45,7 @@ class MLALayer:
     cache: torch.Tensor  # [slots, 1, kv_lora_rank + qk_rope_head_dim]
     module: Any  # MLAAttention
     page_size: int
-    absorb_extend: bool = False  # extend sequences through the MQA path as well
+    absorb_extend: bool | None = None  # extends through MQA: None where cheaper, True all, False none
     backend: str = "torch"  # "triton": each path one paged-attention launch over its sequences
 
 
@@ -65,17 +66,25 @@ def path_layouts(meta: Any, layer: MLALayer) -> tuple[PathLayout | None, PathLay
     the host's sequence lengths) and shared by every layer."""
     key = f"mla/{layer.page_size}/{layer.absorb_extend}"
     if key not in meta.derived:
-        meta.derived[key] = _path_layouts(meta, layer.page_size, layer.absorb_extend)
+        meta.derived[key] = _path_layouts(meta, layer)
     return meta.derived[key]
 
 
-def _path_layouts(meta: Any, page: int, absorb_extend: bool) -> tuple[PathLayout | None, PathLayout | None]:
-    kl = meta.kernel
+def takes_mqa(layer: MLALayer, query_len: int) -> bool:
+    """Whether a sequence running `query_len` new tokens takes the absorbed MQA path."""
+    if query_len == 1 or layer.absorb_extend:
+        return True
+    return layer.absorb_extend is None and query_len < layer.module.mla.mqa_cheaper_below
+
+
+def _path_layouts(meta: Any, layer: MLALayer) -> tuple[PathLayout | None, PathLayout | None]:
+    kl, page = meta.kernel, layer.page_size
     # NOTE: decode graphs carry no host sequence list, and hold only decodes
-    if absorb_extend or kl.max_q_len == 1:
+    if layer.absorb_extend or kl.max_q_len == 1:
         return None, PathLayout(kl.page_table, kl.q_start, kl.q_len, kl.ctx_len, kl.max_q_len)
-    extend = [i for i, s in enumerate(meta.seqs) if s.query_len > 1]
-    decode = [i for i, s in enumerate(meta.seqs) if s.query_len == 1]
+    mqa_rows = [takes_mqa(layer, s.query_len) for s in meta.seqs]
+    extend = [i for i, m in enumerate(mqa_rows) if not m]
+    decode = [i for i, m in enumerate(mqa_rows) if m]
 
     def pick(rows: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
         if len(rows) == len(meta.seqs):
@@ -85,7 +94,8 @@ def _path_layouts(meta: Any, page: int, absorb_extend: bool) -> tuple[PathLayout
 
     mqa = None
     if decode:
-        mqa = PathLayout(*pick(decode, kl.page_table, kl.q_start, kl.q_len, kl.ctx_len), max_q_len=1)
+        longest = max(meta.seqs[i].query_len for i in decode)
+        mqa = PathLayout(*pick(decode, kl.page_table, kl.q_start, kl.q_len, kl.ctx_len), max_q_len=longest)
     if not extend:
         return None, mqa
     table, q_start, q_len, ctx_len = pick(extend, kl.page_table, kl.q_start, kl.q_len, kl.ctx_len)
@@ -107,12 +117,11 @@ def _context_slots(row: torch.Tensor, context_len: int, page: int) -> torch.Tens
     return (pages[:, None] * page + torch.arange(page, device=row.device)).flatten()[:context_len]
 
 
-def _sequences(meta: Any, layer: MLALayer, want_decode: bool) -> Any:
+def _sequences(meta: Any, layer: MLALayer, mqa: bool) -> Any:
     """(row start, SeqLayout, context slots) of the batch's sequences this path serves."""
     start = 0
     for row, seq in zip(meta.kernel.page_table, meta.seqs, strict=True):
-        decode = seq.query_len == 1 or layer.absorb_extend
-        if decode == want_decode:
+        if takes_mqa(layer, seq.query_len) == mqa:
             yield start, seq, _context_slots(row, seq.context_len, layer.page_size)
         start += seq.query_len
 
@@ -137,7 +146,7 @@ def mla_mha(q: torch.Tensor, latent: torch.Tensor, out: torch.Tensor, layer_id: 
         _mha_triton(q, out, layer, mla, ctx.metadata)
         return
     w_kc, w_vc = layer.module.absorbed_weights()
-    for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=False):
+    for start, seq, slots in _sequences(ctx.metadata, layer, mqa=False):
         context = layer.cache[slots, 0]  # [C, latent_dim]
         c, k_rope = context[:, : mla.kv_lora_rank], context[:, mla.kv_lora_rank :]
         k_nope = torch.einsum("cl,hdl->hcd", c, w_kc)  # [H, C, nope]
@@ -167,7 +176,7 @@ def mla_mqa(q_latent: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
             paged_attention(q_latent, layer.cache, values, out, p.page_table, p.q_start, p.q_len, p.ctx_len,
                             p.max_q_len, layer.page_size, mla.softmax_scale)  # fmt: skip
         return
-    for start, seq, slots in _sequences(ctx.metadata, layer, want_decode=True):
+    for start, seq, slots in _sequences(ctx.metadata, layer, mqa=True):
         context = layer.cache[slots, 0]  # [C, latent_dim]: one head shared by all query heads
         qh = q_latent[start : start + seq.query_len].transpose(0, 1)  # [H, Q, latent]
         scores = (qh.float() @ context.float().T) * mla.softmax_scale  # [H, Q, C]

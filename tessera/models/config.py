@@ -67,6 +67,16 @@ class MLAConfig:
     def latent_dim(self) -> int:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
+    @property
+    def mqa_cheaper_below(self) -> float:
+        """Query count under which an extend costs fewer FLOPs on the absorbed MQA path. Per head, MHA
+        up-projects every context token (kv_lora_rank x (nope + v) MACs) and then spends qk + v per
+        (query, key); MQA spends latent_dim + kv_lora_rank per (query, key) and up-projects nothing.
+        DeepSeek-V2/V3: 512 x 256 / (1088 - 320) = 170 queries."""
+        per_pair = self.latent_dim + self.kv_lora_rank - self.qk_head_dim - self.v_head_dim
+        per_context = self.kv_lora_rank * (self.qk_nope_head_dim + self.v_head_dim)
+        return per_context / per_pair if per_pair > 0 else float("inf")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
