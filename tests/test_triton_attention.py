@@ -48,16 +48,18 @@ def _batch(
         ([3, 1], [70, 9], 2, 1, 48, 1, 48),  # head dim not a power of two (32 + 16), page size 1
         ([20, 1], [45, 12], 2, 1, 192, 16, 128),  # 128 + 64 wide keys, narrower values
         ([17, 1], [30, 21], 4, 1, 576, 16, 512),  # MLA's absorbed path: 512 + 64 wide latent, MQA
+        ([1, 40, 3], [33, 70, 3], 9, 3, 32, 4, 32),  # groups of 3 (SmolLM2's 9 heads on 3), mixed
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("new_kv", [False, True], ids=["all-cached", "new-tokens-passed"])
+@pytest.mark.parametrize("pack", [False, True], ids=["head-a-program", "group-a-program"])
 def test_kernel_matches_reference(
-    q_lens, ctx_lens, heads, kv_heads, head_dim, page, v_dim, dtype, new_kv: bool
+    q_lens, ctx_lens, heads, kv_heads, head_dim, page, v_dim, dtype, new_kv: bool, pack: bool
 ) -> None:
     """all-cached: every token in the cache. new-tokens-passed: this step's tokens given as K/V tensors,
     their cache slots NaN before the call: the kernel must attend to the tensors, never to those slots,
-    and leave them written."""
+    and leave them written. group-a-program: a KV head's query heads packed into one block's rows."""
     q, k, v, tables = _batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype, v_dim)
     out = torch.full((q.shape[0], heads, v_dim), float("nan"), dtype=dtype, device=DEVICE)
     width = max(len(t) for t in tables)
@@ -77,7 +79,7 @@ def test_kernel_matches_reference(
         extra = (k[new].clone(), v[new].clone(), new)
         k[new], v[new] = float("nan"), float("nan")
     triton_attention.paged_attention(q, k, v, out, table, q_start, q_len, ctx, max(q_lens), page, scale,
-                                     new_kv=extra)  # fmt: skip
+                                     new_kv=extra, pack=pack)  # fmt: skip
     if extra is not None:
         assert torch.equal(k.double(), layer.k_cache) and torch.equal(v.double(), layer.v_cache)
     start = 0

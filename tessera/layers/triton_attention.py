@@ -60,26 +60,38 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pb,
     stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    HAS_NEW: tl.constexpr,
+    HAS_NEW: tl.constexpr, PACK: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    hp = tl.program_id(1)  # a query head; with PACK, a KV head and every query head of its group
     mb = tl.program_id(2)
     qlen = tl.load(q_len + b)
-    if mb * BLOCK_M >= qlen:
+    POS = BLOCK_M // GROUP_P  # query positions a block covers
+    if mb * POS >= qlen:
         return
     first = tl.load(q_start + b)
     clen = tl.load(ctx_len + b)
     prefix = clen - qlen
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
+    r = tl.arange(0, BLOCK_M)
+    if PACK:  # rows are (position, head of the group) pairs: the group shares every K/V load
+        kv_head = hp
+        head = hp * GROUP + r % GROUP_P
+        offs_m = mb * POS + r // GROUP_P  # query index within the sequence
+        m_ok = (offs_m < qlen) & (r % GROUP_P < GROUP)
+        writer = m_ok & (r % GROUP_P == 0)  # one row a position writes its new K/V
+    else:
+        kv_head = hp // GROUP
+        head = hp
+        offs_m = mb * BLOCK_M + r
+        m_ok = offs_m < qlen
+        writer = m_ok & ((r * 0 + hp % GROUP) == 0)  # the group's first head writes its new K/V
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < qlen
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_DIM
-    q_rows = Q + (first + offs_m) * stride_qt + h * stride_qh
+    q_rows = Q + (first + offs_m) * stride_qt + head * stride_qh
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     # NOTE: a head dim that is no power of two is cut in two blocks (MLA's 576 = 512 + 64, 192 = 128 +
     # 64) rather than padded to the next power (1024, 256): half the registers and shared memory.
@@ -89,22 +101,20 @@ def _paged_attention_kernel(
         q_tail = tl.load(q_rows[:, None] + offs_dt[None, :], mask=m_ok[:, None] & dt_ok[None, :], other=0.0)
     else:
         offs_dt, dt_ok, q_tail = offs_d, d_ok, q
-    kv_head = h // GROUP
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    end = tl.minimum(clen, prefix + (mb + 1) * BLOCK_M)  # causal: nothing past the block's last query
-    if HAS_NEW:
-        if h % GROUP == 0:  # one writer per KV head: this block's new tokens into their cache slots
-            slots = tl.load(slot_mapping + first + offs_m, mask=m_ok, other=0).to(tl.int64)
-            nk_rows = NK + (first + offs_m) * stride_nkt + kv_head * stride_nkh
-            nv_rows = NV + (first + offs_m) * stride_nvt + kv_head * stride_nvh
-            k_dst = K + slots * stride_kt + kv_head * stride_kh
-            v_dst = V + slots * stride_vt + kv_head * stride_vh
-            _copy_rows(nk_rows, k_dst, offs_d, m_ok, d_ok)
-            if BLOCK_DT > 0:
-                _copy_rows(nk_rows, k_dst, offs_dt, m_ok, dt_ok)
-            _copy_rows(nv_rows, v_dst, offs_dv, m_ok, dv_ok)
+    end = tl.minimum(clen, prefix + (mb + 1) * POS)  # causal: nothing past the block's last query
+    if HAS_NEW:  # this block's new tokens into their cache slots, once per KV head
+        slots = tl.load(slot_mapping + first + offs_m, mask=writer, other=0).to(tl.int64)
+        nk_rows = NK + (first + offs_m) * stride_nkt + kv_head * stride_nkh
+        nv_rows = NV + (first + offs_m) * stride_nvt + kv_head * stride_nvh
+        k_dst = K + slots * stride_kt + kv_head * stride_kh
+        v_dst = V + slots * stride_vt + kv_head * stride_vh
+        _copy_rows(nk_rows, k_dst, offs_d, writer, d_ok)
+        if BLOCK_DT > 0:
+            _copy_rows(nk_rows, k_dst, offs_dt, writer, dt_ok)
+        _copy_rows(nv_rows, v_dst, offs_dv, writer, dv_ok)
         cached_end = prefix
     else:
         cached_end = end
@@ -130,8 +140,9 @@ def _paged_attention_kernel(
                 dv_ok, BLOCK_DT,
             )  # fmt: skip
     acc = acc / l_i[:, None]
+    out_rows = Out + (first + offs_m) * stride_ot + head * stride_oh
     tl.store(
-        Out + (first + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+        out_rows[:, None] + offs_dv[None, :],
         acc.to(Out.dtype.element_ty),
         mask=m_ok[:, None] & dv_ok[None, :],
     )
@@ -150,15 +161,22 @@ def paged_attention(
     page_size: int,
     scale: float,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    pack: bool | None = None,
 ) -> None:
     """q: [T, H, D]; k_cache: [slots, KVH, D]; v_cache, out: [slots, KVH, Dv] and [T, H, Dv] (Dv may
     differ from D: MLA's absorbed path reads V as the first kv_lora_rank columns of its latent cache);
     page_table: [B, max_pages] int32; q_start / q_len / ctx_len: [B] int32. Writes out rows of the
     batch's real tokens. `new_kv` = (k [T, KVH, D], v [T, KVH, Dv], slot_mapping [T]): this step's
     tokens, attended from these tensors and written to the cache here; without it they must be in the
-    cache already."""
+    cache already. `pack`: one program serves all query heads of a KV head, so the group shares each
+    K/V load (None: for decode-like batches and groups of 8 or more)."""
     batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
-    block_m, blocks = _blocks(head_dim, v_dim, max_q_len <= 16)
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    short = max_q_len <= 16
+    if pack is None:  # decode-like batches, and wide groups (MLA's 16 heads on one latent)
+        pack = group > 1 and (short or group >= 8)
+    block_m, group_p, blocks = _blocks(head_dim, v_dim, short, group if pack else 1)
     nk, nv, slots = new_kv if new_kv is not None else (k_cache, v_cache, q_start)  # unread placeholders
     # NOTE: one .stride() tuple a tensor and cached block sizes: this runs eagerly on every layer of every
     # step, where Python arithmetic is host time the GPU waits for
@@ -170,28 +188,31 @@ def paged_attention(
         nk.stride(),
         nv.stride(),
     )
-    _paged_attention_kernel[(batch, heads, cdiv(max_q_len, block_m))](
+    grid = (batch, kv_heads if pack else heads, cdiv(max_q_len, block_m // group_p))
+    _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, nk, nv, slots,
         page_table, q_start, q_len, ctx_len,
         scale,
         sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], so[0], so[1], page_table.stride(0),
         snk[0], snk[1], snv[0], snv[1],
-        GROUP=heads // k_cache.shape[1], PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim,
-        HAS_NEW=new_kv is not None, BLOCK_M=block_m, BLOCK_N=32, **blocks,
+        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim,
+        HAS_NEW=new_kv is not None, PACK=pack, GROUP_P=group_p, BLOCK_M=block_m, BLOCK_N=32, **blocks,
     )  # fmt: skip
 
 
 @functools.cache
-def _blocks(head_dim: int, v_dim: int, short: bool) -> tuple[int, dict[str, int]]:
-    """(BLOCK_M, the other block sizes and launch options) for these widths; `short`: no sequence has
-    more than 16 queries (decode, small extends)."""
+def _blocks(head_dim: int, v_dim: int, short: bool, group: int) -> tuple[int, int, dict[str, int]]:
+    """(BLOCK_M, rows a position takes, the other block sizes and launch options) for these widths;
+    `short`: no sequence has more than 16 queries (decode, small extends); `group`: query heads packed
+    into one block's rows (1: none)."""
     block_d, block_dt = head_blocks(head_dim)
     # NOTE: MLA's latent rows (576 wide, values 512) hold a [BLOCK_M, 512] fp32 accumulator and 36 KiB of
     # K a block: fewer query rows, more warps and one buffered stage keep that in an SM (227 KiB).
     wide = head_dim > 256 or v_dim > 256
-    block_m = 16 if short else 32 if wide else 64
+    group_p = next_pow2(group)
+    block_m = max(16 if short else 32 if wide else 64, group_p)
     options = {"BLOCK_D": block_d, "BLOCK_DT": block_dt, "BLOCK_DV": max(16, next_pow2(v_dim))}
-    return block_m, options | ({"num_warps": 8, "num_stages": 2} if wide else {})
+    return block_m, group_p, options | ({"num_warps": 8, "num_stages": 2} if wide else {})
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
