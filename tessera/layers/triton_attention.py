@@ -19,6 +19,8 @@ import triton.language as tl
 
 from tessera.layers.launch import cdiv, next_pow2
 
+PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
+
 
 @triton.jit
 def _attend_block(
@@ -169,13 +171,16 @@ def paged_attention(
     batch's real tokens. `new_kv` = (k [T, KVH, D], v [T, KVH, Dv], slot_mapping [T]): this step's
     tokens, attended from these tensors and written to the cache here; without it they must be in the
     cache already. `pack`: one program serves all query heads of a KV head, so the group shares each
-    K/V load (None: for decode-like batches and groups of 8 or more)."""
+    K/V load (None: for decode-like batches and groups of 8 or more, with enough programs)."""
     batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     short = max_q_len <= 16
-    if pack is None:  # decode-like batches, and wide groups (MLA's 16 heads on one latent)
-        pack = group > 1 and (short or group >= 8)
+    if pack is None:
+        # NOTE: decode-like batches and wide groups (MLA's 16 heads on one latent), once there are enough
+        # (sequence, KV head) programs to fill the GPU: one program a sequence would leave a long
+        # single-sequence decode on one SM, where a program a head spreads it over the chip
+        pack = group > 1 and (short or group >= 8) and batch * kv_heads >= PACK_MIN_PROGRAMS
     block_m, group_p, blocks = _blocks(head_dim, v_dim, short, group if pack else 1)
     nk, nv, slots = new_kv if new_kv is not None else (k_cache, v_cache, q_start)  # unread placeholders
     # NOTE: one .stride() tuple a tensor and cached block sizes: this runs eagerly on every layer of every
