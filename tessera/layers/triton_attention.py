@@ -1,10 +1,12 @@
 """Paged attention in Triton: one launch for a whole batch of extend, decode or mixed sequences.
 
-Grid: (sequence, head, block of BLOCK_M queries). Each program walks its sequence's context in blocks of
-BLOCK_N tokens with an online softmax; queries attend causally, offset by the sequence's cached prefix.
+Grid: (sequence, head, block of BLOCK_M queries), or with PACK (sequence, KV head, block of positions),
+the block's rows then being (position, query head of the group) pairs that share every K/V load. Each
+program walks its sequence's context in blocks of BLOCK_N tokens with an online softmax; queries attend
+causally, offset by the sequence's cached prefix.
 The cached prefix is read through the page table. With `new_kv`, this step's new tokens are read from
-the K/V tensors the layer just computed, and the first query head of each KV head writes them to their
-cache slots: no separate cache-write launches (two fewer eager launches a layer under piecewise graphs)
+the K/V tensors the layer just computed, and one program row per (position, KV head) writes them to
+their cache slots: no separate cache-write launches (two fewer eager launches a layer under piecewise graphs)
 and no program reads a slot another may still be writing. Without it (MLA, whose op wrote the latent
 before), every token comes from the cache. Written in Triton so the same kernel runs on ROCm.
 """
