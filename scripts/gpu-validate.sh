@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU validation runs of issues 2-4, in phases that each fit one device call (10 min). Every step
 # runs under its own time limit and logs to $OUT, so one failure does not cost the rest of the call.
-#   1: graph runtime tests + `tessera bench graphs`   2: engine tests + `tessera bench step`
+#   1: graph runtime and kernel tests + `tessera bench graphs`   2: engine tests + `tessera bench step`
 #   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
 #   5: DeepSeek / MoE GPU tests, `tessera bench moe-padding`, `tessera bench step` on their shapes
 #      (5 = 5a: the first two; 5b, 5c: the step bench on DeepSeek-V2-Lite, on Qwen3-30B-A3B)
@@ -28,6 +28,9 @@ case "${1:-}" in
     bash scripts/stage-model.sh first
     step setup 120 bash scripts/gpu-setup.sh
     step test_graphs 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_graphs_gpu.py
+    # the Triton kernels against their references, on the GPU (these files pick CUDA when there is one)
+    step test_kernels 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+      tests/test_fused_kernels.py tests/test_moe.py
     [ "${2:-}" = quick ] || step bench_graphs 280 python3 -m tessera bench graphs --out "$OUT/graphs.json" ;;
   2)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of phase 1) the engine
     step stage 60 bash scripts/stage-model.sh second
