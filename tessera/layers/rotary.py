@@ -95,7 +95,7 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.interleaved:  # pairs to halves first: a strided view, no copy
+        if self.interleaved:  # pairs to halves first (a copy), the layout the rotation below takes
             q, k = _deinterleave(q), _deinterleave(k)
         if fused is not None and q.is_cuda and not self.interleaved:
             return torch.ops.tessera.rope(q, k, self.cos, self.sin, positions)

@@ -165,37 +165,43 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
+        if arch.startswith("Deepseek"):
+            return _deepseek(arch, hf)
         heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id")
-        return (
-            cls(
-                architecture=arch,
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=heads,
-                num_kv_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-                rope_scaling=_rope_scaling(hf),
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                attention_bias=arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
-                qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-                moe=_moe(arch, hf),
-            )
-            if not arch.startswith("Deepseek")
-            else _deepseek(arch, hf)
+        return cls(
+            **_common(arch, hf),
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            attention_bias=arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            moe=_moe(arch, hf),
         )
+
+
+def _common(arch: str, hf: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields every supported architecture reads the same way."""
+    eos = hf.get("eos_token_id")
+    return {
+        "architecture": arch,
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hf["hidden_size"],
+        "intermediate_size": hf["intermediate_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": hf["num_attention_heads"],
+        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "rope_theta": hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        "rope_scaling": _rope_scaling(hf),
+        "max_position_embeddings": hf.get("max_position_embeddings", 4096),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+        "bos_token_id": hf.get("bos_token_id"),
+        "eos_token_ids": tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+    }
 
 
 def _deepseek(arch: str, hf: dict[str, Any]) -> ModelConfig:
     """DeepSeek-V2 / V3: MLA attention (the cache's "KV head" is the latent) and a DeepSeek MoE."""
     v3 = arch == "DeepseekV3ForCausalLM"
+    grouped = v3 or hf.get("topk_method") == "group_limited_greedy"  # group-limited top-k routing
     rope, nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
     scaling = _rope_scaling(hf)
     scale = (rope + nope) ** -0.5
@@ -216,34 +222,13 @@ def _deepseek(arch: str, hf: dict[str, Any]) -> ModelConfig:
         first_dense=hf.get("first_k_dense_replace", 0),
         shared_experts=hf.get("n_shared_experts") or 0,
         scoring="sigmoid" if v3 else "softmax",
-        num_groups=(hf.get("n_group") or 1) if v3 or hf.get("topk_method") == "group_limited_greedy" else 1,
-        topk_groups=(hf.get("topk_group") or 1)
-        if v3 or hf.get("topk_method") == "group_limited_greedy"
-        else 1,
+        num_groups=(hf.get("n_group") or 1) if grouped else 1,
+        topk_groups=(hf.get("topk_group") or 1) if grouped else 1,
         group_score="top2_sum" if v3 else "max",
         routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
         router_fp32=True,
     )
-    eos = hf.get("eos_token_id")
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=1,
-        head_dim=mla.latent_dim,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        rope_scaling=scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-        moe=moe,
-        mla=mla,
-    )
+    return ModelConfig(**_common(arch, hf), num_kv_heads=1, head_dim=mla.latent_dim, moe=moe, mla=mla)
 
 
 def _moe(arch: str, hf: dict[str, Any]) -> MoEConfig | None:

@@ -229,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
         for name in params:
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            if ".experts." in name:  # the fused tensor, or every expert's parts (see `_loaded`)
+            if ".experts." in name:  # the fused tensor, or every expert's parts (see `load_weights`)
                 names.append(name)
             elif "qkv_proj" in name:
                 names += [f"{name}#{s}" for s in "qkv"]

@@ -75,6 +75,7 @@ class AsyncEngine:
         self.eos_token_ids: tuple[int, ...] = info["eos_token_ids"]
         self.stats: dict[str, Any] = info["stats"]  # the engine's gauges, refreshed while it runs
         self.alive = True
+        self._stopped = False
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.requests = {"finished": 0, "aborted": 0, "failed": 0}
@@ -147,6 +148,10 @@ class AsyncEngine:
         self._sendq.put(("fail_next_step", message))
 
     def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop the engine process (once: the app's lifespan and `tessera serve` both call it)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._sendq.put(("stop",))
         self._sendq.put(None)
         self._proc.join(timeout=timeout)
