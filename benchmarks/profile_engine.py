@@ -6,15 +6,13 @@ python3 benchmarks/profile_engine.py
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import triton
 
 from tessera.bench.step import make_batch
-from tessera.bench.timing import host_us
+from tessera.bench.timing import host_us, time_once
 from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.graphs import ForwardContext, forward_context
@@ -30,19 +28,6 @@ def _noop(x, n):
     pass
 
 
-def gpu_ms(fn: Callable[[], Any], iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def main() -> None:
     model = registry.dummy_model(FOLDER, torch.bfloat16, torch.device("cuda"))
     cfg = model.cfg
@@ -51,7 +36,10 @@ def main() -> None:
         model, cfg, num_pages=512, config=RunnerConfig(piecewise_cuda_graph_strategy="breakable")
     )
     batch = make_batch(runner, "extend", 16, 1)
-    rows.append(("step, wall (ms, GPU events)", gpu_ms(lambda: runner.forward(batch))))
+    step = lambda _: runner.forward(batch)  # noqa: E731
+    for _ in range(3):
+        step(None)
+    rows.append(("step, wall (ms, GPU events)", time_once(step, batch.input_ids, 20)))
     rows.append(("step, host only (us)", host_us(lambda: runner.forward(batch), 5)))
     layer = runner.layers[(0, "attn")]
     meta = batch.metadata
