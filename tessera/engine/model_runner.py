@@ -48,6 +48,7 @@ class ModelRunner:
         self.pool = PagePool(num_pages)
         self.attention_backend = self._attention_backend()
         self.layers = self._layer_table(model)
+        # NOTE: the experts' backend lives on the model's modules, so runners sharing a model share it
         for module in model.modules():
             if isinstance(module, moe.Experts):
                 module.backend = self.config.moe_runner_backend
