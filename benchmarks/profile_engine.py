@@ -17,6 +17,7 @@ from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.graphs import ForwardContext, forward_context
 from tessera.layers import attention as attn
+from tessera.layers import triton_attention
 from tessera.layers.triton_attention import paged_attention
 from tessera.models import registry
 
@@ -53,36 +54,17 @@ def main() -> None:
         op, fn = torch.ops.tessera.attention, attn.attention.fn
         rows.append(("torch.ops.tessera.attention (eager path)", host_us(lambda: op(q, k, v, out, 0))))
         rows.append(("  its Python body (what a replay calls)", host_us(lambda: fn(q, k, v, out, 0))))
-        slots = meta.slot_mapping[:16]
-        rows.append(
-            (
-                "  two index_copy_ (KV write)",
-                host_us(
-                    lambda: (layer.k_cache.index_copy_(0, slots, k), layer.v_cache.index_copy_(0, slots, v))
-                ),
-            )
-        )
-        rows.append(("  slicing x3", host_us(lambda: (meta.slot_mapping[:16], k[:16], v[:16]))))
-        rows.append(
-            (
-                "  paged_attention (Triton launch)",
-                host_us(
-                    lambda: paged_attention(
-                        q,
-                        layer.k_cache,
-                        layer.v_cache,
-                        out,
-                        kl.page_table,
-                        kl.q_start,
-                        kl.q_len,
-                        kl.ctx_len,
-                        kl.max_q_len,
-                        layer.page_size,
-                        layer.scale,
-                    )
-                ),
-            )
-        )
+        launch = triton_attention._launch_attention
+
+        def attend() -> None:
+            paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
+                            kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale,
+                            new_kv=(k, v, meta.slot_mapping))  # fmt: skip
+
+        rows.append(("  paged_attention, the compiled binary called", host_us(attend)))
+        launch.direct = False
+        rows.append(("  paged_attention through triton.jit's dispatch", host_us(attend)))
+        launch.direct = True
         x = torch.zeros(16, device="cuda")
         rows.append(("a Triton launch of an empty 2-arg kernel", host_us(lambda: _noop[(1,)](x, 16))))
         rows.append(("a torch add_", host_us(lambda: x.add_(1))))

@@ -30,12 +30,13 @@ case "${1:-}" in
     step test_graphs 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_graphs_gpu.py
     # the Triton kernels against their references, on the GPU (these files pick CUDA when there is one)
     step test_kernels 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
-      tests/test_fused_kernels.py tests/test_moe.py
+      tests/test_fused_kernels.py tests/test_moe.py tests/test_launch.py
     [ "${2:-}" = quick ] || step bench_graphs 280 python3 -m tessera bench graphs --out "$OUT/graphs.json" ;;
   2)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of phase 1) the engine
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
     step test_engine 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
+    step profile 90 python3 benchmarks/profile_engine.py
     step bench_step 420 python3 -m tessera bench step --out "$OUT/step.json" ;;
   3)
     serve serve_smollm2 380 ;;

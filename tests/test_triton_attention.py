@@ -92,6 +92,31 @@ def test_kernel_matches_reference(
         start += ql
 
 
+def test_direct_launch_equals_a_launch_through_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated launches call the compiled binary (on a GPU; the interpreter has none) with the same
+    result, bit for bit, as Triton's own dispatch."""
+    q, k, v, tables = _batch([5, 1], [21, 9], 8, 2, 64, 16, torch.float16, 64)
+    table = torch.tensor([t + [0] * (2 - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    q_len = torch.tensor([5, 1], dtype=torch.int32, device=DEVICE)
+    layout = (table, torch.tensor([0, 5], dtype=torch.int32, device=DEVICE), q_len)
+    ctx = torch.tensor([21, 9], dtype=torch.int32, device=DEVICE)
+    launcher = triton_attention._launch_attention
+
+    def run() -> torch.Tensor:
+        out = torch.full((6, 8, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+        triton_attention.paged_attention(q, k, v, out, *layout, ctx, 5, 16, 0.125)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(launcher, "direct", False)
+        expected = run()
+    before = launcher.direct_launches
+    outs = [run() for _ in range(3)]
+    assert all(torch.equal(o, expected) for o in outs)
+    assert launcher.direct_launches - before == (2 if launcher.direct else 0)
+    assert launcher.direct == (DEVICE == "cuda")
+
+
 @pytest.mark.parametrize(
     ("head_dim", "blocks"), [(8, (16, 0)), (64, (64, 0)), (48, (32, 16)), (72, (64, 16)), (192, (128, 64)),
                              (576, (512, 64))],

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.layers.launch import cdiv, next_pow2
+from tessera.layers.launch import KernelLauncher, cdiv, next_pow2
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 
@@ -152,6 +152,9 @@ def _paged_attention_kernel(
     )
 
 
+_launch_attention = KernelLauncher(_paged_attention_kernel)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -183,7 +186,7 @@ def paged_attention(
         # (sequence, KV head) programs to fill the GPU: one program a sequence would leave a long
         # single-sequence decode on one SM, where a program a head spreads it over the chip
         pack = group > 1 and (short or group >= 8) and batch * kv_heads >= PACK_MIN_PROGRAMS
-    block_m, group_p, blocks = _blocks(head_dim, v_dim, short, group if pack else 1)
+    block_m, group_p, blocks, options = _blocks(head_dim, v_dim, short, group if pack else 1)
     nk, nv, slots = new_kv if new_kv is not None else (k_cache, v_cache, q_start)  # unread placeholders
     # NOTE: one .stride() tuple a tensor and cached block sizes: this runs eagerly on every layer of every
     # step, where Python arithmetic is host time the GPU waits for
@@ -196,20 +199,25 @@ def paged_attention(
         nv.stride(),
     )
     grid = (batch, kv_heads if pack else heads, cdiv(max_q_len, block_m // group_p))
-    _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, nk, nv, slots,
-        page_table, q_start, q_len, ctx_len,
-        scale,
-        sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], so[0], so[1], page_table.stride(0),
-        snk[0], snk[1], snv[0], snv[1],
-        GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, V_DIM=v_dim,
-        HAS_NEW=new_kv is not None, PACK=pack, GROUP_P=group_p, BLOCK_M=block_m, BLOCK_N=32, **blocks,
+    _launch_attention(
+        grid,
+        (
+            q, k_cache, v_cache, out, nk, nv, slots,
+            page_table, q_start, q_len, ctx_len,
+            scale,
+            sq[0], sq[1], sk[0], sk[1], sv[0], sv[1], so[0], so[1], page_table.stride(0),
+            snk[0], snk[1], snv[0], snv[1],
+            group, page_size, head_dim, v_dim, new_kv is not None, pack, group_p, block_m, 32, *blocks,
+        ),
+        **options,
     )  # fmt: skip
 
 
 @functools.cache
-def _blocks(head_dim: int, v_dim: int, short: bool, group: int) -> tuple[int, int, dict[str, int]]:
-    """(BLOCK_M, rows a position takes, the other block sizes and launch options) for these widths;
+def _blocks(
+    head_dim: int, v_dim: int, short: bool, group: int
+) -> tuple[int, int, tuple[int, int, int], dict[str, int]]:
+    """(BLOCK_M, rows a position takes, (BLOCK_D, BLOCK_DT, BLOCK_DV), launch options) for these widths;
     `short`: no sequence has more than 16 queries (decode, small extends); `group`: query heads packed
     into one block's rows (1: none)."""
     block_d, block_dt = head_blocks(head_dim)
@@ -218,8 +226,8 @@ def _blocks(head_dim: int, v_dim: int, short: bool, group: int) -> tuple[int, in
     wide = head_dim > 256 or v_dim > 256
     group_p = next_pow2(group)
     block_m = max(16 if short else 32 if wide else 64, group_p)
-    options = {"BLOCK_D": block_d, "BLOCK_DT": block_dt, "BLOCK_DV": max(16, next_pow2(v_dim))}
-    return block_m, group_p, options | ({"num_warps": 8, "num_stages": 2} if wide else {})
+    options = {"num_warps": 8, "num_stages": 2} if wide else {}
+    return block_m, group_p, (block_d, block_dt, max(16, next_pow2(v_dim))), options
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
