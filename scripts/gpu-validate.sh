@@ -31,6 +31,7 @@ case "${1:-}" in
     # the Triton kernels against their references, on the GPU (these files pick CUDA when there is one)
     step test_kernels 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
       tests/test_fused_kernels.py tests/test_moe.py tests/test_launch.py
+    step attention_mixed 120 python3 benchmarks/attention_mixed.py --out "$OUT/attention_mixed.json"
     [ "${2:-}" = quick ] || step bench_graphs 280 python3 -m tessera bench graphs --out "$OUT/graphs.json" ;;
   2)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of phase 1) the engine
     step stage 60 bash scripts/stage-model.sh second

@@ -7,10 +7,12 @@ import copy
 import pytest
 import torch
 
+from tessera.engine.batch import SPLIT_MIN_SHORT, build_batch
 from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
+from tessera.layers.launch import SHORT_QUERY_LEN
 from tessera.models.config import ModelConfig
 from tessera.models.llama import LlamaForCausalLM
 
@@ -88,9 +90,9 @@ def hf_and_ours(family: str) -> tuple[torch.nn.Module, LlamaForCausalLM]:
     return hf, ours
 
 
-def _runner(model: LlamaForCausalLM, backend: str = "torch") -> ModelRunner:
+def _runner(model: LlamaForCausalLM, backend: str = "torch", num_pages: int = 32) -> ModelRunner:
     config = RunnerConfig(page_size=4, attention_backend=backend)
-    return ModelRunner(model, model.cfg, num_pages=32, config=config)
+    return ModelRunner(model, model.cfg, num_pages=num_pages, config=config)
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton_on_cpu)]
@@ -128,20 +130,28 @@ def test_prefix_cached_extend_equals_full_prefill() -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_equals_each_sequence_alone(backend: str) -> None:
+@pytest.mark.parametrize("decodes", [2, SPLIT_MIN_SHORT], ids=["one-launch", "two-launches"])
+def test_mixed_batch_equals_each_sequence_alone(backend: str, decodes: int) -> None:
+    """Decodes and a whole prefill in one batch, the prefill listed among the decodes: its rows are
+    reordered (short sequences first) and, with enough decodes, attention runs as two launches; the
+    logits still come back in the order asked, equal to each sequence run alone."""
     _, ours = hf_and_ours("Qwen3ForCausalLM")
-    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (9, 4, 6)]
+    gen = torch.Generator().manual_seed(decodes)
+    prompts = [torch.randint(0, 256, (4 + i % 7,), generator=gen).tolist() for i in range(decodes)]
+    prompts.insert(1, torch.randint(0, 256, (SHORT_QUERY_LEN + 5,), generator=gen).tolist())
+    runner = _runner(ours, backend, num_pages=128)
     alone = []
-    for ids in prompts:
-        runner = _runner(ours, backend)
+    for i, ids in enumerate(prompts):
         seq = _seq(ids)
-        runner.run([(seq, len(ids) - 1)])
-        alone.append(runner.run([(seq, 1)])[0])
-    runner = _runner(ours, backend)
+        if i != 1:
+            runner.run([(seq, len(ids) - 1)])
+        alone.append(runner.run([(seq, 1 if i != 1 else len(ids))])[0])
     seqs = [_seq(ids) for ids in prompts]
-    runner.run([(s, len(s.prompt_token_ids) - 1) for s in seqs[:2]])  # two sequences cached
-    # one batch: two decodes and one whole prefill
-    mixed = runner.run([(seqs[0], 1), (seqs[1], 1), (seqs[2], len(prompts[2]))])
+    runner.run([(s, len(s.prompt_token_ids) - 1) for i, s in enumerate(seqs) if i != 1])  # cached
+    work = [(s, 1 if i != 1 else len(s.prompt_token_ids)) for i, s in enumerate(seqs)]
+    parts = build_batch(work, runner.pool, runner.page_size, runner.device).metadata.kernel.parts
+    assert [p.max_q_len for p in parts] == ([1, SHORT_QUERY_LEN + 5] if decodes >= SPLIT_MIN_SHORT else [])
+    mixed = runner.run(work)
     torch.testing.assert_close(mixed, torch.stack(alone), rtol=1e-5, atol=1e-5)
 
 

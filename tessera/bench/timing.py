@@ -37,6 +37,22 @@ def time_interleaved(steps: dict[str, Step], ids: torch.Tensor, iters: int = 20,
     return {name: statistics.median(t) for name, t in samples.items()}
 
 
+def graph_ms(fn: Callable[[], Any], iters: int = 50, reps: int = 5) -> float:
+    """GPU time of `fn` in ms, without its host launch cost: `fn` is captured once in a CUDA graph
+    (after warm-up on a side stream) and the best of `reps` rounds of back-to-back replays is taken."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    replay = lambda _: graph.replay()  # noqa: E731
+    return min(time_once(replay, torch.empty(0), iters) for _ in range(reps))
+
+
 def kernel_floor(step: Step, ids: torch.Tensor, iters: int = 10) -> tuple[float, int]:
     """(ms of GPU kernel time per step, kernels per step) from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile

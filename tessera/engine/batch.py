@@ -12,6 +12,12 @@ import torch
 from tessera.engine.kv_cache import PagePool
 from tessera.engine.sequence import Sequence
 from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
+from tessera.layers.launch import SHORT_QUERY_LEN
+
+# A mixed batch's attention runs as two launches (short sequences, long ones) once it holds this many
+# short sequences: in one launch each short sequence costs a block of 64 query rows per head, one row of
+# them real; below this that waste is less than a second launch's host time.
+SPLIT_MIN_SHORT = 16
 
 
 @dataclass
@@ -30,12 +36,16 @@ def build_batch(
     for them here; the sequences' `num_cached` advances once the forward is done (`commit`)."""
     ids: list[int] = []
     positions: list[int] = []
-    last: list[int] = []
+    last = [0] * len(work)  # in `work`'s order: the logits come back in it
     page_rows: list[list[int]] = []
     layouts: list[SeqLayout] = []
     q_lens: list[int] = []
     ctx_lens: list[int] = []
-    for seq, n in work:
+    # NOTE: the batch's rows hold short sequences first (a stable partition), so a mixed batch's two
+    # attention launches each cover a contiguous slice of the layout tensors
+    order = sorted(range(len(work)), key=lambda i: work[i][1] > SHORT_QUERY_LEN)
+    for i in order:
+        seq, n = work[i]
         start = seq.num_cached
         end = start + n
         if n < 1 or end > seq.num_tokens:
@@ -49,7 +59,7 @@ def build_batch(
         layouts.append(SeqLayout(n, end))
         q_lens.append(n)
         ctx_lens.append(end)
-        last.append(len(ids) - 1)
+        last[i] = len(ids) - 1
     # NOTE: the rest is tensor arithmetic over the whole batch and two host-to-device copies: this
     # runs on every step, for every running sequence (at 256 of them, per-sequence tensor ops were
     # milliseconds of host time a step).
@@ -65,6 +75,9 @@ def build_batch(
     input_ids, positions_d, slots_d, last_d, vectors = flat.to(device).split([t, t, t, b, 3 * b])
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
     kernel = KernelLayout(table.to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(q_lens))
+    short = sum(n <= SHORT_QUERY_LEN for n in q_lens)
+    if SPLIT_MIN_SHORT <= short < b:
+        kernel.parts = (_rows(kernel, slice(0, short), q_lens), _rows(kernel, slice(short, b), q_lens))
     return ForwardBatch(
         input_ids=input_ids,
         positions=positions_d,
@@ -72,6 +85,12 @@ def build_batch(
         logits_indices=last_d,
         seqs=[seq for seq, _ in work],
     )
+
+
+def _rows(k: KernelLayout, rows: slice, q_lens: list[int]) -> KernelLayout:
+    """The layout of a slice of the batch's sequences: views, no copies."""
+    longest = max(q_lens[rows])
+    return KernelLayout(k.page_table[rows], k.q_start[rows], k.q_len[rows], k.ctx_len[rows], longest)
 
 
 def page_table(page_rows: list[list[int]]) -> torch.Tensor:

@@ -34,6 +34,9 @@ class KernelLayout:
     q_len: torch.Tensor  # [B] int32
     ctx_len: torch.Tensor  # [B] int32, cached + new tokens
     max_q_len: int
+    # a mixed batch's short sequences (first) and long ones as row slices of the above: one launch
+    # each, so decode rows are not computed in blocks sized for a long prefill (empty: one launch)
+    parts: tuple[KernelLayout, ...] = ()
 
 
 @dataclass
@@ -64,10 +67,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     layer: AttentionLayer = ctx.layer(layer_id, "attn")
     if layer.backend == "triton":  # one launch: it also writes the new tokens' K/V to the cache
         assert triton_paged_attention is not None, "the triton attention backend needs triton"
-        kl = meta.kernel
-        triton_paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
-                               kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale,
-                               new_kv=(k, v, meta.slot_mapping))  # fmt: skip
+        for kl in meta.kernel.parts or (meta.kernel,):
+            triton_paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
+                                   kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale,
+                                   new_kv=(k, v, meta.slot_mapping))  # fmt: skip
         return
     n = ctx.raw_num_tokens
     slots = meta.slot_mapping[:n]

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.layers.launch import KernelLauncher, cdiv, next_pow2
+from tessera.layers.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 
@@ -180,7 +180,7 @@ def paged_attention(
     batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    short = max_q_len <= 16
+    short = max_q_len <= SHORT_QUERY_LEN
     if pack is None:
         # NOTE: decode-like batches and wide groups (MLA's 16 heads on one latent), once there are enough
         # (sequence, KV head) programs to fill the GPU: one program a sequence would leave a long
