@@ -123,3 +123,14 @@ def test_direct_launch_equals_a_launch_through_triton(monkeypatch: pytest.Monkey
 )  # fmt: skip
 def test_head_dim_is_cut_into_a_power_of_two_and_a_tail(head_dim: int, blocks: tuple[int, int]) -> None:
     assert triton_attention.head_blocks(head_dim) == blocks
+
+
+def test_compile_variants_touches_only_the_padding_page() -> None:
+    """The start-up launches of every block shape write only page 0 (the reserved padding page)."""
+    page = 4
+    k = torch.randn(8 * page, 2, 32, device=DEVICE, dtype=torch.float16)
+    v = torch.randn(8 * page, 2, 32, device=DEVICE, dtype=torch.float16)
+    k0, v0 = k.clone(), v.clone()
+    assert triton_attention.compile_variants(k, v, heads=4, page_size=page) == 4  # short/long x packed or not
+    assert torch.equal(k[page:], k0[page:]) and torch.equal(v[page:], v0[page:])
+    assert not torch.equal(k[:page], k0[:page])  # the dummy tokens did write their K there

@@ -48,6 +48,11 @@ class ModelRunner:
         self.pool = PagePool(num_pages)
         self.attention_backend = self._attention_backend()
         self.layers = self._layer_table(model)
+        if self.attention_backend == "triton" and cfg.mla is None and self.device.type != "cpu":
+            from tessera.layers.triton_attention import compile_variants
+
+            layer = self.layers[(0, "attn")]
+            compile_variants(layer.k_cache, layer.v_cache, cfg.num_heads, page_size)
         # NOTE: the experts' backend lives on the model's modules, so runners sharing a model share it
         for module in model.modules():
             if isinstance(module, moe.Experts):

@@ -56,7 +56,13 @@ def _copy_rows(src_rows, dst_rows, offs, rows_ok, cols_ok):
     )
 
 
-@triton.jit
+# NOTE: the batch-layout pointers (often row slices, see KernelLayout.parts) and the page table's row
+# stride vary from batch to batch; specializing on their alignment would compile new variants while
+# serving (a second or so each) for no gain: they are read as scalars
+@triton.jit(
+    do_not_specialize=["stride_pb"],
+    do_not_specialize_on_alignment=["slot_mapping", "page_table", "q_start", "q_len", "ctx_len"],
+)
 def _paged_attention_kernel(
     Q, K, V, Out, NK, NV, slot_mapping,
     page_table, q_start, q_len, ctx_len,
@@ -211,6 +217,28 @@ def paged_attention(
         ),
         **options,
     )  # fmt: skip
+
+
+def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, page_size: int) -> int:
+    """Launch each block shape a batch can pick (short or long queries, heads packed or not) once, on
+    a dummy batch whose every token reads and writes page 0 (the reserved padding page), so no variant
+    compiles in the middle of serving. Returns how many were launched."""
+    kv_heads, head_dim, v_dim = k_cache.shape[1], k_cache.shape[2], v_cache.shape[2]
+    dev, i32 = k_cache.device, torch.int32
+    packs = (False, True) if heads > kv_heads else (False,)
+    for q_len in (1, SHORT_QUERY_LEN + 1):
+        pages = cdiv(q_len, page_size)
+        q = torch.zeros(q_len, heads, head_dim, dtype=k_cache.dtype, device=dev)
+        out = torch.empty(q_len, heads, v_dim, dtype=k_cache.dtype, device=dev)
+        k = torch.zeros(q_len, kv_heads, head_dim, dtype=k_cache.dtype, device=dev)
+        v = torch.zeros(q_len, kv_heads, v_dim, dtype=k_cache.dtype, device=dev)
+        lengths = torch.full((1,), q_len, dtype=i32, device=dev)
+        table, start = torch.zeros(1, pages, dtype=i32, device=dev), torch.zeros(1, dtype=i32, device=dev)
+        slots = torch.zeros(q_len, dtype=torch.int64, device=dev)
+        for pack in packs:
+            paged_attention(q, k_cache, v_cache, out, table, start, lengths, lengths, q_len, page_size, 1.0,
+                            new_kv=(k, v, slots), pack=pack)  # fmt: skip
+    return 2 * len(packs)
 
 
 @functools.cache
