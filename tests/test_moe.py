@@ -185,3 +185,24 @@ def test_grouped_mm_experts_match_the_reference(tokens: int, topk: int, dtype: t
     assert (got[real:] == 0).all()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got[:real].double(), ref[:real], rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [16, 1024])
+def test_auto_experts_pick_by_rows_per_expert(tokens: int) -> None:
+    """ "auto" on a GPU: the Triton kernels while experts get few rows, torch._grouped_mm (on Hopper)
+    from GROUPED_MM_MIN_ROWS_PER_EXPERT on; either way the result is the chosen backend's, bit for bit."""
+    from tessera.layers import moe
+
+    gen = torch.Generator().manual_seed(tokens)
+    num_experts, topk, hidden, inter = 64, 6, 256, 128
+    x = torch.randn(tokens, hidden, generator=gen).cuda().bfloat16()
+    gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) * 0.05).cuda().bfloat16()
+    down = (torch.randn(num_experts, hidden, inter, generator=gen) * 0.05).cuda().bfloat16()
+    ids = torch.randint(0, num_experts, (tokens, topk), generator=gen).cuda()
+    weights = torch.rand(tokens, topk, generator=gen).cuda()
+    run = {b: moe.moe_experts(x, gate_up, down, weights, ids, b) for b in moe.EXPERT_BACKENDS}
+    many = tokens * topk >= moe.GROUPED_MM_MIN_ROWS_PER_EXPERT * num_experts
+    chosen = "grouped_mm" if many and moe._grouped_mm_fast(x.device) else "triton"
+    assert torch.equal(run["auto"], run[chosen])
+    torch.testing.assert_close(run["triton"].float(), run["grouped_mm"].float(), rtol=3e-2, atol=3e-2)

@@ -17,6 +17,7 @@ reference loop here unless grouped_mm is asked for.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.graphs.ops import opaque_op
+from tessera.layers.grouped_mm_moe import grouped_mm_experts
 
 try:
     from tessera.layers import fused_moe
@@ -80,9 +82,21 @@ def route(
     return weights.masked_fill(padded, 0.0), ids.masked_fill(padded, -1)
 
 
-# "auto": the Triton grouped GEMMs on a GPU, the reference loop elsewhere; "triton": the former, required;
-# "grouped_mm": torch._grouped_mm on any device (both capture-safe)
+# "auto": on a GPU, the Triton grouped GEMMs for small batches and torch._grouped_mm (Hopper, CUDA) for
+# large ones, the reference loop elsewhere; "triton", "grouped_mm": one of them always (both capture-safe)
 EXPERT_BACKENDS = ("auto", "triton", "grouped_mm")
+
+# NOTE: from `tessera bench moe-padding` (GPU time, graph replays, H200; benchmarks/results/
+# moe_padding_h200.json): the Triton kernels win while experts get few rows each (DeepSeek-V2-Lite at 16
+# and 129 tokens: 1.5 and 12 (token, choice) rows an expert on average; Qwen3-30B-A3B at 16-520: up to
+# 33), torch._grouped_mm from 49 on (DeepSeek at 520 and 2048, Qwen3 at 2048: up to 1.7x faster)
+GROUPED_MM_MIN_ROWS_PER_EXPERT = 40
+
+
+@functools.cache
+def _grouped_mm_fast(device: torch.device) -> bool:
+    """torch._grouped_mm's CUTLASS kernels are Hopper's (sm90); elsewhere the Triton kernels stay."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class Experts(nn.Module):
@@ -118,13 +132,14 @@ def moe_experts(
     backend: str = "auto",
 ) -> torch.Tensor:
     """The experts (an opaque op: Dynamo keeps it whole). On CUDA: the Triton grouped GEMMs of
-    `fused_moe`, or `torch._grouped_mm`; both capture-safe. Elsewhere by default: the reference loop,
-    whose per-expert token counts come back to the host (so no CUDA graph could capture it)."""
+    `fused_moe`, or `torch._grouped_mm` ("auto": for large batches on Hopper); both capture-safe.
+    Elsewhere by default: the reference loop, whose per-expert token counts come back to the host (so
+    no CUDA graph could capture it)."""
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}: one of {', '.join(EXPERT_BACKENDS)}")
+    if backend == "auto" and x.is_cuda and ids.numel() >= GROUPED_MM_MIN_ROWS_PER_EXPERT * gate_up.shape[0]:
+        backend = "grouped_mm" if _grouped_mm_fast(x.device) else backend
     if backend == "grouped_mm":
-        from tessera.layers.grouped_mm_moe import grouped_mm_experts
-
         return grouped_mm_experts(x, gate_up, down, weights, ids)
     if backend == "triton" and (fused_moe is None or not x.is_cuda):
         raise RuntimeError("the triton MoE backend needs Triton and a GPU; use auto or grouped_mm")
