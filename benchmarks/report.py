@@ -3,6 +3,8 @@
     python benchmarks/report.py step benchmarks/results/step_h200.json --plot docs/step_smollm2_h200.png
     python benchmarks/report.py serve benchmarks/results/serve_smollm2_h200.json
     python benchmarks/report.py graphs benchmarks/results/graphs_h200.json
+    python benchmarks/report.py moe-padding benchmarks/results/moe_padding_h200.json
+    python benchmarks/report.py attention-mixed benchmarks/results/attention_mixed_h200.json
 
 The README's tables are this script's output, pasted; the plot needs matplotlib (`pip install matplotlib`).
 """
@@ -92,17 +94,53 @@ def graphs_table(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def moe_padding_table(report: dict[str, Any]) -> str:
+    """One row per (MoE layer, N -> S): each expert backend's ms alone / padded (ratio)."""
+    backends = list(dict.fromkeys(r["experts"] for r in report["rows"]))
+    header = " | ".join(f"{b}: alone / padded (ratio)" for b in backends)
+    out = [f"| MoE layer | N real → S padded | {header} |", "|---|---|" + "---|" * len(backends)]
+    cells: dict[tuple[str, int, int], dict[str, str]] = {}
+    for r in report["rows"]:
+        cell = f"{r['ms']['alone']:.3f} / {r['ms']['padded']:.3f} ({r['ratio']:.3f})"
+        cells.setdefault((r["model"], r["real"], r["padded_to"]), {})[r["experts"]] = cell
+    for (model, n, size), by in cells.items():
+        out.append(f"| {model} | {n} → {size} | " + " | ".join(by.get(b, "") for b in backends) + " |")
+    return "\n".join(out)
+
+
+def attention_mixed_table(report: dict[str, Any]) -> str:
+    out = [
+        "| shape | decodes | one launch | two launches | decodes alone | chunk alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        ms = r["ms"]
+        speedup = ms["one_launch"] / ms["two_launches"]
+        out.append(f"| {r['shape']} | {r['decodes']} | {ms['one_launch']:.3f} | {ms['two_launches']:.3f} "
+                   f"({speedup:.2f}x faster) | "
+                   f"{ms['decodes_alone']:.3f} | {ms['chunk_alone']:.3f} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["step", "serve", "graphs"])
+    p.add_argument("kind", choices=list(TABLES))
     p.add_argument("json", type=Path)
     p.add_argument("--plot", type=Path, default=None, help="step: write the time-vs-N plot here")
     args = p.parse_args()
     report = json.loads(args.json.read_text())
-    print({"step": step_tables, "serve": serve_table, "graphs": graphs_table}[args.kind](report))
+    print(TABLES[args.kind](report))
     if args.plot is not None and args.kind == "step":
         step_plot(report, args.plot)
 
+
+TABLES = {
+    "step": step_tables,
+    "serve": serve_table,
+    "graphs": graphs_table,
+    "moe-padding": moe_padding_table,
+    "attention-mixed": attention_mixed_table,
+}
 
 if __name__ == "__main__":
     main()
