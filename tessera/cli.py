@@ -81,8 +81,8 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
         "--moe-runner-backend",
         choices=["auto", "triton", "grouped_mm"],
         default="auto",
-        help="MoE experts: auto = Triton grouped GEMMs on a GPU (reference loop on a CPU); grouped_mm = "
-        "torch._grouped_mm",
+        help="MoE experts: auto = on a GPU the Triton grouped GEMMs, torch._grouped_mm for large batches on "
+        "Hopper (reference loop on a CPU); triton, grouped_mm = always that one",
     )
 
 

@@ -18,7 +18,7 @@ class RunnerConfig:
     piecewise_cuda_graph_strategy: str = "breakable"
     piecewise_cuda_graph_compiler: str = "eager"
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on a CPU
-    moe_runner_backend: str = "auto"  # auto: Triton grouped GEMMs on a GPU; triton; grouped_mm
+    moe_runner_backend: str = "auto"  # auto: by batch size (see layers/moe.py); triton; grouped_mm
     disable_cuda_graph: bool = False  # full CUDA graphs for decode batches
     cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.

@@ -49,6 +49,8 @@ class ModelRunner:
         self.attention_backend = self._attention_backend()
         self.layers = self._layer_table(model)
         if self.attention_backend == "triton" and cfg.mla is None and self.device.type != "cpu":
+            # NOTE: every block shape a batch can pick, compiled now: a variant first met while serving
+            # stalls that step for the ~1 s its compile takes
             from tessera.layers.triton_attention import compile_variants
 
             layer = self.layers[(0, "attn")]
