@@ -1,1 +1,1 @@
-"""The OpenAI-compatible server (`tessera serve`): FastAPI + uvicorn, the engine on its own thread."""
+"""The OpenAI-compatible server (`tessera serve`): FastAPI + uvicorn, the engine in its own process."""

@@ -18,14 +18,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tessera.server.engine_loop import AsyncEngine, Handle, Update
 from tessera.server.metrics import metrics_response
 from tessera.server.protocol import ChatRequest, CompletionRequest
+from tessera.server.tokenize import BatchEncoder
 
 
 def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     """The app over a started engine process (`AsyncEngine.start`); shutting the app down stops it."""
 
+    encoder = BatchEncoder(engine.tokenizer)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        encoder.close()
         engine.shutdown()
 
     app = FastAPI(title="tessera", lifespan=lifespan)
@@ -53,7 +57,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt_ids = engine.tokenizer.encode(body.prompt)
+        prompt_ids = await encoder.encode(body.prompt)
         params = [body.sampling(body.max_tokens, i, body.logprobs is not None) for i in range(body.n)]
         return await _serve(
             app.state.engine, request, prompt_ids, params, body.stream, "text_completion", model_name
@@ -65,7 +69,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             text = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
         except Exception as exc:  # a template may reject a conversation (raise_exception)
             return _error(400, f"messages: {exc}", "messages")
-        prompt_ids = engine.tokenizer.encode(text)
+        prompt_ids = await encoder.encode(text)
         params = [body.sampling(body.limit, i, body.logprobs) for i in range(body.n)]
         return await _serve(
             app.state.engine, request, prompt_ids, params, body.stream, "chat.completion", model_name
