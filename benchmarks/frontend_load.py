@@ -102,7 +102,8 @@ def _line(row: dict[str, Any], step_ms: float) -> str:
     return (
         f"concurrency {row['concurrency']}: output {row['output_tok_s']:.0f} tok/s of "
         f"{row['offered_output_tok_s']:.0f} offered; TTFT median {row['ttft']['median_ms']:.0f} ms, "
-        f"TPOT median {row['tpot']['median_ms']:.1f} ms (stand-in step {step_ms} ms), {row['failed']} failed"
+        f"TPOT median {row['tpot']['median_ms']:.1f} ms (stand-in step {step_ms} ms), "
+        f"{row['tokens_per_chunk']:.2f} tokens a chunk, {row['failed']} failed"
     )
 
 
@@ -132,7 +133,9 @@ def main() -> None:
         for c in args.concurrency:
             asyncio.run(run_load(url, prompts[:8], args.output_len, float("inf"), c))  # warm-up
             results, duration = asyncio.run(run_load(url, prompts, args.output_len, float("inf"), c))
+            chunks = sum(len(r.itl) + 1 for r in results if r.ok)  # one per chunk with choices
             row = {"concurrency": c, "offered_output_tok_s": c / (args.step_ms / 1e3),
+                   "tokens_per_chunk": sum(r.output_tokens for r in results if r.ok) / max(chunks, 1),
                    **summarize(results, duration)}  # fmt: skip
             rows.append(row)
             print(_line(row, args.step_ms))

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from tessera.engine.config import RunnerConfig
+from tessera.engine.detokenize import output_text
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams, sample_batch
 from tessera.engine.scheduler import Scheduler, SchedulerConfig
 from tessera.engine.sequence import Sequence
-from tessera.loader.tokenizer import Tokenizer
 from tessera.models import registry
 
 logger = logging.getLogger("tessera")
@@ -171,17 +171,6 @@ class Engine:
             logprobs=seq.output_logprobs[: len(ids)] if seq.params.logprobs else None,
             num_cached_tokens=seq.cached_prompt_tokens or 0,
         )
-
-
-def output_text(tokenizer: Tokenizer, ids: list[int], params: SamplingParams, eos: tuple[int, ...]) -> str:
-    """The output text without a trailing EOS and cut at a stop string (streaming and final)."""
-    if ids and ids[-1] in eos and not params.ignore_eos:
-        ids = ids[:-1]
-    text = tokenizer.decode(ids)
-    for stop in params.stop:
-        if stop in text:
-            text = text[: text.index(stop)]
-    return text
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

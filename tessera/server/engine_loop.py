@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tessera.engine.engine import output_text
+from tessera.engine.detokenize import IncrementalDetokenizer
 from tessera.engine.sampling import SamplingParams
 from tessera.loader.tokenizer import Tokenizer
 from tessera.server import engine_worker
@@ -44,7 +44,7 @@ class Handle:
 
     def __init__(self, rid: int, params: SamplingParams, tokenizer: Tokenizer, eos: tuple[int, ...]) -> None:
         self.rid, self.params = rid, params
-        self._tokenizer, self._eos = tokenizer, eos
+        self._detok = IncrementalDetokenizer(tokenizer, params, eos)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
@@ -54,7 +54,7 @@ class Handle:
     async def next(self) -> Update:
         await self._changed.wait()
         self._changed.clear()
-        text = output_text(self._tokenizer, self.token_ids, self.params, self._eos)
+        text = self._detok.text(self.token_ids, final=self.finish_reason is not None)
         return Update(text, list(self.token_ids), list(self.logprobs), self.finish_reason, self.cached_tokens)
 
     def _advance(self, token: int, logprob: float, finish_reason: str | None, cached: int) -> None:
