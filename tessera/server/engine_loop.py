@@ -30,10 +30,11 @@ logger = logging.getLogger("tessera")
 
 @dataclass
 class Update:
-    """A request's state: full text so far, tokens so far, why it ended (or None)."""
+    """A request's state: full text so far, why it ended (or None); its tokens and their logprobs on
+    the final update only (streaming needs the text until then)."""
 
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # final update: all of them; before: empty
     logprobs: list[float]
     finish_reason: str | None  # "stop", "length", or "error" if the engine failed
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -54,8 +55,12 @@ class Handle:
     async def next(self) -> Update:
         await self._changed.wait()
         self._changed.clear()
-        text = self._detok.text(self.token_ids, final=self.finish_reason is not None)
-        return Update(text, list(self.token_ids), list(self.logprobs), self.finish_reason, self.cached_tokens)
+        done = self.finish_reason is not None
+        text = self._detok.text(self.token_ids, final=done)
+        # NOTE: no copy of the token lists on every update (it made a long stream quadratic); a finished
+        # handle is never advanced again, so the final update can hand over its own lists
+        ids, logprobs = (self.token_ids, self.logprobs) if done else ([], [])
+        return Update(text, ids, logprobs, self.finish_reason, self.cached_tokens)
 
     def _advance(self, token: int, logprob: float, finish_reason: str | None, cached: int) -> None:
         self.token_ids.append(token)
