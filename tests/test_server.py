@@ -204,3 +204,33 @@ def test_cached_prompt_tokens_are_reported_per_request(server: tuple[str, AsyncE
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] // page * page
     _assert_all_pages_back(engine)
+
+
+def test_streamed_logprobs_match_the_whole_response(client: openai.OpenAI) -> None:
+    """Streaming with logprobs: each chunk carries its tokens' (as text) log-probabilities; together they
+    are the non-streamed response's, token for token."""
+    whole = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1)
+    chunks = list(
+        client.completions.create(
+            model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1, stream=True
+        )
+    )
+    tokens, logprobs = [], []
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs is not None:
+            tokens += c.choices[0].logprobs.tokens
+            logprobs += c.choices[0].logprobs.token_logprobs
+    assert whole.choices[0].logprobs is not None
+    assert tokens == whole.choices[0].logprobs.tokens and len(tokens) == whole.usage.completion_tokens
+    assert logprobs == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+    assert "".join(tokens).startswith(whole.choices[0].text)  # token texts, not ids
+    hi = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(
+        model="smollm2",
+        messages=hi,
+        max_tokens=4,
+        logprobs=True,
+        stream=True,  # type: ignore[arg-type]
+    )
+    entries = [e for c in chat if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) >= 1 and all(e.logprob <= 0 and e.token for e in entries)

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tessera.loader.tokenizer import Tokenizer
 from tessera.server.engine_loop import AsyncEngine, Handle, Update
 from tessera.server.metrics import metrics_response
 from tessera.server.protocol import ChatRequest, CompletionRequest
@@ -97,14 +98,15 @@ async def _serve(
     rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if stream:
-        events = _stream(engine, handles, rid, created, kind, model, len(prompt_ids))
+        logprobs = [p.logprobs for p in params]
+        events = _stream(engine, handles, rid, created, kind, model, len(prompt_ids), logprobs)
         return StreamingResponse(events, media_type="text/event-stream")
     finals = await _wait(engine, request, handles)
     if finals is None:
         return Response(status_code=499)
     if any(u.finish_reason == "error" for u in finals):
         return _error(500, "the engine failed on this batch (see the server log)", None, kind="server_error")
-    choices = [_choice(kind, i, u, params[i].logprobs) for i, u in enumerate(finals)]
+    choices = [_choice(kind, i, u, params[i].logprobs, engine.tokenizer) for i, u in enumerate(finals)]
     usage = _usage(len(prompt_ids), finals)
     return JSONResponse({"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
                          "usage": usage})  # fmt: skip
@@ -130,8 +132,9 @@ async def _wait(engine: AsyncEngine, request: Request, handles: list[Handle]) ->
 
 
 async def _stream(
-    engine: AsyncEngine, handles: list[Handle], rid: str, created: int, kind: str, model: str, prompt_len: int
-) -> AsyncIterator[str]:
+    engine: AsyncEngine, handles: list[Handle], rid: str, created: int, kind: str, model: str,
+    prompt_len: int, logprobs: list[bool],
+) -> AsyncIterator[str]:  # fmt: skip
     sent = [""] * len(handles)
     finals: dict[int, Update] = {}
     chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
@@ -152,6 +155,8 @@ async def _stream(
                     choice["delta"] = {"content": delta} if delta else {}
                 else:
                     choice["text"] = delta
+                if logprobs[i]:  # this chunk's tokens
+                    choice["logprobs"] = _logprobs(kind, u.new_token_ids, u.new_logprobs, engine.tokenizer)
                 yield _sse(rid, created, model, chunk_kind, [choice])
         usage = _usage(prompt_len, list(finals.values()))
         yield _sse(rid, created, model, chunk_kind, [], usage=usage)
@@ -185,14 +190,21 @@ async def _updates(handles: list[Handle]) -> AsyncIterator[tuple[int, Update]]:
             future.cancel()
 
 
-def _choice(kind: str, index: int, u: Update, logprobs: bool) -> dict[str, Any]:
-    ids = u.token_ids[: len(u.logprobs)]
+def _choice(kind: str, index: int, u: Update, logprobs: bool, tokenizer: Tokenizer) -> dict[str, Any]:
+    lp = _logprobs(kind, u.token_ids[: len(u.logprobs)], u.logprobs, tokenizer) if logprobs else None
     if kind == "text_completion":
-        lp = {"tokens": [str(t) for t in ids], "token_logprobs": u.logprobs} if logprobs else None
         return {"index": index, "text": u.text, "logprobs": lp, "finish_reason": u.finish_reason}
-    lp = {"content": [{"token": str(t), "logprob": p} for t, p in zip(ids, u.logprobs, strict=True)]}
-    return {"index": index, "message": {"role": "assistant", "content": u.text},
-            "logprobs": lp if logprobs else None, "finish_reason": u.finish_reason}  # fmt: skip
+    return {"index": index, "message": {"role": "assistant", "content": u.text}, "logprobs": lp,
+            "finish_reason": u.finish_reason}  # fmt: skip
+
+
+def _logprobs(kind: str, ids: list[int], logprobs: list[float], tokenizer: Tokenizer) -> dict[str, Any]:
+    """The sampled tokens' log-probabilities in OpenAI's shape for `kind`, each token as its text."""
+    tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    if kind == "text_completion":
+        return {"tokens": tokens, "token_logprobs": logprobs}
+    return {"content": [{"token": t, "logprob": p, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t, p in zip(tokens, logprobs, strict=True)]}  # fmt: skip
 
 
 def _usage(prompt_len: int, finals: list[Update]) -> dict[str, Any]:

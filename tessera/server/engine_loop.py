@@ -16,7 +16,7 @@ import logging
 import multiprocessing as mp
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -38,6 +38,8 @@ class Update:
     logprobs: list[float]
     finish_reason: str | None  # "stop", "length", or "error" if the engine failed
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    new_token_ids: list[int] = field(default_factory=list)  # since the previous update (streamed logprobs)
+    new_logprobs: list[float] = field(default_factory=list)
 
 
 class Handle:
@@ -50,6 +52,7 @@ class Handle:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.cached_tokens = 0
+        self._reported = 0  # tokens handed out by earlier updates
         self._changed = asyncio.Event()
 
     async def next(self) -> Update:
@@ -60,7 +63,10 @@ class Handle:
         # NOTE: no copy of the token lists on every update (it made a long stream quadratic); a finished
         # handle is never advanced again, so the final update can hand over its own lists
         ids, logprobs = (self.token_ids, self.logprobs) if done else ([], [])
-        return Update(text, ids, logprobs, self.finish_reason, self.cached_tokens)
+        new = slice(self._reported, len(self.logprobs))
+        self._reported = new.stop
+        return Update(text, ids, logprobs, self.finish_reason, self.cached_tokens, self.token_ids[new],
+                      self.logprobs[new])  # fmt: skip
 
     def _advance(self, token: int, logprob: float, finish_reason: str | None, cached: int) -> None:
         self.token_ids.append(token)
