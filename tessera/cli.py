@@ -22,6 +22,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]; once a token was output")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]; per time it is output")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0 (1: off); prompt and output")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -156,6 +159,9 @@ def generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop),
         logprobs=args.json,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )
     prompts = args.prompt
     if args.chat:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tessera.engine.sampling import SamplingParams, sample, sample_batch
@@ -56,3 +57,38 @@ def test_a_batch_samples_each_row_as_it_would_alone() -> None:
     assert tokens == [t for t, _ in alone]
     assert logprobs == [lp for _, lp in alone]
     assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
+
+
+def test_presence_and_frequency_penalties_lower_tokens_already_in_the_output() -> None:
+    # token 0 leads by log(0.5/0.25) = 0.69 over token 1
+    assert sample(LOGITS, SamplingParams(presence_penalty=0.5), None, ([], [0]))[0] == 0
+    assert sample(LOGITS, SamplingParams(presence_penalty=1.0), None, ([], [0]))[0] == 1
+    assert sample(LOGITS, SamplingParams(presence_penalty=1.0), None, ([0], []))[0] == 0  # not the prompt
+    assert sample(LOGITS, SamplingParams(frequency_penalty=0.3), None, ([], [0]))[0] == 0  # 0.3 < 0.69
+    assert sample(LOGITS, SamplingParams(frequency_penalty=0.3), None, ([], [0, 0, 0]))[0] == 1  # 0.9
+    # the logprob reported is the model's, before the penalty
+    token, logprob = sample(LOGITS, SamplingParams(presence_penalty=2.0), None, ([], [0]))
+    assert token == 1 and math.isclose(logprob, math.log(0.25), rel_tol=1e-5)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    logits = torch.tensor([2.0, 1.5, -1.0, -1.2])
+    assert sample(logits, SamplingParams(repetition_penalty=1.5), None, ([0], []))[0] == 1  # 2 / 1.5 < 1.5
+    assert sample(logits, SamplingParams(repetition_penalty=1.2), None, ([1], [1]))[0] == 0
+    negative = torch.tensor([-1.0, -1.1, -5.0])
+    assert sample(negative, SamplingParams(repetition_penalty=1.2), None, ([], [0]))[0] == 1  # -1.2 < -1.1
+
+
+def test_a_batch_penalizes_only_its_penalized_rows() -> None:
+    logits = LOGITS.repeat(3, 1)
+    params = [SamplingParams(), SamplingParams(presence_penalty=2.0)]
+    params.append(SamplingParams(temperature=1.0, top_k=1))
+    history = ([], [0])
+    tokens, _ = sample_batch(logits, params, [None, None, torch.Generator().manual_seed(0)], [history] * 3)
+    assert tokens == [0, 1, 0]
+
+
+def test_penalties_out_of_range_are_refused() -> None:
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3.0}, {"repetition_penalty": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)

@@ -118,6 +118,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tup
         ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 4}, "prompt"),
         ({"prompt": PROMPT, "temperature": -1}, "temperature"),
+        ({"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "word " * 9000, "max_tokens": 4}, "context"),
     ]
     for body, mention in cases:
@@ -134,6 +136,18 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tup
     )
     assert ok.status_code == 200
     _assert_all_pages_back(engine)
+
+
+def test_penalties_reach_the_sampler(client: openai.OpenAI) -> None:
+    """Greedy with and without a frequency penalty (an OpenAI field) and a repetition penalty (vLLM's and
+    SGLang's, sent as an extra field): the penalized outputs differ and repeat themselves less."""
+    kwargs = {"model": "smollm2", "prompt": "la la la la la la la la", "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(**kwargs, logprobs=1).choices[0]
+    freq = client.completions.create(**kwargs, logprobs=1, frequency_penalty=2.0).choices[0]
+    rep = client.completions.create(**kwargs, logprobs=1, extra_body={"repetition_penalty": 1.5}).choices[0]
+    assert freq.text != plain.text and rep.text != plain.text
+    distinct = [len(set(c.logprobs.tokens)) for c in (plain, freq, rep)]  # type: ignore[union-attr]
+    assert distinct[1] >= distinct[0] and distinct[2] >= distinct[0], distinct
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_pages(server: tuple[str, AsyncEngine]) -> None:

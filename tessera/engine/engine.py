@@ -127,7 +127,10 @@ class Engine:
         advanced = [work[i][0] for i in rows]
         if len(rows) < len(work):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        tokens, logprobs = sample_batch(logits, [s.params for s in advanced], [s.generator for s in advanced])
+        histories = [(s.prompt_token_ids, s.output_token_ids) for s in advanced]
+        tokens, logprobs = sample_batch(
+            logits, [s.params for s in advanced], [s.generator for s in advanced], histories
+        )
         t3 = clock()
         for seq, token, logprob in zip(advanced, tokens, logprobs, strict=True):
             self._append(seq, token, logprob)

@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p, per-request seeds."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p, per-request seeds, and
+presence / frequency (OpenAI's) and repetition (CTRL's, as vLLM and SGLang) penalties."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it is in the output
+    frequency_penalty: float = 0.0  # subtracted once for each time it is in the output
+    repetition_penalty: float = 1.0  # divides a positive logit, multiplies a negative one, of a token in
+    # the prompt or the output (1 = off)
     extra: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -32,6 +37,11 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
 
@@ -39,30 +49,66 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
+
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    history: tuple[list[int], list[int]] = ([], []),
 ) -> tuple[int, float]:
     """One token from one row of logits [V]; returns (token, its log-probability under the model)."""
-    tokens, logprobs = sample_batch(logits[None], [params], [generator])
+    tokens, logprobs = sample_batch(logits[None], [params], [generator], [history])
     return tokens[0], logprobs[0]
 
 
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> tuple[list[int], list[float]]:
-    """A token for every row of logits [B, V], and its log-probability under the model.
+    """A token for every row of logits [B, V], and its log-probability under the model (before any
+    penalty). `histories`: each row's (prompt, output) token ids, needed by rows with penalties.
 
-    Greedy rows take one batched argmax; only rows that sample run their own filters. Everything stays
-    on the device until the one copy back at the end: a per-row `.item()` costs a sync each, which at
-    a few hundred running requests was most of a decode step's host time."""
+    Greedy rows take one batched argmax; only rows that sample or are penalized run their own code.
+    Everything stays on the device until the one copy back at the end: a per-row `.item()` costs a sync
+    each, which at a few hundred running requests was most of a decode step's host time."""
     tokens = torch.argmax(logits, dim=-1)
     for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        row = logits[i]
+        if p.penalized:
+            if histories is None:
+                raise ValueError("penalties need each row's prompt and output token ids (histories)")
+            row = _penalize(row, p, *histories[i])
         if not p.greedy:
-            tokens[i] = _sample_row(logits[i], p, gen)
+            tokens[i] = _sample_row(row, p, gen)
+        elif p.penalized:
+            tokens[i] = row.argmax()
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
     both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
     return [int(t) for t in both[0]], both[1]
+
+
+def _penalize(
+    logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]
+) -> torch.Tensor:
+    """One row's logits [V] (float32) with the penalties applied. NOTE: the history goes to the device on
+    every step (a copy, O(prompt + output) host work): only penalized requests pay it, and the step
+    waits for its logits at the end of sampling anyway."""
+    row = logits.float().clone()
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.tensor(sorted(set(prompt) | set(output)), device=row.device)
+        values = row[seen]
+        rp = params.repetition_penalty
+        row[seen] = torch.where(values > 0, values / rp, values * rp)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output, device=row.device), minlength=row.numel())[: row.numel()]
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return row
 
 
 def _sample_row(
