@@ -68,6 +68,14 @@ def reference() -> LLM:
     return LLM(device="cpu")
 
 
+def test_a_prompt_of_token_ids_equals_its_text(client: openai.OpenAI, reference: LLM) -> None:
+    ids = reference.tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model="smollm2", prompt=ids, max_tokens=6, temperature=0)
+    by_text = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
 def test_completion_equals_offline_generate(client: openai.OpenAI, reference: LLM) -> None:
     out = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0)
     expected = reference.generate(PROMPT, SamplingParams(max_tokens=8))[0]
@@ -119,6 +127,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tup
         ({"max_tokens": 4}, "prompt"),
         ({"prompt": PROMPT, "temperature": -1}, "temperature"),
         ({"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": [1, 10**9]}, "token ids"),
+        ({"prompt": []}, "prompt"),
         ({"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "word " * 9000, "max_tokens": 4}, "context"),
     ]

@@ -58,7 +58,12 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt_ids = await encoder.encode(body.prompt)
+        if isinstance(body.prompt, str):
+            prompt_ids = await encoder.encode(body.prompt)
+        elif not all(0 <= t < engine.tokenizer.vocab_size for t in body.prompt):
+            return _error(400, f"prompt: token ids must be in [0, {engine.tokenizer.vocab_size})", "prompt")
+        else:
+            prompt_ids = list(body.prompt)
         params = [body.sampling(body.max_tokens, i, body.logprobs is not None) for i in range(body.n)]
         return await _serve(
             app.state.engine, request, prompt_ids, params, body.stream, "text_completion", model_name

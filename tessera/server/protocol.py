@@ -45,7 +45,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(min_length=1)
+    prompt: str | list[int] = Field(min_length=1)  # text, or token ids (one prompt a request)
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=1)  # log-probabilities of the sampled tokens only
 
