@@ -86,10 +86,7 @@ def sample_batch(
             if histories is None:
                 raise ValueError("penalties need each row's prompt and output token ids (histories)")
             row = _penalize(row, p, *histories[i])
-        if not p.greedy:
-            tokens[i] = _sample_row(row, p, gen)
-        elif p.penalized:
-            tokens[i] = row.argmax()
+        tokens[i] = row.argmax() if p.greedy else _sample_row(row, p, gen)
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
     both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
     return [int(t) for t in both[0]], both[1]
