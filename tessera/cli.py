@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -38,6 +39,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TESSERA_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1 routes (default: $TESSERA_API_KEY; none: open)",
+    )
     add_runner_flags(p)
 
 
@@ -139,7 +145,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         # NOTE: keep-alive longer than clients' usual pool expiry (httpx: 5 s), so a pooled connection
         # is never closed by the server just as a client reuses it (a spurious ReadError)
-        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info",
+        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level="info",
                     timeout_keep_alive=30)  # fmt: skip
     finally:
         engine.shutdown()

@@ -258,3 +258,21 @@ def test_streamed_logprobs_match_the_whole_response(client: openai.OpenAI) -> No
     )
     entries = [e for c in chat if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert len(entries) >= 1 and all(e.logprob <= 0 and e.token for e in entries)
+
+
+def test_an_api_key_guards_the_v1_routes() -> None:
+    """With --api-key, /v1 routes answer 401 (OpenAI's error shape) without the bearer key; /health stays
+    open for load balancers. A stand-in engine: these routes never reach it."""
+    from fastapi.testclient import TestClient
+
+    from tessera.server.api import create_app
+
+    engine = type("Engine", (), {"tokenizer": None, "alive": True, "shutdown": lambda self: None})()
+    with TestClient(create_app(engine, "smollm2", api_key="s3cret")) as http:  # type: ignore[arg-type]
+        assert http.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = http.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 401
+        ok = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "smollm2"

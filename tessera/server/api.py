@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -22,10 +23,18 @@ from tessera.server.protocol import ChatRequest, CompletionRequest
 from tessera.server.tokenize import BatchEncoder
 
 
-def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
-    """The app over a started engine process (`AsyncEngine.start`); shutting the app down stops it."""
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app over a started engine process (`AsyncEngine.start`); shutting the app down stops it.
+    With `api_key`, the /v1 routes want `Authorization: Bearer <api_key>` (/health and /metrics do not)."""
 
     encoder = BatchEncoder(engine.tokenizer)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def authorized(request: Request) -> None:
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                raise _Unauthorized
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -35,6 +44,12 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     app = FastAPI(title="tessera", lifespan=lifespan)
     app.state.engine = engine
+    v1 = [Depends(authorized)]
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(_: Request, __: _Unauthorized) -> JSONResponse:
+        return _error(401, "invalid or missing API key: send Authorization: Bearer <key>", None,
+                      kind="authentication_error")  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -48,7 +63,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             return _error(503, "the engine process is not running", None, kind="server_error")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "tessera"}]}
 
@@ -56,7 +71,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def metrics() -> Response:
         return metrics_response(app.state.engine)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         if isinstance(body.prompt, str):
             prompt_ids = await encoder.encode(body.prompt)
@@ -69,7 +84,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             app.state.engine, request, prompt_ids, params, body.stream, "text_completion", model_name
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(body: ChatRequest, request: Request) -> Response:
         try:
             text = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
@@ -226,6 +241,10 @@ def _usage(prompt_len: int, finals: list[Update]) -> dict[str, Any]:
 def _sse(rid: str, created: int, model: str, kind: str, choices: list[dict[str, Any]], **extra: Any) -> str:
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
     return f"data: {json.dumps(body)}\n\n"
+
+
+class _Unauthorized(Exception):
+    """A /v1 request without the server's API key."""
 
 
 def _error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
