@@ -61,3 +61,16 @@ def test_eos_and_stop_strings(tokenizer: Tokenizer) -> None:
     assert detok.text(ids) == "one two"  # cut at the stop string
     plain = IncrementalDetokenizer(tokenizer, SamplingParams(), eos=(eos[-1],))
     assert plain.text([*ids, eos[-1]]) == "one two three four"  # a trailing EOS is not text
+
+
+def test_hits_stop_finds_a_stop_string_across_tokens_once_it_is_complete(tokenizer: Tokenizer) -> None:
+    text = "The answer is forty-two. Then more text follows here."
+    ids = tokenizer.encode(text)
+    params = SamplingParams(stop=("forty-two.",))
+    detok = IncrementalDetokenizer(tokenizer, params, eos=())
+    hits = [detok.hits_stop(ids[:n]) for n in range(1, len(ids) + 1)]
+    first = hits.index(True)
+    # the first prefix whose full decode contains the stop string, whatever the tokens it spans
+    assert first == next(n for n in range(1, len(ids) + 1) if "forty-two." in tokenizer.decode(ids[:n])) - 1
+    assert len(tokenizer.encode("forty-two.")) > 1  # it does span several tokens
+    assert detok.text(ids) == "The answer is "

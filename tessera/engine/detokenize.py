@@ -1,4 +1,5 @@
-"""Streaming text of a growing token list, decoding only a window at its end.
+"""Streaming text of a growing token list, decoding only a window at its end (the HTTP side's streams, and
+the engine's stop-string checks).
 
 NOTE: decoding all of a request's tokens on every update costs O(length) each time, O(length²) a stream
 (~90 µs an update at 1,024 tokens): at 256 streams the HTTP side fell behind and sent several tokens a
@@ -38,10 +39,16 @@ class IncrementalDetokenizer:
         self._text = ""  # the text of ids[:_read]
         self._start = 0  # the window's first token: decoded again, as context for the new ones
         self._read = 0
+        self._scanned = 0  # text searched for stop strings by `hits_stop`
 
     def text(self, ids: list[int], final: bool = False) -> str:
         if final:
             return output_text(self.tokenizer, ids, self.params, self.eos)
+        return cut_at_stop(self.update(ids), self.params.stop)
+
+    def update(self, ids: list[int]) -> str:
+        """The whole text of `ids` so far, not cut at stop strings (held back while it ends in half a
+        character)."""
         end = len(ids) - (1 if ids and ids[-1] in self.eos and not self.params.ignore_eos else 0)
         if end > self._read:
             window = ids[self._start : end]
@@ -50,4 +57,14 @@ class IncrementalDetokenizer:
             if len(full) > len(context) and not full.endswith(_HELD):
                 self._text += full[len(context) :]
                 self._start, self._read = self._read, end
-        return cut_at_stop(self._text, self.params.stop)
+        return self._text
+
+    def hits_stop(self, ids: list[int]) -> bool:
+        """Whether a stop string has appeared, searching only the text new since the last call (and a
+        stop string's length before it, for one that straddles the two)."""
+        stops = self.params.stop
+        text = self.update(ids)
+        longest = max(map(len, stops), default=0)
+        tail = text[max(0, self._scanned - longest + 1) :]
+        self._scanned = len(text)
+        return any(stop in tail for stop in stops)

@@ -24,6 +24,7 @@ class Sequence:
     cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
     finish_reason: str | None = None
     generator: Any = None  # torch.Generator of a seeded request
+    detokenizer: Any = None  # IncrementalDetokenizer of a request with stop strings (the engine's)
 
     @property
     def token_ids(self) -> list[int]:
