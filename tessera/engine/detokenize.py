@@ -2,7 +2,7 @@
 the engine's stop-string checks).
 
 NOTE: decoding all of a request's tokens on every update costs O(length) each time, O(length²) a stream
-(~90 µs an update at 1,024 tokens): at 256 streams the HTTP side fell behind and sent several tokens a
+(~60 µs an update at 1,024 tokens): at 256 streams the HTTP side fell behind and sent several tokens a
 chunk. Here each update decodes the tokens since the last emitted text plus the few before them, for the
 context a decoder needs (a leading space, a multi-byte character split over tokens), as vLLM's and HF's
 streamers do.
