@@ -92,3 +92,18 @@ def test_penalties_out_of_range_are_refused() -> None:
     for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3.0}, {"repetition_penalty": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
+
+
+def test_banned_tokens_are_never_taken_and_logprobs_stay_the_models() -> None:
+    logits = LOGITS.repeat(2, 1)
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=0)]
+    gens = [None, torch.Generator().manual_seed(0)]
+    for _ in range(50):
+        tokens, logprobs = sample_batch(logits, params, gens, banned=[(0,), (0, 1)])
+        assert tokens[0] == 1 and tokens[1] not in (0, 1)
+    assert math.isclose(logprobs[0], math.log(0.25), rel_tol=1e-5)
+
+
+def test_min_tokens_must_fit_max_tokens() -> None:
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)

@@ -128,6 +128,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server: tup
         ({"prompt": PROMPT, "temperature": -1}, "temperature"),
         ({"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty"),
         ({"prompt": [1, 10**9]}, "token ids"),
+        ({"prompt": PROMPT, "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
         ({"prompt": []}, "prompt"),
         ({"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "word " * 9000, "max_tokens": 4}, "context"),
@@ -158,6 +159,26 @@ def test_penalties_reach_the_sampler(client: openai.OpenAI) -> None:
     assert freq.text != plain.text and rep.text != plain.text
     distinct = [len(set(c.logprobs.tokens)) for c in (plain, freq, rep)]  # type: ignore[union-attr]
     assert distinct[1] >= distinct[0] and distinct[2] >= distinct[0], distinct
+
+
+def test_stop_token_ids_and_min_tokens(client: openai.OpenAI, reference: LLM) -> None:
+    """vLLM's extensions: a stop token ends the output where it is sampled; min_tokens keeps a chat answer
+    that would end after a few tokens (EOS) going."""
+    free = reference.generate([PROMPT], SamplingParams(max_tokens=8))[0]
+    stop = free.token_ids[2]
+    out = client.completions.create(
+        model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"stop_token_ids": [stop]}
+    )
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 3  # type: ignore
+    assert free.text.startswith(out.choices[0].text)
+    hi = [{"role": "user", "content": "What is the capital of France?"}]
+    short = client.chat.completions.create(model="smollm2", messages=hi, max_tokens=64, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 30  # type: ignore
+    longer = client.chat.completions.create(
+        model="smollm2", messages=hi, max_tokens=64, temperature=0, extra_body={"min_tokens": 40}
+    )
+    assert longer.usage.completion_tokens >= 40  # type: ignore[union-attr]
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)  # type: ignore
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_pages(server: tuple[str, AsyncEngine]) -> None:

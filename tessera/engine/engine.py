@@ -128,8 +128,9 @@ class Engine:
         if len(rows) < len(work):
             logits = logits[torch.tensor(rows, device=logits.device)]
         histories = [(s.prompt_token_ids, s.output_token_ids) for s in advanced]
+        banned = [self._banned(s) for s in advanced]
         tokens, logprobs = sample_batch(
-            logits, [s.params for s in advanced], [s.generator for s in advanced], histories
+            logits, [s.params for s in advanced], [s.generator for s in advanced], histories, banned
         )
         t3 = clock()
         for seq, token, logprob in zip(advanced, tokens, logprobs, strict=True):
@@ -143,6 +144,13 @@ class Engine:
     def graph_stats(self) -> dict[str, object]:
         """Graph runtime counters of this engine: replays by size, eager fallbacks by reason, tokens."""
         return self.runner.graph_stats()
+
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        """Tokens `seq` may not sample now: its EOS and stop tokens until it has `min_tokens`."""
+        p = seq.params
+        if len(seq.output_token_ids) >= p.min_tokens:
+            return ()
+        return p.stop_token_ids + (() if p.ignore_eos else tuple(self.cfg.eos_token_ids))
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_token_ids.append(token)

@@ -11,6 +11,7 @@ import torch
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
+    min_tokens: int = 0  # EOS and stop tokens are not sampled before this many (stop strings still apply)
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -29,6 +30,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -70,22 +73,27 @@ def sample_batch(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,
+    banned: list[tuple[int, ...]] | None = None,
 ) -> tuple[list[int], list[float]]:
     """A token for every row of logits [B, V], and its log-probability under the model (before any
-    penalty). `histories`: each row's (prompt, output) token ids, needed by rows with penalties.
+    penalty). `histories`: each row's (prompt, output) token ids, needed by rows with penalties;
+    `banned`: token ids a row may not take now (EOS and stop tokens before `min_tokens`).
 
     Greedy rows take one batched argmax; only rows that sample or are penalized run their own code.
     Everything stays on the device until the one copy back at the end: a per-row `.item()` costs a sync
     each, which at a few hundred running requests was most of a decode step's host time."""
     tokens = torch.argmax(logits, dim=-1)
     for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy and not p.penalized:  # the common case: nothing per row (a view costs ~1 µs)
+        ban = banned[i] if banned is not None else ()
+        if p.greedy and not p.penalized and not ban:  # the common case: nothing per row (a view: ~1 µs)
             continue
         row = logits[i]
         if p.penalized:
             if histories is None:
                 raise ValueError("penalties need each row's prompt and output token ids (histories)")
             row = _penalize(row, p, *histories[i])
+        if ban:
+            row = row.float().index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
         tokens[i] = row.argmax() if p.greedy else _sample_row(row, p, gen)
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
     both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()

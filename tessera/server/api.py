@@ -73,13 +73,16 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        try:
+            params = [body.sampling(body.max_tokens, i, body.logprobs is not None) for i in range(body.n)]
+        except ValueError as exc:  # what pydantic cannot check alone (min_tokens > max_tokens)
+            return _error(400, str(exc), None)
         if isinstance(body.prompt, str):
             prompt_ids = await encoder.encode(body.prompt)
         elif not all(0 <= t < engine.tokenizer.vocab_size for t in body.prompt):
             return _error(400, f"prompt: token ids must be in [0, {engine.tokenizer.vocab_size})", "prompt")
         else:
             prompt_ids = list(body.prompt)
-        params = [body.sampling(body.max_tokens, i, body.logprobs is not None) for i in range(body.n)]
         return await _serve(
             app.state.engine, request, prompt_ids, params, body.stream, "text_completion", model_name
         )
@@ -91,7 +94,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         except Exception as exc:  # a template may reject a conversation (raise_exception)
             return _error(400, f"messages: {exc}", "messages")
         prompt_ids = await encoder.encode(text)
-        params = [body.sampling(body.limit, i, body.logprobs) for i in range(body.n)]
+        try:
+            params = [body.sampling(body.limit, i, body.logprobs) for i in range(body.n)]
+        except ValueError as exc:
+            return _error(400, str(exc), None)
         return await _serve(
             app.state.engine, request, prompt_ids, params, body.stream, "chat.completion", model_name
         )

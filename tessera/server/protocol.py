@@ -24,7 +24,9 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)  # vLLM's and SGLang's extension
+    repetition_penalty: float = Field(1.0, gt=0)  # vLLM's and SGLang's extensions from here on
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
 
     def sampling(self, max_tokens: int, index: int, logprobs: bool) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -41,6 +43,8 @@ class _Sampling(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
         )
 
 
