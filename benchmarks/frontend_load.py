@@ -16,14 +16,12 @@ import asyncio
 import json
 import multiprocessing as mp
 import random
-import socket
 import time
-import urllib.error
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from tessera.bench.serve import _get, make_prompts, run_load, summarize
+from tessera.bench.serve import free_port, make_prompts, run_load, summarize, wait_ready
 
 
 def fake_engine(inbox: Connection, outbox: Connection, step_s: float) -> None:
@@ -115,18 +113,11 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = mp.get_context("spawn").Process(target=serve, args=(port, args.step_ms / 1e3))
     server.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            _get(f"{url}/health", timeout=1)
-            break
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
+    wait_ready(url, lambda: None if server.is_alive() else f"server exited ({server.exitcode})", 60)
     rows: list[dict[str, Any]] = []
     prompts = make_prompts(args.num_prompts, 256, 1024, 0)
     try:

@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,30 +139,44 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, exited: Callable[[], str | None], timeout: float) -> None:
+    """Poll `url`/health until the server answers; `exited()` says why it is gone (None while it runs)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (why := exited()) is not None:
+            raise RuntimeError(why)
+        try:
+            _get(f"{url}/health", timeout=1)
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise TimeoutError(f"server not ready after {timeout}s")
+
+
 @contextmanager
 def launched(flags: str, ready_timeout: float = 900.0):
     """Start `tessera serve FLAGS` on a free port; yield its URL; stop it afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "tessera", "serve", "--port", str(port), *shlex.split(flags)]
     # NOTE: the server's log goes to a file: a pipe nobody reads fills up and blocks the server
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
         url = f"http://127.0.0.1:{port}"
+
+        def exited() -> str | None:
+            if proc.poll() is None:
+                return None
+            log.seek(0)
+            return f"server exited ({proc.returncode}): {log.read()[-2000:]}"
+
         try:
-            deadline = time.time() + ready_timeout
-            while time.time() < deadline:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"server exited ({proc.returncode}): {log.read()[-2000:]}")
-                try:
-                    _get(f"{url}/health", timeout=1)
-                    break
-                except (urllib.error.URLError, OSError):
-                    time.sleep(0.5)
-            else:
-                raise TimeoutError(f"server not ready after {ready_timeout}s")
+            wait_ready(url, exited, ready_timeout)
             yield url
         finally:
             proc.terminate()
