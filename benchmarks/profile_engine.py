@@ -6,6 +6,7 @@ python3 benchmarks/profile_engine.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,8 +17,10 @@ from tessera.bench.timing import host_us, time_once
 from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.graphs import ForwardContext, forward_context
+from tessera.graphs.toy import toy_attention
 from tessera.layers import attention as attn
 from tessera.layers import triton_attention
+from tessera.layers.launch import KernelLauncher
 from tessera.layers.triton_attention import paged_attention
 from tessera.models import registry
 
@@ -27,6 +30,37 @@ FOLDER = Path(__file__).resolve().parent / "configs" / "smollm2-135m"
 @triton.jit
 def _noop(x, n):
     pass
+
+
+def _binary_rows(launch: KernelLauncher, attend: Callable[[], None]) -> list[tuple[str, float]]:
+    """The attention launch's compiled binary called alone: with tensors (Triton's launcher calls
+    data_ptr() and validates each pointer with the driver) and with their addresses (what
+    KernelLauncher passes)."""
+    calls: list[tuple[tuple[int, ...], tuple[object, ...], dict[str, int]]] = []
+    triton_attention._launch_attention = lambda grid, args, **opts: calls.append((grid, args, opts))
+    try:
+        attend()
+    finally:
+        triton_attention._launch_attention = launch
+    grid, args, opts = calls[0]
+    binary = launch.fn[grid](**dict(zip(launch.fn.arg_names, args, strict=True)), **opts)  # cached
+    run = binary[(*grid, 1, 1)[:3]]
+    flat = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    return [
+        ("    its binary, tensors passed", host_us(lambda: run(*args))),
+        ("    its binary, addresses passed", host_us(lambda: run(*flat))),
+    ]
+
+
+def _toy_rows(q: torch.Tensor) -> list[tuple[str, float]]:
+    """The toy stack's attention split op (`tessera bench graphs`) on the same 16 tokens."""
+    k, v, out = torch.randn_like(q), torch.randn_like(q), torch.empty_like(q)
+    n = q.shape[0]
+    with forward_context(ForwardContext(n, n)):
+        body = host_us(lambda: toy_attention.fn(q, k, v, out, 0))
+    flash = torch.ops.aten._flash_attention_forward
+    alone = host_us(lambda: flash(q[None], k[None], v[None], None, None, n, n, 0.0, True, False))
+    return [("toy attention body (bench graphs)", body), ("  its flash-attention call alone", alone)]
 
 
 def main() -> None:
@@ -65,9 +99,11 @@ def main() -> None:
         launch.direct = False
         rows.append(("  paged_attention through triton.jit's dispatch", host_us(attend)))
         launch.direct = True
+        rows += _binary_rows(launch, attend)
         x = torch.zeros(16, device="cuda")
         rows.append(("a Triton launch of an empty 2-arg kernel", host_us(lambda: _noop[(1,)](x, 16))))
         rows.append(("a torch add_", host_us(lambda: x.add_(1))))
+        rows += _toy_rows(q)
         graphs = runner.graphs
         assert graphs is not None and graphs.strategy is not None
         calls = graphs.strategy._graphs[16].calls  # [segment, attention, segment, ..., segment]

@@ -1,5 +1,6 @@
 """KernelLauncher's cache of compiled binaries, with a stand-in for a `@triton.jit` function: a launch
-goes through Triton exactly when Triton could pick another binary, and straight to the binary otherwise."""
+goes through Triton exactly when Triton could pick another binary, and straight to the binary otherwise
+(tensors passed as their addresses)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_first_launch_compiles_then_the_binary_is_called(fake) -> None:
     assert jit.compiled == [{"X": x, "n": 32, "scale": 0.5, "BLOCK": 16, "num_warps": 4}]
     launch((2, 3), (x, 64, 0.25, 16), num_warps=4)  # same specialization: n % 16 == 0, float scale
     assert len(jit.compiled) == 1 and launch.direct_launches == 1
-    assert jit.direct == [(1, (2, 3, 1), (x, 64, 0.25, 16))]
+    # the binary gets the tensor as its address: Triton's launcher would look it up and validate it
+    assert jit.direct == [(1, (2, 3, 1), (x.data_ptr(), 64, 0.25, 16))]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ for. Two costs dominate it and both are avoidable:
 - `kernel[grid](...)` re-derives the kernel's specialization from every argument and looks the compiled
   binary up on every call: ~20 µs for an empty kernel, ~40 µs for attention's 30 arguments on an H200
   host. `KernelLauncher` keys its own cache on what Triton specializes on and calls the compiled binary
-  directly after the first launch.
+  directly after the first launch, with tensors as their addresses (the binary's launcher would call
+  `data_ptr()` and a driver query on each).
 """
 
 from __future__ import annotations
@@ -37,15 +38,9 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def _spec(arg: object) -> object:
-    """What Triton specializes a runtime argument on, or more: a tensor's dtype, device and 16-byte
-    alignment; an integer's being 1, divisible by 16, and 32-bit; for anything else its type. A finer key
-    than Triton's only costs an extra lookup through Triton, never a wrong binary."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.get_device(), arg.data_ptr() % 16 == 0
-    if type(arg) is int:
-        return arg == 1, arg % 16 == 0, arg in _I32
-    return type(arg)
+def _int_spec(arg: int) -> tuple[bool, bool, bool]:
+    """What Triton specializes an integer argument on: being 1, divisible by 16, 32-bit."""
+    return arg == 1, arg % 16 == 0, arg in _I32
 
 
 class KernelLauncher:
@@ -72,16 +67,31 @@ class KernelLauncher:
         if not self.direct:
             self._through_triton(grid, args, options)
             return
-        key = (
-            tuple(a if c else _spec(a) for a, c in zip(args, self._const, strict=True)),
-            tuple(options.items()),
-        )
+        # NOTE: a tensor goes to the binary as its address: Triton's launcher would otherwise call
+        # data_ptr() and validate the pointer with a driver call (cuPointerGetAttribute) for each of
+        # them, on every launch. The first launch of a key went through Triton, which validated them.
+        spec: list[object] = []
+        flat = list(args)
+        device = None
+        for i, (a, const) in enumerate(zip(args, self._const, strict=True)):
+            if const:
+                spec.append(a)
+            elif isinstance(a, torch.Tensor):
+                ptr = flat[i] = a.data_ptr()
+                if device is None:  # a launch's tensors share one device (Triton checks on compile)
+                    device = a.get_device()
+                spec.append((a.dtype, ptr % 16 == 0))
+            elif type(a) is int:
+                spec.append(_int_spec(a))
+            else:
+                spec.append(type(a))
+        key = (device, tuple(spec), tuple(options.items()))
         binary = self._binaries.get(key)
         if binary is None:
             self._binaries[key] = self._through_triton(grid, args, options)
             return
         try:
-            binary[(*grid, 1, 1)[:3]](*args)
+            binary[(*grid, 1, 1)[:3]](*flat)
         except (TypeError, AttributeError) as e:  # a Triton whose compiled-kernel API differs
             log.warning("direct Triton launches disabled (%s); launching through triton.jit", e)
             self.direct = False
