@@ -38,7 +38,8 @@ case "${1:-}" in
     step setup 120 bash scripts/gpu-setup.sh
     step test_engine 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
     step profile 90 python3 benchmarks/profile_engine.py
-    step bench_step 420 python3 -m tessera bench step --out "$OUT/step.json" ;;
+    # `2 smollm2`: the step bench on SmolLM2 alone (~2 min instead of ~5)
+    step bench_step 420 python3 -m tessera bench step ${2:+--models "$2"} --out "$OUT/step.json" ;;
   3)
     serve serve_smollm2 380 ;;
   gsm8k)
@@ -54,6 +55,6 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2|3|4|5|5a|5b|5c|gsm8k" >&2; exit 2 ;;
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"

@@ -4,6 +4,7 @@ goes through Triton exactly when Triton could pick another binary, and straight 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import pytest
@@ -94,3 +95,51 @@ def test_wrong_argument_count_is_an_error(fake) -> None:
     _, launch = fake
     with pytest.raises(TypeError, match="4 arguments expected, got 3"):
         launch((1,), (torch.zeros(4), 32, 0.5))
+
+
+def test_a_caller_key_decides_between_triton_and_the_binary(fake) -> None:
+    jit, launch = fake
+    x = torch.zeros(64)
+    flat = (x.data_ptr(), 32, 0.5, 16)
+    launch.keyed("k1", (1,), (x, 32, 0.5, 16), flat, num_warps=4)
+    launch.keyed("k1", (1,), (x, 32, 0.5, 16), flat, num_warps=4)
+    assert len(jit.compiled) == 1 and jit.direct == [(1, (1, 1, 1), flat)]
+    launch.keyed("k2", (1,), (x, 32, 0.5, 16), flat, num_warps=4)  # another key: through Triton
+    launch.keyed("k1", (1,), (x, 32, 0.5, 16), flat, num_warps=8)  # other launch options too
+    assert len(jit.compiled) == 3 and launch.direct_launches == 1
+
+
+def test_paged_attention_keys_every_specialization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention launch's own key: the same layout goes straight to the binary; a pointer whose
+    16-byte alignment changed, other strides or another dtype go through Triton first."""
+    ta = pytest.importorskip("tessera.layers.triton_attention")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernel = ta._paged_attention_kernel
+    params = inspect.signature(kernel.fn).parameters.values()  # interpreted or not: annotations tell
+    constexprs = [i for i, p in enumerate(params) if "constexpr" in str(p.annotation)]
+    jit = _FakeJit(list(kernel.arg_names), constexprs)
+    launch = KernelLauncher(jit)
+    monkeypatch.setattr(ta, "_launch_attention", launch)
+    heads, kv_heads, dim, page = 4, 2, 16, 16
+
+    def attend(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+        out, k = torch.empty_like(q), torch.zeros(q.shape[0], kv_heads, dim, dtype=q.dtype)
+        lens, zero = torch.full((1,), q.shape[0], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        table, slots = torch.zeros(1, 2, dtype=torch.int32), torch.zeros(q.shape[0], dtype=torch.int64)
+        ta.paged_attention(q, k_cache, k_cache, out, table, zero, lens, lens, q.shape[0], page, 0.5,
+                           new_kv=(k, k, slots))  # fmt: skip
+
+    cache = torch.zeros(64, kv_heads, dim)
+    q = torch.zeros(5, heads, dim)
+    attend(q, cache)
+    attend(torch.zeros(5, heads, dim), cache)  # other tensors, same specialization
+    assert len(jit.compiled) == 1 and launch.direct_launches == 1
+    assert all(type(a) is not torch.Tensor for a in jit.direct[0][2]), "tensors reach the binary as addresses"
+    for other_q, other_cache in (
+        (torch.zeros(6 * heads * dim + 1)[1:].view(6, heads, dim), cache),  # q off a 16-byte boundary
+        (torch.zeros(5, 2 * heads, dim)[:, :heads], cache),  # other strides
+        (q.half(), cache.half()),  # another dtype
+    ):
+        compiled = len(jit.compiled)
+        attend(other_q, other_cache)
+        assert len(jit.compiled) == compiled + 1

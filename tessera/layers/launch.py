@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -67,9 +67,6 @@ class KernelLauncher:
         if not self.direct:
             self._through_triton(grid, args, options)
             return
-        # NOTE: a tensor goes to the binary as its address: Triton's launcher would otherwise call
-        # data_ptr() and validate the pointer with a driver call (cuPointerGetAttribute) for each of
-        # them, on every launch. The first launch of a key went through Triton, which validated them.
         spec: list[object] = []
         flat = list(args)
         device = None
@@ -85,7 +82,27 @@ class KernelLauncher:
                 spec.append(_int_spec(a))
             else:
                 spec.append(type(a))
-        key = (device, tuple(spec), tuple(options.items()))
+        self.keyed((device, tuple(spec)), grid, args, flat, **options)
+
+    def keyed(
+        self,
+        key: Hashable,
+        grid: tuple[int, ...],
+        args: Sequence[object],
+        flat: Sequence[object],
+        **options: int,
+    ) -> None:
+        """A launch whose caller derived the cache key itself, cheaper than `__call__`'s pass over every
+        argument (knowing which are strides, which pointers Triton checks the alignment of, ...). `key`
+        must determine everything Triton specializes on — each tensor's dtype and device, the 16-byte
+        alignment of the pointers not excluded from it, integers' values (or their being 1, divisible by
+        16, 32-bit), constexpr values — or a launch may run another specialization's binary. `flat` is
+        `args` with every tensor replaced by its address (what the binary gets: Triton's launcher would
+        call data_ptr() and query the driver about each pointer again)."""
+        if not self.direct:
+            self._through_triton(grid, args, options)
+            return
+        key = (key, tuple(options.items()))
         binary = self._binaries.get(key)
         if binary is None:
             self._binaries[key] = self._through_triton(grid, args, options)
