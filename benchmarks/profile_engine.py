@@ -37,7 +37,12 @@ def _binary_rows(launch: KernelLauncher, attend: Callable[[], None]) -> list[tup
     data_ptr() and validates each pointer with the driver) and with their addresses (what
     KernelLauncher passes)."""
     calls: list[tuple[tuple[int, ...], tuple[object, ...], dict[str, int]]] = []
-    triton_attention._launch_attention = lambda grid, args, **opts: calls.append((grid, args, opts))
+
+    class Recorder:
+        def keyed(self, key: object, grid: tuple[int, ...], args: tuple, flat: tuple, **opts: int) -> None:
+            calls.append((grid, args, opts))
+
+    triton_attention._launch_attention = Recorder()  # type: ignore[assignment]
     try:
         attend()
     finally:
