@@ -35,7 +35,6 @@ def build_batch(
     """`work` pairs each sequence with how many of its uncached tokens run now. Pages are allocated
     for them here; the sequences' `num_cached` advances once the forward is done (`commit`)."""
     ids: list[int] = []
-    positions: list[int] = []
     last = [0] * len(work)  # in `work`'s order: the logits come back in it
     page_rows: list[list[int]] = []
     layouts: list[SeqLayout] = []
@@ -54,27 +53,42 @@ def build_batch(
         if used > len(pages):
             pages += pool.allocate(used - len(pages))
         ids += seq.tokens(start, end)
-        positions += range(start, end)
         page_rows.append(pages if used == len(pages) else pages[:used])  # read only: no copy needed
         layouts.append(SeqLayout(n, end))
         q_lens.append(n)
         ctx_lens.append(end)
         last[i] = len(ids) - 1
-    # NOTE: the rest is tensor arithmetic over the whole batch and two host-to-device copies: this
-    # runs on every step, for every running sequence (at 256 of them, per-sequence tensor ops were
-    # milliseconds of host time a step).
-    table = page_table(page_rows)
-    q_len = torch.tensor(q_lens)
-    pos = torch.tensor(positions)
-    owner = torch.repeat_interleave(torch.arange(len(work)), q_len)  # each new token's sequence
-    slot_mapping = table[owner, pos // page_size] * page_size + pos % page_size
-    q_start = torch.cumsum(q_len, 0) - q_len
-    ctx_len = torch.tensor(ctx_lens)
-    flat = torch.cat((torch.tensor(ids), pos, slot_mapping, torch.tensor(last), q_start, q_len, ctx_len))
+    # NOTE: the rest is array arithmetic over the whole batch and two host-to-device copies: this runs on
+    # every step, for every running sequence, while the GPU waits (at 256 sequences, per-sequence tensor
+    # ops were milliseconds a step). Python lists become arrays through numpy: torch.tensor(list) took
+    # ~170 us for 2,048 ints on the CI host, numpy ~20.
+    table = _page_table(page_rows)
+    q_len = np.array(q_lens, dtype=np.int64)
+    ctx_len = np.array(ctx_lens, dtype=np.int64)
+    q_start = np.cumsum(q_len) - q_len
     t, b = len(ids), len(work)
-    input_ids, positions_d, slots_d, last_d, vectors = flat.to(device).split([t, t, t, b, 3 * b])
+    # row r of sequence j holds position (ctx_len[j] - q_len[j]) + (r - q_start[j])
+    pos = np.arange(t) + np.repeat(ctx_len - q_len - q_start, q_len)
+    owner = np.repeat(np.arange(b), q_len)  # each new token's sequence
+    slot_mapping = table[owner, pos // page_size] * page_size + pos % page_size
+    flat = np.concatenate(
+        (
+            np.array(ids, dtype=np.int64),
+            pos,
+            slot_mapping,
+            np.array(last, dtype=np.int64),
+            q_start,
+            q_len,
+            ctx_len,
+        )
+    )
+    input_ids, positions_d, slots_d, last_d, vectors = (
+        torch.from_numpy(flat).to(device).split([t, t, t, b, 3 * b])
+    )
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
-    kernel = KernelLayout(table.to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(q_lens))
+    kernel = KernelLayout(
+        torch.from_numpy(table).to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(q_lens)
+    )
     short = sum(n <= SHORT_QUERY_LEN for n in q_lens)
     if SPLIT_MIN_SHORT <= short < b:
         kernel.parts = (_rows(kernel, slice(0, short), q_lens), _rows(kernel, slice(short, b), q_lens))
@@ -94,13 +108,18 @@ def _rows(k: KernelLayout, rows: slice, q_lens: list[int]) -> KernelLayout:
 
 
 def page_table(page_rows: list[list[int]]) -> torch.Tensor:
-    """The rows as one [B, longest] int64 tensor, zero-padded. NOTE: through numpy (one flat copy and a
-    masked fill): padding Python lists row by row took ~0.9 ms at 256 sequences, this ~0.2 ms."""
+    """The rows as one [B, longest] int64 tensor, zero-padded."""
+    return torch.from_numpy(_page_table(page_rows))
+
+
+def _page_table(page_rows: list[list[int]]) -> np.ndarray:
+    # NOTE: one flat copy and a masked fill: padding Python lists row by row took ~0.9 ms at 256
+    # sequences, this ~0.2 ms
     lengths = np.fromiter(map(len, page_rows), dtype=np.int64, count=len(page_rows))
     flat = np.fromiter(itertools.chain.from_iterable(page_rows), dtype=np.int64, count=int(lengths.sum()))
     table = np.zeros((len(page_rows), int(lengths.max())), dtype=np.int64)
     table[np.arange(table.shape[1])[None, :] < lengths[:, None]] = flat
-    return torch.from_numpy(table)
+    return table
 
 
 def kernel_layout(layouts: list[SeqLayout], page_rows: list[list[int]], device: torch.device) -> KernelLayout:
