@@ -17,10 +17,10 @@ from tessera.bench.timing import host_us, time_once
 from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.graphs import ForwardContext, forward_context
+from tessera.graphs.launch import KernelLauncher
 from tessera.graphs.toy import toy_attention
 from tessera.layers import attention as attn
 from tessera.layers import triton_attention
-from tessera.layers.launch import KernelLauncher
 from tessera.layers.triton_attention import paged_attention
 from tessera.models import registry
 

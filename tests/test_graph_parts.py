@@ -87,6 +87,30 @@ def test_split_op_zeroes_padded_rows_of_its_outputs_only() -> None:
     assert cache.eq(3).all()  # not an output: never zeroed
 
 
+def test_split_op_that_zeroes_its_padding_is_left_alone() -> None:
+    # A (deliberately lying) op that declares it zeroes its padded rows: the runtime adds nothing, so
+    # what the op wrote there stays. The toy attention and the engine's keep that promise (their tests).
+    @split_op("tessera_test::fill_all", outputs=("out",), zeroes_padding=True)
+    def fill_all(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.fill_(7.0)
+
+    out = torch.empty(6, 2)
+    with forward_context(ForwardContext(num_tokens=6, raw_num_tokens=4)):
+        torch.ops.tessera_test.fill_all(torch.ones(6, 2), out)
+    assert out.eq(7).all()
+
+
+def test_toy_attention_zeroes_its_padded_rows() -> None:
+    from tessera.graphs.toy import toy_attention
+
+    assert toy_attention.zeroes_padding
+    qkv = torch.randn(6, 3, 2, 8)
+    out = torch.full((6, 2, 8), float("nan"))
+    with forward_context(ForwardContext(num_tokens=6, raw_num_tokens=4)):
+        torch.ops.tessera_toy.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], out, 0)
+    assert out[:4].isfinite().all() and out[4:].eq(0).all()
+
+
 # Dynamo cannot trace numpy round trips inside fullgraph=True; as an opaque op it never tries.
 @opaque_op("tessera_test::np_tanh", fake=lambda x: torch.empty_like(x))
 def np_tanh(x: torch.Tensor) -> torch.Tensor:

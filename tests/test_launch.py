@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from tessera.layers.launch import KernelLauncher
+from tessera.graphs.launch import KernelLauncher
 
 
 @dataclass

@@ -12,7 +12,7 @@ from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
-from tessera.layers.launch import SHORT_QUERY_LEN
+from tessera.graphs.launch import SHORT_QUERY_LEN
 from tessera.models.config import ModelConfig
 from tessera.models.llama import LlamaForCausalLM
 

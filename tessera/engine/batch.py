@@ -11,8 +11,8 @@ import torch
 
 from tessera.engine.kv_cache import PagePool
 from tessera.engine.sequence import Sequence
+from tessera.graphs.launch import SHORT_QUERY_LEN
 from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
-from tessera.layers.launch import SHORT_QUERY_LEN
 
 # A mixed batch's attention runs as two launches (short sequences, long ones) once it holds this many
 # short sequences: in one launch each short sequence costs a block of 64 query rows per head, one row of

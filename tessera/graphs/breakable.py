@@ -17,7 +17,8 @@ from tessera.graphs.strategy import CaptureStrategy, Inputs
 
 
 class _EagerStep(Graph):
-    """A split op replayed eagerly. Its padded rows are zeroed by the next graph segment."""
+    """A split op replayed eagerly. Its padded rows are zeroed by the next graph segment, or by the op
+    itself (`zeroes_padding`)."""
 
     __slots__ = ("args", "fn")
 
@@ -48,9 +49,11 @@ class BreakableStrategy(CaptureStrategy):
         self._graphs: dict[int, Graph] = {}
         self._outputs: dict[int, Any] = {}
         self._pieces = 0
-        # [largest, 1] bool, True on padded rows; refreshed once per replay (CUDA only).
+        # [largest, 1] bool, True on padded rows; refreshed once per replay (CUDA only) when a
+        # captured segment zeroes a split op's padded rows against it.
         self._padded: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+        self._masked = False
 
     @property
     def num_pieces(self) -> int:
@@ -81,7 +84,8 @@ class BreakableStrategy(CaptureStrategy):
         return out
 
     def replay(self, size: int, inputs: Inputs) -> Any:
-        if self._padded is not None:
+        if self._masked:
+            assert self._padded is not None and self._positions is not None
             raw = get_forward_context().raw_num_tokens
             torch.ge(self._positions[:size], raw, out=self._padded[:size])
         self._graphs[size].replay()
@@ -102,10 +106,13 @@ class BreakableStrategy(CaptureStrategy):
             self._count(split, args, size, splits)
             steps.append(_EagerStep(split, backend.hold(args)))
             backend.begin()
+            if split.zeroes_padding:
+                return
             # NOTE: zero the op's padded rows inside the next segment, against a mask refreshed once
             # per step, instead of one eager launch per layer. masked_fill, unlike a multiply by a
             # 0/1 mask, also clears NaN.
             assert self._padded is not None
+            self._masked = True
             for i in split.output_positions:
                 out = args[i][:size]
                 out.masked_fill_(self._padded[:size].view(size, *[1] * (out.dim() - 1)), 0)

@@ -31,10 +31,13 @@ class SplitOp:
     fn: SplitFn
     op: Any  # the torch.library custom op
     output_positions: tuple[int, ...]
+    zeroes_padding: bool = False  # the op writes zeros to its outputs' rows past raw_num_tokens itself
 
     def run(self, *args: Any) -> None:
         """Run eagerly (positional arguments), then zero the padded tail of the outputs."""
         self.fn(*args)
+        if self.zeroes_padding:
+            return
         ctx = _current_or_none()
         if ctx is not None and ctx.raw_num_tokens < ctx.num_tokens:
             for i in self.output_positions:
@@ -50,12 +53,14 @@ _OPAQUE_OPS: dict[str, Any] = {}
 
 
 def split_op(
-    name: str, *, outputs: Sequence[str], mutates: Sequence[str] = ()
+    name: str, *, outputs: Sequence[str], mutates: Sequence[str] = (), zeroes_padding: bool = False
 ) -> Callable[[SplitFn], SplitOp]:
     """Register `fn` as a split op named `name` ("namespace::op").
 
     `outputs` name the token-indexed arguments the op writes its result into (rows past
     `raw_num_tokens` are zeroed by the runtime); `mutates` names other arguments it writes (a KV cache).
+    `zeroes_padding`: the op writes zeros to its outputs' rows `raw_num_tokens .. num_tokens` of the
+    forward context itself, so the runtime adds nothing (no launch, no kernel in the next piece).
     """
 
     def register(fn: SplitFn) -> SplitOp:
@@ -81,7 +86,7 @@ def split_op(
 
         op = torch.library.custom_op(name, impl, mutates_args=mutates_args, schema=schema)
         op.register_fake(lambda *args, **kwargs: None)
-        split = SplitOp(name=name, fn=fn, op=op, output_positions=positions)
+        split = SplitOp(name=name, fn=fn, op=op, output_positions=positions, zeroes_padding=zeroes_padding)
         holder.append(split)
         _SPLIT_OPS[name] = split
         packet = _op_packet(name)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.layers.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2
+from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 
