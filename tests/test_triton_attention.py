@@ -59,9 +59,12 @@ def test_kernel_matches_reference(
 ) -> None:
     """all-cached: every token in the cache. new-tokens-passed: this step's tokens given as K/V tensors,
     their cache slots NaN before the call: the kernel must attend to the tensors, never to those slots,
-    and leave them written. group-a-program: a KV head's query heads packed into one block's rows."""
+    and leave them written. group-a-program: a KV head's query heads packed into one block's rows.
+    Rows past the batch's tokens (a graph replay's padding, NaN in q and out) must come out zero."""
     q, k, v, tables = _batch(q_lens, ctx_lens, heads, kv_heads, head_dim, page, dtype, v_dim)
-    out = torch.full((q.shape[0], heads, v_dim), float("nan"), dtype=dtype, device=DEVICE)
+    real, pad = q.shape[0], 21  # more padded rows than one block of queries holds
+    q = torch.cat([q, torch.full((pad, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)])
+    out = torch.full((real + pad, heads, v_dim), float("nan"), dtype=dtype, device=DEVICE)
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
     q_len = torch.tensor(q_lens, dtype=torch.int32, device=DEVICE)
@@ -79,7 +82,8 @@ def test_kernel_matches_reference(
         extra = (k[new].clone(), v[new].clone(), new)
         k[new], v[new] = float("nan"), float("nan")
     triton_attention.paged_attention(q, k, v, out, table, q_start, q_len, ctx, max(q_lens), page, scale,
-                                     new_kv=extra, pack=pack)  # fmt: skip
+                                     new_kv=extra, pack=pack, zero_rows=(real, real + pad))  # fmt: skip
+    assert out[real:].eq(0).all()
     if extra is not None:
         assert torch.equal(k.double(), layer.k_cache) and torch.equal(v.double(), layer.v_cache)
     start = 0

@@ -59,20 +59,24 @@ class AttentionLayer:
     backend: str = "torch"  # "torch" (reference, any device) or "triton" (one launch per batch)
 
 
-@split_op("tessera::attention", outputs=("out",), mutates=())
+@split_op("tessera::attention", outputs=("out",), mutates=(), zeroes_padding=True)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int) -> None:
-    """q, out: [T, H, D]; k, v: [T, KVH, D]. Writes k, v to the cache, then attends per sequence."""
+    """q, out: [T, H, D]; k, v: [T, KVH, D]. Writes k, v to the cache, then attends per sequence;
+    zeros on `out`'s padded rows (past the forward context's raw_num_tokens)."""
     ctx = get_forward_context()
     meta: AttentionMetadata = ctx.metadata
     layer: AttentionLayer = ctx.layer(layer_id, "attn")
+    n = ctx.raw_num_tokens
     if layer.backend == "triton":  # one launch: it also writes the new tokens' K/V to the cache
         assert triton_paged_attention is not None, "the triton attention backend needs triton"
-        for kl in meta.kernel.parts or (meta.kernel,):
+        parts = meta.kernel.parts or (meta.kernel,)
+        for i, kl in enumerate(parts):
+            zero = (n, ctx.num_tokens) if i == len(parts) - 1 else (0, 0)  # the padding, in the last launch
             triton_paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
                                    kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale,
-                                   new_kv=(k, v, meta.slot_mapping))  # fmt: skip
+                                   new_kv=(k, v, meta.slot_mapping), zero_rows=zero)  # fmt: skip
         return
-    n = ctx.raw_num_tokens
+    out[n : ctx.num_tokens].zero_()
     slots = meta.slot_mapping[:n]
     layer.k_cache.index_copy_(0, slots, k[:n])
     layer.v_cache.index_copy_(0, slots, v[:n])

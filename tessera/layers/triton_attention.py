@@ -60,13 +60,13 @@ def _copy_rows(src_rows, dst_rows, offs, rows_ok, cols_ok):
 # stride vary from batch to batch; specializing on their alignment would compile new variants while
 # serving (a second or so each) for no gain: they are read as scalars
 @triton.jit(
-    do_not_specialize=["stride_pb"],
+    do_not_specialize=["stride_pb", "num_seqs", "zero_from", "zero_to"],
     do_not_specialize_on_alignment=["slot_mapping", "page_table", "q_start", "q_len", "ctx_len"],
 )
 def _paged_attention_kernel(
     Q, K, V, Out, NK, NV, slot_mapping,
     page_table, q_start, q_len, ctx_len,
-    scale,
+    num_seqs, zero_from, zero_to, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pb,
     stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
@@ -74,33 +74,44 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0)  # a sequence; `num_seqs`: the rows `zero_from .. zero_to` of Out
     hp = tl.program_id(1)  # a query head; with PACK, a KV head and every query head of its group
     mb = tl.program_id(2)
-    qlen = tl.load(q_len + b)
     POS = BLOCK_M // GROUP_P  # query positions a block covers
-    if mb * POS >= qlen:
-        return
-    first = tl.load(q_start + b)
-    clen = tl.load(ctx_len + b)
-    prefix = clen - qlen
     r = tl.arange(0, BLOCK_M)
     if PACK:  # rows are (position, head of the group) pairs: the group shares every K/V load
         kv_head = hp
         head = hp * GROUP + r % GROUP_P
         offs_m = mb * POS + r // GROUP_P  # query index within the sequence
-        m_ok = (offs_m < qlen) & (r % GROUP_P < GROUP)
-        writer = m_ok & (r % GROUP_P == 0)  # one row a position writes its new K/V
+        head_ok = r % GROUP_P < GROUP
     else:
         kv_head = hp // GROUP
         head = hp
         offs_m = mb * BLOCK_M + r
-        m_ok = offs_m < qlen
-        writer = m_ok & ((r * 0 + hp % GROUP) == 0)  # the group's first head writes its new K/V
+        head_ok = r >= 0
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_DIM
+    if b == num_seqs:  # a graph replay's padded rows: zeros, so padding never leaks past attention
+        zeros = tl.zeros([BLOCK_M, BLOCK_DV], dtype=Out.dtype.element_ty)
+        for start in range(zero_from, zero_to, tl.num_programs(2) * POS):
+            rows = start + offs_m
+            ok = head_ok & (rows < zero_to)
+            out_rows = Out + rows * stride_ot + head * stride_oh
+            tl.store(out_rows[:, None] + offs_dv[None, :], zeros, mask=ok[:, None] & dv_ok[None, :])
+        return
+    qlen = tl.load(q_len + b)
+    if mb * POS >= qlen:
+        return
+    first = tl.load(q_start + b)
+    clen = tl.load(ctx_len + b)
+    prefix = clen - qlen
+    m_ok = (offs_m < qlen) & head_ok
+    if PACK:
+        writer = m_ok & (r % GROUP_P == 0)  # one row a position writes its new K/V
+    else:
+        writer = m_ok & ((r * 0 + hp % GROUP) == 0)  # the group's first head writes its new K/V
     q_rows = Q + (first + offs_m) * stride_qt + head * stride_qh
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     # NOTE: a head dim that is no power of two is cut in two blocks (MLA's 576 = 512 + 64, 192 = 128 +
@@ -175,6 +186,7 @@ def paged_attention(
     scale: float,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     pack: bool | None = None,
+    zero_rows: tuple[int, int] = (0, 0),
 ) -> None:
     """q: [T, H, D]; k_cache: [slots, KVH, D]; v_cache, out: [slots, KVH, Dv] and [T, H, Dv] (Dv may
     differ from D: MLA's absorbed path reads V as the first kv_lora_rank columns of its latent cache);
@@ -182,7 +194,9 @@ def paged_attention(
     batch's real tokens. `new_kv` = (k [T, KVH, D], v [T, KVH, Dv], slot_mapping [T]): this step's
     tokens, attended from these tensors and written to the cache here; without it they must be in the
     cache already. `pack`: one program serves all query heads of a KV head, so the group shares each
-    K/V load (None: for decode-like batches and groups of 8 or more, with enough programs)."""
+    K/V load (None: for decode-like batches and groups of 8 or more, with enough programs).
+    `zero_rows` = (first, end): rows of `out` this launch writes zeros to (a graph replay's padding,
+    at no cost beyond a few more programs in a launch made anyway)."""
     batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -214,8 +228,9 @@ def paged_attention(
         stride_pb < 2**31,
         consts,
     )
-    grid = (batch, kv_heads if pack else heads, cdiv(max_q_len, block_m // group_p))
-    tail = (scale, *strides, stride_pb, *strides_new, *consts)
+    # NOTE: the row counts are not specialized on (< 2**31 rows: 32-bit, as in the key's absence)
+    grid = (batch + 1, kv_heads if pack else heads, cdiv(max_q_len, block_m // group_p))
+    tail = (batch, *zero_rows, scale, *strides, stride_pb, *strides_new, *consts)
     _launch_attention.keyed(key, grid, (*tensors, *tail), (*ptrs, *tail), **options)
 
 
