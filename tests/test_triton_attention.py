@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.layers.attention import AttentionLayer, SeqLayout, _attend
+from tessera.graphs import ForwardContext, forward_context
+from tessera.layers.attention import (
+    AttentionLayer,
+    AttentionMetadata,
+    KernelLayout,
+    SeqLayout,
+    _attend,
+    attention,
+)
 
 from .conftest import rel_err
 
@@ -138,3 +146,60 @@ def test_compile_variants_touches_only_the_padding_page() -> None:
     assert triton_attention.compile_variants(k, v, heads=4, page_size=page) == 4  # short/long x packed or not
     assert torch.equal(k[page:], k0[page:]) and torch.equal(v[page:], v0[page:])
     assert not torch.equal(k[:page], k0[:page])  # the dummy tokens did write their K there
+
+
+def _layout(q_lens: list[int], ctx_lens: list[int], page: int, parts: bool) -> AttentionMetadata:
+    """A batch whose sequence b owns pages 1 + b*8 ..: the new tokens' slots follow their cached prefix."""
+    i32 = torch.int32
+    table = torch.tensor([[1 + b * 8 + p for p in range(8)] for b in range(len(q_lens))], dtype=i32)
+    lens = enumerate(zip(q_lens, ctx_lens, strict=True))
+    slots = [table[b, p // page].item() * page + p % page for b, (ql, cl) in lens for p in range(cl - ql, cl)]
+
+    def kernel(rows: slice) -> KernelLayout:
+        ql = torch.tensor(q_lens[rows], dtype=i32)
+        start = (
+            torch.tensor([sum(q_lens[: rows.start or 0])], dtype=i32) + torch.cumsum(ql, 0, dtype=i32) - ql
+        )
+        ctx = torch.tensor(ctx_lens[rows], dtype=i32)
+        return KernelLayout(
+            table[rows].to(DEVICE), start.to(DEVICE), ql.to(DEVICE), ctx.to(DEVICE), max(q_lens[rows])
+        )
+
+    whole = kernel(slice(None))
+    if parts:  # the first sequence alone, then the rest: two launches
+        whole.parts = (kernel(slice(0, 1)), kernel(slice(1, None)))
+    seqs = [SeqLayout(ql, cl) for ql, cl in zip(q_lens, ctx_lens, strict=True)]
+    return AttentionMetadata(torch.tensor(slots, device=DEVICE), whole, seqs)
+
+
+@pytest.mark.parametrize("parts", [False, True], ids=["one-launch", "two-launches"])
+def test_a_bound_replay_equals_the_op(parts: bool) -> None:
+    """What a breakable graph replays (the op bound once to its static buffers, launch plans cached per
+    batch) writes the same output, zeroed padding and cache as the op itself, batch after batch."""
+    heads, kv_heads, dim, page, rows = 4, 2, 32, 4, 12
+    g = torch.Generator().manual_seed(7)
+    cache = [torch.randn(40 * page, kv_heads, dim, generator=g).to(DEVICE, torch.float16) for _ in range(2)]
+    layer = AttentionLayer(*cache, scale=dim**-0.5, page_size=page, backend="triton")
+    q = torch.empty(rows, heads, dim, device=DEVICE, dtype=torch.float16)
+    out = torch.empty_like(q)
+    k, v = (torch.empty(rows, kv_heads, dim, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    bound = None
+    for q_lens, ctx_lens in (([3, 1, 2], [3, 9, 6]), ([5, 2, 1], [7, 2, 20])):
+        meta = _layout(q_lens, ctx_lens, page, parts)
+        n = sum(q_lens)
+        for t in (q, k, v):  # this batch's inputs into the static buffers, NaN padding
+            t.copy_(torch.randn(t.shape, generator=g).to(DEVICE, t.dtype))
+            t[n:] = float("nan")
+        ctx = ForwardContext(num_tokens=rows, raw_num_tokens=n, metadata=meta, layers={(0, "attn"): layer})
+        before = [c.clone() for c in cache]
+        want = torch.full_like(out, float("nan"))
+        with forward_context(ctx):
+            attention.fn(q, k, v, want, 0)
+            written = [c.clone() for c in cache]
+            for c, b in zip(cache, before, strict=True):
+                c.copy_(b)
+            out.fill_(float("nan"))
+            bound = bound or attention.bound(q, k, v, out, 0)
+            bound()
+        assert torch.equal(out, want) and out[n:].eq(0).all()
+        assert all(torch.equal(c, w) for c, w in zip(cache, written, strict=True))

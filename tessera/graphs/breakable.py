@@ -20,13 +20,17 @@ class _EagerStep(Graph):
     """A split op replayed eagerly. Its padded rows are zeroed by the next graph segment, or by the op
     itself (`zeroes_padding`)."""
 
-    __slots__ = ("args", "fn")
+    __slots__ = ("args", "call")
 
     def __init__(self, split: ops.SplitOp, args: tuple[Any, ...]) -> None:
-        self.fn, self.args = split.fn, args
+        self.args = args  # held: the static buffers stay alive as long as the graph
+        self.call = split.bound(*args)
 
     def replay(self) -> None:
-        self.fn(*self.args)
+        self.call()
+
+    def fast_replay(self) -> Callable[[], None]:
+        return self.call
 
 
 class _SegmentedGraph(Graph):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,13 +26,26 @@ SplitInterceptor = Callable[["SplitOp", tuple[Any, ...]], None]
 _interceptor: SplitInterceptor | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class SplitOp:
     name: str
     fn: SplitFn
     op: Any  # the torch.library custom op
     output_positions: tuple[int, ...]
     zeroes_padding: bool = False  # the op writes zeros to its outputs' rows past raw_num_tokens itself
+    _binder: Callable[..., Callable[[], None]] | None = None
+
+    def binder(self, bind: Callable[..., Callable[[], None]]) -> Callable[..., Callable[[], None]]:
+        """Decorator: `bind(*args)` returns a zero-argument callable that does what `fn(*args)` does,
+        for these very tensors, with whatever depends only on them (pointers, strides, a kernel's
+        cache key) worked out once. A breakable graph replays a split op over the static buffers it
+        captured it with, so its eager step calls that instead of `fn` on every replay."""
+        self._binder = bind
+        return bind
+
+    def bound(self, *args: Any) -> Callable[[], None]:
+        """`fn` over `args`, prepared by the op's binder if it has one."""
+        return self._binder(*args) if self._binder is not None else functools.partial(self.fn, *args)
 
     def run(self, *args: Any) -> None:
         """Run eagerly (positional arguments), then zero the padded tail of the outputs."""

@@ -3,6 +3,8 @@ tokens only, and finds its layer and the batch layout through the forward contex
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,9 +14,9 @@ import torch.nn.functional as F
 from tessera.graphs import get_forward_context, split_op
 
 try:
-    from tessera.layers.triton_attention import paged_attention as triton_paged_attention
+    from tessera.layers.triton_attention import PagedAttention
 except ImportError:  # no Triton: the torch backend only
-    triton_paged_attention = None  # type: ignore[assignment]
+    PagedAttention = None  # type: ignore[assignment,misc]
 
 
 @dataclass
@@ -68,13 +70,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     layer: AttentionLayer = ctx.layer(layer_id, "attn")
     n = ctx.raw_num_tokens
     if layer.backend == "triton":  # one launch: it also writes the new tokens' K/V to the cache
-        assert triton_paged_attention is not None, "the triton attention backend needs triton"
-        parts = meta.kernel.parts or (meta.kernel,)
-        for i, kl in enumerate(parts):
-            zero = (n, ctx.num_tokens) if i == len(parts) - 1 else (0, 0)  # the padding, in the last launch
-            triton_paged_attention(q, layer.k_cache, layer.v_cache, out, kl.page_table, kl.q_start, kl.q_len,
-                                   kl.ctx_len, kl.max_q_len, layer.page_size, layer.scale,
-                                   new_kv=(k, v, meta.slot_mapping), zero_rows=zero)  # fmt: skip
+        _launch(_bind_triton(q, k, v, out, layer))
         return
     out[n : ctx.num_tokens].zero_()
     slots = meta.slot_mapping[:n]
@@ -88,6 +84,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         slots = (pages[:, None] * page + offsets).flatten()[: seq.context_len]
         out[start:end] = _attend(q[start:end], layer, seq, slots)
         start = end
+
+
+@attention.binder
+def _bind(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+) -> Callable[[], None]:
+    """A graph replay's attention over the buffers it was captured with: the Triton launch bound to
+    them once (see PagedAttention), so a replayed layer costs a tuple and the kernel's launch."""
+    layer: AttentionLayer = get_forward_context().layer(layer_id, "attn")
+    if layer.backend != "triton":
+        return functools.partial(attention.fn, q, k, v, out, layer_id)
+    return functools.partial(_launch, _bind_triton(q, k, v, out, layer))
+
+
+def _bind_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer: AttentionLayer
+) -> PagedAttention:
+    assert PagedAttention is not None, "the triton attention backend needs triton"
+    return PagedAttention(q, layer.k_cache, layer.v_cache, out, layer.page_size, layer.scale, (k, v))
+
+
+def _launch(bound: PagedAttention) -> None:
+    """One launch a part of the batch (see KernelLayout.parts); the last also zeroes the padded rows.
+    The launch plans are worked out by a batch's first layer and reused by the others."""
+    ctx = get_forward_context()
+    meta: AttentionMetadata = ctx.metadata
+    key = ("paged_attention", bound.shape)
+    plans = meta.derived.get(key)
+    if plans is None:
+        plans = meta.derived[key] = [
+            bound.plan(kl.page_table, kl.q_start, kl.q_len, kl.ctx_len, kl.max_q_len, meta.slot_mapping)
+            for kl in meta.kernel.parts or (meta.kernel,)
+        ]
+    for plan in plans[:-1]:
+        bound.launch(plan)
+    bound.launch(plans[-1], (ctx.raw_num_tokens, ctx.num_tokens))
 
 
 def _attend(q: torch.Tensor, layer: AttentionLayer, seq: SeqLayout, slots: torch.Tensor) -> torch.Tensor:

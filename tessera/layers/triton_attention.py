@@ -14,6 +14,7 @@ before), every token comes from the cache. Written in Triton so the same kernel 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -84,11 +85,13 @@ def _paged_attention_kernel(
         head = hp * GROUP + r % GROUP_P
         offs_m = mb * POS + r // GROUP_P  # query index within the sequence
         head_ok = r % GROUP_P < GROUP
+        lead = r % GROUP_P == 0  # one row a position writes its new K/V
     else:
         kv_head = hp // GROUP
         head = hp
         offs_m = mb * BLOCK_M + r
         head_ok = r >= 0
+        lead = (r * 0 + hp % GROUP) == 0  # the group's first head writes its new K/V
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
@@ -108,10 +111,7 @@ def _paged_attention_kernel(
     clen = tl.load(ctx_len + b)
     prefix = clen - qlen
     m_ok = (offs_m < qlen) & head_ok
-    if PACK:
-        writer = m_ok & (r % GROUP_P == 0)  # one row a position writes its new K/V
-    else:
-        writer = m_ok & ((r * 0 + hp % GROUP) == 0)  # the group's first head writes its new K/V
+    writer = m_ok & lead
     q_rows = Q + (first + offs_m) * stride_qt + head * stride_qh
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     # NOTE: a head dim that is no power of two is cut in two blocks (MLA's 576 = 512 + 64, 192 = 128 +
@@ -172,6 +172,98 @@ def _paged_attention_kernel(
 _launch_attention = KernelLauncher(_paged_attention_kernel)
 
 
+class _Plan(NamedTuple):
+    """What a batch layout fixes for the launch of every layer with the same head shapes."""
+
+    key: tuple
+    grid: tuple[int, int, int]
+    tensors: tuple[torch.Tensor, ...]  # slot mapping (or a placeholder), page table, q_start, q_len, ctx_len
+    ptrs: tuple[int, ...]  # their addresses
+    num_seqs: int
+    stride_pb: int
+    consts: tuple
+    options: dict[str, int]
+
+
+class PagedAttention:
+    """The kernel bound to one layer's tensors: queries, caches, output and (optionally) this step's new
+    K/V. What depends only on those (addresses, strides, their part of the launch's cache key) is
+    worked out here, once; `plan` works out what a batch layout fixes (block shapes, grid, the layout's
+    addresses), which every layer of a step shares; `launch` combines the two.
+
+    NOTE: attention runs eagerly between graph segments on every layer of every step, where host time is
+    time the GPU waits for. A breakable graph replays it over the same static buffers each time, so it
+    binds them once at capture; with the plan cached per batch, a layer's launch is a tuple and the
+    compiled binary's call (an H200 host: 24.4 us a layer through `paged_attention`, 9.2 us for the
+    binary alone)."""
+
+    __slots__ = ("heads", "key", "kv_heads", "ptrs", "scale", "shape", "strides", "tensors")
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor,
+        page_size: int,
+        scale: float,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        nk, nv = new_kv if new_kv is not None else (k_cache, v_cache)  # unread placeholders
+        self.tensors = (q, k_cache, v_cache, out, nk, nv)
+        self.ptrs = tuple([t.data_ptr() for t in self.tensors])
+        self.strides = tuple(x for t in self.tensors for x in t.stride()[:2])
+        self.heads, self.kv_heads = q.shape[1], k_cache.shape[1]
+        self.scale = float(scale)
+        # what Triton specializes the six on: dtype, 16-byte alignment, strides (raw: they are exact)
+        dtypes = tuple([t.dtype for t in self.tensors])
+        self.key = (q.get_device(), dtypes, tuple([p % 16 == 0 for p in self.ptrs]), self.strides)
+        self.shape = (self.heads, self.kv_heads, q.shape[2], v_cache.shape[2], page_size, new_kv is not None)
+
+    def plan(
+        self,
+        page_table: torch.Tensor,
+        q_start: torch.Tensor,
+        q_len: torch.Tensor,
+        ctx_len: torch.Tensor,
+        max_q_len: int,
+        slot_mapping: torch.Tensor | None = None,
+        pack: bool | None = None,
+    ) -> _Plan:
+        """The launch plan of a batch layout; valid for every PagedAttention with the same `shape`.
+        `slot_mapping`: where the new tokens' K/V go (needed with `new_kv`)."""
+        heads, kv_heads, head_dim, v_dim, page_size, has_new = self.shape
+        if has_new and slot_mapping is None:
+            raise ValueError("paged attention with new K/V needs their slot mapping")
+        batch = q_len.shape[0]
+        group = heads // kv_heads
+        short = max_q_len <= SHORT_QUERY_LEN
+        if pack is None:
+            # NOTE: decode-like batches and wide groups (MLA's 16 heads on one latent), once there are
+            # enough (sequence, KV head) programs to fill the GPU: one program a sequence would leave a
+            # long single-sequence decode on one SM, where a program a head spreads it over the chip
+            pack = group > 1 and (short or group >= 8) and batch * kv_heads >= PACK_MIN_PROGRAMS
+        block_m, group_p, blocks, options = _blocks(head_dim, v_dim, short, group if pack else 1)
+        slots = slot_mapping if has_new and slot_mapping is not None else q_start  # unread placeholder
+        tensors = (slots, page_table, q_start, q_len, ctx_len)
+        stride_pb = page_table.stride(0)  # not specialized on (it varies batch to batch) but for its width
+        consts = (group, page_size, head_dim, v_dim, has_new, pack, group_p, block_m, 32, *blocks)
+        key = (tuple([t.dtype for t in tensors]), stride_pb < 2**31, consts)
+        # NOTE: a last row of programs zeroes the padded rows; the row counts are not specialized on
+        grid = (batch + 1, kv_heads if pack else heads, cdiv(max_q_len, block_m // group_p))
+        ptrs = tuple([t.data_ptr() for t in tensors])
+        return _Plan(key, grid, tensors, ptrs, batch, stride_pb, consts, options)
+
+    def launch(self, plan: _Plan, zero_rows: tuple[int, int] = (0, 0)) -> None:
+        """Attention of `plan`'s batch; rows `zero_rows[0] .. zero_rows[1]` of the output get zeros."""
+        s = self.strides
+        tail = (plan.num_seqs, *zero_rows, self.scale, *s[:8], plan.stride_pb, *s[8:], *plan.consts)
+        _launch_attention.keyed(
+            (self.key, plan.key), plan.grid, (*self.tensors, *plan.tensors, *tail),
+            (*self.ptrs, *plan.ptrs, *tail), **plan.options,
+        )  # fmt: skip
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -197,41 +289,9 @@ def paged_attention(
     K/V load (None: for decode-like batches and groups of 8 or more, with enough programs).
     `zero_rows` = (first, end): rows of `out` this launch writes zeros to (a graph replay's padding,
     at no cost beyond a few more programs in a launch made anyway)."""
-    batch, heads, head_dim, v_dim = q_len.shape[0], q.shape[1], q.shape[2], v_cache.shape[2]
-    kv_heads = k_cache.shape[1]
-    group = heads // kv_heads
-    short = max_q_len <= SHORT_QUERY_LEN
-    if pack is None:
-        # NOTE: decode-like batches and wide groups (MLA's 16 heads on one latent), once there are enough
-        # (sequence, KV head) programs to fill the GPU: one program a sequence would leave a long
-        # single-sequence decode on one SM, where a program a head spreads it over the chip
-        pack = group > 1 and (short or group >= 8) and batch * kv_heads >= PACK_MIN_PROGRAMS
-    block_m, group_p, blocks, options = _blocks(head_dim, v_dim, short, group if pack else 1)
-    nk, nv, slots = new_kv if new_kv is not None else (k_cache, v_cache, q_start)  # unread placeholders
-    # NOTE: this runs eagerly on every layer of every step, where host time is time the GPU waits for:
-    # one .stride() tuple a tensor, cached block sizes, and a cache key built from what is known here
-    # (raw strides, the six pointers whose alignment Triton specializes on) instead of KernelLauncher's
-    # generic pass over all 37 arguments (~9 of the ~10 us this function took on a 2-core CI host)
-    tensors = (q, k_cache, v_cache, out, nk, nv, slots, page_table, q_start, q_len, ctx_len)
-    ptrs = [t.data_ptr() for t in tensors]
-    strides = (*q.stride()[:2], *k_cache.stride()[:2], *v_cache.stride()[:2], *out.stride()[:2])
-    stride_pb = page_table.stride(0)  # not specialized on (it varies batch to batch) but for its width
-    strides_new = (*nk.stride()[:2], *nv.stride()[:2])
-    consts = (group, page_size, head_dim, v_dim, new_kv is not None, pack, group_p, block_m, 32, *blocks)
-    scale = float(scale)
-    key = (
-        q.get_device(),
-        tuple([t.dtype for t in tensors]),
-        tuple([p % 16 == 0 for p in ptrs[:6]]),
-        strides,
-        strides_new,
-        stride_pb < 2**31,
-        consts,
-    )
-    # NOTE: the row counts are not specialized on (< 2**31 rows: 32-bit, as in the key's absence)
-    grid = (batch + 1, kv_heads if pack else heads, cdiv(max_q_len, block_m // group_p))
-    tail = (batch, *zero_rows, scale, *strides, stride_pb, *strides_new, *consts)
-    _launch_attention.keyed(key, grid, (*tensors, *tail), (*ptrs, *tail), **options)
+    bound = PagedAttention(q, k_cache, v_cache, out, page_size, scale, new_kv[:2] if new_kv else None)
+    slots = new_kv[2] if new_kv is not None else None
+    bound.launch(bound.plan(page_table, q_start, q_len, ctx_len, max_q_len, slots, pack), zero_rows)
 
 
 def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, page_size: int) -> int:
