@@ -30,7 +30,7 @@ case "${1:-}" in
     step test_graphs 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_graphs_gpu.py
     # the Triton kernels against their references, on the GPU (these files pick CUDA when there is one)
     step test_kernels 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
-      tests/test_fused_kernels.py tests/test_moe.py tests/test_launch.py
+      tests/test_toy_attention.py tests/test_fused_kernels.py tests/test_moe.py tests/test_launch.py
     step attention_mixed 120 python3 benchmarks/attention_mixed.py --out "$OUT/attention_mixed.json"
     [ "${2:-}" = quick ] || step bench_graphs 280 python3 -m tessera bench graphs --out "$OUT/graphs.json" ;;
   2)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of phase 1) the engine

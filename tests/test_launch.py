@@ -143,3 +143,37 @@ def test_paged_attention_keys_every_specialization(monkeypatch: pytest.MonkeyPat
         compiled = len(jit.compiled)
         attend(other_q, other_cache)
         assert len(jit.compiled) == compiled + 1
+
+
+def test_a_bound_attention_keeps_its_binary_for_the_same_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PagedAttention launches a plan key it launched directly before straight through the kept binary
+    (the launcher's lookup skipped), with this batch's addresses; another plan goes through the
+    launcher again."""
+    ta = pytest.importorskip("tessera.layers.triton_attention")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernel = ta._paged_attention_kernel
+    params = inspect.signature(kernel.fn).parameters.values()
+    jit = _FakeJit(
+        list(kernel.arg_names), [i for i, p in enumerate(params) if "constexpr" in str(p.annotation)]
+    )
+    launch = KernelLauncher(jit)
+    monkeypatch.setattr(ta, "_launch_attention", launch)
+    q, out, cache = torch.zeros(5, 4, 16), torch.zeros(5, 4, 16), torch.zeros(64, 2, 16)
+    bound = ta.PagedAttention(q, cache, cache, out, 16, 0.5)
+
+    def plan(q_len: int) -> object:
+        lens, table = torch.full((1,), q_len, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32)
+        return bound.plan(table, torch.zeros(1, dtype=torch.int32), lens, lens, q_len)
+
+    for _ in range(2):  # through Triton, then direct through the launcher
+        bound.launch(plan(5))
+    assert len(jit.compiled) == 1 and launch.direct_launches == 1
+    batch = plan(5)  # a new batch of the same shape: its (interned) plan key is the one kept
+    bound.launch(batch, (3, 5))
+    assert launch.direct_launches == 1 and len(jit.direct) == 2, "the kept binary, not the launcher"
+    names = list(kernel.arg_names)
+    args = jit.direct[-1][2]
+    assert args[names.index("q_len")] == batch.tensors[3].data_ptr()  # this batch's layout
+    assert (args[names.index("zero_from")], args[names.index("zero_to")]) == (3, 5)
+    bound.launch(plan(40))  # long queries: other block shapes, another binary
+    assert len(jit.compiled) == 2

@@ -119,6 +119,12 @@ class KernelLauncher:
             return
         self.direct_launches += 1
 
+    def compiled(self, key: Hashable, **options: int) -> Any | None:
+        """The binary `keyed` launches for this key and these options once it has one (None before,
+        and without direct launches): a caller that launches the same specialization again and again
+        may keep it and call `binary[grid](*flat)` itself, after a `keyed` launch went direct."""
+        return self._binaries.get((key, tuple(options.items()))) if self.direct else None
+
     def _through_triton(self, grid: tuple[int, ...], args: Sequence[object], options: dict[str, int]) -> Any:
         binary = self.fn[grid](**dict(zip(self._names, args, strict=True)), **options)
         return binary.result() if hasattr(binary, "result") else binary  # an async compile's future

@@ -3,6 +3,8 @@ causal attention over one sequence as a split op, output projection, RMSNorm and
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +15,9 @@ from tessera.graphs.context import _current_or_none
 from tessera.graphs.ops import split_op
 
 try:
-    from tessera.graphs.toy_attention import causal_attention
+    from tessera.graphs.toy_attention import CausalAttention, causal_attention
 except ImportError:  # no Triton: torch's attention everywhere
-    causal_attention = None  # type: ignore[assignment]
+    CausalAttention = causal_attention = None  # type: ignore[assignment,misc]
 
 
 @split_op("tessera_toy::attention", outputs=("out",), zeroes_padding=True)
@@ -34,6 +36,17 @@ def toy_attention(
     )  # [H, n, D]
     out[:n].copy_(o.transpose(0, 1))
     out[n:].zero_()
+
+
+@toy_attention.binder
+def _bind(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
+) -> Callable[[], None]:
+    """A graph replay's attention: the Triton launch bound to the captured buffers once."""
+    if not (q.is_cuda and CausalAttention is not None):
+        return functools.partial(toy_attention.fn, q, k, v, out, layer_id)
+    attend = CausalAttention(q, k, v, out)
+    return lambda: attend(_current_or_none().raw_num_tokens)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)

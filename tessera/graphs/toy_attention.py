@@ -69,13 +69,37 @@ def _causal_attention_kernel(
 _launch = KernelLauncher(_causal_attention_kernel)
 
 
+class CausalAttention:
+    """The kernel bound to one layer's q, k, v, out ([T, H, D]; rows may be strided, a head's D values
+    contiguous): a call with `n` writes causal attention over rows `:n` to rows `:n` of `out` and
+    zeros to the rest. Everything but `n` (addresses, strides, the launch's cache key) is worked out
+    here once, so a graph replay's call is one tuple and the kernel's launch."""
+
+    __slots__ = ("args", "flat", "grid", "key", "size")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        tensors = (q, k, v, out)
+        if any(t.stride(2) != 1 for t in tensors):
+            raise ValueError("causal_attention needs each head's values contiguous")
+        size, heads, head_dim = out.shape
+        self.size = size
+        self.grid = (max(cdiv(size, BLOCK), 1), heads)
+        ptrs = tuple([t.data_ptr() for t in tensors])
+        strides = tuple(x for t in tensors for x in t.stride()[:2])
+        consts = (head_dim, max(16, next_pow2(head_dim)), BLOCK, BLOCK)
+        # what Triton specializes on: dtypes, 16-byte alignment, strides (raw: exact), constexprs;
+        # n and size are not specialized (do_not_specialize, and fewer than 2**31 rows: 32-bit)
+        dtypes = tuple([t.dtype for t in tensors])
+        self.key = (q.get_device(), dtypes, tuple([p % 16 == 0 for p in ptrs]), strides, consts)
+        self.args = (tensors, (head_dim**-0.5, *strides, *consts))
+        self.flat = ptrs
+
+    def __call__(self, n: int) -> None:
+        tensors, tail = self.args
+        _launch.keyed(self.key, self.grid, (*tensors, n, self.size, *tail), (*self.flat, n, self.size, *tail))
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, n: int) -> None:
     """q, k, v, out: [T, H, D] (rows may be strided, a head's D values contiguous). Rows `:n` of `out`
     get causal attention over rows `:n`; rows `n:` get zeros."""
-    size, heads, head_dim = out.shape
-    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError("causal_attention needs each head's values contiguous")
-    grid = (max(cdiv(size, BLOCK), 1), heads)
-    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2])
-    _launch(grid, (q, k, v, out, n, size, head_dim**-0.5, *strides, head_dim, max(16, next_pow2(head_dim)),
-                   BLOCK, BLOCK))  # fmt: skip
+    CausalAttention(q, k, v, out)(n)
