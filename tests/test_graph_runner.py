@@ -181,6 +181,8 @@ def test_poison_mode_passes_on_a_row_independent_model(strategy: str) -> None:
     for n in (1, 5, 13):
         runner(ids(n))
     assert sum(runner.stats.replays.values()) == 3
+    # no in-graph mask in the toy: its replays skip refreshing the device count of real rows
+    assert not runner.reads_num_real and runner._context(16, 5, None).num_real is None
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -127,6 +127,7 @@ def test_replayed_graphs_route_padded_rows_nowhere(strategy: str) -> None:
         assert torch.equal(out, ref)
     stats = runner.stats.as_dict()
     assert stats["replays"] == {"8": 1, "16": 2}
+    assert runner.reads_num_real  # its graphs' masks read the device count: refreshed every replay
     assert not stats["eager_fallbacks"]  # compile: a mask read as a Python int would have recompiled
 
 

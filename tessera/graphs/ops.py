@@ -171,10 +171,21 @@ def padded_rows(x: torch.Tensor) -> torch.Tensor:
     Computed on the device from the forward context's `num_real`, so a captured graph recomputes it on
     every replay (a Python int would be frozen at capture); opaque, so Dynamo never bakes it in either.
     All False outside a runner's forward."""
+    global _num_real_reads
     rows = torch.arange(x.shape[0], device=x.device)
     ctx = _current_or_none()
     if ctx is None:
         return rows < 0
     if ctx.num_real is None:
         return rows >= ctx.raw_num_tokens
+    _num_real_reads += 1
     return rows >= ctx.num_real
+
+
+_num_real_reads = 0
+
+
+def num_real_reads() -> int:
+    """How often `padded_rows` has read a forward context's `num_real` (a runner compares the count
+    before and after capture: graphs that never read it need no refresh before each replay)."""
+    return _num_real_reads

@@ -14,6 +14,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
+from tessera.graphs import ops
 from tessera.graphs.breakable import BreakableStrategy
 from tessera.graphs.compile import AddressMismatchError, CompileStrategy
 from tessera.graphs.config import GraphConfig
@@ -68,6 +69,7 @@ class PiecewiseGraphRunner:
         self._views: dict[int, Inputs] = {}
         self._addresses: list[int] = []
         self._num_real: torch.Tensor | None = None  # device copy of raw_num_tokens for in-graph masks
+        self.reads_num_real = True  # whether a captured graph reads it (known after capture)
 
     @property
     def captured(self) -> bool:
@@ -101,6 +103,7 @@ class PiecewiseGraphRunner:
         self._allocate(example_inputs)
         t = time.perf_counter()
         run_warmup_hooks(device)
+        reads = ops.num_real_reads()
         backend.synchronize()
         memory_before = backend.memory_reserved()
         report.seconds["warmup_hooks"] = time.perf_counter() - t
@@ -113,6 +116,7 @@ class PiecewiseGraphRunner:
             self._timed(report, "capture", lambda: self._capture_all(strategy))
         backend.synchronize()
         strategy.finish_startup()
+        self.reads_num_real = ops.num_real_reads() > reads
         report.num_sizes, report.num_pieces = len(self.sizes), strategy.num_pieces
         report.graph_memory_bytes = backend.memory_reserved() - memory_before
         self.backend, self.strategy, self.report = backend, strategy, report
@@ -201,10 +205,13 @@ class PiecewiseGraphRunner:
             return self.forward(*inputs)
 
     def _context(self, size: int, n: int, metadata: Any) -> ForwardContext:
-        if self._num_real is not None:
-            self._num_real.fill_(n)  # before the replay: its captured masks read this
+        num_real = self._num_real if self.reads_num_real or not self.captured else None
+        if num_real is not None:
+            num_real.fill_(n)  # before the replay: its captured masks read this
+        # NOTE: graphs with no in-graph mask skip that launch; an eager forward without num_real
+        # masks with the exact raw_num_tokens instead
         return ForwardContext(
-            num_tokens=size, raw_num_tokens=n, metadata=metadata, layers=self.layers, num_real=self._num_real
+            num_tokens=size, raw_num_tokens=n, metadata=metadata, layers=self.layers, num_real=num_real
         )
 
     def _load(self, views: Inputs, inputs: Inputs, n: int, size: int, *, poison: bool) -> None:
