@@ -40,6 +40,8 @@ def _binary_rows(launch: KernelLauncher, attend: Callable[[], None]) -> list[tup
     calls: list[tuple[tuple[int, ...], tuple[object, ...], dict[str, int]]] = []
 
     class Recorder:
+        direct_launches = 0
+
         def keyed(self, key: object, grid: tuple[int, ...], args: tuple, flat: tuple, **opts: int) -> None:
             calls.append((grid, args, opts))
 
