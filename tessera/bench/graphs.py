@@ -4,6 +4,7 @@ Variants at each token count N (one sequence, bf16):
   eager            the plain module
   pcg-breakable    tessera.graphs, breakable strategy, default capture sizes
   pcg-compile      tessera.graphs, compile strategy (pieces compiled with `eager` / `inductor`)
+  pcg-breakable-exact-n   breakable, captured at exactly the benchmarked N (no padding, like the peer)
   full-graph       the whole forward captured as one CUDA graph at exactly N (attention inside)
   peer-breakable   the PyPI package breakable-cuda-graphs on the same toy, captured at exactly N
   kernel-floor     sum of GPU kernel durations of the eager step (torch.profiler): no launch gaps
@@ -40,9 +41,20 @@ def eager_step(model: ToyModel) -> Step:
 
 
 def pcg_runner(
-    model: ToyModel, strategy: str, compiler: str, max_tokens: int, warmups: int
+    model: ToyModel,
+    strategy: str,
+    compiler: str,
+    max_tokens: int,
+    warmups: int,
+    sizes: list[int] | None = None,
 ) -> tuple[Any, dict]:
-    cfg = GraphConfig(strategy=strategy, compiler=compiler, max_tokens=max_tokens, warmups_per_size=warmups)
+    cfg = GraphConfig(
+        strategy=strategy,
+        compiler=compiler,
+        max_tokens=max_tokens,
+        warmups_per_size=warmups,
+        capture_sizes=sizes,
+    )
     runner = PiecewiseGraphRunner(model, cfg)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -152,14 +164,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         eager = eager_step(model)
         floors = {n: kernel_floor(eager, ids[n]) for n in args.tokens}
-        variants = [("breakable", "eager")] + [("compile", c) for c in args.compilers]
-        for strategy, compiler in variants:
+        # the last: breakable graphs captured at exactly the benchmarked N, as the peer's and the full
+        # graph's are (no padding), next to the default sizes a server would use
+        variants = [("breakable", "eager", None)] + [("compile", c, None) for c in args.compilers]
+        variants.append(("breakable", "eager", sorted(args.tokens)))
+        for strategy, compiler, sizes in variants:
             name = "pcg-breakable" if strategy == "breakable" else f"pcg-compile-{compiler}"
             if args.warmups_per_size:
                 name += f"-warm{args.warmups_per_size}"
+            if sizes is not None:
+                name += "-exact-n"
             try:
                 runners[name], startup[name] = pcg_runner(
-                    model, strategy, compiler, args.max_tokens, args.warmups_per_size
+                    model, strategy, compiler, args.max_tokens, args.warmups_per_size, sizes
                 )
             except Exception as exc:  # record and go on: one broken variant must not cost the rest
                 startup[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
