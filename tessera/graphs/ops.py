@@ -48,7 +48,8 @@ class SplitOp:
         return self._binder(*args) if self._binder is not None else functools.partial(self.fn, *args)
 
     def run(self, *args: Any) -> None:
-        """Run eagerly (positional arguments), then zero the padded tail of the outputs."""
+        """Run eagerly (positional arguments), then zero the padded tail of the outputs (unless the op
+        zeroes it itself)."""
         self.fn(*args)
         if self.zeroes_padding:
             return
@@ -160,6 +161,9 @@ def _positional(fn: SplitFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     return tuple(bound.arguments.values())
 
 
+_num_real_reads = 0  # how often padded_rows read a context's num_real (see num_real_reads)
+
+
 def _padded_rows_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape[0], dtype=torch.bool, device=x.device)
 
@@ -180,9 +184,6 @@ def padded_rows(x: torch.Tensor) -> torch.Tensor:
         return rows >= ctx.raw_num_tokens
     _num_real_reads += 1
     return rows >= ctx.num_real
-
-
-_num_real_reads = 0
 
 
 def num_real_reads() -> int:

@@ -3,9 +3,9 @@ also writes zeros to the padded rows a graph replay carries past the real tokens
 
 NOTE: why not the flash kernel through torch? Its host side (slicing to the real rows, a fresh output,
 then a copy into the op's preallocated one, and a second launch to zero the padded tail) costs ~45 µs
-a layer on an H200 host, more than the GPU work of a layer at N <= 512, so a benchmark of graph
-replays would measure that instead. This launch writes straight into the op's output through
-`KernelLauncher`, so what remains between two graph segments is one kernel launch.
+a layer on an H200 host, about what the GPU spends on a layer at N <= 512, so a benchmark of graph
+replays would measure that host time instead of the graphs. This launch writes straight into the op's
+output through `KernelLauncher`, so what remains between two graph segments is one kernel launch.
 """
 
 from __future__ import annotations
