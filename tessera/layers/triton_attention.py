@@ -195,21 +195,10 @@ class PagedAttention:
     NOTE: attention runs eagerly between graph segments on every layer of every step, where host time is
     time the GPU waits for. A breakable graph replays it over the same static buffers each time, so it
     binds them once at capture; with the plan cached per batch, a layer's launch is a tuple and the
-    compiled binary's call (an H200 host: 24.4 us a layer through `paged_attention`, 9.2 us for the
-    binary alone)."""
+    compiled binary's call (`profile_engine_h200.txt`: 14.3 us a replayed layer bound this way, 21.4
+    through `paged_attention`, 8.6 for the binary alone, on one H200 host)."""
 
-    __slots__ = (
-        "_binary",
-        "_plan_key",
-        "heads",
-        "key",
-        "kv_heads",
-        "ptrs",
-        "scale",
-        "shape",
-        "strides",
-        "tensors",
-    )
+    __slots__ = ("_binary", "_plan_key", "key", "ptrs", "scale", "shape", "strides", "tensors")
 
     def __init__(
         self,
@@ -225,12 +214,19 @@ class PagedAttention:
         self.tensors = (q, k_cache, v_cache, out, nk, nv)
         self.ptrs = tuple([t.data_ptr() for t in self.tensors])
         self.strides = tuple(x for t in self.tensors for x in t.stride()[:2])
-        self.heads, self.kv_heads = q.shape[1], k_cache.shape[1]
         self.scale = float(scale)
         # what Triton specializes the six on: dtype, 16-byte alignment, strides (raw: they are exact)
         dtypes = tuple([t.dtype for t in self.tensors])
         self.key = (q.get_device(), dtypes, tuple([p % 16 == 0 for p in self.ptrs]), self.strides)
-        self.shape = (self.heads, self.kv_heads, q.shape[2], v_cache.shape[2], page_size, new_kv is not None)
+        # (heads, KV heads, head dim, value dim, page size, new K/V given): what a launch plan depends on
+        self.shape = (
+            q.shape[1],
+            k_cache.shape[1],
+            q.shape[2],
+            v_cache.shape[2],
+            page_size,
+            new_kv is not None,
+        )
         # the binary of the last plan key launched directly: the same key (interned, so compared by
         # identity) goes straight to it, skipping the launcher's key hashing and lookup
         self._plan_key: tuple | None = None
