@@ -46,6 +46,12 @@ def _int_spec(arg: int) -> tuple[bool, bool, bool]:
     return arg == 1, arg % 16 == 0, arg in _I32
 
 
+def tensors_spec(tensors: Sequence[torch.Tensor], ptrs: Sequence[int]) -> tuple:
+    """What Triton specializes a launch's tensor arguments on (their device, dtypes, and the 16-byte
+    alignment of their addresses `ptrs`), for a key a caller builds for `KernelLauncher.keyed`."""
+    return tensors[0].get_device(), tuple([t.dtype for t in tensors]), tuple([p % 16 == 0 for p in ptrs])
+
+
 class KernelLauncher:
     """Launches a `@triton.jit` kernel with every parameter positional, in declaration order
     (constexprs included) plus launch options (`num_warps`, ...). The first launch of each

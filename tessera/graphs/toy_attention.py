@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import KernelLauncher, cdiv, next_pow2
+from tessera.graphs.launch import KernelLauncher, cdiv, next_pow2, tensors_spec
 
 BLOCK = 64  # query rows a program, keys a step
 
@@ -89,8 +89,7 @@ class CausalAttention:
         consts = (head_dim, max(16, next_pow2(head_dim)), BLOCK, BLOCK)
         # what Triton specializes on: dtypes, 16-byte alignment, strides (raw: exact), constexprs;
         # n and size are not specialized (do_not_specialize, and fewer than 2**31 rows: 32-bit)
-        dtypes = tuple([t.dtype for t in tensors])
-        self.key = (q.get_device(), dtypes, tuple([p % 16 == 0 for p in ptrs]), strides, consts)
+        self.key = (*tensors_spec(tensors, ptrs), strides, consts)
         self.args = (tensors, (head_dim**-0.5, *strides, *consts))
         self.flat = ptrs
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2
+from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2, tensors_spec
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 
@@ -216,8 +216,7 @@ class PagedAttention:
         self.strides = tuple(x for t in self.tensors for x in t.stride()[:2])
         self.scale = float(scale)
         # what Triton specializes the six on: dtype, 16-byte alignment, strides (raw: they are exact)
-        dtypes = tuple([t.dtype for t in self.tensors])
-        self.key = (q.get_device(), dtypes, tuple([p % 16 == 0 for p in self.ptrs]), self.strides)
+        self.key = (*tensors_spec(self.tensors, self.ptrs), self.strides)
         # (heads, KV heads, head dim, value dim, page size, new K/V given): what a launch plan depends on
         self.shape = (
             q.shape[1],
