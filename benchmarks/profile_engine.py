@@ -74,9 +74,7 @@ def main() -> None:
     model = registry.dummy_model(FOLDER, torch.bfloat16, torch.device("cuda"))
     cfg = model.cfg
     rows: list[tuple[str, float]] = []
-    runner = ModelRunner(
-        model, cfg, num_pages=512, config=RunnerConfig(piecewise_cuda_graph_strategy="breakable")
-    )
+    runner = ModelRunner(model, cfg, num_pages=512, config=RunnerConfig(extend_cuda_graph_max_tokens=0))
     batch = make_batch(runner, "extend", 16, 1)
     step = lambda _: runner.forward(batch)  # noqa: E731
     for _ in range(3):

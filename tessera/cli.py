@@ -78,8 +78,18 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-running-requests", type=int, default=256)
     g.add_argument("--disable-radix-cache", action="store_true", help="no prefix sharing between requests")
-    g.add_argument("--disable-cuda-graph", action="store_true", help="no full CUDA graphs for decode")
+    g.add_argument(
+        "--disable-cuda-graph", action="store_true", help="no full CUDA graphs (decode, small extend batches)"
+    )
     g.add_argument("--cuda-graph-max-bs", type=int, default=256, help="largest decode batch captured")
+    g.add_argument(
+        "--extend-cuda-graph-max-tokens",
+        type=int,
+        default=512,
+        help="extend and mixed batches of at most this many tokens (and --extend-cuda-graph-max-seqs "
+        "sequences) run as one full CUDA graph, attention captured; 0: always piecewise",
+    )
+    g.add_argument("--extend-cuda-graph-max-seqs", type=int, default=8)
     g.add_argument(
         "--attention-backend",
         choices=["auto", "torch", "triton"],
@@ -117,6 +127,8 @@ def runner_config(args: argparse.Namespace) -> RunnerConfig:
         moe_runner_backend=args.moe_runner_backend,
         disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
+        extend_cuda_graph_max_tokens=args.extend_cuda_graph_max_tokens,
+        extend_cuda_graph_max_seqs=args.extend_cuda_graph_max_seqs,
     )
 
 

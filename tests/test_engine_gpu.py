@@ -52,29 +52,39 @@ def _prompts(encode: Callable[[str], list[int]]) -> list[list[int]]:
     return [text[s : s + n] for s, n in zip(starts, lengths, strict=True)]
 
 
-@pytest.mark.parametrize("strategy", ["breakable", "compile"])
-def test_piecewise_graphs_on_and_off_give_the_same_greedy_tokens(strategy: str) -> None:
+@pytest.mark.parametrize("mode", ["breakable", "compile", "extend-graphs"])
+def test_graphs_on_and_off_give_the_same_greedy_tokens(mode: str) -> None:
+    """Piecewise graphs of either strategy alone, or with full graphs for extend batches of up to 256
+    tokens in up to 8 sequences (the piecewise graphs take the rest)."""
     from tessera.engine.llm import LLM
     from tessera.engine.scheduler import SchedulerConfig
 
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     # no prefix sharing: every prompt's prefill is exactly its length, so sizes land where planned
     common = {"scheduler": SchedulerConfig(chunked_prefill_size=256, disable_radix_cache=True)}
+    full = mode == "extend-graphs"
     graphs = LLM(
         config=RunnerConfig(
             chunked_prefill_size=256,
             piecewise_cuda_graph_tokens=SIZES,
-            piecewise_cuda_graph_strategy=strategy,
+            piecewise_cuda_graph_strategy="compile" if mode == "compile" else "breakable",
+            extend_cuda_graph_max_tokens=256 if full else 0,
         ),
         **common,
     )
-    eager = LLM(config=RunnerConfig(chunked_prefill_size=256, disable_piecewise_cuda_graph=True), **common)
+    # decode graphs on both sides (as before extend graphs existed): the comparison is of extend batches
+    eager = LLM(config=RunnerConfig(chunked_prefill_size=256, disable_piecewise_cuda_graph=True,
+                                    extend_cuda_graph_max_tokens=0), **common)  # fmt: skip
     prompts = _prompts(graphs.tokenizer.encode)
     # one prompt at a time: each capture size and a size between two of them is its own prefill batch
     planned = len(set(SIZES) | {s - 3 for s in SIZES})
     for p in prompts[:planned]:
         assert graphs.generate([p], params)[0].token_ids == eager.generate([p], params)[0].token_ids, len(p)
-    assert set(graphs.graph_stats()["replays"]) == {str(s) for s in SIZES}
+    stats = graphs.graph_stats()
+    if full:  # every prefill through an extend graph; each graph's seven decodes through decode graphs
+        assert stats["extend_graph_replays"] == planned and not stats["replays"], stats
+    else:
+        assert set(stats["replays"]) == {str(s) for s in SIZES}
     # then all 64 together: chunked prefills mixed with decodes, decode batches up to 64
     together = [o.token_ids for o in graphs.generate(prompts, params)]
     assert together == [o.token_ids for o in eager.generate(prompts, params)]

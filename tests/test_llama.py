@@ -182,12 +182,13 @@ def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str, moe
             attention_backend="triton",
             emulate_graphs_on_cpu=True,
             cuda_graph_max_bs=4,
+            extend_cuda_graph_max_tokens=0,  # extend batches through the piecewise graphs
             piecewise_cuda_graph_tokens=(8, 16),
             piecewise_cuda_graph_strategy=strategy,
             moe_runner_backend=moe_backend,
         ),
     )
-    assert graphs.decode_graphs is not None and graphs.decode_graphs.sizes == [1, 2, 4]
+    assert graphs.full_graphs is not None and graphs.full_graphs.sizes == [1, 2, 4]
     eager = _runner(reference)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 11, 3)]
     late = torch.randint(0, 256, (6,)).tolist()

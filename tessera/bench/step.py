@@ -2,7 +2,8 @@
 
 For each model, EXTEND of N tokens (one sequence, and N split over 8) and DECODE of B sequences (each with
 a 256-token context) through: eager, piecewise graphs (breakable; compile with `eager` pieces) with
-decode graphs, and the GPU kernel time of the eager step (torch.profiler: the launch-free floor). Also
+decode graphs, the engine's default (full graphs for small extend batches, piecewise for the rest),
+and the GPU kernel time of the eager step (torch.profiler: the launch-free floor). Also
 start-up time per variant and kernels per step; for one-sequence EXTEND also HF transformers eager and
 HF + breakable-cuda-graphs (`bench/hf_baselines.py`). Models: SmolLM2-135M (the embedded GGUF) and a
 Llama-3-8B-shaped config with random bf16 weights.
@@ -29,10 +30,13 @@ from tessera.engine.sequence import Sequence
 from tessera.models import registry
 from tessera.models.llama import LlamaForCausalLM
 
+# NOTE: the pcg variants send every extend batch through the piecewise graphs; "graphs" is the engine's
+# default, where extend batches of <= 512 tokens in <= 8 sequences run as one full graph each
 VARIANTS = {
     "eager": RunnerConfig(disable_piecewise_cuda_graph=True, disable_cuda_graph=True),
-    "pcg-breakable": RunnerConfig(piecewise_cuda_graph_strategy="breakable"),
-    "pcg-compile": RunnerConfig(piecewise_cuda_graph_strategy="compile"),
+    "pcg-breakable": RunnerConfig(piecewise_cuda_graph_strategy="breakable", extend_cuda_graph_max_tokens=0),
+    "pcg-compile": RunnerConfig(piecewise_cuda_graph_strategy="compile", extend_cuda_graph_max_tokens=0),
+    "graphs": RunnerConfig(),
 }
 DECODE_CONTEXT = 256
 

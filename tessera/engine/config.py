@@ -19,8 +19,12 @@ class RunnerConfig:
     piecewise_cuda_graph_compiler: str = "eager"
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on a CPU
     moe_runner_backend: str = "auto"  # auto: by batch size (see layers/moe.py); triton; grouped_mm
-    disable_cuda_graph: bool = False  # full CUDA graphs for decode batches
+    disable_cuda_graph: bool = False  # no full CUDA graphs (decode, and small extend batches)
     cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
+    # Full graphs (attention captured) for extend and mixed batches of at most this many tokens in at
+    # most `extend_cuda_graph_max_seqs` sequences; larger ones go through the piecewise graphs. 0: none.
+    extend_cuda_graph_max_tokens: int = 512
+    extend_cuda_graph_max_seqs: int = 8
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
     emulate_graphs_on_cpu: bool = False
     # Debug: every padded replay is re-run with poisoned padding and must leave real rows unchanged.
@@ -29,6 +33,8 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.chunked_prefill_size < 1:
             raise ValueError("page_size and chunked_prefill_size must be >= 1")
+        if self.extend_cuda_graph_max_tokens < 0 or self.extend_cuda_graph_max_seqs < 1:
+            raise ValueError("extend_cuda_graph_max_tokens must be >= 0 and extend_cuda_graph_max_seqs >= 1")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}: auto, torch or triton")
         if self.moe_runner_backend not in ("auto", "triton", "grouped_mm"):

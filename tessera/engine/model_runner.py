@@ -13,7 +13,7 @@ from torch import nn
 
 from tessera.engine.batch import ForwardBatch, build_batch, commit, kernel_layout
 from tessera.engine.config import RunnerConfig
-from tessera.engine.decode_graphs import DecodeGraphRunner
+from tessera.engine.full_graphs import FullGraphRunner, graph_shapes
 from tessera.engine.kv_cache import DUMMY_SLOT, KVCache, PagePool
 from tessera.engine.sequence import Sequence
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
@@ -73,7 +73,7 @@ class ModelRunner:
             )
             self.config = replace(self.config, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
         self.graphs = self._capture_graphs() if self._graphs_wanted() else None
-        self.decode_graphs = self._capture_decode_graphs() if self._decode_graphs_wanted() else None
+        self.full_graphs = self._capture_full_graphs() if self._full_graphs_wanted() else None
 
     def _layer_table(self, model: nn.Module) -> dict[tuple[int, str], Any]:
         """What each attention split op finds in the forward context, by (layer, role): "attn" for
@@ -103,9 +103,9 @@ class ModelRunner:
             return False
         return self.device.type == "cuda" or c.emulate_graphs_on_cpu
 
-    def _capture_graphs(self) -> PiecewiseGraphRunner:
+    def _graph_config(self) -> GraphConfig:
         c = self.config
-        graph_config = GraphConfig(
+        return GraphConfig(
             strategy=c.piecewise_cuda_graph_strategy,  # type: ignore[arg-type]
             compiler=c.piecewise_cuda_graph_compiler,  # type: ignore[arg-type]
             max_tokens=c.graph_max_tokens(mla=self.cfg.mla is not None),
@@ -113,6 +113,9 @@ class ModelRunner:
             capture_sizes=c.piecewise_cuda_graph_tokens,
             disable_hint="pass --disable-piecewise-cuda-graph",
         )
+
+    def _capture_graphs(self) -> PiecewiseGraphRunner:
+        graph_config = self._graph_config()
         runner = PiecewiseGraphRunner(
             self.model, graph_config, layers=self.layers, capture_metadata=self._capture_metadata
         )
@@ -121,24 +124,33 @@ class ModelRunner:
             runner.capture([example % self.cfg.vocab_size, example])
         return runner
 
-    def _decode_graphs_wanted(self) -> bool:
+    def _full_graphs_wanted(self) -> bool:
         c = self.config
         if c.disable_cuda_graph or not (self.device.type == "cuda" or c.emulate_graphs_on_cpu):
             return False
         if self.attention_backend != "triton":
-            logger.warning("decode CUDA graphs need --attention-backend triton; decode runs without them")
+            logger.warning("full CUDA graphs need --attention-backend triton; running without them")
             return False
         return True
 
-    def _capture_decode_graphs(self) -> DecodeGraphRunner:
+    def _capture_full_graphs(self) -> FullGraphRunner | None:
+        c = self.config
+        # NOTE: MLA layers pick one of two attention paths per batch on the host: an extend graph would
+        # freeze the one of its capture batch
+        extend_max = c.extend_cuda_graph_max_tokens if self.cfg.mla is None else 0
+        # the piecewise graphs' token counts (default or given), up to the extend graphs' limit
+        extend = [t for t in self._graph_config().sizes if t <= extend_max]
+        shapes = graph_shapes(c.cuda_graph_max_bs, extend, c.extend_cuda_graph_max_seqs)
+        if not shapes:
+            return None
         # NOTE: the piecewise runner's backend, so both kinds of graph share one memory pool.
         backend = self.graphs.backend if self.graphs is not None else make_backend(self.device)
         assert backend is not None
-        runner = DecodeGraphRunner(
+        runner = FullGraphRunner(
             self.model,
             backend,
             self.layers,
-            max_bs=self.config.cuda_graph_max_bs,
+            shapes,
             max_pages_per_seq=-(-self.cfg.max_position_embeddings // self.page_size),
             page_size=self.page_size,
         )
@@ -154,10 +166,11 @@ class ModelRunner:
         return AttentionMetadata(slots, kernel_layout([layout], pages, self.device), [layout])
 
     def graph_stats(self) -> dict[str, Any]:
-        decode = self.decode_graphs.replays if self.decode_graphs is not None else 0
+        full = self.full_graphs.replays if self.full_graphs is not None else {"decode": 0, "extend": 0}
+        counts = {"decode_graph_replays": full["decode"], "extend_graph_replays": full["extend"]}
         if self.graphs is None:
-            return {"mode": "eager", "replays": {}, "eager_fallbacks": {}, "decode_graph_replays": decode}
-        return {"mode": "piecewise", **self.graphs.stats.as_dict(), "decode_graph_replays": decode}
+            return {"mode": "eager", "replays": {}, "eager_fallbacks": {}, **counts}
+        return {"mode": "piecewise", **self.graphs.stats.as_dict(), **counts}
 
     @torch.no_grad()
     def run(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -169,11 +182,11 @@ class ModelRunner:
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """One forward of a built batch, through decode graphs, piecewise graphs or eagerly. Leaves the
+        """One forward of a built batch, through a full graph, piecewise graphs or eagerly. Leaves the
         sequences as they were (a benchmark can replay the same batch)."""
-        decode = batch.metadata.kernel.max_q_len == 1
-        if decode and self.decode_graphs is not None and self.decode_graphs.fits(batch):
-            hidden = self.decode_graphs.run(batch)
+        shape = self.full_graphs.shape_for(batch) if self.full_graphs is not None else None
+        if shape is not None:
+            hidden = self.full_graphs.run(batch, shape)  # type: ignore[union-attr]
         elif self.graphs is not None:
             hidden = self.graphs(batch.input_ids, batch.positions, metadata=batch.metadata)
         else:

@@ -67,6 +67,8 @@ def _graph_metrics(stats: dict) -> Iterator[Metric]:
     )
     yield CounterMetricFamily("tessera_decode_graph_replays", "Decode graph replays",
                               value=stats.get("decode_graph_replays", 0))  # fmt: skip
+    yield CounterMetricFamily("tessera_extend_graph_replays", "Full-graph replays of extend batches",
+                              value=stats.get("extend_graph_replays", 0))  # fmt: skip
 
 
 def metrics_response(engine: AsyncEngine) -> Response:

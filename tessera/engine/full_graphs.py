@@ -1,0 +1,185 @@
+"""Full CUDA graphs: the whole forward, attention included, as one graph per shape.
+
+Two kinds of batch get them. Decode batches (one new token per sequence), one graph per batch size, as
+every serving engine does. And small extend or mixed batches of few sequences: there a step is ~10
+kernels a layer of a few microseconds each, and each of the piecewise graphs' eager attention breaks
+costs ~4 us of GPU time on its own (the next graph's launch waiting on the eager kernel), which is a
+third of the step for SmolLM2 at 16 tokens. One graph per token count T, captured with a layout of S =
+min(T, max_seqs) + 1 sequence rows, takes any batch of at most T tokens in at most S - 1 sequences.
+
+All attention metadata lives in static tensors the graph reads: token ids, positions, slot mapping,
+page table and the layout rows (first query row, query length, context length). The attention launch
+was captured with a fixed grid covering every row and T queries; a row with no queries exits at once.
+Padding, which never touches a real sequence's cache: a decode graph's padded rows are one-token
+sequences; an extend graph's padded tokens form one more sequence of their own. Both write their K/V
+to the dummy slot and attend only to themselves (no cached prefix: the page table is never read for
+them). Graphs share the memory pool of the piecewise graphs (the same backend).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tessera.engine.batch import ForwardBatch
+from tessera.engine.kv_cache import DUMMY_SLOT
+from tessera.graphs import ForwardContext, forward_context
+from tessera.graphs.hygiene import frozen_gc
+from tessera.graphs.platform import Graph, GraphBackend
+from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
+
+logger = logging.getLogger("tessera")
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """What one full graph was captured for: `tokens` rows, a layout of `seqs` sequence rows, and
+    whether it is a decode graph (every row its own sequence: tokens == seqs)."""
+
+    decode: bool
+    tokens: int
+    seqs: int
+
+    @property
+    def max_q_len(self) -> int:
+        return 1 if self.decode else self.tokens
+
+
+def decode_batch_sizes(max_bs: int) -> list[int]:
+    """nano-vllm's schedule: 1, 2, 4, 8, then every 16 up to `max_bs` (always included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_bs] + list(range(16, max_bs + 1, 16))
+    return sorted(set(sizes) | {max_bs})
+
+
+def graph_shapes(max_bs: int, extend_tokens: list[int], extend_max_seqs: int) -> list[Shape]:
+    """Decode graphs for batch sizes up to `max_bs` (0: none); extend graphs for each of
+    `extend_tokens`, each with room for `extend_max_seqs` sequences and its padding."""
+    if extend_max_seqs < 1:
+        raise ValueError(f"extend graphs need room for at least one sequence, got {extend_max_seqs}")
+    shapes = [Shape(True, bs, bs) for bs in decode_batch_sizes(max_bs)] if max_bs > 0 else []
+    return shapes + [Shape(False, t, min(t, extend_max_seqs) + 1) for t in sorted(set(extend_tokens))]
+
+
+class FullGraphRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: GraphBackend,
+        layers: dict[Any, Any],
+        shapes: list[Shape],
+        *,
+        max_pages_per_seq: int,
+        page_size: int,
+    ) -> None:
+        if not shapes:
+            raise ValueError("a full-graph runner needs at least one shape")
+        self.model, self.backend, self.layers = model, backend, layers
+        self.shapes = sorted(shapes)
+        self.decode = [s for s in self.shapes if s.decode]
+        self.extend = [s for s in self.shapes if not s.decode]
+        self.sizes = [s.tokens for s in self.decode]  # decode batch sizes
+        self.page_size = page_size
+        max_t, max_s = max(s.tokens for s in shapes), max(s.seqs for s in shapes)
+        device = backend.device
+        self.input_ids = torch.zeros(max_t, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_t, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_t,), DUMMY_SLOT, dtype=torch.long, device=device)
+        self.page_table = torch.full(
+            (max_s, max_pages_per_seq), DUMMY_SLOT // page_size, dtype=torch.int32, device=device
+        )
+        # the layout rows q_start, q_len, ctx_len of a shape: the first 3 * seqs entries, so a replay
+        # writes them with one contiguous copy
+        self.layout = torch.zeros(3 * max_s, dtype=torch.int32, device=device)
+        self.num_real = torch.zeros((), dtype=torch.long, device=device)  # in-graph padded-row masks read it
+        self.graphs: dict[Shape, Graph] = {}
+        self.outputs: dict[Shape, torch.Tensor] = {}
+        self.replays = {"decode": 0, "extend": 0}
+
+    def _metadata(self, shape: Shape) -> AttentionMetadata:
+        q_start, q_len, ctx_len = self._layout(shape)
+        kernel = KernelLayout(self.page_table[: shape.seqs], q_start, q_len, ctx_len, shape.max_q_len)
+        return AttentionMetadata(slot_mapping=self.slot_mapping[: shape.tokens], kernel=kernel, seqs=[])
+
+    def _forward(self, shape: Shape) -> torch.Tensor:
+        t = shape.tokens
+        ctx = ForwardContext(t, t, self._metadata(shape), self.layers, num_real=self.num_real)
+        with forward_context(ctx):
+            return self.model(self.input_ids[:t], self.positions[:t])
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        with frozen_gc():
+            for shape in tqdm(sorted(self.shapes, reverse=True, key=lambda s: s.tokens),
+                              desc="capturing full graphs", leave=False):  # fmt: skip
+                self._write_layout(shape, [])  # all padding: the dummy slot only
+                self.num_real.fill_(shape.tokens)
+                self._forward(shape)  # warm-up: Triton JIT and BLAS heuristics for this shape
+                graph, out = self.backend.capture(self._forward, (shape,))
+                self.graphs[shape], self.outputs[shape] = graph, out
+        logger.info(
+            "full graphs captured: decode batch sizes %s; extend token counts %s",
+            self.sizes,
+            [s.tokens for s in self.extend],
+        )
+
+    def shape_for(self, batch: ForwardBatch) -> Shape | None:
+        """The smallest captured shape that takes `batch`, or None."""
+        n, seqs = batch.input_ids.shape[0], len(batch.metadata.seqs)
+        if batch.metadata.kernel.max_q_len == 1:
+            i = bisect.bisect_left(self.sizes, n)
+            if i < len(self.sizes):
+                return self.decode[i]
+        # an extend graph: at least n tokens, and a free sequence row for the padding if n is short
+        for shape in self.extend:
+            if shape.tokens >= n and seqs + (shape.tokens > n) <= shape.seqs:
+                return shape
+        return None
+
+    @torch.no_grad()
+    def run(self, batch: ForwardBatch, shape: Shape) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of `batch` through the graph of `shape` (see `shape_for`)."""
+        n, meta = batch.input_ids.shape[0], batch.metadata
+        s = len(meta.seqs)
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        width = meta.kernel.page_table.shape[1]
+        self.page_table[:s, :width].copy_(meta.kernel.page_table)
+        if n < shape.tokens:  # padded tokens write to the dummy slot only
+            self.slot_mapping[n : shape.tokens].fill_(DUMMY_SLOT)
+        if s < shape.seqs:
+            self.page_table[s : shape.seqs].fill_(DUMMY_SLOT // self.page_size)
+        self._write_layout(shape, meta.seqs)
+        self.num_real.fill_(n)
+        # NOTE: no forward context needed: a CUDA replay runs no Python, and the emulated backend's
+        # replay re-enters `_forward`, which sets its own.
+        self.graphs[shape].replay()
+        self.replays["decode" if shape.decode else "extend"] += 1
+        return self.outputs[shape][:n]
+
+    def _write_layout(self, shape: Shape, seqs: list[SeqLayout]) -> None:
+        """The layout rows of `seqs` followed by the shape's padding, built on the host (the batch's
+        lengths are there already) and written with one copy."""
+        rows = np.zeros((3, shape.seqs), dtype=np.int32)
+        s = len(seqs)
+        q_len, ctx_len = rows[1], rows[2]
+        q_len[:s] = [x.query_len for x in seqs]
+        ctx_len[:s] = [x.context_len for x in seqs]
+        n = int(q_len[:s].sum())
+        pad = shape.tokens - n
+        if shape.decode:  # one-token sequences in the dummy slot
+            q_len[s:] = ctx_len[s:] = 1
+        elif pad > 0:  # one sequence of all padded tokens; the rows after it run nothing
+            q_len[s] = ctx_len[s] = pad
+        rows[0] = np.cumsum(q_len) - q_len  # q_start
+        self._layout(shape).copy_(torch.from_numpy(rows))
+
+    def _layout(self, shape: Shape) -> torch.Tensor:
+        return self.layout[: 3 * shape.seqs].view(3, shape.seqs)

@@ -1,0 +1,71 @@
+"""Full graphs for small extend and mixed batches (engine/full_graphs.py), on the emulated backend: the
+same static buffers, fixed-grid attention and padding as on a GPU, against an eager runner."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tessera.engine.config import RunnerConfig
+from tessera.engine.full_graphs import Shape, graph_shapes
+from tessera.engine.model_runner import ModelRunner
+
+from .conftest import needs_triton_on_cpu
+from .test_llama import _runner, _seq, hf_and_ours
+
+
+def test_shapes_leave_a_row_for_the_padding_and_share_the_token_counts() -> None:
+    shapes = graph_shapes(4, [16, 4, 8], 8)
+    assert [s for s in shapes if s.decode] == [Shape(True, b, b) for b in (1, 2, 4)]
+    assert [s for s in shapes if not s.decode] == [
+        Shape(False, 4, 5),
+        Shape(False, 8, 9),
+        Shape(False, 16, 9),
+    ]
+    assert graph_shapes(0, [], 1) == []
+    with pytest.raises(ValueError, match="at least one sequence"):
+        graph_shapes(4, [8], 0)
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
+def test_extend_graphs_match_eager(family: str) -> None:
+    """Prefills, a prefix-cached extend, a mixed batch, a batch filling its graph exactly (no padding
+    row) and one of too many sequences (piecewise instead), each against eager. The MoE family's padded
+    rows are masked from routing by the device count of real rows the replay writes."""
+    _, ours = hf_and_ours(family)
+    reference = copy.deepcopy(ours)
+    config = RunnerConfig(page_size=4, attention_backend="triton", emulate_graphs_on_cpu=True,
+                          cuda_graph_max_bs=2, piecewise_cuda_graph_tokens=(8, 16),
+                          extend_cuda_graph_max_tokens=16, extend_cuda_graph_max_seqs=2)  # fmt: skip
+    graphs = ModelRunner(ours, ours.cfg, num_pages=48, config=config)
+    assert graphs.full_graphs is not None
+    assert [s.tokens for s in graphs.full_graphs.extend] == [8, 16]
+    eager = _runner(reference, "triton", num_pages=48)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (16, 5, 9, 3, 2, 4)]
+    runs = {name: [_seq(p) for p in prompts] for name in ("graphs", "eager")}
+    logits: dict[str, list[torch.Tensor]] = {"graphs": [], "eager": []}
+    for name, runner in (("graphs", graphs), ("eager", eager)):
+        a, b, c, d, e, f = runs[name]
+        steps = [
+            [(a, 16)],  # exactly 16 tokens: no padding row needed
+            # 3 tokens padded to 8: one padding sequence, whose K/V must go to the dummy slot and not
+            # to the rows of a's slots the last replay left in the slot mapping
+            [(b, 3)],
+            [(b, 2), (c, 9)],  # b's last 2 over its cached 3, and a 9-token prefill: 11 padded to 16
+            [(d, 3), (e, 2), (f, 4)],  # 3 sequences > 2: the piecewise graphs
+        ]
+        for work in steps:
+            logits[name].append(runner.run(work))
+        a.output_token_ids.append(11)
+        b.output_token_ids.append(12)
+        logits[name].append(runner.run([(a, 1), (b, 1)]))  # decode of 2: a decode graph, over a's cache
+    for got, ref in zip(logits["graphs"], logits["eager"], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    stats = graphs.graph_stats()
+    assert stats["extend_graph_replays"] == 3
+    assert stats["decode_graph_replays"] == 1
+    assert stats["replays"] == {"16": 1}  # the batch of three sequences (9 tokens) through the pieces
