@@ -203,3 +203,44 @@ def test_a_bound_replay_equals_the_op(parts: bool) -> None:
             bound()
         assert torch.equal(out, want) and out[n:].eq(0).all()
         assert all(torch.equal(c, w) for c, w in zip(cache, written, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "heads", "kv_heads", "pack"),
+    [
+        ([5, 0, 20, 0, 0], [9, 0, 20, 0, 0], 4, 4, False),  # rows with no queries, between and after
+        ([1, 17, 0, 3], [30, 17, 0, 3], 9, 3, True),  # SmolLM2's groups packed; a block boundary at 16
+        ([0, 0, 2], [0, 0, 2], 2, 1, False),  # the batch in the last row only
+    ],
+)
+def test_a_flat_launch_equals_the_per_sequence_grid(
+    q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, pack: bool
+) -> None:
+    """flat: one grid axis over the query blocks of the whole batch, sized only by bounds (the rows,
+    and max_q_len = the padded row count: a full graph's launch). It must write exactly what the
+    per-sequence grid writes, zeros on the padded rows, and nothing on a row past them."""
+    head_dim, page, dtype = 32, 4, torch.float32
+    live = [i for i, n in enumerate(q_lens) if n > 0]
+    q, k, v, tables = _batch([q_lens[i] for i in live], [ctx_lens[i] for i in live], heads, kv_heads,
+                             head_dim, page, dtype, head_dim)  # fmt: skip
+    width = max(len(t) for t in tables)
+    rows = [[0] * width for _ in q_lens]  # rows with no queries: never read
+    for i, t in zip(live, tables, strict=True):
+        rows[i] = t + [0] * (width - len(t))
+    table = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    real, padded = q.shape[0], q.shape[0] + 11
+    nan = float("nan")
+    q = torch.cat([q, torch.full((padded + 1 - real, heads, head_dim), nan, dtype=dtype, device=DEVICE)])
+    q_len = torch.tensor(q_lens, dtype=torch.int32, device=DEVICE)
+    q_start = torch.cumsum(q_len, 0, dtype=torch.int32) - q_len
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    outs = []
+    for flat in (False, True):
+        out = torch.full((padded + 1, heads, head_dim), nan, dtype=dtype, device=DEVICE)
+        longest = padded if flat else max(q_lens)
+        triton_attention.paged_attention(q, k, v, out, table, q_start, q_len, ctx, longest, page, 0.2,
+                                         pack=pack, zero_rows=(real, padded), flat=flat)  # fmt: skip
+        outs.append(out)
+    assert outs[1][real:padded].eq(0).all() and outs[1][padded].isnan().all()
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0, equal_nan=True)
+    assert not outs[1][:real].isnan().any()

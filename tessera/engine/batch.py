@@ -27,6 +27,9 @@ class ForwardBatch:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_seqs] row of each sequence's last new token
     seqs: list[Sequence]
+    # [3, T]: input_ids, positions and the slot mapping are its rows, so a full graph's replay copies
+    # them into its static buffers at once
+    token_rows: torch.Tensor
 
 
 def build_batch(
@@ -82,9 +85,10 @@ def build_batch(
             ctx_len,
         )
     )
-    input_ids, positions_d, slots_d, last_d, vectors = (
-        torch.from_numpy(flat).to(device).split([t, t, t, b, 3 * b])
-    )
+    on_device = torch.from_numpy(flat).to(device)
+    token_rows = on_device[: 3 * t].view(3, t)
+    input_ids, positions_d, slots_d = token_rows
+    last_d, vectors = on_device[3 * t :].split([b, 3 * b])
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
     kernel = KernelLayout(
         torch.from_numpy(table).to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(q_lens)
@@ -98,6 +102,7 @@ def build_batch(
         metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts),
         logits_indices=last_d,
         seqs=[seq for seq, _ in work],
+        token_rows=token_rows,
     )
 
 

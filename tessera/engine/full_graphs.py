@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from tessera.engine.batch import ForwardBatch
 from tessera.engine.kv_cache import DUMMY_SLOT
-from tessera.graphs import ForwardContext, forward_context
+from tessera.graphs import ForwardContext, forward_context, ops
 from tessera.graphs.hygiene import frozen_gc
 from tessera.graphs.platform import Graph, GraphBackend
 from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
@@ -88,9 +88,10 @@ class FullGraphRunner:
         self.page_size = page_size
         max_t, max_s = max(s.tokens for s in shapes), max(s.seqs for s in shapes)
         device = backend.device
-        self.input_ids = torch.zeros(max_t, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_t, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_t,), DUMMY_SLOT, dtype=torch.long, device=device)
+        # token ids, positions, slot mapping: one tensor, which a replay fills with one copy
+        self.token_rows = torch.zeros(3, max_t, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.token_rows
+        self.slot_mapping.fill_(DUMMY_SLOT)
         self.page_table = torch.full(
             (max_s, max_pages_per_seq), DUMMY_SLOT // page_size, dtype=torch.int32, device=device
         )
@@ -104,13 +105,16 @@ class FullGraphRunner:
         self._host_layout = torch.zeros(3 * max_s, dtype=torch.int32, pin_memory=cuda)
         self._layout_read = torch.cuda.Event() if cuda else None
         self.num_real = torch.zeros((), dtype=torch.long, device=device)  # in-graph padded-row masks read it
+        self.reads_num_real = True  # whether a captured graph reads it (known after capture)
         self.graphs: dict[Shape, Graph] = {}
         self.outputs: dict[Shape, torch.Tensor] = {}
         self.replays = {"decode": 0, "extend": 0}
 
     def _metadata(self, shape: Shape) -> AttentionMetadata:
         q_start, q_len, ctx_len = self._layout(shape)
-        kernel = KernelLayout(self.page_table[: shape.seqs], q_start, q_len, ctx_len, shape.max_q_len)
+        kernel = KernelLayout(
+            self.page_table[: shape.seqs], q_start, q_len, ctx_len, shape.max_q_len, flat=not shape.decode
+        )
         return AttentionMetadata(slot_mapping=self.slot_mapping[: shape.tokens], kernel=kernel, seqs=[])
 
     def _forward(self, shape: Shape) -> torch.Tensor:
@@ -121,6 +125,7 @@ class FullGraphRunner:
 
     @torch.no_grad()
     def capture(self) -> None:
+        reads = ops.num_real_reads()
         with frozen_gc():
             for shape in tqdm(sorted(self.shapes, reverse=True, key=lambda s: s.tokens),
                               desc="capturing full graphs", leave=False):  # fmt: skip
@@ -129,6 +134,7 @@ class FullGraphRunner:
                 self._forward(shape)  # warm-up: Triton JIT and BLAS heuristics for this shape
                 graph, out = self.backend.capture(self._forward, (shape,))
                 self.graphs[shape], self.outputs[shape] = graph, out
+        self.reads_num_real = ops.num_real_reads() > reads
         logger.info(
             "full graphs captured: decode batch sizes %s; extend token counts %s",
             self.sizes,
@@ -153,17 +159,19 @@ class FullGraphRunner:
         """Hidden states [num_tokens, hidden] of `batch` through the graph of `shape` (see `shape_for`)."""
         n, meta = batch.input_ids.shape[0], batch.metadata
         s = len(meta.seqs)
-        self.input_ids[:n].copy_(batch.input_ids)
-        self.positions[:n].copy_(batch.positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        # NOTE: each of these is a kernel in the step (~3 us on the GPU with the gap after it): few
+        self.token_rows[:, :n].copy_(batch.token_rows)
         width = meta.kernel.page_table.shape[1]
         self.page_table[:s, :width].copy_(meta.kernel.page_table)
         if n < shape.tokens:  # padded tokens write to the dummy slot only
             self.slot_mapping[n : shape.tokens].fill_(DUMMY_SLOT)
-        if s < shape.seqs:
+        if shape.decode and s < shape.seqs:
+            # padded decode rows read one cached token through it where the K/V are not passed (MLA);
+            # an extend graph's padding sequence has no cached prefix and reads no page
             self.page_table[s : shape.seqs].fill_(DUMMY_SLOT // self.page_size)
         self._write_layout(shape, meta.seqs)
-        self.num_real.fill_(n)
+        if self.reads_num_real:
+            self.num_real.fill_(n)
         # NOTE: no forward context needed: a CUDA replay runs no Python, and the emulated backend's
         # replay re-enters `_forward`, which sets its own.
         self.graphs[shape].replay()

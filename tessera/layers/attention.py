@@ -39,6 +39,9 @@ class KernelLayout:
     # a mixed batch's short sequences (first) and long ones as row slices of the above: one launch
     # each, so decode rows are not computed in blocks sized for a long prefill (empty: one launch)
     parts: tuple[KernelLayout, ...] = ()
+    # one launch whose grid depends only on the number of rows and on max_q_len, here at least the
+    # batch's total query rows: what a full graph captures (rows with no queries cost a program each)
+    flat: bool = False
 
 
 @dataclass
@@ -113,8 +116,9 @@ def _launch(bound: PagedAttention) -> None:
     key = ("paged_attention", bound.shape)
     plans = meta.derived.get(key)
     if plans is None:
+        slots = meta.slot_mapping
         plans = meta.derived[key] = [
-            bound.plan(kl.page_table, kl.q_start, kl.q_len, kl.ctx_len, kl.max_q_len, meta.slot_mapping)
+            bound.plan(kl.page_table, kl.q_start, kl.q_len, kl.ctx_len, kl.max_q_len, slots, flat=kl.flat)
             for kl in meta.kernel.parts or (meta.kernel,)
         ]
     for plan in plans[:-1]:

@@ -73,12 +73,21 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     HAS_NEW: tl.constexpr, PACK: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, FLAT: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)  # a sequence; `num_seqs`: the rows `zero_from .. zero_to` of Out
     hp = tl.program_id(1)  # a query head; with PACK, a KV head and every query head of its group
     mb = tl.program_id(2)
     POS = BLOCK_M // GROUP_P  # query positions a block covers
+    if FLAT:  # axis 0 counts the query blocks of the whole batch: find this one's sequence
+        seq = tl.arange(0, BLOCK_S)
+        blocks = (tl.load(q_len + seq, mask=seq < num_seqs, other=0) + POS - 1) // POS
+        ends = tl.cumsum(blocks, 0)
+        owner = tl.sum((ends <= b).to(tl.int32))  # sequences whose blocks all come before this one
+        first_block = tl.sum(tl.where(seq < owner, blocks, 0))
+        # past the last block: the first program zeroes the padded rows (b == num_seqs), the rest leave
+        mb = tl.where(owner < num_seqs, b - first_block, 0)
+        b = tl.where(owner < num_seqs, owner, num_seqs + b - tl.sum(blocks))
     r = tl.arange(0, BLOCK_M)
     if PACK:  # rows are (position, head of the group) pairs: the group shares every K/V load
         kv_head = hp
@@ -103,6 +112,8 @@ def _paged_attention_kernel(
             ok = head_ok & (rows < zero_to)
             out_rows = Out + rows * stride_ot + head * stride_oh
             tl.store(out_rows[:, None] + offs_dv[None, :], zeros, mask=ok[:, None] & dv_ok[None, :])
+        return
+    if b > num_seqs:  # FLAT's programs past the batch's blocks
         return
     qlen = tl.load(q_len + b)
     if mb * POS >= qlen:
@@ -240,9 +251,13 @@ class PagedAttention:
         max_q_len: int,
         slot_mapping: torch.Tensor | None = None,
         pack: bool | None = None,
+        flat: bool = False,
     ) -> _Plan:
         """The launch plan of a batch layout; valid for every PagedAttention with the same `shape`.
-        `slot_mapping`: where the new tokens' K/V go (needed with `new_kv`)."""
+        `slot_mapping`: where the new tokens' K/V go (needed with `new_kv`). `flat`: the grid's first
+        axis counts query blocks of the whole batch, each program finding its sequence on the device,
+        so the grid depends only on bounds: the number of layout rows and `max_q_len`, which must then
+        be at least the batch's total query rows (a full graph's captured launch; see KernelLayout)."""
         heads, kv_heads, head_dim, v_dim, page_size, has_new = self.shape
         if has_new and slot_mapping is None:
             raise ValueError("paged attention with new K/V needs their slot mapping")
@@ -258,11 +273,19 @@ class PagedAttention:
         slots = slot_mapping if has_new and slot_mapping is not None else q_start  # unread placeholder
         tensors = (slots, page_table, q_start, q_len, ctx_len)
         stride_pb = page_table.stride(0)  # not specialized on (it varies batch to batch) but for its width
+        block_s = next_pow2(batch) if flat else 1
         consts = (group, page_size, head_dim, v_dim, has_new, pack, group_p, block_m, 32, *blocks)
+        consts += (flat, block_s)
         key = (tuple([t.dtype for t in tensors]), stride_pb < 2**31, consts)
         key = _PLAN_KEYS.setdefault(key, key)
-        # NOTE: a last row of programs zeroes the padded rows; the row counts are not specialized on
-        grid = (batch + 1, kv_heads if pack else heads, cdiv(max_q_len, block_m // group_p))
+        # NOTE: a last row of programs zeroes the padded rows; the row counts are not specialized on.
+        # Flat: a sequence of q query rows has cdiv(q, positions a block covers) blocks, at most
+        # cdiv(max_q_len, pos) + batch - 1 in all, and one more program zeroes.
+        pos, heads_axis = block_m // group_p, kv_heads if pack else heads
+        if flat:
+            grid = (cdiv(max_q_len, pos) + batch + 1, heads_axis, 1)
+        else:
+            grid = (batch + 1, heads_axis, cdiv(max_q_len, pos))
         ptrs = tuple([t.data_ptr() for t in tensors])
         return _Plan(key, grid, tensors, ptrs, batch, stride_pb, consts, options)
 
@@ -296,6 +319,7 @@ def paged_attention(
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     pack: bool | None = None,
     zero_rows: tuple[int, int] = (0, 0),
+    flat: bool = False,
 ) -> None:
     """q: [T, H, D]; k_cache: [slots, KVH, D]; v_cache, out: [slots, KVH, Dv] and [T, H, Dv] (Dv may
     differ from D: MLA's absorbed path reads V as the first kv_lora_rank columns of its latent cache);
@@ -305,10 +329,10 @@ def paged_attention(
     cache already. `pack`: one program serves all query heads of a KV head, so the group shares each
     K/V load (None: for decode-like batches and groups of 8 or more, with enough programs).
     `zero_rows` = (first, end): rows of `out` this launch writes zeros to (a graph replay's padding,
-    at no cost beyond a few more programs in a launch made anyway)."""
+    at no cost beyond a few more programs in a launch made anyway). `flat`: see PagedAttention.plan."""
     bound = PagedAttention(q, k_cache, v_cache, out, page_size, scale, new_kv[:2] if new_kv else None)
     slots = new_kv[2] if new_kv is not None else None
-    bound.launch(bound.plan(page_table, q_start, q_len, ctx_len, max_q_len, slots, pack), zero_rows)
+    bound.launch(bound.plan(page_table, q_start, q_len, ctx_len, max_q_len, slots, pack, flat), zero_rows)
 
 
 def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, page_size: int) -> int:
