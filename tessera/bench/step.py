@@ -80,13 +80,14 @@ def bench_model(
     num_pages: int,
     with_hf: bool,
     save: Callable[[dict[str, Any]], None] = lambda result: None,
+    variants: dict[str, RunnerConfig] = VARIANTS,
 ) -> dict[str, Any]:
     """The model's cases, one by one; `save(result so far)` after each, so a run cut at its time limit
     keeps what it measured."""
     model = load_model(name)
     runners: dict[str, ModelRunner] = {}
     startup: dict[str, float] = {}
-    for variant, config in VARIANTS.items():
+    for variant, config in variants.items():
         torch.cuda.synchronize()
         t = time.perf_counter()
         runners[variant] = ModelRunner(model, model.cfg, num_pages=num_pages, config=config)
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--decode", type=int, nargs="*", default=[1, 8, 32, 128])
     p.add_argument("--num-pages", type=int, default=3000, help="KV pages per variant")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
+    p.add_argument(
+        "--extend-cuda-graph-max-tokens",
+        type=int,
+        default=RunnerConfig.extend_cuda_graph_max_tokens,
+        help="the graphs variant's limit for full extend graphs (default: the engine's)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -167,9 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             done = [m for m in report["models"] if m is not result]
             args.out.write_text(json.dumps({**report, "models": [*done, result]}, indent=2) + "\n")
 
+    variants = {
+        **VARIANTS,
+        "graphs": RunnerConfig(extend_cuda_graph_max_tokens=args.extend_cuda_graph_max_tokens),
+    }
     for m in args.models:
         hf = not args.no_hf
-        report["models"].append(bench_model(m, args.extend, args.decode, args.num_pages, hf, save))
+        report["models"].append(bench_model(m, args.extend, args.decode, args.num_pages, hf, save, variants))
     for m in report["models"]:
         print(f"\n{m['model']} on {report['gpu']}: ms per step (x = ratio to the kernel-time floor)")
         print(f"  start-up: {m['startup_seconds']}")

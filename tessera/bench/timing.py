@@ -26,14 +26,17 @@ def time_once(step: Step, ids: torch.Tensor, iters: int) -> float:
 
 def time_interleaved(steps: dict[str, Step], ids: torch.Tensor, iters: int = 20, reps: int = 15) -> dict:
     """Median per variant over `reps` rounds that run every variant once each, so drift in the host's
-    speed (seen: eager varying 15-26 ms between runs) hits all variants alike."""
+    speed (seen: eager varying 15-26 ms between runs) hits all variants alike. Each round starts one
+    variant later: on a power-bound GPU a variant timed right after a host-bound one (eager) ran ~3%
+    faster than the same graphs timed after a GPU-bound one (an 8B model at 512 tokens, H200)."""
     for step in steps.values():
         for _ in range(3):
             step(ids)
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            samples[name].append(time_once(step, ids, iters))
+    names = list(steps)
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(time_once(steps[name], ids, iters))
     return {name: statistics.median(t) for name, t in samples.items()}
 
 
