@@ -23,7 +23,7 @@ class RunnerConfig:
     cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
     # Full graphs (attention captured) for extend and mixed batches of at most this many tokens in at
     # most `extend_cuda_graph_max_seqs` sequences; larger ones go through the piecewise graphs. 0: none.
-    # NOTE: on an H200 they made SmolLM2's steps 7-9% faster at 16-128 tokens and 8-19% at 256-512, a
+    # NOTE: on an H200 they made SmolLM2's steps 7-9% faster at 16-128 tokens and 7-20% at 256-512, a
     # Llama-3-8B step no faster at any size (its kernels are long enough to hide the breaks) while
     # each size captured costs start-up time and graph memory: raise it for small models
     # (step_h200_extend_full_graphs.json)
