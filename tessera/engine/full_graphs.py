@@ -1,19 +1,20 @@
 """Full CUDA graphs: the whole forward, attention included, as one graph per shape.
 
 Two kinds of batch get them. Decode batches (one new token per sequence), one graph per batch size, as
-every serving engine does. And small extend or mixed batches of few sequences: there a step is ~10
-kernels a layer of a few microseconds each, and each of the piecewise graphs' eager attention breaks
-costs ~4 us of GPU time on its own (the next graph's launch waiting on the eager kernel), which is a
-third of the step for SmolLM2 at 16 tokens. One graph per token count T, captured with a layout of S =
-min(T, max_seqs) + 1 sequence rows, takes any batch of at most T tokens in at most S - 1 sequences.
+every serving engine does. And small extend or mixed batches of few sequences, where a step is ~10
+kernels a layer of a few microseconds each and the piecewise graphs' 30 eager attention breaks are a
+measurable part of it (SmolLM2 on an H200: a full graph takes 0.91-0.93x the piecewise step at 16-128
+tokens). One graph per token count T, captured with a layout of S = min(T, max_seqs) + 1 sequence rows,
+takes any batch of at most T tokens in at most S - 1 sequences.
 
 All attention metadata lives in static tensors the graph reads: token ids, positions, slot mapping,
-page table and the layout rows (first query row, query length, context length). The attention launch
-was captured with a fixed grid covering every row and T queries; a row with no queries exits at once.
-Padding, which never touches a real sequence's cache: a decode graph's padded rows are one-token
-sequences; an extend graph's padded tokens form one more sequence of their own. Both write their K/V
-to the dummy slot and attend only to themselves (no cached prefix: the page table is never read for
-them). Graphs share the memory pool of the piecewise graphs (the same backend).
+page table and the layout rows (first query row, query length, context length). An extend graph's
+attention was captured as a flat launch (see PagedAttention.plan): its grid depends only on T and S,
+each program finding its sequence from the query lengths. Padding never touches a real sequence's
+cache: a decode graph's padded rows are one-token sequences; an extend graph's padded tokens form one
+more sequence of their own, and the rows after it have no queries. Both write their K/V to the dummy
+slot and attend only to themselves (no cached prefix: the page table is never read for them). Graphs
+share the memory pool of the piecewise graphs (the same backend).
 """
 
 from __future__ import annotations
