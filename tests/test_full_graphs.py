@@ -11,6 +11,7 @@ import torch
 from tessera.engine.config import RunnerConfig
 from tessera.engine.full_graphs import Shape, graph_shapes
 from tessera.engine.model_runner import ModelRunner
+from tessera.graphs import PaddingLeakError
 
 from .conftest import needs_triton_on_cpu
 from .test_llama import _runner, _seq, hf_and_ours
@@ -69,3 +70,22 @@ def test_extend_graphs_match_eager(family: str) -> None:
     assert stats["extend_graph_replays"] == 3
     assert stats["decode_graph_replays"] == 1
     assert stats["replays"] == {"16": 1}  # the batch of three sequences (9 tokens) through the pieces
+
+
+@needs_triton_on_cpu
+def test_poisoned_padding_catches_an_op_that_mixes_rows() -> None:
+    """Debug mode: each padded replay is repeated with the padded rows' inputs shuffled; a model whose
+    output mixes rows (a mean over all of them, padding included) must be caught, a real one must not."""
+    _, ours = hf_and_ours("LlamaForCausalLM")
+    config = RunnerConfig(page_size=4, attention_backend="triton", emulate_graphs_on_cpu=True,
+                          disable_piecewise_cuda_graph=True, cuda_graph_max_bs=2,
+                          piecewise_cuda_graph_tokens=(8,), extend_cuda_graph_max_seqs=2,
+                          debug_poison_padding=True)  # fmt: skip
+    runner = ModelRunner(ours, ours.cfg, num_pages=16, config=config)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 256, (5,), generator=gen).tolist()
+    runner.run([(_seq(prompt), 5)])  # 5 tokens padded to 8: clean
+    forward = ours.forward
+    ours.forward = lambda ids, pos: (h := forward(ids, pos)) + h.mean(0, keepdim=True)  # type: ignore[method-assign]
+    with pytest.raises(PaddingLeakError, match="full graph of 8 tokens"):
+        runner.run([(_seq(prompt), 5)])

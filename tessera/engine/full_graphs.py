@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from tessera.engine.batch import ForwardBatch
 from tessera.engine.kv_cache import DUMMY_SLOT
-from tessera.graphs import ForwardContext, forward_context, ops
+from tessera.graphs import ForwardContext, PaddingLeakError, forward_context, ops
 from tessera.graphs.hygiene import frozen_gc
 from tessera.graphs.platform import Graph, GraphBackend
 from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
@@ -78,7 +78,10 @@ class FullGraphRunner:
         *,
         max_pages_per_seq: int,
         page_size: int,
+        poison_padding: bool = False,
     ) -> None:
+        """`poison_padding` (debug): every padded replay runs again with the padded rows' token ids
+        and positions shuffled from real rows, and must leave the real rows' outputs bit-identical."""
         if not shapes:
             raise ValueError("a full-graph runner needs at least one shape")
         self.model, self.backend, self.layers = model, backend, layers
@@ -86,7 +89,7 @@ class FullGraphRunner:
         self.decode = [s for s in self.shapes if s.decode]
         self.extend = [s for s in self.shapes if not s.decode]
         self.sizes = [s.tokens for s in self.decode]  # decode batch sizes
-        self.page_size = page_size
+        self.page_size, self.poison_padding = page_size, poison_padding
         max_t, max_s = max(s.tokens for s in shapes), max(s.seqs for s in shapes)
         device = backend.device
         # token ids, positions, slot mapping: one tensor, which a replay fills with one copy
@@ -177,7 +180,26 @@ class FullGraphRunner:
         # replay re-enters `_forward`, which sets its own.
         self.graphs[shape].replay()
         self.replays["decode" if shape.decode else "extend"] += 1
-        return self.outputs[shape][:n]
+        out = self.outputs[shape]
+        if self.poison_padding and n < shape.tokens:
+            self._poison_check(out, shape, n)
+        return out[:n]
+
+    def _poison_check(self, out: torch.Tensor, shape: Shape, n: int) -> None:
+        """Replay with the padded rows' ids and positions taken from real rows in a random order (they
+        must stay valid indices); the slot mapping keeps them in the dummy slot."""
+        clean = out[:n].clone()
+        picks = torch.randint(0, n, (shape.tokens - n,), device=out.device)
+        for row in (self.input_ids, self.positions):
+            row[n : shape.tokens] = row[:n][picks]
+        self.graphs[shape].replay()
+        bad = (out[:n] != clean).reshape(n, -1).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            raise PaddingLeakError(
+                f"full graph of {shape.tokens} tokens: {bad.numel()} of {n} real rows (first: "
+                f"{bad[:8].tolist()}) changed when padded rows {n}..{shape.tokens - 1} were poisoned; "
+                "an op mixes padded rows into real ones"
+            )
 
     def _write_layout(self, shape: Shape, seqs: list[SeqLayout]) -> None:
         """The layout rows of `seqs` followed by the shape's padding, built on the host (the batch's

@@ -153,6 +153,7 @@ class ModelRunner:
             shapes,
             max_pages_per_seq=-(-self.cfg.max_position_embeddings // self.page_size),
             page_size=self.page_size,
+            poison_padding=c.debug_poison_padding,
         )
         runner.capture()
         return runner
