@@ -27,8 +27,8 @@ def time_once(step: Step, ids: torch.Tensor, iters: int) -> float:
 def time_interleaved(steps: dict[str, Step], ids: torch.Tensor, iters: int = 20, reps: int = 15) -> dict:
     """Median per variant over `reps` rounds that run every variant once each, so drift in the host's
     speed (seen: eager varying 15-26 ms between runs) hits all variants alike. Each round starts one
-    variant later: on a power-bound GPU a variant timed right after a host-bound one (eager) ran ~3%
-    faster than the same graphs timed after a GPU-bound one (an 8B model at 512 tokens, H200)."""
+    variant later, so no variant always follows the same one (with a fixed order, the variant after
+    host-bound eager ran 3-4% faster than others on the same graphs: an 8B model at 512 tokens, H200)."""
     for step in steps.values():
         for _ in range(3):
             step(ids)
