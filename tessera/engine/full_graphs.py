@@ -34,6 +34,7 @@ from tessera.engine.kv_cache import DUMMY_SLOT
 from tessera.graphs import ForwardContext, PaddingLeakError, forward_context, ops
 from tessera.graphs.hygiene import frozen_gc
 from tessera.graphs.platform import Graph, GraphBackend
+from tessera.graphs.runner import changed_rows
 from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
 
 logger = logging.getLogger("tessera")
@@ -193,7 +194,7 @@ class FullGraphRunner:
         for row in (self.input_ids, self.positions):
             row[n : shape.tokens] = row[:n][picks]
         self.graphs[shape].replay()
-        bad = (out[:n] != clean).reshape(n, -1).any(dim=1).nonzero().flatten()
+        bad = changed_rows(clean, out[:n])
         if bad.numel():
             raise PaddingLeakError(
                 f"full graph of {shape.tokens} tokens: {bad.numel()} of {n} real rows (first: "

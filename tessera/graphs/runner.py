@@ -239,9 +239,7 @@ class PiecewiseGraphRunner:
         self._load(views, inputs, n, size, poison=True)
         poisoned = self.strategy.replay(size, views)
         for i, (a, b) in enumerate(zip(clean, _token_tensors(poisoned, size), strict=True)):
-            b = b[:n]
-            same = (a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b
-            bad = (~same.reshape(n, -1).all(dim=1)).nonzero().flatten()
+            bad = changed_rows(a, b[:n])
             if bad.numel():
                 raise PaddingLeakError(
                     f"output {i}: {bad.numel()} of {n} real rows (first: {bad[:8].tolist()}) changed "
@@ -279,3 +277,11 @@ def _slice(out: Any, n: int, size: int) -> Any:
         lambda t: t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else t,
         out,
     )
+
+
+def changed_rows(clean: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (first dimension) where `poisoned` differs from `clean`; NaN equals NaN."""
+    same = clean == poisoned
+    if clean.is_floating_point():
+        same |= clean.isnan() & poisoned.isnan()
+    return (~same.reshape(clean.shape[0], -1).all(dim=1)).nonzero().flatten()
