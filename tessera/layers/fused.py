@@ -2,12 +2,13 @@
 
 Unfused, a Llama layer ran 49 kernels (RMSNorm alone is 8: cast, pow, mean, add, rsqrt, mul, cast, mul)
 and at small batches a step costs its kernel count more than its FLOPs: once graphs remove launches,
-each kernel still costs its fixed ~2 µs on the GPU. These three bring a layer to 11 kernels. Each is
-an opaque op, so `torch.compile(fullgraph=True)` keeps it whole inside a piece. The arithmetic
-follows HF transformers' bf16 rounding points (the residual sum is rounded before it is normalized,
-the normalized row before the weight multiplies, SiLU's output before the product), so logits match
-the reference as closely as the unfused ops did. The layers call these on CUDA tensors only; on a CPU
-they run their torch reference, and CI runs the kernels in Triton's interpreter against it.
+each kernel still costs its fixed ~2 µs on the GPU. With these three (rotary as one launch for q and
+k) a layer runs 9 kernels. Each is an opaque op, so `torch.compile(fullgraph=True)` keeps it whole
+inside a piece. The arithmetic follows HF transformers' bf16 rounding points (the residual sum is
+rounded before it is normalized, the normalized row before the weight multiplies, SiLU's output before
+the product), so logits match the reference as closely as the unfused ops did. The layers call these
+on CUDA tensors only; on a CPU they run their torch reference, and CI runs the kernels in Triton's
+interpreter against it.
 """
 
 from __future__ import annotations
@@ -74,17 +75,12 @@ def add_rms_norm(
 
 
 @triton.jit
-def _rope_kernel(
-    X, Out, COS, SIN, POS, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
-    HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+def _rotate_heads(
+    X, Out, t, cos, sin, d, d_ok, stride_xt, stride_xh, stride_ot, stride_oh,
+    HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
-    pos = tl.load(POS + t)
-    d = tl.arange(0, BLOCK_D)
+    """Rotate the HEADS heads of token t (rotate-half layout) from X into Out."""
     h = tl.arange(0, BLOCK_H)
-    d_ok = d < HALF
-    cos = tl.load(COS + pos * stride_c + d, mask=d_ok, other=0.0)[None, :]
-    sin = tl.load(SIN + pos * stride_c + d, mask=d_ok, other=0.0)[None, :]
     mask = (h[:, None] < HEADS) & d_ok[None, :]
     src = X + t * stride_xt + h[:, None] * stride_xh + d[None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
@@ -94,16 +90,23 @@ def _rope_kernel(
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
 
 
-def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    tokens, heads, dim = x.shape
-    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
-    if tokens:
-        _rope_kernel[(tokens,)](
-            x, out, cos, sin, positions, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            cos.stride(0), HEADS=heads, HALF=dim // 2, BLOCK_H=next_pow2(heads),
-            BLOCK_D=next_pow2(dim // 2),
-        )  # fmt: skip
-    return out
+@triton.jit
+def _rope_kernel(
+    Q, K, QOut, KOut, COS, SIN, POS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_c,
+    Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    pos = tl.load(POS + t)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HALF
+    cos = tl.load(COS + pos * stride_c + d, mask=d_ok, other=0.0)[None, :]
+    sin = tl.load(SIN + pos * stride_c + d, mask=d_ok, other=0.0)[None, :]
+    _rotate_heads(Q, QOut, t, cos, sin, d, d_ok, stride_qt, stride_qh, stride_qot, stride_qoh,
+                  Q_HEADS, HALF, BLOCK_HQ)  # fmt: skip
+    _rotate_heads(K, KOut, t, cos, sin, d, d_ok, stride_kt, stride_kh, stride_kot, stride_koh,
+                  K_HEADS, HALF, BLOCK_HK)  # fmt: skip
 
 
 @opaque_op(
@@ -114,8 +117,20 @@ def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding (rotate-half layout) of q [T, H, D] and k [T, KVH, D]; cos, sin: [P, D/2]
-    float32 tables. Two launches, no temporaries: q and k may be strided views of one QKV output."""
-    return _rope_one(q, cos, sin, positions), _rope_one(k, cos, sin, positions)
+    float32 tables. One launch for q and k (a program a token: its cos/sin row is read once), no
+    temporaries: q and k may be strided views of one QKV output."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    q_out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((tokens, kv_heads, dim), dtype=k.dtype, device=k.device)
+    if tokens:
+        _rope_kernel[(tokens,)](
+            q, k, q_out, k_out, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
+            Q_HEADS=heads, K_HEADS=kv_heads, HALF=dim // 2, BLOCK_HQ=next_pow2(heads),
+            BLOCK_HK=next_pow2(kv_heads), BLOCK_D=next_pow2(dim // 2),
+        )  # fmt: skip
+    return q_out, k_out
 
 
 @triton.jit
