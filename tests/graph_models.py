@@ -68,6 +68,42 @@ class SumsAllRows(nn.Module):
         return out.sum(dim=0, keepdim=True)
 
 
+# How often the bound op was bound and how often a call went through its binder's callable.
+BINDS: dict[str, int] = {"binds": 0, "bound_calls": 0, "plain_calls": 0}
+
+
+@split_op("tessera_test::bound_scale", outputs=("out",))
+def bound_scale(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Writes every row, padded ones included (the runtime zeroes them); counts unbound calls."""
+    BINDS["plain_calls"] += 1
+    out.copy_(x * 3)
+
+
+@bound_scale.binder
+def _bind_scale(x: torch.Tensor, out: torch.Tensor) -> Any:
+    BINDS["binds"] += 1
+
+    def call() -> None:
+        BINDS["bound_calls"] += 1
+        torch.mul(x, 3, out=out)
+
+    return call
+
+
+class BoundSums(nn.Module):
+    """SumsAllRows over a split op with a binder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + 1.0
+        out = torch.empty_like(h)
+        torch.ops.tessera_test.bound_scale(h, out)
+        return out.sum(dim=0, keepdim=True)
+
+
 class Leaky(nn.Module):
     """Mixes rows: every output row depends on the mean over all rows, padding included."""
 

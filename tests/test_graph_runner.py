@@ -15,7 +15,18 @@ from tessera.graphs import (
     PiecewiseGraphRunner,
 )
 
-from .graph_models import SEEN, TINY, Leaky, Recorder, SumsAllRows, flippable, ids, tiny_model
+from .graph_models import (
+    BINDS,
+    SEEN,
+    TINY,
+    BoundSums,
+    Leaky,
+    Recorder,
+    SumsAllRows,
+    flippable,
+    ids,
+    tiny_model,
+)
 
 STRATEGIES = ["breakable", "compile"]
 SIZES = [4, 8, 16, 32]
@@ -281,3 +292,23 @@ def test_inductor_pieces_match_eager() -> None:
         x = ids(n)
         torch.testing.assert_close(runner(x), model(x), rtol=1e-4, atol=1e-4)
     assert not runner.stats.fallbacks
+
+
+@torch.no_grad()
+def test_compiled_replays_call_split_ops_as_bound_at_capture() -> None:
+    """The compile strategy binds a split op once per captured size and replays that (the per-call
+    host work of a launch done once); padded rows are still zeroed, and an eager fallback calls the op
+    itself. (Breakable graphs bind their eager steps on CUDA; the emulated backend reruns the forward.)"""
+    torch.manual_seed(0)
+    model = BoundSums().eval()
+    runner = PiecewiseGraphRunner(model, GraphConfig(strategy="compile", capture_sizes=SIZES, progress=False))
+    runner.capture([torch.randn(5, 8)])
+    assert BINDS["binds"] == len(SIZES)
+    BINDS.update(bound_calls=0, plain_calls=0)
+    for n in (1, 5, 8, 32):
+        x = torch.randn(n, 8)
+        torch.testing.assert_close(runner(x), model(x))  # sums every row: a padded row would show
+    assert BINDS["bound_calls"] == 4 and BINDS["plain_calls"] == 4  # the 4 plain ones: model(x)
+    runner(torch.randn(40, 8))  # oversize: eager
+    assert BINDS["bound_calls"] == 4 and BINDS["plain_calls"] == 5
+    assert BINDS["binds"] == len(SIZES)

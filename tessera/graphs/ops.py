@@ -47,19 +47,35 @@ class SplitOp:
         """`fn` over `args`, prepared by the op's binder if it has one."""
         return self._binder(*args) if self._binder is not None else functools.partial(self.fn, *args)
 
+    def bound_run(self, *args: Any) -> Callable[[], None]:
+        """What `run(*args)` does, for these very tensors: the bound op, then the padded tail zeroed."""
+        call = self.bound(*args)
+        if self.zeroes_padding:
+            return call
+        outputs = [args[i] for i in self.output_positions]
+
+        def run() -> None:
+            call()
+            _zero_padded_rows(outputs)
+
+        return run
+
     def run(self, *args: Any) -> None:
         """Run eagerly (positional arguments), then zero the padded tail of the outputs (unless the op
         zeroes it itself)."""
         self.fn(*args)
-        if self.zeroes_padding:
-            return
-        ctx = _current_or_none()
-        if ctx is not None and ctx.raw_num_tokens < ctx.num_tokens:
-            for i in self.output_positions:
-                args[i][ctx.raw_num_tokens : ctx.num_tokens].zero_()
+        if not self.zeroes_padding:
+            _zero_padded_rows([args[i] for i in self.output_positions])
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         self.op(*args, **kwargs)
+
+
+def _zero_padded_rows(outputs: list[torch.Tensor]) -> None:
+    ctx = _current_or_none()
+    if ctx is not None and ctx.raw_num_tokens < ctx.num_tokens:
+        for out in outputs:
+            out[ctx.raw_num_tokens : ctx.num_tokens].zero_()
 
 
 _SPLIT_OPS: dict[str, SplitOp] = {}
