@@ -149,7 +149,9 @@ class _SplitCall:
             op_args = tuple(args[i] if i is not None else const for i, const in self._plan)
         self.split.run(*op_args)
         if size is not None and self.owner.capturing and self._stable(op_args):
-            self.bound[size] = self.split.bound_run(*op_args)
+            # NOTE: bound over non-owning views, as the pieces keep their outputs: a strong reference
+            # would pin every size's intermediates and unshare the graph pool.
+            self.bound[size] = self.split.bound_run(*self.owner.backend.hold(op_args))
 
     def _stable(self, op_args: tuple[Any, ...]) -> bool:
         """Whether every tensor argument will be at this address on every replay at this size (a
