@@ -177,37 +177,3 @@ def test_a_bound_attention_keeps_its_binary_for_the_same_plan(monkeypatch: pytes
     assert (args[names.index("zero_from")], args[names.index("zero_to")]) == (3, 5)
     bound.launch(plan(40))  # long queries: other block shapes, another binary
     assert len(jit.compiled) == 2
-
-
-def test_pdl_is_off_where_it_cannot_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Programmatic dependent launch: CUDA on Hopper or later only, never interpreted, never on ROCm,
-    off with TESSERA_PDL=0 and inside pdl_disabled() (a kernel-time floor is measured without it)."""
-    from tessera.graphs import launch
-
-    assert not launch.pdl_enabled(torch.device("cpu"))
-    assert launch.pdl_options(False) == {}
-    assert launch.pdl_options(True) == {"launch_pdl": True}
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(launch, "_pdl_devices", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert launch.pdl_enabled(cuda)  # an H100/H200
-    with launch.pdl_disabled():
-        assert not launch.pdl_enabled(cuda)
-    assert launch.pdl_enabled(cuda)
-    monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert not launch.pdl_enabled(cuda)
-    monkeypatch.setattr(torch.version, "hip", None)
-    for env, capability, expected in [
-        ({"TESSERA_PDL": "0"}, (9, 0), False),
-        ({"TRITON_INTERPRET": "1"}, (9, 0), False),
-        ({}, (8, 0), False),  # an A100: no PDL
-        ({}, (10, 0), True),
-    ]:
-        monkeypatch.setattr(launch, "_pdl_devices", {})
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        assert launch.pdl_enabled(cuda) is expected, (env, capability)
-        for name in env:
-            monkeypatch.setenv(name, "1" if name == "TESSERA_PDL" else "0")

@@ -27,7 +27,6 @@ from tessera.engine.config import RunnerConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
-from tessera.graphs.launch import pdl_enabled
 from tessera.models import registry
 from tessera.models.llama import LlamaForCausalLM
 
@@ -166,7 +165,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "step",
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "pdl": pdl_enabled(torch.device("cuda")),  # tessera's Triton kernels launched with PDL
         "models": [],
     }
 

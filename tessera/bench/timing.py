@@ -9,8 +9,6 @@ from typing import Any
 
 import torch
 
-from tessera.graphs.launch import pdl_disabled
-
 Step = Callable[[torch.Tensor], Any]
 
 
@@ -59,18 +57,15 @@ def graph_ms(fn: Callable[[], Any], iters: int = 50, reps: int = 5) -> float:
 
 
 def kernel_floor(step: Step, ids: torch.Tensor, iters: int = 10) -> tuple[float, int]:
-    """(ms of GPU kernel time per step, kernels per step) from torch.profiler. Kernels launched eagerly
-    here launch without PDL: one scheduled early would count its wait for the kernel before it as its
-    own duration (captured graphs keep the launches they were captured with)."""
+    """(ms of GPU kernel time per step, kernels per step) from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    with pdl_disabled():
-        step(ids)
+    step(ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step(ids)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                step(ids)
-            torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in kernels)
     return total_us / iters / 1e3, round(len(kernels) / iters)

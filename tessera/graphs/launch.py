@@ -16,10 +16,9 @@ for. Three costs dominate it and all are avoidable:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -31,48 +30,6 @@ _I32 = range(-(2**31), 2**31)
 # Sequences with at most this many new tokens are "short" (decode, speculative verify, small extends):
 # attention gives them blocks of 16 query rows, where longer ones get 64
 SHORT_QUERY_LEN = 16
-
-
-_pdl_devices: dict[int, bool] = {}
-_pdl_off = 0  # > 0 inside `pdl_disabled()`
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether Triton kernels on `device` launch with programmatic dependent launch (PDL): CUDA on Hopper
-    or later, compiled (not interpreted), unless `TESSERA_PDL=0`.
-
-    NOTE: why: at small batches a step is ~300 kernels of a few µs, and even inside a CUDA graph the GPU
-    spends ~0.5 µs between two of them. A kernel launched with PDL is scheduled while the kernel before
-    it drains and waits on the device (`gdc_wait`, the first thing each of these kernels does) until
-    that one's writes are visible, so its launch latency overlaps its predecessor's tail. Kernels that
-    take a `PDL` constexpr wait only when it is set; the wait is harmless when launched without PDL."""
-    if _pdl_off or device.type != "cuda" or torch.version.hip is not None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    on = _pdl_devices.get(index)
-    if on is None:
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true")
-        wanted = os.environ.get("TESSERA_PDL", "1") not in ("0", "false")
-        hopper = torch.cuda.get_device_capability(index)[0] >= 9
-        on = _pdl_devices[index] = wanted and not interpreted and hopper
-    return on
-
-
-@contextlib.contextmanager
-def pdl_disabled() -> Iterator[None]:
-    """Kernels launched inside launch without PDL (a kernel-time floor measured with PDL would count
-    a kernel's wait on its predecessor as its own time)."""
-    global _pdl_off
-    _pdl_off += 1
-    try:
-        yield
-    finally:
-        _pdl_off -= 1
-
-
-def pdl_options(on: bool) -> dict[str, bool]:
-    """Triton launch options for `pdl_enabled`'s answer (none when off: an interpreter takes none)."""
-    return {"launch_pdl": True} if on else {}
 
 
 def cdiv(a: int, b: int) -> int:

@@ -17,21 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import cdiv, next_pow2, pdl_enabled, pdl_options
+from tessera.graphs.launch import cdiv, next_pow2
 from tessera.graphs.ops import opaque_op
 
 
 @triton.jit
 def _rms_norm_kernel(
     X, R, W, Out, RoutOut, stride_x, stride_r, stride_o, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the rows are the previous kernel's output
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -42,6 +39,7 @@ def _rms_norm_kernel(
     # the normalized row is rounded to the model's dtype before the weight multiplies (as HF's is);
     # the product is taken in float32 and rounded once, which is what a bf16 multiply does
     normed = (x * tl.rsqrt(var + eps)).to(Out.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + cols, (normed * w).to(Out.dtype.element_ty), mask=mask)
 
 
@@ -52,10 +50,9 @@ def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     r = residual if residual is not None else x
     if rows == 0:
         return out, summed
-    pdl = pdl_enabled(x.device)
     _rms_norm_kernel[(rows,)](
         x, r, weight, out, summed, x.stride(0), r.stride(0), out.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n), PDL=pdl, **pdl_options(pdl),
+        HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
     )  # fmt: skip
     return out, summed
 
@@ -98,10 +95,8 @@ def _rope_kernel(
     Q, K, QOut, KOut, COS, SIN, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_c,
     Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     d = tl.arange(0, BLOCK_D)
@@ -129,20 +124,17 @@ def rope(
     q_out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((tokens, kv_heads, dim), dtype=k.dtype, device=k.device)
     if tokens:
-        pdl = pdl_enabled(q.device)
         _rope_kernel[(tokens,)](
             q, k, q_out, k_out, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
             Q_HEADS=heads, K_HEADS=kv_heads, HALF=dim // 2, BLOCK_HQ=next_pow2(heads),
-            BLOCK_HK=next_pow2(kv_heads), BLOCK_D=next_pow2(dim // 2), PDL=pdl, **pdl_options(pdl),
+            BLOCK_HK=next_pow2(kv_heads), BLOCK_D=next_pow2(dim // 2),
         )  # fmt: skip
     return q_out, k_out
 
 
 @triton.jit
-def _silu_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+def _silu_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -159,8 +151,5 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     block = min(1024, next_pow2(n))
     if rows:
-        pdl = pdl_enabled(x.device)
-        _silu_mul_kernel[(rows, cdiv(n, block))](
-            x, out, x.stride(0), out.stride(0), n, BLOCK=block, PDL=pdl, **pdl_options(pdl)
-        )
+        _silu_mul_kernel[(rows, cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
     return out

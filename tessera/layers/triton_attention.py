@@ -20,15 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import (
-    SHORT_QUERY_LEN,
-    KernelLauncher,
-    cdiv,
-    next_pow2,
-    pdl_enabled,
-    pdl_options,
-    tensors_spec,
-)
+from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2, tensors_spec
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 
@@ -81,10 +73,8 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     HAS_NEW: tl.constexpr, PACK: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_DV: tl.constexpr, FLAT: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_DV: tl.constexpr, FLAT: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # q, k, v are the previous kernel's output (see launch.pdl_enabled)
-        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)  # a sequence; `num_seqs`: the rows `zero_from .. zero_to` of Out
     hp = tl.program_id(1)  # a query head; with PACK, a KV head and every query head of its group
     mb = tl.program_id(2)
@@ -285,9 +275,7 @@ class PagedAttention:
         stride_pb = page_table.stride(0)  # not specialized on (it varies batch to batch) but for its width
         block_s = next_pow2(batch) if flat else 1
         consts = (group, page_size, head_dim, v_dim, has_new, pack, group_p, block_m, 32, *blocks)
-        pdl = pdl_enabled(q_len.device)
-        consts += (flat, block_s, pdl)
-        options = {**options, **pdl_options(pdl)}
+        consts += (flat, block_s)
         key = (tuple([t.dtype for t in tensors]), stride_pb < 2**31, consts)
         key = _PLAN_KEYS.setdefault(key, key)
         # NOTE: a last row of programs zeroes the padded rows; the row counts are not specialized on.
