@@ -244,3 +244,80 @@ def test_a_flat_launch_equals_the_per_sequence_grid(
     assert outs[1][real:padded].eq(0).all() and outs[1][padded].isnan().all()
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0, equal_nan=True)
     assert not outs[1][:real].isnan().any()
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "heads", "kv_heads", "pack", "flat"),
+    [
+        ([6, 1, 20], [10, 33, 20], 4, 2, False, False),  # a chunk over a prefix, a decode, a prefill
+        ([1, 17, 3], [30, 40, 3], 9, 3, True, False),  # SmolLM2's groups packed
+        ([5, 0, 20], [9, 0, 20], 4, 4, False, True),  # a full graph's flat launch, an empty row
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_inside_equals_rotary_before(
+    q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, pack: bool, flat: bool,
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """`rope=(cos, sin)`: the kernel rotates q and this step's K itself (at each token's index in its
+    sequence) and writes the rotated K to the cache: the same output and cache as the rotary kernel's
+    (here its torch reference) output passed to the kernel without it."""
+    from tessera.layers.rotary import RotaryEmbedding, _rotate
+
+    head_dim, page = 32, 4
+    live = [i for i, n in enumerate(q_lens) if n > 0]
+    q, k, v, tables = _batch([q_lens[i] for i in live], [ctx_lens[i] for i in live], heads, kv_heads,
+                             head_dim, page, dtype, head_dim)  # fmt: skip
+    width = max(len(t) for t in tables)
+    rows = [[0] * width for _ in q_lens]
+    for i, t in zip(live, tables, strict=True):
+        rows[i] = t + [0] * (width - len(t))
+    table = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    q_len = torch.tensor(q_lens, dtype=torch.int32, device=DEVICE)
+    q_start = torch.cumsum(q_len, 0, dtype=torch.int32) - q_len
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    positions = torch.cat([torch.arange(c - n, c) for n, c in zip(q_lens, ctx_lens, strict=True)]).to(DEVICE)
+    new_positions = [range(c - n, c) for n, c in zip(q_lens, ctx_lens, strict=True)]
+    slots = torch.tensor(
+        [rows[i][p // page] * page + p % page for i, span in enumerate(new_positions) for p in span],
+        device=DEVICE,
+    )
+    rotary = RotaryEmbedding(head_dim, 10000.0, 64, None).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    new_k = torch.randn(q.shape[0], kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    new_v = torch.randn(q.shape[0], kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+    longest = q.shape[0] if flat else max(q_lens)
+    results = []
+    for inside in (False, True):
+        cache_k, cache_v = k.clone(), v.clone()
+        qi, ki = (q, new_k) if inside else (_rotate(q, cos, sin), _rotate(new_k, cos, sin))
+        out = torch.full_like(q, float("nan"))
+        triton_attention.paged_attention(
+            qi, cache_k, cache_v, out, table, q_start, q_len, ctx, longest, page, head_dim**-0.5,
+            new_kv=(ki, new_v, slots), pack=pack, flat=flat,
+            rope=(rotary.cos, rotary.sin) if inside else None,
+        )  # fmt: skip
+        results.append((out, cache_k, cache_v))
+    (want, want_k, want_v), (got, got_k, got_v) = results
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_k, want_k, rtol=tol, atol=tol)  # the cache holds rotated keys
+    assert torch.equal(got_v, want_v)
+
+
+def test_rotary_inside_refuses_what_it_cannot_do() -> None:
+    from tessera.layers.rotary import RotaryEmbedding
+
+    q = torch.zeros(4, 2, 48, device=DEVICE)  # 48 = 32 + 16: a head dim with a tail
+    cache = torch.zeros(8, 1, 48, device=DEVICE)
+    rotary = RotaryEmbedding(48, 10000.0, 16, None).to(DEVICE)
+    tables = (rotary.cos, rotary.sin)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        triton_attention.PagedAttention(q, cache, cache, q, 4, 1.0, (cache[:4], cache[:4]), tables)
+    q, cache = q[..., :32], torch.zeros(8, 1, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="needs the new K/V"):
+        triton_attention.PagedAttention(q, cache, cache, q, 4, 1.0, None, tables)
+    with pytest.raises(ValueError, match="rotary tables"):
+        triton_attention.PagedAttention(q, cache, cache, q, 4, 1.0, (cache[:4], cache[:4]), tables)
