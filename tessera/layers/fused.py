@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import KernelLauncher, cdiv, next_pow2, tensors_spec
+from tessera.graphs.launch import cdiv, next_pow2
 from tessera.graphs.ops import opaque_op
 
 
@@ -90,8 +90,7 @@ def _rotate_heads(
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
 
 
-# NOTE: positions are often a row of a larger batch tensor: their alignment varies batch to batch
-@triton.jit(do_not_specialize_on_alignment=["POS"])
+@triton.jit
 def _rope_kernel(
     Q, K, QOut, KOut, COS, SIN, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_c,
@@ -134,34 +133,20 @@ def rope(
     return q_out, k_out
 
 
-_rope_launch = KernelLauncher(_rope_kernel)
-
-
-class InPlaceRotary:
-    """`rope` in place, bound to one layer's q and k (views of its QKV projection) and tables: a call
-    rotates rows `:len(positions)` where they are (each program reads its token's heads before it
-    writes them). For paged attention's long batches, eagerly between graph segments on every layer:
-    the launch goes through the kept binary with the key worked out here once (through `kernel[grid]`
-    its host work made a 512-token piecewise step host-bound)."""
-
-    __slots__ = ("key", "ptrs", "tail", "tensors")
-
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        tensors = (q, k, q, k, cos, sin)
-        ptrs = tuple([t.data_ptr() for t in tensors])
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1)) * 2 + (cos.stride(0),)
-        heads, kv_heads, half = q.shape[1], k.shape[1], q.shape[2] // 2
-        consts = (heads, kv_heads, half, next_pow2(heads), next_pow2(kv_heads), next_pow2(half))
-        # what Triton specializes on: dtypes, pointer alignment (not the positions'), strides, constexprs
-        self.key = (*tensors_spec(tensors, ptrs), strides, consts)
-        self.tensors, self.ptrs, self.tail = tensors, ptrs, (*strides, *consts)
-
-    def __call__(self, positions: torch.Tensor) -> None:
-        n = positions.shape[0]
-        if n:
-            args = (*self.tensors, positions, *self.tail)
-            flat = (*self.ptrs, positions.data_ptr(), *self.tail)
-            _rope_launch.keyed((self.key, positions.dtype), (n,), args, flat)
+def rope_(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """`rope` in place: q and k rotated where they are (each program reads its token's heads before it
+    writes them). For an eager caller that holds the only reference to q and k (paged attention's
+    long batches, see triton_attention.ROTARY_INSIDE_MAX_Q)."""
+    tokens, heads, dim = q.shape
+    if tokens:
+        _rope_kernel[(tokens,)](
+            q, k, q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            Q_HEADS=heads, K_HEADS=k.shape[1], HALF=dim // 2, BLOCK_HQ=next_pow2(heads),
+            BLOCK_HK=next_pow2(k.shape[1]), BLOCK_D=next_pow2(dim // 2),
+        )  # fmt: skip
 
 
 @triton.jit

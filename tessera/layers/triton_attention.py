@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2, tensors_spec
-from tessera.layers.fused import InPlaceRotary
+from tessera.layers.fused import rope_
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 # NOTE: with rotary tables the kernel rotates q and this step's K itself (one kernel fewer a layer), but
@@ -258,7 +258,7 @@ class PagedAttention:
     compiled binary's call (`profile_engine_h200.txt`: 14.3 us a replayed layer bound this way, 21.4
     through `paged_attention`, 8.6 for the binary alone, on one H200 host)."""
 
-    __slots__ = ("_binary", "_plan_key", "_rotary", "key", "ptrs", "scale", "shape", "strides", "tensors")
+    __slots__ = ("_binary", "_plan_key", "key", "ptrs", "scale", "shape", "strides", "tensors")
 
     def __init__(
         self,
@@ -275,7 +275,6 @@ class PagedAttention:
             _check_rope(q, k_cache, v_cache, new_kv, rope)
         nk, nv = new_kv if new_kv is not None else (k_cache, v_cache)  # unread placeholders
         cos, sin = rope if rope is not None else (q, q)
-        self._rotary = InPlaceRotary(q, nk, cos, sin) if rope is not None else None
         self.tensors = (q, k_cache, v_cache, out, nk, nv, cos, sin)
         self.ptrs = tuple([t.data_ptr() for t in self.tensors])
         self.strides = tuple(x for t in self.tensors for x in t.stride()[:2])
@@ -357,8 +356,9 @@ class PagedAttention:
     def rotate(self, positions: torch.Tensor) -> None:
         """Rotate q and the new K in place, rows `:len(positions)`: what a plan with `rotary_inside`
         off expects to find."""
-        assert self._rotary is not None, "no rotary tables bound"
-        self._rotary(positions)
+        q, _, _, _, nk, _, cos, sin = self.tensors
+        n = positions.shape[0]
+        rope_(q[:n], nk[:n], cos, sin, positions)
 
     def launch(self, plan: _Plan, zero_rows: tuple[int, int] = (0, 0)) -> None:
         """Attention of `plan`'s batch; rows `zero_rows[0] .. zero_rows[1]` of the output get zeros."""
