@@ -136,23 +136,6 @@ def test_triton_attention_takes_over_the_rotary(monkeypatch: pytest.MonkeyPatch)
     assert all(entry.rope is None for entry in runner.layers.values())
 
 
-@needs_triton_on_cpu
-def test_long_batches_rotate_before_the_kernel() -> None:
-    """A prefill longer than ROTARY_INSIDE_MAX_Q new tokens gets q and k rotated in place before the
-    kernel, a decode inside it: both as the torch backend (the model's rotary)."""
-    from tessera.layers.triton_attention import ROTARY_INSIDE_MAX_Q
-
-    _, ours = hf_and_ours("Qwen3ForCausalLM")  # q/k norms before the rotary
-    reference = copy.deepcopy(ours)
-    ids = torch.randint(0, 256, (ROTARY_INSIDE_MAX_Q + 9,)).tolist()
-    got, want = _runner(ours, "triton", num_pages=40), _runner(reference, "torch", num_pages=40)
-    a, b = _seq(ids), _seq(ids)
-    torch.testing.assert_close(got.run([(a, len(ids))]), want.run([(b, len(ids))]), rtol=1e-4, atol=1e-4)
-    for s in (a, b):
-        s.output_token_ids.append(7)  # as a sampled token
-    torch.testing.assert_close(got.run([(a, 1)]), want.run([(b, 1)]), rtol=1e-4, atol=1e-4)
-
-
 def test_prefix_cached_extend_equals_full_prefill() -> None:
     _, ours = hf_and_ours("LlamaForCausalLM")
     ids = torch.randint(0, 256, (13,)).tolist()

@@ -255,15 +255,13 @@ def test_a_flat_launch_equals_the_per_sequence_grid(
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("inside", [True, False], ids=["kernel-rotates", "rotated-in-place-first"])
 def test_rotary_inside_equals_rotary_before(
     q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int, pack: bool, flat: bool,
-    dtype: torch.dtype, inside: bool,
+    dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """`rope=(cos, sin)`: the kernel rotates q and this step's K itself (at each token's index in its
     sequence) and writes the rotated K to the cache: the same output and cache as the rotary kernel's
-    (here its torch reference) output passed to the kernel without it. A plan with `rotary_inside` off
-    (long batches) expects `rotate` to have rotated them in place first: the same again."""
+    (here its torch reference) output passed to the kernel without it."""
     from tessera.layers.rotary import RotaryEmbedding, _rotate
 
     head_dim, page = 32, 4
@@ -291,19 +289,15 @@ def test_rotary_inside_equals_rotary_before(
     cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
     longest = q.shape[0] if flat else max(q_lens)
     results = []
-    for tables in (False, True):
+    for inside in (False, True):
         cache_k, cache_v = k.clone(), v.clone()
-        qi, ki = (q.clone(), new_k.clone()) if tables else (_rotate(q, cos, sin), _rotate(new_k, cos, sin))
+        qi, ki = (q, new_k) if inside else (_rotate(q, cos, sin), _rotate(new_k, cos, sin))
         out = torch.full_like(q, float("nan"))
-        rope = (rotary.cos, rotary.sin) if tables else None
-        bound = triton_attention.PagedAttention(
-            qi, cache_k, cache_v, out, page, head_dim**-0.5, (ki, new_v), rope
-        )
-        plan = bound.plan(table, q_start, q_len, ctx, longest, slots, pack, flat, rotary_inside=inside)
-        assert plan.rotary == (tables and inside)
-        if tables and not inside:
-            bound.rotate(positions)
-        bound.launch(plan)
+        triton_attention.paged_attention(
+            qi, cache_k, cache_v, out, table, q_start, q_len, ctx, longest, page, head_dim**-0.5,
+            new_kv=(ki, new_v, slots), pack=pack, flat=flat,
+            rope=(rotary.cos, rotary.sin) if inside else None,
+        )  # fmt: skip
         results.append((out, cache_k, cache_v))
     (want, want_k, want_v), (got, got_k, got_v) = results
     # NOTE: on a GPU a float32 tl.dot runs in TF32, which the two roundings of q and K feed differently

@@ -99,7 +99,7 @@ def build_batch(
     return ForwardBatch(
         input_ids=input_ids,
         positions=positions_d,
-        metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts, positions=positions_d),
+        metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts),
         logits_indices=last_d,
         seqs=[seq for seq, _ in work],
         token_rows=token_rows,

@@ -120,8 +120,7 @@ class FullGraphRunner:
         kernel = KernelLayout(
             self.page_table[: shape.seqs], q_start, q_len, ctx_len, shape.max_q_len, flat=not shape.decode
         )
-        t = shape.tokens
-        return AttentionMetadata(self.slot_mapping[:t], kernel, [], positions=self.positions[:t])
+        return AttentionMetadata(slot_mapping=self.slot_mapping[: shape.tokens], kernel=kernel, seqs=[])
 
     def _forward(self, shape: Shape) -> torch.Tensor:
         t = shape.tokens

@@ -166,10 +166,7 @@ class ModelRunner:
         slots = torch.full((num_tokens,), DUMMY_SLOT, dtype=torch.long, device=self.device)
         layout = SeqLayout(num_tokens, num_tokens)
         pages = [[DUMMY_SLOT // self.page_size] * -(-num_tokens // self.page_size)]
-        positions = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        return AttentionMetadata(
-            slots, kernel_layout([layout], pages, self.device), [layout], positions=positions
-        )
+        return AttentionMetadata(slots, kernel_layout([layout], pages, self.device), [layout])
 
     def graph_stats(self) -> dict[str, Any]:
         full = self.full_graphs.replays if self.full_graphs is not None else {"decode": 0, "extend": 0}

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from tessera.graphs import get_forward_context, split_op
 
 try:
-    from tessera.layers.triton_attention import ROTARY_INSIDE_MAX_Q, PagedAttention
+    from tessera.layers.triton_attention import PagedAttention
 except ImportError:  # no Triton: the torch backend only
     PagedAttention = None  # type: ignore[assignment,misc]
-    ROTARY_INSIDE_MAX_Q = 0
 
 
 @dataclass
@@ -51,8 +50,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     kernel: KernelLayout  # the batch as tensors (page table, lengths)
     seqs: list[SeqLayout]  # the same on the host, for the per-sequence reference backend
-    # [num_tokens] each new token's position: the triton kernel's rotary of long batches reads it
-    positions: torch.Tensor | None = None
     # per-batch values a split op derives once and every layer reuses (MLA's per-path layouts)
     derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -136,21 +133,11 @@ def _launch(bound: PagedAttention) -> None:
     key = ("paged_attention", bound.shape)
     plans = meta.derived.get(key)
     if plans is None:
-        slots, kernel = meta.slot_mapping, meta.kernel
-        inside = kernel.max_q_len <= ROTARY_INSIDE_MAX_Q
+        slots = meta.slot_mapping
         plans = meta.derived[key] = [
-            bound.plan(
-                kl.page_table, kl.q_start, kl.q_len, kl.ctx_len, kl.max_q_len, slots, flat=kl.flat,
-                rotary_inside=inside,
-            )
-            for kl in kernel.parts or (kernel,)
-        ]  # fmt: skip
-    if bound.rotary and not plans[0].rotary:
-        # NOTE: in place, though the op's schema mutates only `out`: q and k are this layer's views of
-        # its QKV projection, which nothing reads after attention
-        if meta.positions is None:
-            raise ValueError("rotary in paged attention needs the batch's positions (AttentionMetadata)")
-        bound.rotate(meta.positions)
+            bound.plan(kl.page_table, kl.q_start, kl.q_len, kl.ctx_len, kl.max_q_len, slots, flat=kl.flat)
+            for kl in meta.kernel.parts or (meta.kernel,)
+        ]
     for plan in plans[:-1]:
         bound.launch(plan)
     bound.launch(plans[-1], (ctx.raw_num_tokens, ctx.num_tokens))

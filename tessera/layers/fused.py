@@ -133,22 +133,6 @@ def rope(
     return q_out, k_out
 
 
-def rope_(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
-) -> None:
-    """`rope` in place: q and k rotated where they are (each program reads its token's heads before it
-    writes them). For an eager caller that holds the only reference to q and k (paged attention's
-    long batches, see triton_attention.ROTARY_INSIDE_MAX_Q)."""
-    tokens, heads, dim = q.shape
-    if tokens:
-        _rope_kernel[(tokens,)](
-            q, k, q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-            Q_HEADS=heads, K_HEADS=k.shape[1], HALF=dim // 2, BLOCK_HQ=next_pow2(heads),
-            BLOCK_HK=next_pow2(k.shape[1]), BLOCK_D=next_pow2(dim // 2),
-        )  # fmt: skip
-
-
 @triton.jit
 def _silu_mul_kernel(X, Out, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0)

@@ -21,14 +21,8 @@ import triton
 import triton.language as tl
 
 from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2, tensors_spec
-from tessera.layers.fused import rope_
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
-# NOTE: with rotary tables the kernel rotates q and this step's K itself (one kernel fewer a layer), but
-# every query block re-rotates each new K tile it reads: measured on an H200 (SmolLM2 shapes), the
-# kernel-time floor of a step fell 4% at 1-16 new tokens a sequence, held at 64 and rose 2% at 128 and
-# 13% at 512. Batches whose longest sequence has more new tokens get q and K rotated in place first.
-ROTARY_INSIDE_MAX_Q = 64
 
 
 @triton.jit
@@ -234,7 +228,6 @@ _PLAN_KEYS: dict[tuple, tuple] = {}  # each plan key once: equal keys of later b
 class _Plan(NamedTuple):
     """What a batch layout fixes for the launch of every layer with the same head shapes."""
 
-    rotary: bool  # the kernel rotates q and the new K (else they arrive rotated)
     key: tuple
     grid: tuple[int, int, int]
     tensors: tuple[torch.Tensor, ...]  # slot mapping (or a placeholder), page table, q_start, q_len, ctx_len
@@ -307,17 +300,13 @@ class PagedAttention:
         slot_mapping: torch.Tensor | None = None,
         pack: bool | None = None,
         flat: bool = False,
-        rotary_inside: bool = True,
     ) -> _Plan:
         """The launch plan of a batch layout; valid for every PagedAttention with the same `shape`.
         `slot_mapping`: where the new tokens' K/V go (needed with `new_kv`). `flat`: the grid's first
         axis counts query blocks of the whole batch, each program finding its sequence on the device,
         so the grid depends only on bounds: the number of layout rows and `max_q_len`, which must then
-        be at least the batch's total query rows (a full graph's captured launch; see KernelLayout).
-        `rotary_inside`: with rotary tables bound, whether the kernel rotates (else the caller has, see
-        `rotate`)."""
+        be at least the batch's total query rows (a full graph's captured launch; see KernelLayout)."""
         heads, kv_heads, head_dim, v_dim, page_size, has_new, rope = self.shape
-        rope = rope and rotary_inside
         if has_new and slot_mapping is None:
             raise ValueError("paged attention with new K/V needs their slot mapping")
         batch = q_len.shape[0]
@@ -346,19 +335,7 @@ class PagedAttention:
         else:
             grid = (batch + 1, heads_axis, cdiv(max_q_len, pos))
         ptrs = tuple([t.data_ptr() for t in tensors])
-        return _Plan(rope, key, grid, tensors, ptrs, batch, stride_pb, consts, options)
-
-    @property
-    def rotary(self) -> bool:
-        """Whether rotary tables are bound (see `paged_attention`)."""
-        return self.shape[6]
-
-    def rotate(self, positions: torch.Tensor) -> None:
-        """Rotate q and the new K in place, rows `:len(positions)`: what a plan with `rotary_inside`
-        off expects to find."""
-        q, _, _, _, nk, _, cos, sin = self.tensors
-        n = positions.shape[0]
-        rope_(q[:n], nk[:n], cos, sin, positions)
+        return _Plan(key, grid, tensors, ptrs, batch, stride_pb, consts, options)
 
     def launch(self, plan: _Plan, zero_rows: tuple[int, int] = (0, 0)) -> None:
         """Attention of `plan`'s batch; rows `zero_rows[0] .. zero_rows[1]` of the output get zeros."""
