@@ -118,24 +118,6 @@ def test_logits_match_hf(family: str, backend: str) -> None:
     torch.testing.assert_close(torch.stack(got), ref[5:], rtol=1e-4, atol=1e-4)
 
 
-@needs_triton_on_cpu
-def test_triton_attention_takes_over_the_rotary(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the triton backend the kernel rotates q and k (the model skips its rotary kernel and the
-    layer table carries the tables); with torch, or TESSERA_ROTARY_IN_ATTENTION=0, the model rotates."""
-    _, ours = hf_and_ours("LlamaForCausalLM")
-    attns = [layer.self_attn for layer in ours.model.layers]
-    runner = _runner(ours, "triton")
-    rotary = attns[0].rotary
-    assert all(a.rotary_in_attention for a in attns)
-    assert all(entry.rope == (rotary.cos, rotary.sin) for entry in runner.layers.values())
-    _runner(ours, "torch")
-    assert not any(a.rotary_in_attention for a in attns)
-    monkeypatch.setenv("TESSERA_ROTARY_IN_ATTENTION", "0")
-    runner = _runner(ours, "triton")
-    assert not any(a.rotary_in_attention for a in attns)
-    assert all(entry.rope is None for entry in runner.layers.values())
-
-
 def test_prefix_cached_extend_equals_full_prefill() -> None:
     _, ours = hf_and_ours("LlamaForCausalLM")
     ids = torch.randint(0, 256, (13,)).tolist()

@@ -19,7 +19,7 @@ from tessera.engine.sequence import Sequence
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
 from tessera.graphs.platform import make_backend
 from tessera.layers import moe
-from tessera.layers.attention import AttentionLayer, AttentionMetadata, SeqLayout, kernel_rotary
+from tessera.layers.attention import AttentionLayer, AttentionMetadata, SeqLayout
 from tessera.layers.mla import MLALayer
 from tessera.models.config import ModelConfig
 
@@ -79,15 +79,13 @@ class ModelRunner:
         """What each attention split op finds in the forward context, by (layer, role): "attn" for
         Llama-style layers; "mla_mha" and "mla_mqa" (one object, one latent cache) for MLA layers."""
         cfg, page, backend = self.cfg, self.page_size, self.attention_backend
-        table: dict[tuple[int, str], Any] = {}
         if cfg.mla is None:
             scale = cfg.head_dim**-0.5
-            for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
-                attn = layer.self_attn
-                rope = kernel_rotary(attn.rotary, cfg.head_dim) if backend == "triton" else None
-                attn.rotary_in_attention = rope is not None
-                table[(i, "attn")] = AttentionLayer(self.kv.k[i], self.kv.v[i], scale, page, backend, rope)
-            return table
+            return {
+                (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale, page, backend)
+                for i in range(cfg.num_layers)
+            }
+        table: dict[tuple[int, str], Any] = {}
         for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
             mla = MLALayer(self.kv.k[i], layer.self_attn, page, backend=backend)
             table[(i, "mla_mha")] = table[(i, "mla_mqa")] = mla

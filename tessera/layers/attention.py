@@ -4,7 +4,6 @@ tokens only, and finds its layer and the batch layout through the forward contex
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +62,6 @@ class AttentionLayer:
     scale: float
     page_size: int = 16
     backend: str = "torch"  # "torch" (reference, any device) or "triton" (one launch per batch)
-    # triton only: the layer's rotary tables (cos, sin) when the kernel rotates q and k itself (the
-    # model then skips its rotary; see LlamaAttention.rotary_in_attention)
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @split_op("tessera::attention", outputs=("out",), mutates=(), zeroes_padding=True)
@@ -105,24 +101,11 @@ def _bind(
     return functools.partial(_launch, _bind_triton(q, k, v, out, layer))
 
 
-def kernel_rotary(rotary: Any, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The (cos, sin) tables the triton kernel can apply `rotary` with itself, or None where it cannot:
-    no Triton, DeepSeek's interleaved pairs, a head dim that is no power of two (see
-    `triton_attention.paged_attention`), or TESSERA_ROTARY_IN_ATTENTION=0 (for A/B timing)."""
-    if PagedAttention is None or os.environ.get("TESSERA_ROTARY_IN_ATTENTION", "1") in ("0", "false"):
-        return None
-    if rotary.interleaved or head_dim < 16 or head_dim & (head_dim - 1):
-        return None
-    return rotary.cos, rotary.sin
-
-
 def _bind_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer: AttentionLayer
 ) -> PagedAttention:
     assert PagedAttention is not None, "the triton attention backend needs triton"
-    return PagedAttention(
-        q, layer.k_cache, layer.v_cache, out, layer.page_size, layer.scale, (k, v), layer.rope
-    )
+    return PagedAttention(q, layer.k_cache, layer.v_cache, out, layer.page_size, layer.scale, (k, v))
 
 
 def _launch(bound: PagedAttention) -> None:

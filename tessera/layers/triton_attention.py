@@ -26,28 +26,12 @@ PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 
 
 @triton.jit
-def _rotated(x, rows, pos, ok, rope_cols, rope_sign, COS, SIN, stride_c, offs_d, d_ok, HALF: tl.constexpr):
-    """Rows `x` [R, D] (loaded from `rows`, pointers to their first element) rotated at positions `pos`
-    (rotate-half layout), rounded back to x's dtype as a separate rotary kernel's output would be."""
-    mask = ok[:, None] & d_ok[None, :]
-    partner = tl.load(rows[:, None] + ((offs_d + HALF) % (2 * HALF))[None, :], mask=mask, other=0.0)
-    cos = tl.load(COS + pos[:, None] * stride_c + rope_cols[None, :], mask=mask, other=0.0)
-    sin = tl.load(SIN + pos[:, None] * stride_c + rope_cols[None, :], mask=mask, other=0.0)
-    out = x.to(tl.float32) * cos + partner.to(tl.float32) * (sin * rope_sign[None, :])
-    return out.to(x.dtype)
-
-
-@triton.jit
 def _attend_block(
     q, q_tail, k_rows, v_rows, offs_n, n_ok, offs_m, prefix, scale, m_i, l_i, acc,
     offs_d, d_ok, offs_dt, dt_ok, offs_dv, dv_ok, BLOCK_DT: tl.constexpr,
-    rope_cols, rope_sign, COS, SIN, stride_c, ROPE: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
-    """One online-softmax step over BLOCK_N keys whose rows start at `k_rows` / `v_rows` (pointers);
-    ROPE: the keys are this step's, not yet rotated (their positions are `offs_n`)."""
+    """One online-softmax step over BLOCK_N keys whose rows start at `k_rows` / `v_rows` (pointers)."""
     k = tl.load(k_rows[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    if ROPE:
-        k = _rotated(k, k_rows, offs_n, n_ok, rope_cols, rope_sign, COS, SIN, stride_c, offs_d, d_ok, HALF)
     s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
     if BLOCK_DT > 0:
         k_tail = tl.load(k_rows[:, None] + offs_dt[None, :], mask=n_ok[:, None] & dt_ok[None, :], other=0.0)
@@ -73,18 +57,6 @@ def _copy_rows(src_rows, dst_rows, offs, rows_ok, cols_ok):
     )
 
 
-@triton.jit
-def _copy_rows_rotated(
-    src_rows, dst_rows, pos, rows_ok, rope_cols, rope_sign, COS, SIN, stride_c, offs_d, d_ok,
-    HALF: tl.constexpr,
-):  # fmt: skip
-    """`_copy_rows` of keys, rotated at positions `pos` on the way."""
-    mask = rows_ok[:, None] & d_ok[None, :]
-    x = tl.load(src_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    x = _rotated(x, src_rows, pos, rows_ok, rope_cols, rope_sign, COS, SIN, stride_c, offs_d, d_ok, HALF)
-    tl.store(dst_rows[:, None] + offs_d[None, :], x, mask=mask)
-
-
 # NOTE: the batch-layout pointers (often row slices, see KernelLayout.parts) and the page table's row
 # stride vary from batch to batch; specializing on their alignment would compile new variants while
 # serving (a second or so each) for no gain: they are read as scalars
@@ -93,15 +65,15 @@ def _copy_rows_rotated(
     do_not_specialize_on_alignment=["slot_mapping", "page_table", "q_start", "q_len", "ctx_len"],
 )
 def _paged_attention_kernel(
-    Q, K, V, Out, NK, NV, COS, SIN, slot_mapping,
+    Q, K, V, Out, NK, NV, slot_mapping,
     page_table, q_start, q_len, ctx_len,
     num_seqs, zero_from, zero_to, scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pb,
-    stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_c, stride_c1, stride_s, stride_s1,
+    stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     HAS_NEW: tl.constexpr, PACK: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    BLOCK_DV: tl.constexpr, FLAT: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_DV: tl.constexpr, FLAT: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)  # a sequence; `num_seqs`: the rows `zero_from .. zero_to` of Out
     hp = tl.program_id(1)  # a query head; with PACK, a KV head and every query head of its group
@@ -153,15 +125,6 @@ def _paged_attention_kernel(
     writer = m_ok & lead
     q_rows = Q + (first + offs_m) * stride_qt + head * stride_qh
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    # ROPE: q and the new K arrive unrotated and are rotated here (HEAD_DIM a power of two, so no tail;
-    # a token's position is its index in the sequence); COS and SIN are the [positions, HEAD_DIM / 2]
-    # tables of the layer's RotaryEmbedding, rows `stride_c` apart (stride_c1, stride_s*: unread).
-    HALF = HEAD_DIM // 2
-    rope_cols = offs_d % HALF
-    rope_sign = tl.where(offs_d < HALF, -1.0, 1.0)
-    if ROPE:
-        q = _rotated(q, q_rows, prefix + offs_m, m_ok, rope_cols, rope_sign, COS, SIN, stride_c, offs_d, d_ok,
-                     HALF)  # fmt: skip
     # NOTE: a head dim that is no power of two is cut in two blocks (MLA's 576 = 512 + 64, 192 = 128 +
     # 64) rather than padded to the next power (1024, 256): half the registers and shared memory.
     if BLOCK_DT > 0:  # a compile-time branch: its names stay in scope below
@@ -180,11 +143,7 @@ def _paged_attention_kernel(
         nv_rows = NV + (first + offs_m) * stride_nvt + kv_head * stride_nvh
         k_dst = K + slots * stride_kt + kv_head * stride_kh
         v_dst = V + slots * stride_vt + kv_head * stride_vh
-        if ROPE:
-            _copy_rows_rotated(nk_rows, k_dst, prefix + offs_m, writer, rope_cols, rope_sign, COS, SIN,
-                               stride_c, offs_d, d_ok, HALF)  # fmt: skip
-        else:
-            _copy_rows(nk_rows, k_dst, offs_d, writer, d_ok)
+        _copy_rows(nk_rows, k_dst, offs_d, writer, d_ok)
         if BLOCK_DT > 0:
             _copy_rows(nk_rows, k_dst, offs_dt, writer, dt_ok)
         _copy_rows(nv_rows, v_dst, offs_dv, writer, dv_ok)
@@ -199,7 +158,7 @@ def _paged_attention_kernel(
         m_i, l_i, acc = _attend_block(
             q, q_tail, K + slot * stride_kt + kv_head * stride_kh, V + slot * stride_vt + kv_head * stride_vh,
             offs_n, n_ok, offs_m, prefix, scale, m_i, l_i, acc, offs_d, d_ok, offs_dt, dt_ok, offs_dv, dv_ok,
-            BLOCK_DT, rope_cols, rope_sign, COS, SIN, stride_c, False, HALF,
+            BLOCK_DT,
         )  # fmt: skip
     if HAS_NEW:
         for start in range(prefix, end, BLOCK_N):  # this step's tokens, from the layer's K/V
@@ -210,7 +169,7 @@ def _paged_attention_kernel(
                 q, q_tail, NK + rows * stride_nkt + kv_head * stride_nkh,
                 NV + rows * stride_nvt + kv_head * stride_nvh,
                 offs_n, n_ok, offs_m, prefix, scale, m_i, l_i, acc, offs_d, d_ok, offs_dt, dt_ok, offs_dv,
-                dv_ok, BLOCK_DT, rope_cols, rope_sign, COS, SIN, stride_c, ROPE, HALF,
+                dv_ok, BLOCK_DT,
             )  # fmt: skip
     acc = acc / l_i[:, None]
     out_rows = Out + (first + offs_m) * stride_ot + head * stride_oh
@@ -240,10 +199,9 @@ class _Plan(NamedTuple):
 
 class PagedAttention:
     """The kernel bound to one layer's tensors: queries, caches, output and (optionally) this step's new
-    K/V and the rotary tables (see `paged_attention`). What depends only on those (addresses, strides,
-    their part of the launch's cache key) is worked out here, once; `plan` works out what a batch
-    layout fixes (block shapes, grid, the layout's addresses), which every layer of a step shares;
-    `launch` combines the two.
+    K/V. What depends only on those (addresses, strides, their part of the launch's cache key) is
+    worked out here, once; `plan` works out what a batch layout fixes (block shapes, grid, the layout's
+    addresses), which every layer of a step shares; `launch` combines the two.
 
     NOTE: attention runs eagerly between graph segments on every layer of every step, where host time is
     time the GPU waits for. A breakable graph replays it over the same static buffers each time, so it
@@ -262,20 +220,15 @@ class PagedAttention:
         page_size: int,
         scale: float,
         new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        if rope is not None:
-            _check_rope(q, k_cache, v_cache, new_kv, rope)
         nk, nv = new_kv if new_kv is not None else (k_cache, v_cache)  # unread placeholders
-        cos, sin = rope if rope is not None else (q, q)
-        self.tensors = (q, k_cache, v_cache, out, nk, nv, cos, sin)
+        self.tensors = (q, k_cache, v_cache, out, nk, nv)
         self.ptrs = tuple([t.data_ptr() for t in self.tensors])
         self.strides = tuple(x for t in self.tensors for x in t.stride()[:2])
         self.scale = float(scale)
-        # what Triton specializes the eight on: dtype, 16-byte alignment, strides (raw: they are exact)
+        # what Triton specializes the six on: dtype, 16-byte alignment, strides (raw: they are exact)
         self.key = (*tensors_spec(self.tensors, self.ptrs), self.strides)
-        # (heads, KV heads, head dim, value dim, page size, new K/V given, rotary here): what a launch
-        # plan depends on
+        # (heads, KV heads, head dim, value dim, page size, new K/V given): what a launch plan depends on
         self.shape = (
             q.shape[1],
             k_cache.shape[1],
@@ -283,7 +236,6 @@ class PagedAttention:
             v_cache.shape[2],
             page_size,
             new_kv is not None,
-            rope is not None,
         )
         # the binary of the last plan key launched directly: the same key (interned, so compared by
         # identity) goes straight to it, skipping the launcher's key hashing and lookup
@@ -306,7 +258,7 @@ class PagedAttention:
         axis counts query blocks of the whole batch, each program finding its sequence on the device,
         so the grid depends only on bounds: the number of layout rows and `max_q_len`, which must then
         be at least the batch's total query rows (a full graph's captured launch; see KernelLayout)."""
-        heads, kv_heads, head_dim, v_dim, page_size, has_new, rope = self.shape
+        heads, kv_heads, head_dim, v_dim, page_size, has_new = self.shape
         if has_new and slot_mapping is None:
             raise ValueError("paged attention with new K/V needs their slot mapping")
         batch = q_len.shape[0]
@@ -323,7 +275,7 @@ class PagedAttention:
         stride_pb = page_table.stride(0)  # not specialized on (it varies batch to batch) but for its width
         block_s = next_pow2(batch) if flat else 1
         consts = (group, page_size, head_dim, v_dim, has_new, pack, group_p, block_m, 32, *blocks)
-        consts += (flat, block_s, rope)
+        consts += (flat, block_s)
         key = (tuple([t.dtype for t in tensors]), stride_pb < 2**31, consts)
         key = _PLAN_KEYS.setdefault(key, key)
         # NOTE: a last row of programs zeroes the padded rows; the row counts are not specialized on.
@@ -368,7 +320,6 @@ def paged_attention(
     pack: bool | None = None,
     zero_rows: tuple[int, int] = (0, 0),
     flat: bool = False,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """q: [T, H, D]; k_cache: [slots, KVH, D]; v_cache, out: [slots, KVH, Dv] and [T, H, Dv] (Dv may
     differ from D: MLA's absorbed path reads V as the first kv_lora_rank columns of its latent cache);
@@ -378,36 +329,10 @@ def paged_attention(
     cache already. `pack`: one program serves all query heads of a KV head, so the group shares each
     K/V load (None: for decode-like batches and groups of 8 or more, with enough programs).
     `zero_rows` = (first, end): rows of `out` this launch writes zeros to (a graph replay's padding,
-    at no cost beyond a few more programs in a launch made anyway). `flat`: see PagedAttention.plan.
-    `rope` = (cos, sin) [positions, D / 2], a RotaryEmbedding's tables: q and the new K arrive
-    unrotated and are rotated here (rotate-half layout, a token's position being its index in its
-    sequence), the K written to the cache too; needs `new_kv`, a power-of-two head dim and D == Dv.
-    It saves a layer the rotary kernel."""
-    new = new_kv[:2] if new_kv else None
-    bound = PagedAttention(q, k_cache, v_cache, out, page_size, scale, new, rope)
+    at no cost beyond a few more programs in a launch made anyway). `flat`: see PagedAttention.plan."""
+    bound = PagedAttention(q, k_cache, v_cache, out, page_size, scale, new_kv[:2] if new_kv else None)
     slots = new_kv[2] if new_kv is not None else None
     bound.launch(bound.plan(page_table, q_start, q_len, ctx_len, max_q_len, slots, pack, flat), zero_rows)
-
-
-def _check_rope(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None,
-    rope: tuple[torch.Tensor, torch.Tensor],
-) -> None:
-    head_dim = q.shape[2]
-    if new_kv is None or head_blocks(head_dim)[1] or v_cache.shape[2] != head_dim:
-        raise ValueError(
-            "rotary inside paged attention needs the new K/V, a power-of-two head dim and equal K and V "
-            f"widths (got new K/V: {new_kv is not None}, head dim {head_dim}, value dim {v_cache.shape[2]})"
-        )
-    cos, sin = rope
-    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim // 2 or cos.dtype != sin.dtype:
-        shape = tuple(cos.shape)
-        raise ValueError(f"rotary tables must be two [positions, {head_dim // 2}] of one dtype, got {shape}")
-    if cos.stride() != sin.stride() or cos.stride(1) != 1:
-        raise ValueError("rotary tables must share one layout with contiguous rows")
 
 
 def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, page_size: int) -> int:

@@ -36,8 +36,6 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.cfg, self.layer_id, self.rotary = cfg, layer_id, rotary
-        # set by the model runner when its attention kernel rotates q and k (one kernel fewer a layer)
-        self.rotary_in_attention = False
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
@@ -52,8 +50,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if not self.rotary_in_attention:
-            q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k)
         out = torch.empty_like(q)
         torch.ops.tessera.attention(q, k, v, out, self.layer_id)
         return self.o_proj(out.view(t, cfg.q_size))
