@@ -300,6 +300,7 @@ def test_compiled_replays_call_split_ops_as_bound_at_capture() -> None:
     host work of a launch done once); padded rows are still zeroed, and an eager fallback calls the op
     itself. (Breakable graphs bind their eager steps on CUDA; the emulated backend reruns the forward.)"""
     torch.manual_seed(0)
+    BINDS.update(binds=0, bound_calls=0, plain_calls=0)
     model = BoundSums().eval()
     runner = PiecewiseGraphRunner(model, GraphConfig(strategy="compile", capture_sizes=SIZES, progress=False))
     runner.capture([torch.randn(5, 8)])
