@@ -117,8 +117,9 @@ def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding (rotate-half layout) of q [T, H, D] and k [T, KVH, D]; cos, sin: [P, D/2]
-    tables (a RotaryEmbedding's buffers, in the model's dtype once it is cast). One launch for q and k (a program a token: its cos/sin row is read once), no
-    temporaries: q and k may be strided views of one QKV output."""
+    tables (a RotaryEmbedding's buffers, in the model's dtype once it is cast). One launch for q and
+    k (a program a token: its cos/sin row is read once), no temporaries: q and k may be strided views
+    of one QKV output."""
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     q_out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
