@@ -55,16 +55,17 @@ def scaled_copy(x: torch.Tensor, out: torch.Tensor) -> None:
 
 class SumsAllRows(nn.Module):
     """Returns a sum over *all* rows (not token-indexed, so never sliced): padded rows of the split
-    op's output show up in it unless the runtime zeroed them."""
+    op's output (`scaled_copy`'s, or `op`'s: (x, out)) show up in it unless the runtime zeroed them."""
 
-    def __init__(self) -> None:
+    def __init__(self, op: Any = None) -> None:
         super().__init__()
         self.proj = nn.Linear(8, 8)
+        self.op = op if op is not None else torch.ops.tessera_test.scaled_copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x) + 1.0
         out = torch.empty_like(h)
-        torch.ops.tessera_test.scaled_copy(h, out)
+        self.op(h, out)
         return out.sum(dim=0, keepdim=True)
 
 
@@ -88,20 +89,6 @@ def _bind_scale(x: torch.Tensor, out: torch.Tensor) -> Any:
         torch.mul(x, 3, out=out)
 
     return call
-
-
-class BoundSums(nn.Module):
-    """SumsAllRows over a split op with a binder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj(x) + 1.0
-        out = torch.empty_like(h)
-        torch.ops.tessera_test.bound_scale(h, out)
-        return out.sum(dim=0, keepdim=True)
 
 
 class Leaky(nn.Module):

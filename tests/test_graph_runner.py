@@ -19,7 +19,6 @@ from .graph_models import (
     BINDS,
     SEEN,
     TINY,
-    BoundSums,
     Leaky,
     Recorder,
     SumsAllRows,
@@ -301,7 +300,7 @@ def test_compiled_replays_call_split_ops_as_bound_at_capture() -> None:
     itself. (Breakable graphs bind their eager steps on CUDA; the emulated backend reruns the forward.)"""
     torch.manual_seed(0)
     BINDS.update(binds=0, bound_calls=0, plain_calls=0)
-    model = BoundSums().eval()
+    model = SumsAllRows(torch.ops.tessera_test.bound_scale).eval()
     runner = PiecewiseGraphRunner(model, GraphConfig(strategy="compile", capture_sizes=SIZES, progress=False))
     runner.capture([torch.randn(5, 8)])
     assert BINDS["binds"] == len(SIZES)
