@@ -33,19 +33,23 @@ class SplitOp:
     op: Any  # the torch.library custom op
     output_positions: tuple[int, ...]
     zeroes_padding: bool = False  # the op writes zeros to its outputs' rows past raw_num_tokens itself
-    _binder: Callable[..., Callable[[], None]] | None = None
+    _binder: Callable[..., Callable[[], None] | None] | None = None
 
-    def binder(self, bind: Callable[..., Callable[[], None]]) -> Callable[..., Callable[[], None]]:
+    def binder(
+        self, bind: Callable[..., Callable[[], None] | None]
+    ) -> Callable[..., Callable[[], None] | None]:
         """Decorator: `bind(*args)` returns a zero-argument callable that does what `fn(*args)` does,
         for these very tensors, with whatever depends only on them (pointers, strides, a kernel's
-        cache key) worked out once. A breakable graph replays a split op over the static buffers it
-        captured it with, so its eager step calls that instead of `fn` on every replay."""
+        cache key) worked out once, or None where it has nothing to prepare (then `fn` runs). A graph
+        replays a split op over the static buffers it captured it with, so its replay calls that
+        instead of `fn` on every replay."""
         self._binder = bind
         return bind
 
     def bound(self, *args: Any) -> Callable[[], None]:
         """`fn` over `args`, prepared by the op's binder if it has one."""
-        return self._binder(*args) if self._binder is not None else functools.partial(self.fn, *args)
+        call = self._binder(*args) if self._binder is not None else None
+        return call if call is not None else functools.partial(self.fn, *args)
 
     def bound_run(self, *args: Any) -> Callable[[], None]:
         """What `run(*args)` does, for these very tensors: the bound op, then the padded tail zeroed."""

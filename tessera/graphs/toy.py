@@ -3,7 +3,6 @@ causal attention over one sequence as a split op, output projection, RMSNorm and
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,10 +40,10 @@ def toy_attention(
 @toy_attention.binder
 def _bind(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
-) -> Callable[[], None]:
-    """A graph replay's attention: the Triton launch bound to the captured buffers once."""
+) -> Callable[[], None] | None:
+    """A graph replay's attention: the Triton launch bound to the captured buffers once (None off CUDA)."""
     if not (q.is_cuda and CausalAttention is not None):
-        return functools.partial(toy_attention.fn, q, k, v, out, layer_id)
+        return None
     attend = CausalAttention(q, k, v, out)
     return lambda: attend(_current_or_none().raw_num_tokens)  # type: ignore[union-attr]
 

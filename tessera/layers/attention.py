@@ -92,12 +92,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 @attention.binder
 def _bind(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int
-) -> Callable[[], None]:
+) -> Callable[[], None] | None:
     """A graph replay's attention over the buffers it was captured with: the Triton launch bound to
     them once (see PagedAttention), so a replayed layer costs a tuple and the kernel's launch."""
     layer: AttentionLayer = get_forward_context().layer(layer_id, "attn")
     if layer.backend != "triton":
-        return functools.partial(attention.fn, q, k, v, out, layer_id)
+        return None
     return functools.partial(_launch, _bind_triton(q, k, v, out, layer))
 
 
