@@ -1,0 +1,156 @@
+"""Where the GPU time of an engine step goes beyond its kernels (GPU): back-to-back steps under
+torch.profiler, every GPU activity tagged with the API call that launched it (a graph launch, a kernel
+launch, a copy), and the idle time between activities split into classes:
+
+  in-graph     between two nodes of one graph launch (the GPU's own cost of the next node)
+  graph-edge   into the first node of a graph launch, or out of its last one
+  eager        between activities launched one by one (copies, eager kernels, attention breaks)
+  step-edge    from the last activity of a step to the first of the next
+
+Prints, per case and variant, the step period, its kernel time, and the idle time of each class, then
+the largest single gaps; `--by-name` also sums kernel time by kernel name (to find the kernels that
+run longer in one variant than in another). Writes JSON with `--out`.
+
+python3 benchmarks/step_timeline.py --model smollm2-135m --cases extend:16:8 extend:512:8 decode:8:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.bench.step import VARIANTS, load_model, make_batch
+from tessera.engine.model_runner import ModelRunner
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace_events(step: Any, steps: int) -> tuple[list[dict], dict[int, str]]:
+    """GPU activities of `steps` back-to-back steps, sorted by start, and the launching API call's name
+    by correlation id."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())["traceEvents"]
+    gpu = sorted((e for e in trace if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    api = {
+        e["args"]["correlation"]: e["name"]
+        for e in trace
+        if e.get("cat") == "cuda_runtime" or e.get("cat") == "cuda_driver"
+        if "correlation" in e.get("args", {})
+    }
+    return gpu, api
+
+
+def short(name: str) -> str:
+    for key in ("gemm", "gemv", "xmma", "cutlass", "nvjet"):
+        if key in name.lower():
+            return "GEMM"
+    return name.split("(")[0].split("<")[0].removeprefix("void ")[:40]
+
+
+def analyse(gpu: list[dict], api: dict[int, str], steps: int) -> dict[str, Any]:
+    if len(gpu) % steps:
+        raise RuntimeError(f"{len(gpu)} GPU activities do not split into {steps} equal steps")
+    per = len(gpu) // steps
+    idle: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    biggest: list[tuple[float, str, str, str]] = []
+    by_name: dict[str, float] = defaultdict(float)
+    busy = 0.0
+    body = gpu[per : len(gpu) - per] if steps > 2 else gpu  # the first and last steps start/end cold
+    for i, (prev, cur) in enumerate(itertools.pairwise(body), start=1):
+        gap = cur["ts"] - (prev["ts"] + prev["dur"])
+        pc, cc = prev["args"].get("correlation"), cur["args"].get("correlation")
+        in_graph = pc == cc and "Graph" in api.get(cc, "")
+        if i % per == 0:
+            cls = "step-edge"
+        elif in_graph:
+            cls = "in-graph"
+        elif "Graph" in api.get(cc, "") or "Graph" in api.get(pc, ""):
+            cls = "graph-edge"
+        else:
+            cls = "eager"
+        idle[cls] += gap
+        count[cls] += 1
+        biggest.append((gap, cls, short(prev["name"]), short(cur["name"])))
+    for e in body:
+        busy += e["dur"]
+        by_name[short(e["name"])] += e["dur"]
+    n = len(body) / per
+    biggest.sort(reverse=True)
+    return {
+        "activities_per_step": per,
+        "period_us": (body[-per]["ts"] - body[0]["ts"]) / (n - 1),  # first to first activity
+        "busy_us": busy / n,
+        "idle_us": {k: v / n for k, v in idle.items()},
+        "gaps_per_step": {k: v / n for k, v in count.items()},
+        "largest_gaps": [
+            {"us": round(g, 2), "class": c, "after": a, "before": b} for g, c, a, b in biggest[:8]
+        ],
+        "by_name_us": {k: v / n for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--cases", nargs="+", default=["extend:16:8", "extend:64:8", "extend:512:8", "decode:8:8"])
+    p.add_argument("--variants", nargs="+", default=["graphs", "pcg-breakable"], choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--num-pages", type=int, default=1500)
+    p.add_argument("--by-name", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    model = load_model(args.model)
+    runners = {
+        v: ModelRunner(model, model.cfg, num_pages=args.num_pages, config=VARIANTS[v]) for v in args.variants
+    }
+    for r in runners.values():
+        for cache in r.kv.k + r.kv.v:
+            cache.normal_()
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "model": args.model, "cases": []}  # fmt: skip
+    for case in args.cases:
+        kind, size, seqs = case.split(":")
+        for variant, runner in runners.items():
+            batch = make_batch(runner, kind, int(size), int(seqs))
+            gpu, api = trace_events(lambda r=runner, b=batch: r.forward(b), args.steps)
+            row = {"case": case, "variant": variant, **analyse(gpu, api, args.steps)}
+            report["cases"].append(row)
+            for seq in batch.seqs:
+                runner.free(seq)
+            idle = "  ".join(
+                f"{k} {v:.1f}/{row['gaps_per_step'][k]:.0f}" for k, v in sorted(row["idle_us"].items())
+            )
+            print(f"{case:<14}{variant:<15} period {row['period_us']:7.1f} us  busy {row['busy_us']:7.1f}  "
+                  f"idle (us/gaps) {idle}", flush=True)  # fmt: skip
+            for g in row["largest_gaps"][:4]:
+                print(f"{'':29}{g['us']:6.2f} us {g['class']:<10} {g['after']} -> {g['before']}")
+    if args.by_name:
+        print("\nkernel time by name (us per step)")
+        for row in report["cases"]:
+            top = list(row["by_name_us"].items())[:8]
+            print(f"{row['case']:<14}{row['variant']:<15}" + "  ".join(f"{k[:28]} {v:.0f}" for k, v in top))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
