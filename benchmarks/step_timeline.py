@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tessera.bench.step import VARIANTS, load_model, make_batch
+from tessera.bench.timing import host_us
 from tessera.engine.model_runner import ModelRunner
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -72,6 +73,7 @@ def analyse(gpu: list[dict], api: dict[int, str], steps: int) -> dict[str, Any]:
     count: dict[str, int] = defaultdict(int)
     biggest: list[tuple[float, str, str, str]] = []
     by_name: dict[str, float] = defaultdict(float)
+    before: dict[str, list[float]] = defaultdict(list)  # in-graph gaps by the node they lead into
     busy = 0.0
     body = gpu[per : len(gpu) - per] if steps > 2 else gpu  # the first and last steps start/end cold
     for i, (prev, cur) in enumerate(itertools.pairwise(body), start=1):
@@ -87,6 +89,8 @@ def analyse(gpu: list[dict], api: dict[int, str], steps: int) -> dict[str, Any]:
         else:
             cls = "eager"
         idle[cls] += gap
+        if cls == "in-graph":
+            before[short(cur["name"])].append(gap)
         count[cls] += 1
         biggest.append((gap, cls, short(prev["name"]), short(cur["name"])))
     for e in body:
@@ -103,8 +107,25 @@ def analyse(gpu: list[dict], api: dict[int, str], steps: int) -> dict[str, Any]:
         "largest_gaps": [
             {"us": round(g, 2), "class": c, "after": a, "before": b} for g, c, a, b in biggest[:8]
         ],
+        "in_graph_gap_before_us": {k: round(sum(v) / len(v), 3) for k, v in before.items()},
         "by_name_us": {k: v / n for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])},
     }
+
+
+def host_profile(step: Any, steps: int = 20) -> None:
+    """cProfile of `steps` steps, the GPU held busy first: the functions with the most own time."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 def main() -> None:
@@ -115,6 +136,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--num-pages", type=int, default=1500)
     p.add_argument("--by-name", action="store_true")
+    p.add_argument("--host-profile", action="store_true", help="print a cProfile of each variant's steps")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     model = load_model(args.model)
@@ -130,8 +152,14 @@ def main() -> None:
         kind, size, seqs = case.split(":")
         for variant, runner in runners.items():
             batch = make_batch(runner, kind, int(size), int(seqs))
-            gpu, api = trace_events(lambda r=runner, b=batch: r.forward(b), args.steps)
+            step = lambda r=runner, b=batch: r.forward(b)  # noqa: E731
+            gpu, api = trace_events(step, args.steps)
             row = {"case": case, "variant": variant, **analyse(gpu, api, args.steps)}
+            # host time of a step with the GPU held busy (past the launch queue's ~1000 entries the
+            # host would wait on the GPU: few steps for eager's ~300 launches each)
+            row["host_us"] = host_us(step, iters=max(2, 1000 // row["activities_per_step"]))
+            if args.host_profile:
+                host_profile(step)
             report["cases"].append(row)
             for seq in batch.seqs:
                 runner.free(seq)
@@ -139,7 +167,7 @@ def main() -> None:
                 f"{k} {v:.1f}/{row['gaps_per_step'][k]:.0f}" for k, v in sorted(row["idle_us"].items())
             )
             print(f"{case:<14}{variant:<15} period {row['period_us']:7.1f} us  busy {row['busy_us']:7.1f}  "
-                  f"idle (us/gaps) {idle}", flush=True)  # fmt: skip
+                  f"host {row['host_us']:7.1f}  idle (us/gaps) {idle}", flush=True)  # fmt: skip
             for g in row["largest_gaps"][:4]:
                 print(f"{'':29}{g['us']:6.2f} us {g['class']:<10} {g['after']} -> {g['before']}")
     if args.by_name:
@@ -147,6 +175,8 @@ def main() -> None:
         for row in report["cases"]:
             top = list(row["by_name_us"].items())[:8]
             print(f"{row['case']:<14}{row['variant']:<15}" + "  ".join(f"{k[:28]} {v:.0f}" for k, v in top))
+            gaps = row["in_graph_gap_before_us"].items()
+            print(f"{'':29}mean in-graph gap before: " + "  ".join(f"{k[:28]} {v:.2f}" for k, v in gaps))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

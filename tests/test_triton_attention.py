@@ -57,6 +57,7 @@ def _batch(
         ([20, 1], [45, 12], 2, 1, 192, 16, 128),  # 128 + 64 wide keys, narrower values
         ([17, 1], [30, 21], 4, 1, 576, 16, 512),  # MLA's absorbed path: 512 + 64 wide latent, MQA
         ([1, 40, 3], [33, 70, 3], 9, 3, 32, 4, 32),  # groups of 3 (SmolLM2's 9 heads on 3), mixed
+        ([70, 2], [100, 30], 4, 2, 32, 16, 32),  # a sequence past SMALL_BLOCK_MAX_Q: blocks of 64 queries
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -143,7 +144,8 @@ def test_compile_variants_touches_only_the_padding_page() -> None:
     k = torch.randn(8 * page, 2, 32, device=DEVICE, dtype=torch.float16)
     v = torch.randn(8 * page, 2, 32, device=DEVICE, dtype=torch.float16)
     k0, v0 = k.clone(), v.clone()
-    assert triton_attention.compile_variants(k, v, heads=4, page_size=page) == 4  # short/long x packed or not
+    # queries 1, 17 and 65 long (short, small blocks, blocks of 64), packed or not
+    assert triton_attention.compile_variants(k, v, heads=4, page_size=page) == 6
     assert torch.equal(k[page:], k0[page:]) and torch.equal(v[page:], v0[page:])
     assert not torch.equal(k[:page], k0[:page])  # the dummy tokens did write their K there
 

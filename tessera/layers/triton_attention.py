@@ -23,6 +23,12 @@ import triton.language as tl
 from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2, tensors_spec
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
+# Batches whose longest sequence has at most this many new tokens get blocks of 16 query rows (more
+# programs, each with less work: small batches are latency-bound); longer ones get 64.
+# NOTE: on an H200 (attention_blocks_h200.json) 16 rows took 9-15% less time than 64 for one sequence
+# of 32-64 new tokens at Llama-3-8B's shapes, 2-6% at SmolLM2's, and were even over 8 sequences; at 128
+# tokens 64 rows won by 5-20%
+SMALL_BLOCK_MAX_Q = 64
 
 
 @triton.jit
@@ -269,7 +275,8 @@ class PagedAttention:
             # enough (sequence, KV head) programs to fill the GPU: one program a sequence would leave a
             # long single-sequence decode on one SM, where a program a head spreads it over the chip
             pack = group > 1 and (short or group >= 8) and batch * kv_heads >= PACK_MIN_PROGRAMS
-        block_m, group_p, blocks, options = _blocks(head_dim, v_dim, short, group if pack else 1)
+        small = max_q_len <= SMALL_BLOCK_MAX_Q
+        block_m, group_p, blocks, options = _blocks(head_dim, v_dim, small, group if pack else 1)
         slots = slot_mapping if has_new and slot_mapping is not None else q_start  # unread placeholder
         tensors = (slots, page_table, q_start, q_len, ctx_len)
         stride_pb = page_table.stride(0)  # not specialized on (it varies batch to batch) but for its width
@@ -342,7 +349,7 @@ def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, p
     kv_heads, head_dim, v_dim = k_cache.shape[1], k_cache.shape[2], v_cache.shape[2]
     dev, i32 = k_cache.device, torch.int32
     packs = (False, True) if heads > kv_heads else (False,)
-    for q_len in (1, SHORT_QUERY_LEN + 1):
+    for q_len in sorted({1, SHORT_QUERY_LEN + 1, SMALL_BLOCK_MAX_Q + 1}):
         pages = cdiv(q_len, page_size)
         q = torch.zeros(q_len, heads, head_dim, dtype=k_cache.dtype, device=dev)
         out = torch.empty(q_len, heads, v_dim, dtype=k_cache.dtype, device=dev)
@@ -354,7 +361,7 @@ def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, p
         for pack in packs:
             paged_attention(q, k_cache, v_cache, out, table, start, lengths, lengths, q_len, page_size, 1.0,
                             new_kv=(k, v, slots), pack=pack)  # fmt: skip
-    return 2 * len(packs)
+    return len({1, SHORT_QUERY_LEN + 1, SMALL_BLOCK_MAX_Q + 1}) * len(packs)
 
 
 @functools.cache
@@ -362,8 +369,8 @@ def _blocks(
     head_dim: int, v_dim: int, short: bool, group: int
 ) -> tuple[int, int, tuple[int, int, int], dict[str, int]]:
     """(BLOCK_M, rows a position takes, (BLOCK_D, BLOCK_DT, BLOCK_DV), launch options) for these widths;
-    `short`: no sequence has more than 16 queries (decode, small extends); `group`: query heads packed
-    into one block's rows (1: none)."""
+    `short`: no sequence has more than SMALL_BLOCK_MAX_Q queries; `group`: query heads packed into one
+    block's rows (1: none)."""
     block_d, block_dt = head_blocks(head_dim)
     # NOTE: MLA's latent rows (576 wide, values 512) hold a [BLOCK_M, 512] fp32 accumulator and 36 KiB of
     # K a block: fewer query rows, more warps and one buffered stage keep that in an SM (227 KiB).
