@@ -12,10 +12,16 @@ import torch
 Step = Callable[[torch.Tensor], Any]
 
 
-def time_once(step: Step, ids: torch.Tensor, iters: int) -> float:
-    """Mean time of `iters` back-to-back steps, in ms (CUDA events)."""
+def time_once(step: Step, ids: torch.Tensor, iters: int, prime: bool = True) -> float:
+    """Mean time of `iters` back-to-back steps, in ms (CUDA events), in steady state: with `prime`, one
+    untimed step is queued before the start event, so the host prepares the first timed step while a
+    step runs on the GPU, as it does every later one. (Unprimed, the first step's host work runs on an
+    idle GPU and 1/iters of it lands on every step's time: how much depends on the host's speed that
+    moment, not on the step.) A host-bound step measures the same either way."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
+    if prime:
+        step(ids)
     start.record()
     for _ in range(iters):
         step(ids)
