@@ -25,9 +25,9 @@ from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_po
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 # Batches whose longest sequence has at most this many new tokens get blocks of 16 query rows (more
 # programs, each with less work: small batches are latency-bound); longer ones get 64.
-# NOTE: on an H200 (attention_blocks_h200.json) 16 rows took 9-15% less time than 64 for one sequence
-# of 32-64 new tokens at Llama-3-8B's shapes, 2-6% at SmolLM2's, and were even over 8 sequences; at 128
-# tokens 64 rows won by 5-20%
+# NOTE: on an H200 (attention_blocks_h200.json) 16 rows took 2-15% less time than 64 for one sequence
+# of 32-64 new tokens at Llama-3-8B's shapes, 4-6% at SmolLM2's; at 128 tokens in one sequence 64 rows
+# won by 5-27%
 SMALL_BLOCK_MAX_Q = 64
 
 
