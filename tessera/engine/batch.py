@@ -27,9 +27,9 @@ class ForwardBatch:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_seqs] row of each sequence's last new token
     seqs: list[Sequence]
-    # [3, T]: input_ids, positions and the slot mapping are its rows, so a full graph's replay copies
-    # them into its static buffers at once
-    token_rows: torch.Tensor
+    # the batch on the host, int64: token ids, positions, slot mapping [T each], then logits rows,
+    # q_start, q_len, ctx_len [num_seqs each] — what a full graph's replay stages for its one upload
+    host: np.ndarray
 
 
 def build_batch(
@@ -86,8 +86,7 @@ def build_batch(
         )
     )
     on_device = torch.from_numpy(flat).to(device)
-    token_rows = on_device[: 3 * t].view(3, t)
-    input_ids, positions_d, slots_d = token_rows
+    input_ids, positions_d, slots_d = on_device[: 3 * t].view(3, t)
     last_d, vectors = on_device[3 * t :].split([b, 3 * b])
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
     kernel = KernelLayout(
@@ -102,7 +101,7 @@ def build_batch(
         metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts),
         logits_indices=last_d,
         seqs=[seq for seq, _ in work],
-        token_rows=token_rows,
+        host=flat,
     )
 
 

@@ -8,7 +8,8 @@ tokens). One graph per token count T, captured with a layout of S = min(T, max_s
 takes any batch of at most T tokens in at most S - 1 sequences.
 
 All attention metadata lives in static tensors the graph reads: token ids, positions, slot mapping,
-page table and the layout rows (first query row, query length, context length). An extend graph's
+page table and the layout rows (first query row, query length, context length); a replay stages all
+but the page table on the host and uploads them with one copy. An extend graph's
 attention was captured as a flat launch (see PagedAttention.plan): its grid depends only on T and S,
 each program finding its sequence from the query lengths. Padding never touches a real sequence's
 cache: a decode graph's padded rows are one-token sequences; an extend graph's padded tokens form one
@@ -31,11 +32,11 @@ from tqdm.auto import tqdm
 
 from tessera.engine.batch import ForwardBatch
 from tessera.engine.kv_cache import DUMMY_SLOT
-from tessera.graphs import ForwardContext, PaddingLeakError, forward_context, ops
+from tessera.graphs import ForwardContext, PaddingLeakError, forward_context
 from tessera.graphs.hygiene import frozen_gc
 from tessera.graphs.platform import Graph, GraphBackend
 from tessera.graphs.runner import changed_rows
-from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
+from tessera.layers.attention import AttentionMetadata, KernelLayout
 
 logger = logging.getLogger("tessera")
 
@@ -93,24 +94,29 @@ class FullGraphRunner:
         self.page_size, self.poison_padding = page_size, poison_padding
         max_t, max_s = max(s.tokens for s in shapes), max(s.seqs for s in shapes)
         device = backend.device
-        # token ids, positions, slot mapping: one tensor, which a replay fills with one copy
-        self.token_rows = torch.zeros(3, max_t, dtype=torch.long, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self.token_rows
-        self.slot_mapping.fill_(DUMMY_SLOT)
+        self.max_tokens = max_t
+        # NOTE: every per-step input but the page table lives in one int64 buffer — token ids,
+        # positions, slot mapping (max_t each), the count of real tokens, and the int32 layout rows
+        # q_start, q_len, ctx_len of a shape (its first 3 * seqs entries) in the bytes after them. A
+        # replay fills its pinned twin on the host and uploads it with one copy: on a slow host each
+        # torch call of a step's preparation cost 25-35 us, against a step of ~1 ms on the GPU.
+        self._layout_at = 3 * max_t + 1  # int64 index where the int32 layout rows begin
+        self.inputs = torch.zeros(self._layout_at + -(-3 * max_s // 2), dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.inputs[: 3 * max_t].view(3, max_t)
+        self.num_real = self.inputs[3 * max_t]  # 0-dim view: in-graph padded-row masks read it
+        self.layout = self.inputs[self._layout_at :].view(torch.int32)[: 3 * max_s]
         self.page_table = torch.full(
             (max_s, max_pages_per_seq), DUMMY_SLOT // page_size, dtype=torch.int32, device=device
         )
-        # the layout rows q_start, q_len, ctx_len of a shape: the first 3 * seqs entries, so a replay
-        # writes them with one contiguous copy
-        self.layout = torch.zeros(3 * max_s, dtype=torch.int32, device=device)
-        # NOTE: written on the host into pinned memory and copied without blocking: a copy from pageable
-        # memory synchronizes the stream, which would idle the GPU for every replay's host work. The
-        # event keeps the host from overwriting the buffer before the last replay's copy has read it.
+        # NOTE: pinned, so the upload does not block the host (a copy from pageable memory synchronizes
+        # the stream and would idle the GPU for every replay's host work). The event keeps the host
+        # from refilling it before the last replay's upload has read it.
         cuda = device.type == "cuda"
-        self._host_layout = torch.zeros(3 * max_s, dtype=torch.int32, pin_memory=cuda)
-        self._layout_read = torch.cuda.Event() if cuda else None
-        self.num_real = torch.zeros((), dtype=torch.long, device=device)  # in-graph padded-row masks read it
-        self.reads_num_real = True  # whether a captured graph reads it (known after capture)
+        self._staging = torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=cuda)
+        self._host = self._staging.numpy()
+        self._host_layout = self._host[self._layout_at :].view(np.int32)
+        self._host[2 * max_t : 3 * max_t] = DUMMY_SLOT
+        self._uploaded = torch.cuda.Event() if cuda else None
         self.graphs: dict[Shape, Graph] = {}
         self.outputs: dict[Shape, torch.Tensor] = {}
         self.replays = {"decode": 0, "extend": 0}
@@ -130,16 +136,13 @@ class FullGraphRunner:
 
     @torch.no_grad()
     def capture(self) -> None:
-        reads = ops.num_real_reads()
         with frozen_gc():
             for shape in tqdm(sorted(self.shapes, reverse=True, key=lambda s: s.tokens),
                               desc="capturing full graphs", leave=False):  # fmt: skip
-                self._write_layout(shape, [])  # all padding: the dummy slot only
-                self.num_real.fill_(shape.tokens)
+                self._stage(shape, None)  # all padding: the dummy slot only
                 self._forward(shape)  # warm-up: Triton JIT and BLAS heuristics for this shape
                 graph, out = self.backend.capture(self._forward, (shape,))
                 self.graphs[shape], self.outputs[shape] = graph, out
-        self.reads_num_real = ops.num_real_reads() > reads
         logger.info(
             "full graphs captured: decode batch sizes %s; extend token counts %s",
             self.sizes,
@@ -164,19 +167,13 @@ class FullGraphRunner:
         """Hidden states [num_tokens, hidden] of `batch` through the graph of `shape` (see `shape_for`)."""
         n, meta = batch.input_ids.shape[0], batch.metadata
         s = len(meta.seqs)
-        # NOTE: each of these is a kernel in the step (~3 us on the GPU with the gap after it): few
-        self.token_rows[:, :n].copy_(batch.token_rows)
+        self._stage(shape, batch)
         width = meta.kernel.page_table.shape[1]
         self.page_table[:s, :width].copy_(meta.kernel.page_table)
-        if n < shape.tokens:  # padded tokens write to the dummy slot only
-            self.slot_mapping[n : shape.tokens].fill_(DUMMY_SLOT)
         if shape.decode and s < shape.seqs:
             # padded decode rows read one cached token through it where the K/V are not passed (MLA);
             # an extend graph's padding sequence has no cached prefix and reads no page
             self.page_table[s : shape.seqs].fill_(DUMMY_SLOT // self.page_size)
-        self._write_layout(shape, meta.seqs)
-        if self.reads_num_real:
-            self.num_real.fill_(n)
         # NOTE: no forward context needed: a CUDA replay runs no Python, and the emulated backend's
         # replay re-enters `_forward`, which sets its own.
         self.graphs[shape].replay()
@@ -202,28 +199,35 @@ class FullGraphRunner:
                 "an op mixes padded rows into real ones"
             )
 
-    def _write_layout(self, shape: Shape, seqs: list[SeqLayout]) -> None:
-        """The layout rows of `seqs` followed by the shape's padding, built on the host (the batch's
-        lengths are there already) and written with one copy."""
-        if self._layout_read is not None:
-            self._layout_read.synchronize()
-        host = self._host_layout[: 3 * shape.seqs].view(3, shape.seqs)
-        rows = host.numpy()
+    def _stage(self, shape: Shape, batch: ForwardBatch | None) -> None:
+        """Write `batch`'s inputs (None: all padding, for capture) for `shape` into the pinned twin of
+        `inputs` — padded tokens in the dummy slot, the layout's padding rows — and upload it."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        h, max_t, t = self._host, self.max_tokens, shape.tokens
+        n = s = 0
+        if batch is not None:
+            n, s = batch.input_ids.shape[0], len(batch.metadata.seqs)
+            host = batch.host  # ids, positions, slots [n each]; logits rows, q_start, q_len, ctx_len [s each]
+            for row in range(3):
+                h[row * max_t : row * max_t + n] = host[row * n : (row + 1) * n]
+        h[2 * max_t + n : 2 * max_t + t] = DUMMY_SLOT  # padded tokens write their K/V there only
+        h[3 * max_t] = n if batch is not None else t  # the real rows (capture: as if all were)
+        rows = self._host_layout[: 3 * shape.seqs].reshape(3, shape.seqs)
         rows[:] = 0
-        s = len(seqs)
         q_len, ctx_len = rows[1], rows[2]
-        q_len[:s] = [x.query_len for x in seqs]
-        ctx_len[:s] = [x.context_len for x in seqs]
-        n = int(q_len[:s].sum())
-        pad = shape.tokens - n
+        if batch is not None:
+            q_len[:s] = host[3 * n + 2 * s : 3 * n + 3 * s]
+            ctx_len[:s] = host[3 * n + 3 * s : 3 * n + 4 * s]
+        pad = t - n
         if shape.decode:  # one-token sequences in the dummy slot
             q_len[s:] = ctx_len[s:] = 1
         elif pad > 0:  # one sequence of all padded tokens; the rows after it run nothing
             q_len[s] = ctx_len[s] = pad
         rows[0] = np.cumsum(q_len) - q_len  # q_start
-        self._layout(shape).copy_(host, non_blocking=True)
-        if self._layout_read is not None:
-            self._layout_read.record()
+        self.inputs.copy_(self._staging, non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record()
 
     def _layout(self, shape: Shape) -> torch.Tensor:
         return self.layout[: 3 * shape.seqs].view(3, shape.seqs)
