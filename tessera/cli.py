@@ -85,10 +85,9 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--extend-cuda-graph-max-tokens",
         type=int,
-        default=128,
+        default=RunnerConfig.extend_cuda_graph_max_tokens,
         help="extend and mixed batches of at most this many tokens (and --extend-cuda-graph-max-seqs "
-        "sequences) run as one full CUDA graph, attention captured; 0: always piecewise (small models "
-        "gain up to 512)",
+        "sequences) run as one full CUDA graph, attention captured; 0: always piecewise",
     )
     g.add_argument("--extend-cuda-graph-max-seqs", type=int, default=8)
     g.add_argument(

@@ -31,7 +31,7 @@ from tessera.models import registry
 from tessera.models.llama import LlamaForCausalLM
 
 # NOTE: the pcg variants send every extend batch through the piecewise graphs; "graphs" is the engine's
-# default, where extend batches of <= 128 tokens in <= 8 sequences run as one full graph each
+# default, where extend batches of <= 512 tokens in <= 8 sequences run as one full graph each
 VARIANTS = {
     "eager": RunnerConfig(disable_piecewise_cuda_graph=True, disable_cuda_graph=True),
     "pcg-breakable": RunnerConfig(piecewise_cuda_graph_strategy="breakable", extend_cuda_graph_max_tokens=0),

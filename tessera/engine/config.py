@@ -23,11 +23,12 @@ class RunnerConfig:
     cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
     # Full graphs (attention captured) for extend and mixed batches of at most this many tokens in at
     # most `extend_cuda_graph_max_seqs` sequences; larger ones go through the piecewise graphs. 0: none.
-    # NOTE: on an H200 they made SmolLM2's steps 7-9% faster at 16-128 tokens and 7-20% at 256-512, a
-    # Llama-3-8B step no faster at any size (its kernels are long enough to hide the breaks) while
-    # each size captured costs start-up time and graph memory: raise it for small models
-    # (step_h200_extend_full_graphs.json)
-    extend_cuda_graph_max_tokens: int = 128
+    # NOTE: on an H200 they made SmolLM2's steps 7-9% faster at 16-128 tokens and 7-20% at 256-512
+    # (step_h200_extend_full_graphs.json); its piecewise steps of 512 tokens over 8 sequences, ~0.7 ms
+    # of host work against ~1.2 ms on the GPU, turned host-bound whenever the host slowed (1.36-1.44x
+    # the floor; step_h200_smollm2_repeats.json, step_h200.json). A Llama-3-8B step hides the breaks
+    # either way (its kernels are long) and pays ~1 s of start-up for the sizes from 144 to 512.
+    extend_cuda_graph_max_tokens: int = 512
     extend_cuda_graph_max_seqs: int = 8
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
     emulate_graphs_on_cpu: bool = False
