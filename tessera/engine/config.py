@@ -26,8 +26,9 @@ class RunnerConfig:
     # NOTE: on an H200 they made SmolLM2's steps 7-9% faster at 16-128 tokens and 7-20% at 256-512
     # (step_h200_extend_full_graphs.json); its piecewise steps of 512 tokens over 8 sequences, ~0.7 ms
     # of host work against ~1.2 ms on the GPU, turned host-bound whenever the host slowed (1.36-1.44x
-    # the floor; step_h200_smollm2_repeats.json, step_h200.json). A Llama-3-8B step hides the breaks
-    # either way (its kernels are long) and pays ~1 s of start-up for the sizes from 144 to 512.
+    # the floor; step_h200_smollm2_repeats.json, step_h200_2c28434_slow_host.json); as one graph 1.11x.
+    # A Llama-3-8B step hides the breaks either way (its kernels are long); its start-up with all of
+    # them: 6.6 s (6.4 s with 128, in an earlier run on another host).
     extend_cuda_graph_max_tokens: int = 512
     extend_cuda_graph_max_seqs: int = 8
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
