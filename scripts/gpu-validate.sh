@@ -19,8 +19,9 @@ step() {  # step NAME SECONDS CMD...
 }
 serve() {  # serve NAME SECONDS [MODEL FLAGS]: all graphs, decode graphs only, eager; concurrency 64 and 256
   local name=$1 limit=$2 model=${3:-}
+  # (decode graphs only: --disable-piecewise-cuda-graph alone keeps the full extend graphs)
   step "$name" "$limit" python3 -m tessera bench serve --num-prompts 512 --max-concurrency 64 256 \
-    --launch="$model" --launch="$model --disable-piecewise-cuda-graph" \
+    --launch="$model" --launch="$model --disable-piecewise-cuda-graph --extend-cuda-graph-max-tokens 0" \
     --launch="$model --disable-piecewise-cuda-graph --disable-cuda-graph" --out "$OUT/$name.json"
 }
 case "${1:-}" in
