@@ -52,20 +52,23 @@ def trace_events(step: Any, steps: int) -> tuple[list[dict], dict[int, str]]:
     api = {
         e["args"]["correlation"]: e["name"]
         for e in trace
-        if e.get("cat") == "cuda_runtime" or e.get("cat") == "cuda_driver"
-        if "correlation" in e.get("args", {})
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
     return gpu, api
 
 
 def short(name: str) -> str:
+    """A kernel's name without its signature; every cuBLAS / CUTLASS kernel is "GEMM"."""
     for key in ("gemm", "gemv", "xmma", "cutlass", "nvjet"):
         if key in name.lower():
             return "GEMM"
+    name = name.replace("(anonymous namespace)::", "")
     return name.split("(")[0].split("<")[0].removeprefix("void ")[:40]
 
 
 def analyse(gpu: list[dict], api: dict[int, str], steps: int) -> dict[str, Any]:
+    """Per step (the first and last left out): period, busy time, idle time and gap counts by class,
+    the largest gaps, mean in-graph gap by the kernel it leads into, and busy time by kernel name."""
     if len(gpu) % steps:
         raise RuntimeError(f"{len(gpu)} GPU activities do not split into {steps} equal steps")
     per = len(gpu) // steps
