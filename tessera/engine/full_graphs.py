@@ -94,17 +94,16 @@ class FullGraphRunner:
         self.page_size, self.poison_padding = page_size, poison_padding
         max_t, max_s = max(s.tokens for s in shapes), max(s.seqs for s in shapes)
         device = backend.device
-        self.max_tokens = max_t
         # NOTE: every per-step input but the page table lives in one int64 buffer — token ids,
         # positions, slot mapping (max_t each), the count of real tokens, and the int32 layout rows
         # q_start, q_len, ctx_len of a shape (its first 3 * seqs entries) in the bytes after them. A
         # replay fills its pinned twin on the host and uploads it with one copy: on a slow host each
         # torch call of a step's preparation cost 25-35 us, against a step of ~1 ms on the GPU.
-        self._layout_at = 3 * max_t + 1  # int64 index where the int32 layout rows begin
-        self.inputs = torch.zeros(self._layout_at + -(-3 * max_s // 2), dtype=torch.long, device=device)
+        layout_at = 3 * max_t + 1  # int64 index where the int32 layout rows begin
+        self.inputs = torch.zeros(layout_at + -(-3 * max_s // 2), dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.inputs[: 3 * max_t].view(3, max_t)
         self.num_real = self.inputs[3 * max_t]  # 0-dim view: in-graph padded-row masks read it
-        self.layout = self.inputs[self._layout_at :].view(torch.int32)[: 3 * max_s]
+        self.layout = self.inputs[layout_at:].view(torch.int32)[: 3 * max_s]
         self.page_table = torch.full(
             (max_s, max_pages_per_seq), DUMMY_SLOT // page_size, dtype=torch.int32, device=device
         )
@@ -113,9 +112,12 @@ class FullGraphRunner:
         # from refilling it before the last replay's upload has read it.
         cuda = device.type == "cuda"
         self._staging = torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=cuda)
-        self._host = self._staging.numpy()
-        self._host_layout = self._host[self._layout_at :].view(np.int32)
-        self._host[2 * max_t : 3 * max_t] = DUMMY_SLOT
+        # the same views of its host side: token rows [3, max_t], the real-token count, the layout
+        host = self._staging.numpy()
+        self._host_tokens = host[: 3 * max_t].reshape(3, max_t)
+        self._host_num_real = host[3 * max_t : 3 * max_t + 1]
+        self._host_layout = host[layout_at:].view(np.int32)
+        self._host_tokens[2] = DUMMY_SLOT
         self._uploaded = torch.cuda.Event() if cuda else None
         self.graphs: dict[Shape, Graph] = {}
         self.outputs: dict[Shape, torch.Tensor] = {}
@@ -204,15 +206,14 @@ class FullGraphRunner:
         `inputs` — padded tokens in the dummy slot, the layout's padding rows — and upload it."""
         if self._uploaded is not None:
             self._uploaded.synchronize()
-        h, max_t, t = self._host, self.max_tokens, shape.tokens
+        tokens, t = self._host_tokens, shape.tokens
         n = s = 0
         if batch is not None:
             n, s = batch.input_ids.shape[0], len(batch.metadata.seqs)
             host = batch.host  # ids, positions, slots [n each]; logits rows, q_start, q_len, ctx_len [s each]
-            for row in range(3):
-                h[row * max_t : row * max_t + n] = host[row * n : (row + 1) * n]
-        h[2 * max_t + n : 2 * max_t + t] = DUMMY_SLOT  # padded tokens write their K/V there only
-        h[3 * max_t] = n if batch is not None else t  # the real rows (capture: as if all were)
+            tokens[:, :n] = host[: 3 * n].reshape(3, n)
+        tokens[2, n:t] = DUMMY_SLOT  # padded tokens write their K/V there only
+        self._host_num_real[0] = n if batch is not None else t  # the real rows (capture: as if all were)
         rows = self._host_layout[: 3 * shape.seqs].reshape(3, shape.seqs)
         rows[:] = 0
         q_len, ctx_len = rows[1], rows[2]

@@ -349,7 +349,8 @@ def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, p
     kv_heads, head_dim, v_dim = k_cache.shape[1], k_cache.shape[2], v_cache.shape[2]
     dev, i32 = k_cache.device, torch.int32
     packs = (False, True) if heads > kv_heads else (False,)
-    for q_len in sorted({1, SHORT_QUERY_LEN + 1, SMALL_BLOCK_MAX_Q + 1}):
+    q_lens = sorted({1, SHORT_QUERY_LEN + 1, SMALL_BLOCK_MAX_Q + 1})  # every block shape's first length
+    for q_len in q_lens:
         pages = cdiv(q_len, page_size)
         q = torch.zeros(q_len, heads, head_dim, dtype=k_cache.dtype, device=dev)
         out = torch.empty(q_len, heads, v_dim, dtype=k_cache.dtype, device=dev)
@@ -361,7 +362,7 @@ def compile_variants(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, p
         for pack in packs:
             paged_attention(q, k_cache, v_cache, out, table, start, lengths, lengths, q_len, page_size, 1.0,
                             new_kv=(k, v, slots), pack=pack)  # fmt: skip
-    return len({1, SHORT_QUERY_LEN + 1, SMALL_BLOCK_MAX_Q + 1}) * len(packs)
+    return len(q_lens) * len(packs)
 
 
 @functools.cache
