@@ -3,7 +3,8 @@ torch.profiler, every GPU activity tagged with the API call that launched it (a 
 launch, a copy), and the idle time between activities split into classes:
 
   in-graph     between two nodes of one graph launch (the GPU's own cost of the next node)
-  graph-edge   into the first node of a graph launch, or out of its last one
+  graph-in     into the first node of a graph launch (from whatever ran before it)
+  graph-out    out of the last node of a graph launch (into an eager activity or another graph)
   eager        between activities launched one by one (copies, eager kernels, attention breaks)
   step-edge    from the last activity of a step to the first of the next
 
@@ -12,6 +13,8 @@ the largest single gaps; `--by-name` also sums kernel time by kernel name (to fi
 run longer in one variant than in another). Writes JSON with `--out`.
 
 python3 benchmarks/step_timeline.py --model smollm2-135m --cases extend:16:8 extend:512:8 decode:8:8
+python3 benchmarks/step_timeline.py --model toy --cases 1 16 128   (`tessera bench graphs`' toy at N
+tokens: breakable graphs captured at exactly N, and the whole step as one graph)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import itertools
 import json
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +91,10 @@ def analyse(gpu: list[dict], api: dict[int, str], steps: int) -> dict[str, Any]:
             cls = "step-edge"
         elif in_graph:
             cls = "in-graph"
-        elif "Graph" in api.get(cc, "") or "Graph" in api.get(pc, ""):
-            cls = "graph-edge"
+        elif "Graph" in api.get(cc, ""):
+            cls = "graph-in"
+        elif "Graph" in api.get(pc, ""):
+            cls = "graph-out"
         else:
             cls = "eager"
         idle[cls] += gap
@@ -131,9 +137,44 @@ def host_profile(step: Any, steps: int = 20) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
+def engine_steps(args: argparse.Namespace) -> Iterator[tuple[str, str, Callable[[], Any]]]:
+    """(case, variant, step) of the engine's runners on `args.model`."""
+    model = load_model(args.model)
+    runners = {
+        v: ModelRunner(model, model.cfg, num_pages=args.num_pages, config=VARIANTS[v]) for v in args.variants
+    }
+    for r in runners.values():
+        for cache in r.kv.k + r.kv.v:
+            cache.normal_()
+    for case in args.cases:
+        kind, size, seqs = case.split(":")
+        for variant, runner in runners.items():
+            batch = make_batch(runner, kind, int(size), int(seqs))
+            yield case, variant, lambda r=runner, b=batch: r.forward(b)
+            for seq in batch.seqs:
+                runner.free(seq)
+
+
+def toy_steps(args: argparse.Namespace) -> Iterator[tuple[str, str, Callable[[], Any]]]:
+    """(N, variant, step) of the graph benchmark's toy: breakable graphs captured at exactly N (no
+    padding), and the whole step as one CUDA graph (attention inside, no breaks)."""
+    from tessera.bench import graphs
+
+    torch.manual_seed(0)
+    model = graphs.SMOLLM2_SHAPED
+    toy = graphs.ToyModel(model).cuda().to(torch.bfloat16).eval()
+    sizes = [int(c) for c in args.cases]
+    runner, _ = graphs.pcg_runner(toy, "breakable", "eager", max(sizes), 0, sizes)
+    for n in sizes:
+        ids = torch.randint(0, model.vocab_size, (n,), device="cuda")
+        yield str(n), "pcg-breakable", lambda i=ids: runner(i)
+        full = graphs.full_graph_step(toy, n)
+        yield str(n), "full-graph", lambda s=full, i=ids: s(i)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="an engine model, or `toy` (cases: token counts)")
     p.add_argument("--cases", nargs="+", default=["extend:16:8", "extend:64:8", "extend:512:8", "decode:8:8"])
     p.add_argument("--variants", nargs="+", default=["graphs", "pcg-breakable"], choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=8)
@@ -142,20 +183,11 @@ def main() -> None:
     p.add_argument("--host-profile", action="store_true", help="print a cProfile of each variant's steps")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    model = load_model(args.model)
-    runners = {
-        v: ModelRunner(model, model.cfg, num_pages=args.num_pages, config=VARIANTS[v]) for v in args.variants
-    }
-    for r in runners.values():
-        for cache in r.kv.k + r.kv.v:
-            cache.normal_()
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "model": args.model, "cases": []}  # fmt: skip
-    for case in args.cases:
-        kind, size, seqs = case.split(":")
-        for variant, runner in runners.items():
-            batch = make_batch(runner, kind, int(size), int(seqs))
-            step = lambda r=runner, b=batch: r.forward(b)  # noqa: E731
+    steps = toy_steps(args) if args.model == "toy" else engine_steps(args)
+    with torch.no_grad():
+        for case, variant, step in steps:
             gpu, api = trace_events(step, args.steps)
             row = {"case": case, "variant": variant, **analyse(gpu, api, args.steps)}
             # host time of a step with the GPU held busy (past the launch queue's ~1000 entries the
@@ -164,8 +196,6 @@ def main() -> None:
             if args.host_profile:
                 host_profile(step)
             report["cases"].append(row)
-            for seq in batch.seqs:
-                runner.free(seq)
             idle = "  ".join(
                 f"{k} {v:.1f}/{row['gaps_per_step'][k]:.0f}" for k, v in sorted(row["idle_us"].items())
             )

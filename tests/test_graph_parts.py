@@ -27,14 +27,14 @@ from tessera.graphs import (
 from tessera.graphs.watchdog import watchdog
 
 
-def test_default_sizes_follow_sglang_schedule() -> None:
+def test_default_sizes_are_one_two_then_sglang_schedule() -> None:
     sizes = default_capture_sizes(8192)
-    assert len(sizes) == 58
-    assert sizes[:8] == [4, 8, 12, 16, 20, 24, 28, 32]
-    assert sizes[8:10] == [48, 64] and 256 in sizes and 288 in sizes and 576 in sizes
+    assert len(sizes) == 60
+    assert sizes[:10] == [1, 2, 4, 8, 12, 16, 20, 24, 28, 32]
+    assert sizes[10:12] == [48, 64] and 256 in sizes and 288 in sizes and 576 in sizes
     assert sizes[-3:] == [7168, 7680, 8192] and 4096 in sizes and 4608 in sizes
     assert default_capture_sizes(100)[-1] == 100  # the cap itself is always captured
-    assert default_capture_sizes(2) == [2]
+    assert default_capture_sizes(2) == [1, 2] and default_capture_sizes(3) == [1, 2, 3]
 
 
 def test_config_validates_and_normalises() -> None:

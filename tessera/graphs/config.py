@@ -10,8 +10,12 @@ Strategy = Literal["compile", "breakable"]
 Compiler = Literal["eager", "inductor"]
 
 # NOTE: (start, stop inclusive, step) bands of SGLang's default piecewise schedule: dense where batches
-# are common and a padded row costs the most, sparse where the GPU is busy anyway.
+# are common and a padded row costs the most, sparse where the GPU is busy anyway. It starts at 4; 1 and
+# 2 go first here (as in vLLM's schedule and SGLang's decode one) because cuBLAS runs other kernels for
+# one or two rows than for four: the toy benchmark's 1-token step replayed the 4-token graphs 5% slower
+# than graphs captured for 1 token (graphs_h200.json at d314bfb), for two extra captures at start-up.
 _SCHEDULE: tuple[tuple[int, int, int], ...] = (
+    (1, 2, 1),
     (4, 32, 4),
     (48, 256, 16),
     (288, 512, 32),
@@ -22,7 +26,7 @@ _TAIL_STEP = 512
 
 
 def default_capture_sizes(max_tokens: int) -> list[int]:
-    """SGLang's default token-count buckets up to `max_tokens` (58 sizes for 8192), ascending.
+    """1, 2, then SGLang's default token-count buckets up to `max_tokens` (60 sizes for 8192), ascending.
 
     `max_tokens` itself is always a bucket so a batch of exactly that many tokens is captured.
     """
