@@ -161,12 +161,12 @@ def toy_steps(args: argparse.Namespace) -> Iterator[tuple[str, str, Callable[[],
     from tessera.bench import graphs
 
     torch.manual_seed(0)
-    model = graphs.SMOLLM2_SHAPED
-    toy = graphs.ToyModel(model).cuda().to(torch.bfloat16).eval()
+    cfg = graphs.SMOLLM2_SHAPED
+    toy = graphs.ToyModel(cfg).cuda().to(torch.bfloat16).eval()
     sizes = [int(c) for c in args.cases]
     runner, _ = graphs.pcg_runner(toy, "breakable", "eager", max(sizes), 0, sizes)
     for n in sizes:
-        ids = torch.randint(0, model.vocab_size, (n,), device="cuda")
+        ids = torch.randint(0, cfg.vocab_size, (n,), device="cuda")
         yield str(n), "pcg-breakable", lambda i=ids: runner(i)
         full = graphs.full_graph_step(toy, n)
         yield str(n), "full-graph", lambda s=full, i=ids: s(i)
