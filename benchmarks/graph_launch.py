@@ -1,0 +1,142 @@
+"""What a CUDA graph boundary costs the GPU, apart from any runtime (GPU). Two measurements:
+
+  break     30 x (a graph of 27 small kernels, then one eager kernel) against the same 30 x 28 kernels
+            captured as one graph: (broken - whole) / 30 is the GPU time one break adds
+  state     a graph replayed, then eager kernels launched on a stream other than the one it was
+            captured on, then the same graph replayed again, each scenario in a fresh process: the
+            driver runs every graph of the process slower from the first such launch on
+
+Both with the graph benchmark's toy attention kernel as the eager one. Writes JSON with `--out`.
+
+python3 benchmarks/graph_launch.py --out benchmarks/results/graph_launch_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+T, HEADS, HEAD_DIM, PIECE, BREAKS = 16, 9, 64, 27, 30
+# (stream the graph replays on, stream the eager kernels go to, how many)
+SCENARIOS = [
+    ("default", "default", 10),
+    ("default", "default", 200),
+    ("side", "side", 200),
+    ("default", "other", 200),
+    ("default", "capture", 200),
+]
+
+
+class Bench:
+    def __init__(self) -> None:
+        from tessera.graphs.toy_attention import CausalAttention
+
+        self.x = torch.randn(T * 576, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(T, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(T, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        self.attention = CausalAttention(qkv[:, 0], qkv[:, 1], qkv[:, 2], out)
+        self.capture_stream = torch.cuda.Stream()
+
+    def small(self) -> None:
+        self.x.mul_(1.0)
+
+    def piece(self) -> None:
+        for _ in range(PIECE):
+            self.small()
+
+    def eager(self) -> None:
+        self.attention(T)
+
+    def work(self) -> None:
+        for _ in range(BREAKS):
+            self.piece()
+            self.eager()
+
+    def capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        g, s = torch.cuda.CUDAGraph(), self.capture_stream
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()  # warm-up
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        return g
+
+
+def timed_us(fn: Callable[[], Any], reps: int = 50) -> float:
+    """GPU µs a call, the host held ahead of the GPU (a spin kernel queued first)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
+def scenario(replay: str, eager: str, count: int) -> dict[str, Any]:
+    b = Bench()
+    whole, piece = b.capture(b.work), b.capture(b.piece)
+    streams = {"default": torch.cuda.default_stream(), "side": torch.cuda.Stream(),
+               "other": torch.cuda.Stream(), "capture": b.capture_stream}  # fmt: skip
+    with torch.cuda.stream(streams[replay]):
+        before = timed_us(whole.replay)
+    with torch.cuda.stream(streams[eager]):
+        for _ in range(count):
+            b.small()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(streams[replay]):
+        after = timed_us(whole.replay)
+        broken = timed_us(lambda: [(piece.replay(), b.eager()) for _ in range(BREAKS)])
+    return {
+        "replay_stream": replay,
+        "eager_stream": eager,
+        "eager_launches": count,
+        "whole_before_us": round(before, 1),
+        "whole_after_us": round(after, 1),
+        "broken_us": round(broken, 1),
+        "per_break_us": round((broken - after) / BREAKS, 2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", nargs=3, metavar=("REPLAY", "EAGER", "COUNT"), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("graph_launch.py measures CUDA graphs: it needs a GPU")
+    if args.scenario:  # a child process: one scenario in a fresh CUDA context
+        replay, eager, count = args.scenario
+        print(json.dumps(scenario(replay, eager, int(count))))
+        return
+    rows = []
+    for replay, eager, count in SCENARIOS:
+        cmd = [sys.executable, __file__, "--scenario", replay, eager, str(count)]
+        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
+        r = rows[-1]
+        line = (f"replay on {replay:<7} {count:4d} eager launches on {eager:<8} whole graph "
+                f"{r['whole_before_us']:7.1f} -> {r['whole_after_us']:7.1f} us  "
+                f"broken {r['broken_us']:7.1f} us ({r['per_break_us']:.2f} us a break)")  # fmt: skip
+        print(line, flush=True)
+    report = {"benchmark": "graph-launch", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "kernels_per_piece": PIECE, "breaks": BREAKS, "rows": rows}  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
