@@ -1,7 +1,10 @@
 """What a CUDA graph boundary costs the GPU, apart from any runtime (GPU). Two measurements:
 
-  break     30 x (a graph of 27 small kernels, then one eager kernel) against the same 30 x 28 kernels
-            captured as one graph: (broken - whole) / 30 is the GPU time one break adds
+  edges     30 graphs of 27 kernels (a GEMM, 25 small kernels, a GEMM) launched back to back, against
+            the same 30 x 27 kernels captured as one graph: (30 launches - one graph) / 30 is the GPU
+            time an edge adds, when the 30 launches are one graph relaunched, 30 distinct graphs (as the
+            pieces of a model are), and either with an eager kernel after each (a break; then against
+            one graph that holds those kernels too)
   state     a graph replayed, then eager kernels launched on a stream other than the one it was
             captured on, then the same graph replayed again, each scenario in a fresh process: the
             driver runs every graph of the process slower from the first such launch on
@@ -43,6 +46,9 @@ class Bench:
         out = torch.empty(T, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         self.attention = CausalAttention(qkv[:, 0], qkv[:, 1], qkv[:, 2], out)
         self.capture_stream = torch.cuda.Stream()
+        self.a = torch.randn(T, 576, device="cuda", dtype=torch.bfloat16)
+        self.w = torch.randn(576, 576, device="cuda", dtype=torch.bfloat16) * 0.01
+        self.b = torch.empty_like(self.a)
 
     def small(self) -> None:
         self.x.mul_(1.0)
@@ -50,6 +56,12 @@ class Bench:
     def piece(self) -> None:
         for _ in range(PIECE):
             self.small()
+
+    def gemm_piece(self) -> None:
+        torch.mm(self.a, self.w, out=self.b)
+        for _ in range(PIECE - 2):
+            self.small()
+        torch.mm(self.a, self.w, out=self.b)
 
     def eager(self) -> None:
         self.attention(T)
@@ -111,28 +123,67 @@ def scenario(replay: str, eager: str, count: int) -> dict[str, Any]:
     }
 
 
+def edges() -> dict[str, float]:
+    """GPU µs an edge adds over one graph, per way of launching 30 pieces (see the module's doc)."""
+    b = Bench()
+    b.eager()  # the slower state from the start, as in any process that also runs eager kernels
+    one = b.capture(b.gemm_piece)
+    distinct = [b.capture(b.gemm_piece) for _ in range(BREAKS)]
+    whole = b.capture(lambda: [b.gemm_piece() for _ in range(BREAKS)])
+    timed_us(whole.replay)  # a throwaway round
+    base = timed_us(whole.replay)
+    # the breaks against one graph that holds the eager kernels too, so their run time cancels out
+    whole_eager = b.capture(lambda: [(b.gemm_piece(), b.eager()) for _ in range(BREAKS)])
+    base_eager = timed_us(whole_eager.replay)
+    runs = {
+        "one graph relaunched": (lambda: [one.replay() for _ in range(BREAKS)], base),
+        "distinct graphs": (lambda: [g.replay() for g in distinct], base),
+        "one graph relaunched, an eager kernel after each": (
+            lambda: [(one.replay(), b.eager()) for _ in range(BREAKS)], base_eager),
+        "distinct graphs, an eager kernel after each": (
+            lambda: [(g.replay(), b.eager()) for g in distinct], base_eager),
+    }  # fmt: skip
+    out = {"one graph_us": round(base, 1)}
+    for name, (fn, ref) in runs.items():
+        out[name] = round((timed_us(fn) - ref) / BREAKS, 2)
+    return out
+
+
+def child(argv: list[str]) -> None:
+    """One measurement in a fresh CUDA context (the slower state is process-wide and never reverts)."""
+    print(json.dumps(edges() if argv == ["edges"] else scenario(argv[0], argv[1], int(argv[2]))))
+
+
+def run_child(*argv: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", *argv]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", nargs=3, metavar=("REPLAY", "EAGER", "COUNT"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("graph_launch.py measures CUDA graphs: it needs a GPU")
-    if args.scenario:  # a child process: one scenario in a fresh CUDA context
-        replay, eager, count = args.scenario
-        print(json.dumps(scenario(replay, eager, int(count))))
+    if args.child:
+        child(args.child)
         return
+    edge = run_child("edges")
+    print(f"30 pieces as one graph: {edge['one graph_us']:.1f} us; GPU time an edge adds:")
+    for name, us in edge.items():
+        if name != "one graph_us":
+            print(f"  {name:<45} {us:5.2f} us")
     rows = []
     for replay, eager, count in SCENARIOS:
-        cmd = [sys.executable, __file__, "--scenario", replay, eager, str(count)]
-        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
+        rows.append(run_child(replay, eager, str(count)))
         r = rows[-1]
         line = (f"replay on {replay:<7} {count:4d} eager launches on {eager:<8} whole graph "
                 f"{r['whole_before_us']:7.1f} -> {r['whole_after_us']:7.1f} us  "
                 f"broken {r['broken_us']:7.1f} us ({r['per_break_us']:.2f} us a break)")  # fmt: skip
         print(line, flush=True)
     report = {"benchmark": "graph-launch", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "kernels_per_piece": PIECE, "breaks": BREAKS, "rows": rows}  # fmt: skip
+              "kernels_per_piece": PIECE, "breaks": BREAKS, "edges_us": edge, "state": rows}  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
