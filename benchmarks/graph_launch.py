@@ -5,6 +5,9 @@
             time an edge adds, when the 30 launches are one graph relaunched, 30 distinct graphs (as the
             pieces of a model are), and either with an eager kernel after each (a break; then against
             one graph that holds those kernels too)
+  weights   a break (distinct graphs, an eager kernel after each, against one graph of it all) when
+            each piece's GEMMs read weights of their own, 19 MiB in all (within the 50-60 MB L2) or
+            101 MiB (beyond it, as a model's layers are)
   state     a graph replayed, then eager kernels launched on a stream other than the one it was
             captured on, then the same graph replayed again, each scenario in a fresh process: the
             driver runs every graph of the process slower from the first such launch on
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 T, HEADS, HEAD_DIM, PIECE, BREAKS = 16, 9, 64, 27, 30
 # (stream the graph replays on, stream the eager kernels go to, how many)
@@ -149,9 +153,29 @@ def edges() -> dict[str, float]:
     return out
 
 
+def breaks_by_weights() -> dict[str, float]:
+    """GPU µs a break adds when the pieces' weights fit in L2 and when they do not."""
+    b = Bench()
+    b.eager()
+    out = {}
+    for rows in (576, 3072):
+        weights = [torch.randn(rows, 576, device="cuda", dtype=torch.bfloat16) * 0.01 for _ in range(BREAKS)]
+        pieces = [lambda w=w: (F.linear(b.a, w), [b.small() for _ in range(PIECE - 2)], F.linear(b.a, w))
+                  for w in weights]  # fmt: skip
+        graphs = [b.capture(piece) for piece in pieces]
+        whole = b.capture(lambda pieces=pieces: [(piece(), b.eager()) for piece in pieces])
+        timed_us(whole.replay)
+        base = timed_us(whole.replay)
+        broken = timed_us(lambda graphs=graphs: [(g.replay(), b.eager()) for g in graphs])
+        mib = BREAKS * rows * 576 * 2 / 2**20
+        out[f"{mib:.0f} MiB of weights"] = round((broken - base) / BREAKS, 2)
+    return out
+
+
 def child(argv: list[str]) -> None:
     """One measurement in a fresh CUDA context (the slower state is process-wide and never reverts)."""
-    print(json.dumps(edges() if argv == ["edges"] else scenario(argv[0], argv[1], int(argv[2]))))
+    named = {"edges": edges, "weights": breaks_by_weights}
+    print(json.dumps(named[argv[0]]() if argv[0] in named else scenario(argv[0], argv[1], int(argv[2]))))
 
 
 def run_child(*argv: str) -> dict[str, Any]:
@@ -173,7 +197,10 @@ def main() -> None:
     print(f"30 pieces as one graph: {edge['one graph_us']:.1f} us; GPU time an edge adds:")
     for name, us in edge.items():
         if name != "one graph_us":
-            print(f"  {name:<45} {us:5.2f} us")
+            print(f"  {name:<50} {us:5.2f} us")
+    by_weights = run_child("weights")
+    for name, us in by_weights.items():
+        print(f"a break, the pieces reading {name}: {us:.2f} us")
     rows = []
     for replay, eager, count in SCENARIOS:
         rows.append(run_child(replay, eager, str(count)))
@@ -183,7 +210,8 @@ def main() -> None:
                 f"broken {r['broken_us']:7.1f} us ({r['per_break_us']:.2f} us a break)")  # fmt: skip
         print(line, flush=True)
     report = {"benchmark": "graph-launch", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "kernels_per_piece": PIECE, "breaks": BREAKS, "edges_us": edge, "state": rows}  # fmt: skip
+              "kernels_per_piece": PIECE, "breaks": BREAKS, "edges_us": edge,
+              "break_us_by_weights": by_weights, "state": rows}  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
