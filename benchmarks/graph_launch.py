@@ -10,7 +10,9 @@
             101 MiB (beyond it, as a model's layers are)
   state     a graph replayed, then eager kernels launched on a stream other than the one it was
             captured on, then the same graph replayed again, each scenario in a fresh process: the
-            driver runs every graph of the process slower from the first such launch on
+            driver runs every graph of the process slower from the first such launch on (a row's
+            `per_break_us` compares the broken step, always in that state, with `whole_after_us`: in
+            the row whose eager launches went to the capture stream the whole graph was not yet)
 
 Both with the graph benchmark's toy attention kernel as the eager one. Writes JSON with `--out`.
 
