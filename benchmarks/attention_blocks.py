@@ -6,7 +6,7 @@ full graph captures (`PagedAttention.plan(flat=True)`, room for one padding sequ
 SmolLM2-135M (9 heads on 3, dim 64), Llama-3-8B (32 on 8, dim 128); bf16, random values. Times are
 CUDA-graph replays of one launch (GPU time only), in microseconds.
 
-python3 benchmarks/attention_blocks.py [--out FILE]
+python -m benchmarks.attention_blocks [--out FILE]
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tessera.bench.timing import graph_ms
+from benchmarks.common import ATTENTION_SHAPES, PAGE, graph_ms
 from tessera.layers import triton_attention
 from tessera.layers.triton_attention import paged_attention
-
-SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}
-PAGE = 16
 
 
 def extend_batch(tokens: int, seqs: int, prefix: int, heads: int, kv_heads: int, dim: int, flat: bool):
@@ -75,7 +72,7 @@ def main() -> None:
     args = p.parse_args()
     default = triton_attention.SMALL_BLOCK_MAX_Q
     rows = []
-    for name, (heads, kv_heads, dim) in SHAPES.items():
+    for name, (heads, kv_heads, dim) in ATTENTION_SHAPES.items():
         for tokens in args.tokens:
             for seqs in (1, 8):
                 for prefix in args.prefix:

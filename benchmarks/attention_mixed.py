@@ -4,7 +4,7 @@ Batch: one prefill chunk of 1024 tokens over a 512-token prefix, and D decodes w
 256..1152 tokens (random pages of 16). Shapes: SmolLM2-135M (9 heads on 3, dim 64), Llama-3-8B (32 on
 8, dim 128); bf16, random values. Times are CUDA-graph replays (GPU time only).
 
-python3 benchmarks/attention_mixed.py [--out FILE]
+python -m benchmarks.attention_mixed [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tessera.bench.timing import graph_ms
+from benchmarks.common import ATTENTION_SHAPES, PAGE, graph_ms
 from tessera.layers.triton_attention import paged_attention
-
-SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}
-PAGE = 16
 
 
 def mixed_batch(decodes: int, heads: int, kv_heads: int, dim: int) -> dict:
@@ -71,7 +68,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     rows = []
-    for name, (heads, kv_heads, dim) in SHAPES.items():
+    for name, (heads, kv_heads, dim) in ATTENTION_SHAPES.items():
         for decodes in args.decodes:
             ms = time_case(mixed_batch(decodes, heads, kv_heads, dim), decodes, dim)
             rows.append({"shape": name, "decodes": decodes, "chunk": 1024, "ms": ms})

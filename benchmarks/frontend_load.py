@@ -6,7 +6,7 @@ the engine worker's protocol and advances every running request by one token eac
 If the achieved output tok/s is far below what the stand-in offers (running requests / step time), the
 front end, not the engine, limits a serving benchmark at that concurrency.
 
-python3 benchmarks/frontend_load.py [--concurrency 64 256] [--step-ms 5] [--out FILE]
+python -m benchmarks.frontend_load [--concurrency 64 256] [--step-ms 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from tessera.bench.serve import free_port, make_prompts, run_load, summarize, wa
 def fake_engine(inbox: Connection, outbox: Connection, step_s: float) -> None:
     """The engine worker's protocol (see tessera/server/engine_worker.py) without a model."""
     from tessera.loader.gguf_file import GGUFFile
+    from tessera.loader.model_loader import default_model_path
     from tessera.loader.tokenizer import Tokenizer
-    from tessera.models.registry import default_model_path
 
     tokenizer = Tokenizer.from_gguf(GGUFFile(default_model_path()).field)
     stats = {"num_running": 0, "num_waiting": 0, "pages_usable": 1, "pages_free": 1, "pages_cached": 0,

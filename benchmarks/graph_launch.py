@@ -16,7 +16,7 @@
 
 Both with the graph benchmark's toy attention kernel as the eager one. Writes JSON with `--out`.
 
-python3 benchmarks/graph_launch.py --out benchmarks/results/graph_launch_h200.json
+python -m benchmarks.graph_launch --out benchmarks/results/graph_launch_h200.json
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SCENARIOS = [
 
 class Bench:
     def __init__(self) -> None:
-        from tessera.graphs.toy_attention import CausalAttention
+        from tessera.testing.toy_attention import CausalAttention
 
         self.x = torch.randn(T * 576, device="cuda", dtype=torch.bfloat16)
         qkv = torch.randn(T, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)

@@ -1,31 +1,30 @@
 """Where the host time of one engine step goes (GPU): a SmolLM2-shaped model with random weights, an
 EXTEND of 16 tokens, the attention split op taken apart. Prints microseconds per call.
 
-python3 benchmarks/profile_engine.py
+python -m benchmarks.profile_engine
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import triton
 
-from tessera.bench.step import make_batch
-from tessera.bench.timing import host_us, time_once
-from tessera.engine.config import RunnerConfig
+from benchmarks.common import CONFIGS, host_us, time_once
+from benchmarks.step import make_batch, page_manager
+from tessera.engine.config import EngineConfig
 from tessera.engine.model_runner import ModelRunner
 from tessera.graphs import ForwardContext, forward_context
-from tessera.graphs.launch import KernelLauncher
-from tessera.graphs.toy import toy_attention
-from tessera.graphs.toy_attention import causal_attention
 from tessera.layers import attention as attn
 from tessera.layers import triton_attention
+from tessera.layers.kernel_launch import KernelLauncher
 from tessera.layers.triton_attention import paged_attention
-from tessera.models import registry
+from tessera.loader import model_loader
+from tessera.testing.toy import toy_attention
+from tessera.testing.toy_attention import causal_attention
 
-FOLDER = Path(__file__).resolve().parent / "configs" / "smollm2-135m"
+FOLDER = CONFIGS / "smollm2-135m"
 
 
 @triton.jit
@@ -61,7 +60,7 @@ def _binary_rows(launch: KernelLauncher, attend: Callable[[], None]) -> list[tup
 
 
 def _toy_rows(q: torch.Tensor) -> list[tuple[str, float]]:
-    """The toy stack's attention split op (`tessera bench graphs`) on the same 16 tokens."""
+    """The toy stack's attention split op (`benchmarks.graphs`) on the same 16 tokens."""
     k, v, out = torch.randn_like(q), torch.randn_like(q), torch.empty_like(q)
     n = q.shape[0]
     with forward_context(ForwardContext(n, n)):
@@ -71,11 +70,11 @@ def _toy_rows(q: torch.Tensor) -> list[tuple[str, float]]:
 
 
 def main() -> None:
-    model = registry.dummy_model(FOLDER, torch.bfloat16, torch.device("cuda"))
-    cfg = model.cfg
+    model = model_loader.dummy_model(FOLDER, torch.bfloat16, torch.device("cuda"))
+    cfg = model.config
     rows: list[tuple[str, float]] = []
-    runner = ModelRunner(model, cfg, num_pages=512, config=RunnerConfig(extend_cuda_graph_max_tokens=0))
-    batch = make_batch(runner, "extend", 16, 1)
+    runner = ModelRunner(model, EngineConfig.create(extend_cuda_graph_max_tokens=0), num_pages=512)
+    batch = make_batch(runner, "extend", 16, 1, kv=page_manager(runner))
     step = lambda _: runner.forward(batch)  # noqa: E731
     for _ in range(3):
         step(None)

@@ -1,6 +1,6 @@
 """Where the host time of a piecewise step and of start-up goes (GPU). Prints a table of microseconds.
 
-python3 benchmarks/profile_graphs.py
+python -m benchmarks.profile_graphs
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tessera.bench.graphs import SMOLLM2_SHAPED
-from tessera.bench.timing import host_us
+from benchmarks.common import host_us
+from benchmarks.graphs import SMOLLM2_SHAPED
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
 from tessera.graphs.platform import CudaGraphBackend
-from tessera.graphs.toy import ToyModel
+from tessera.testing.toy import ToyModel
 
 
 def main() -> None:

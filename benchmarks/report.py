@@ -1,10 +1,10 @@
 """Markdown tables (and the step-time plot) from the benchmark JSON under benchmarks/results/.
 
-    python benchmarks/report.py step benchmarks/results/step_h200.json --plot docs/step_smollm2_h200.png
-    python benchmarks/report.py serve benchmarks/results/serve_smollm2_h200.json
-    python benchmarks/report.py graphs benchmarks/results/graphs_h200.json
-    python benchmarks/report.py moe-padding benchmarks/results/moe_padding_h200.json
-    python benchmarks/report.py attention-mixed benchmarks/results/attention_mixed_h200.json
+    python -m benchmarks.report step benchmarks/results/step_h200.json --plot docs/step_smollm2_h200.png
+    python -m benchmarks.report serve benchmarks/results/serve_smollm2_h200.json
+    python -m benchmarks.report graphs benchmarks/results/graphs_h200.json
+    python -m benchmarks.report moe-padding benchmarks/results/moe_padding_h200.json
+    python -m benchmarks.report attention-mixed benchmarks/results/attention_mixed_h200.json
 
 The README's tables are this script's output, pasted; the plot needs matplotlib (`pip install matplotlib`).
 """

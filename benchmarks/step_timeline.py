@@ -12,8 +12,8 @@ Prints, per case and variant, the step period, its kernel time, and the idle tim
 the largest single gaps; `--by-name` also sums kernel time by kernel name (to find the kernels that
 run longer in one variant than in another). Writes JSON with `--out`.
 
-python3 benchmarks/step_timeline.py --model smollm2-135m --cases extend:16:8 extend:512:8 decode:8:8
-python3 benchmarks/step_timeline.py --model toy --cases 1 16 128   (`tessera bench graphs`' toy at N
+python -m benchmarks.step_timeline --model smollm2-135m --cases extend:16:8 extend:512:8 decode:8:8
+python -m benchmarks.step_timeline --model toy --cases 1 16 128   (`benchmarks.graphs`' toy at N
 tokens: breakable graphs captured at exactly N, and the whole step as one graph)
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from tessera.bench.step import VARIANTS, load_model, make_batch
-from tessera.bench.timing import host_us
+from benchmarks.common import host_us, write_json
+from benchmarks.step import VARIANTS, load_model, make_batch, page_manager
 from tessera.engine.model_runner import ModelRunner
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -140,25 +140,24 @@ def host_profile(step: Any, steps: int = 20) -> None:
 def engine_steps(args: argparse.Namespace) -> Iterator[tuple[str, str, Callable[[], Any]]]:
     """(case, variant, step) of the engine's runners on `args.model`."""
     model = load_model(args.model)
-    runners = {
-        v: ModelRunner(model, model.cfg, num_pages=args.num_pages, config=VARIANTS[v]) for v in args.variants
-    }
+    runners = {v: ModelRunner(model, VARIANTS[v], num_pages=args.num_pages) for v in args.variants}
+    pages = {v: page_manager(r) for v, r in runners.items()}
     for r in runners.values():
         for cache in r.kv.k + r.kv.v:
             cache.normal_()
     for case in args.cases:
         kind, size, seqs = case.split(":")
         for variant, runner in runners.items():
-            batch = make_batch(runner, kind, int(size), int(seqs))
+            batch = make_batch(runner, kind, int(size), int(seqs), kv=pages[variant])
             yield case, variant, lambda r=runner, b=batch: r.forward(b)
             for seq in batch.seqs:
-                runner.free(seq)
+                pages[variant].release(seq, keep_prefix=False)
 
 
 def toy_steps(args: argparse.Namespace) -> Iterator[tuple[str, str, Callable[[], Any]]]:
     """(N, variant, step) of the graph benchmark's toy: breakable graphs captured at exactly N (no
     padding), and the whole step as one CUDA graph (attention inside, no breaks)."""
-    from tessera.bench import graphs
+    from benchmarks import graphs
 
     torch.manual_seed(0)
     cfg = graphs.SMOLLM2_SHAPED
@@ -211,8 +210,7 @@ def main() -> None:
             gaps = row["in_graph_gap_before_us"].items()
             print(f"{'':29}mean in-graph gap before: " + "  ".join(f"{k[:28]} {v:.2f}" for k, v in gaps))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

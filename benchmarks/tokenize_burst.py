@@ -2,7 +2,7 @@
 by one vs through `BatchEncoder`: the burst's time and the longest stall of a 1 ms heartbeat on the loop
 (every stream the server carries waits that long). CPU only.
 
-python3 benchmarks/tokenize_burst.py
+python -m benchmarks.tokenize_burst
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 
 from tessera.bench.serve import make_prompts
 from tessera.loader.gguf_file import GGUFFile
+from tessera.loader.model_loader import default_model_path
 from tessera.loader.tokenizer import Tokenizer
-from tessera.models.registry import default_model_path
 from tessera.server.tokenize import BatchEncoder
 
 

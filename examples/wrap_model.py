@@ -3,7 +3,7 @@
 import torch
 
 from tessera.graphs import GraphConfig, PiecewiseGraphRunner
-from tessera.graphs.toy import ToyModel  # attention is a split op: `tessera.graphs.split_op`
+from tessera.testing.toy import ToyModel  # attention is a split op: `tessera.graphs.split_op`
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model = ToyModel().to(device).eval()

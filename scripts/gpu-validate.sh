@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU validation runs of issues 2-4, in phases that each fit one device call (10 min). Every step
 # runs under its own time limit and logs to $OUT, so one failure does not cost the rest of the call.
-#   1: graph runtime and kernel tests + `tessera bench graphs`   2: engine tests + `tessera bench step`
+#   1: graph runtime and kernel tests + `benchmarks.graphs`   2: engine tests + `benchmarks.step`
 #   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
-#   5: DeepSeek / MoE GPU tests, `tessera bench moe-padding`, `tessera bench step` on their shapes
+#   5: DeepSeek / MoE GPU tests, `benchmarks.moe_padding`, `benchmarks.step` on their shapes
 #      (5 = 5a: the first two; 5b, 5c: the step bench on DeepSeek-V2-Lite, on Qwen3-30B-A3B)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,27 +32,27 @@ case "${1:-}" in
     # the Triton kernels against their references, on the GPU (these files pick CUDA when there is one)
     step test_kernels 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
       tests/test_toy_attention.py tests/test_fused_kernels.py tests/test_moe.py tests/test_launch.py
-    step attention_mixed 120 python3 benchmarks/attention_mixed.py --out "$OUT/attention_mixed.json"
-    [ "${2:-}" = quick ] || step bench_graphs 280 python3 -m tessera bench graphs --out "$OUT/graphs.json" ;;
+    step attention_mixed 120 python3 -m benchmarks.attention_mixed --out "$OUT/attention_mixed.json"
+    [ "${2:-}" = quick ] || step bench_graphs 280 python3 -m benchmarks.graphs --out "$OUT/graphs.json" ;;
   2)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of phase 1) the engine
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
     step test_engine 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
-    step profile 90 python3 benchmarks/profile_engine.py
+    step profile 90 python3 -m benchmarks.profile_engine
     # `2 smollm2`: the step bench on SmolLM2 alone (~2 min instead of ~5)
-    step bench_step 420 python3 -m tessera bench step ${2:+--models "$2"} --out "$OUT/step.json" ;;
+    step bench_step 420 python3 -m benchmarks.step ${2:+--models "$2"} --out "$OUT/step.json" ;;
   3)
     serve serve_smollm2 380 ;;
   gsm8k)
-    step gsm8k 200 python3 benchmarks/eval_gsm8k.py --out "$OUT/gsm8k.json" ;;
+    step gsm8k 200 python3 -m benchmarks.eval_gsm8k --out "$OUT/gsm8k.json" ;;
   5|5a)  # issue 5: DeepSeek/MoE GPU tests and the padded-MoE timing (carry .wheels/gpu) ...
     step setup 120 bash scripts/gpu-setup.sh
     step test_moe 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_deepseek.py tests/test_moe.py
-    step moe_padding 150 python3 -m tessera bench moe-padding --out "$OUT/moe_padding.json" ;;
+    step moe_padding 150 python3 -m benchmarks.moe_padding --out "$OUT/moe_padding.json" ;;
   5b|5c)  # ... and their step bench, one shape a call (~40 s a case): 5b DeepSeek-V2-Lite, 5c Qwen3-30B-A3B
     model=$([ "$1" = 5b ] && echo deepseek-v2-lite || echo qwen3-30b-a3b)
     step setup 120 bash scripts/gpu-setup.sh
-    step "step_$model" 560 python3 -m tessera bench step --models "$model" --no-hf \
+    step "step_$model" 560 python3 -m benchmarks.step --models "$model" --no-hf \
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;

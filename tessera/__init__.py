@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams"]
 
 # NOTE: resolved lazily so that `import tessera.graphs` stays free of the engine (and its loaders).
 _LAZY = {
+    "EngineConfig": "tessera.engine.config",
     "LLM": "tessera.engine.llm",
     "RequestOutput": "tessera.engine.llm",
     "SamplingParams": "tessera.engine.sampling",

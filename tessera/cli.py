@@ -7,10 +7,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
-from tessera.engine.config import RunnerConfig
-from tessera.engine.scheduler import SchedulerConfig
+from tessera.engine.config import DTYPES, LOAD_FORMATS, EngineConfig, RunnerConfig, SchedulerConfig
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,15 +46,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_runner_flags(p: argparse.ArgumentParser) -> None:
-    """Model-runner flags, spelled as SGLang spells them."""
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    """Engine flags, spelled as SGLang spells them; defaults come from the config classes."""
+    e, s, r = EngineConfig(), SchedulerConfig(), RunnerConfig()
+    p.add_argument("--dtype", default=None, choices=list(DTYPES))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+    p.add_argument("--load-format", choices=list(LOAD_FORMATS), default=e.load_format,
                    help="dummy: random weights for the folder's config.json (benchmarks)")  # fmt: skip
     g = p.add_argument_group("model runner")
-    g.add_argument("--chunked-prefill-size", type=int, default=2048)
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--mem-fraction", type=float, default=0.8, help="of free GPU memory, for the KV cache")
+    g.add_argument("--chunked-prefill-size", type=int, default=s.chunked_prefill_size)
+    g.add_argument("--page-size", type=int, default=e.page_size)
+    g.add_argument("--mem-fraction", type=float, default=e.mem_fraction,
+                   help="of free GPU memory, for the KV cache")  # fmt: skip
     g.add_argument("--disable-piecewise-cuda-graph", action="store_true")
     g.add_argument(
         "--piecewise-cuda-graph-max-tokens",
@@ -67,8 +67,10 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--piecewise-cuda-graph-tokens", type=int, nargs="+", default=None, help="explicit capture sizes"
     )
-    g.add_argument("--piecewise-cuda-graph-strategy", choices=["breakable", "compile"], default="breakable")
-    g.add_argument("--piecewise-cuda-graph-compiler", choices=["eager", "inductor"], default="eager")
+    g.add_argument("--piecewise-cuda-graph-strategy", choices=["breakable", "compile"],
+                   default=r.piecewise_cuda_graph_strategy)  # fmt: skip
+    g.add_argument("--piecewise-cuda-graph-compiler", choices=["eager", "inductor"],
+                   default=r.piecewise_cuda_graph_compiler)  # fmt: skip
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -76,72 +78,65 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
         help="token budget of one forward, decodes included (default: --chunked-prefill-size, so every "
         "batch fits the piecewise graphs' range)",
     )
-    g.add_argument("--max-running-requests", type=int, default=256)
+    g.add_argument("--max-running-requests", type=int, default=s.max_running_requests)
     g.add_argument("--disable-radix-cache", action="store_true", help="no prefix sharing between requests")
     g.add_argument(
         "--disable-cuda-graph", action="store_true", help="no full CUDA graphs (decode, small extend batches)"
     )
-    g.add_argument("--cuda-graph-max-bs", type=int, default=256, help="largest decode batch captured")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=r.cuda_graph_max_bs,
+                   help="largest decode batch captured")  # fmt: skip
     g.add_argument(
         "--extend-cuda-graph-max-tokens",
         type=int,
-        default=RunnerConfig.extend_cuda_graph_max_tokens,
+        default=r.extend_cuda_graph_max_tokens,
         help="extend and mixed batches of at most this many tokens (and --extend-cuda-graph-max-seqs "
         "sequences) run as one full CUDA graph, attention captured; 0: always piecewise",
     )
-    g.add_argument("--extend-cuda-graph-max-seqs", type=int, default=8)
+    g.add_argument("--extend-cuda-graph-max-seqs", type=int, default=r.extend_cuda_graph_max_seqs)
     g.add_argument(
         "--attention-backend",
         choices=["auto", "torch", "triton"],
-        default="auto",
+        default=r.attention_backend,
         help="auto: triton on a GPU, torch on a CPU",
     )
     g.add_argument(
         "--moe-runner-backend",
         choices=["auto", "triton", "grouped_mm"],
-        default="auto",
+        default=r.moe_runner_backend,
         help="MoE experts: auto = on a GPU the Triton grouped GEMMs, torch._grouped_mm for large batches on "
         "Hopper (reference loop on a CPU); triton, grouped_mm = always that one",
     )
 
 
-def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        chunked_prefill_size=args.chunked_prefill_size,
-        max_running_requests=args.max_running_requests,
-        disable_radix_cache=args.disable_radix_cache,
-    )
-
-
-def runner_config(args: argparse.Namespace) -> RunnerConfig:
-    return RunnerConfig(
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The one place flags become an `EngineConfig` (generate and serve alike)."""
+    return EngineConfig(
+        model=None if args.model is None else str(args.model),
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
         page_size=args.page_size,
-        chunked_prefill_size=args.chunked_prefill_size,
-        disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
-        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
-        piecewise_cuda_graph_tokens=tuple(args.piecewise_cuda_graph_tokens or ()) or None,
-        piecewise_cuda_graph_strategy=args.piecewise_cuda_graph_strategy,
-        piecewise_cuda_graph_compiler=args.piecewise_cuda_graph_compiler,
-        attention_backend=args.attention_backend,
-        moe_runner_backend=args.moe_runner_backend,
-        disable_cuda_graph=args.disable_cuda_graph,
-        cuda_graph_max_bs=args.cuda_graph_max_bs,
-        extend_cuda_graph_max_tokens=args.extend_cuda_graph_max_tokens,
-        extend_cuda_graph_max_seqs=args.extend_cuda_graph_max_seqs,
+        mem_fraction=args.mem_fraction,
+        scheduler=SchedulerConfig(
+            chunked_prefill_size=args.chunked_prefill_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_running_requests=args.max_running_requests,
+            disable_radix_cache=args.disable_radix_cache,
+        ),
+        runner=RunnerConfig(
+            disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
+            piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
+            piecewise_cuda_graph_tokens=tuple(args.piecewise_cuda_graph_tokens or ()) or None,
+            piecewise_cuda_graph_strategy=args.piecewise_cuda_graph_strategy,
+            piecewise_cuda_graph_compiler=args.piecewise_cuda_graph_compiler,
+            attention_backend=args.attention_backend,
+            moe_runner_backend=args.moe_runner_backend,
+            disable_cuda_graph=args.disable_cuda_graph,
+            cuda_graph_max_bs=args.cuda_graph_max_bs,
+            extend_cuda_graph_max_tokens=args.extend_cuda_graph_max_tokens,
+            extend_cuda_graph_max_seqs=args.extend_cuda_graph_max_seqs,
+        ),
     )
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Engine keyword arguments from the model and runner flags (shared by generate and serve)."""
-    return {
-        "dtype": args.dtype,
-        "device": args.device,
-        "config": runner_config(args),
-        "scheduler": scheduler_config(args),
-        "mem_fraction": args.mem_fraction,
-        "load_format": args.load_format,
-    }
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -152,7 +147,7 @@ def serve(args: argparse.Namespace) -> None:
     from tessera.server.api import create_app
     from tessera.server.engine_loop import AsyncEngine
 
-    engine = AsyncEngine.start(args.model, engine_options(args))  # its own process (engine_worker.py)
+    engine = AsyncEngine.start(engine_config(args))  # its own process (engine_worker.py)
     name = Path(args.model).stem if args.model else "SmolLM2-135M-Instruct"
     try:
         # NOTE: keep-alive longer than clients' usual pool expiry (httpx: 5 s), so a pooled connection
@@ -167,7 +162,7 @@ def generate(args: argparse.Namespace) -> None:
     from tessera.engine.llm import LLM
     from tessera.engine.sampling import SamplingParams
 
-    llm = LLM(args.model, **engine_options(args))
+    llm = LLM(config=engine_config(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -193,7 +188,7 @@ def generate(args: argparse.Namespace) -> None:
                 "prompt_token_ids": out.prompt_token_ids,
                 "finish_reason": out.finish_reason,
                 "logprobs": out.logprobs,
-                "graph_stats": llm.graph_stats(),
+                "graph_stats": llm.runner.graph_stats(),
             }
             print(json.dumps(record))
         else:
@@ -206,22 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _serve_parser(sub)
-    bench = sub.add_parser("bench", help="benchmarks (GPU)", add_help=False)
-    bench.add_argument("which", choices=["graphs", "step", "serve", "moe-padding"])
-    args, rest = parser.parse_known_args(argv)
+    bench = sub.add_parser(
+        "bench",
+        help="the serving benchmark (the other benchmarks: python -m benchmarks.NAME in a source checkout)",
+    )
+    bench.add_argument("which", choices=["serve"], help="`tessera bench serve --help` lists its flags")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.command in ("generate", "serve"):
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        try:
-            (generate if args.command == "generate" else serve)(args)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-    elif args.command == "bench":
-        import importlib
+    if args.command == "bench":
+        from tessera.bench import serve as bench_serve
 
-        importlib.import_module(f"tessera.bench.{args.which.replace('-', '_')}").main(rest)
+        bench_serve.main(args.bench_args)
+        return 0
+    try:
+        (generate if args.command == "generate" else serve)(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

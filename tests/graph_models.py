@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tessera.graphs import get_forward_context, split_op
-from tessera.graphs.toy import ToyConfig, ToyModel
+from tessera.testing.toy import ToyConfig, ToyModel
 
 TINY = ToyConfig(vocab_size=128, hidden_size=32, num_heads=2, intermediate_size=64, num_layers=3)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tessera.engine.batch import SHORT_QUERY_LEN, build_batch
-from tessera.engine.kv_cache import PagePool
+from tessera.engine.kv_manager import PagePool
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
 
@@ -21,8 +21,9 @@ def _random_work(rng: random.Random, pool: PagePool, page: int) -> list[tuple[Se
         seq = Sequence([rng.randrange(1000) for _ in range(prompt)], SamplingParams())
         seq.output_token_ids = [rng.randrange(1000) for _ in range(outputs)]
         seq.num_cached = rng.randint(0, prompt + outputs - 1)
-        seq.pages = pool.allocate(-(-seq.num_cached // page))
-        work.append((seq, rng.randint(1, seq.num_tokens - seq.num_cached)))
+        n = rng.randint(1, seq.num_tokens - seq.num_cached)
+        seq.pages = pool.allocate(-(-(seq.num_cached + n) // page))  # what the scheduler reserves
+        work.append((seq, n))
     return work
 
 
@@ -32,7 +33,7 @@ def test_batch_tensors_match_a_per_sequence_reference(page: int) -> None:
     for _ in range(30):
         pool = PagePool(20000)
         work = _random_work(rng, pool, page)
-        batch = build_batch(work, pool, page, torch.device("cpu"))
+        batch = build_batch(work, page, torch.device("cpu"))
         # the reference: short sequences first (a stable partition), then each sequence's rows in turn
         order = sorted(range(len(work)), key=lambda i: work[i][1] > SHORT_QUERY_LEN)
         ids, positions, slots, q_start, last = [], [], [], [], [0] * len(work)
@@ -54,3 +55,10 @@ def test_batch_tensors_match_a_per_sequence_reference(page: int) -> None:
         for row, i in zip(kernel.page_table.tolist(), order, strict=True):
             used = -(-kernel.ctx_len.tolist()[order.index(i)] // page)
             assert row[:used] == work[i][0].pages[:used] and not any(row[used:])
+
+
+def test_a_sequence_without_its_pages_is_refused() -> None:
+    seq = Sequence(list(range(20)), SamplingParams())
+    seq.pages = [1]  # 16 tokens' worth of 4-token pages would be 5
+    with pytest.raises(ValueError, match="holds 1 KV pages, 5 needed"):
+        build_batch([(seq, 20)], 4, torch.device("cpu"))

@@ -9,8 +9,8 @@ import pytest
 from tessera.engine.detokenize import IncrementalDetokenizer, output_text
 from tessera.engine.sampling import SamplingParams
 from tessera.loader.gguf_file import GGUFFile
+from tessera.loader.model_loader import default_model_path
 from tessera.loader.tokenizer import Tokenizer
-from tessera.models.registry import default_model_path
 
 TEXTS = [
     "The capital of France is Paris. Naïve café, jalapeño — déjà vu!",

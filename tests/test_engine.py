@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from tessera.engine.llm import LLM
-from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
 from tessera.loader.gguf_file import GGUFFile, unpermute
-from tessera.models.registry import default_model_path
+from tessera.loader.model_loader import default_model_path
+
+from .runner_driver import make_runner
 
 PROMPT = "The capital of France is"
 
@@ -27,7 +28,7 @@ def llm() -> LLM:
 
 
 def _logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    runner = ModelRunner(llm.model, llm.cfg, num_pages=8, page_size=16)
+    runner = make_runner(llm.model, num_pages=8)
     return runner.run([(Sequence(ids, SamplingParams()), len(ids))])[0]
 
 
@@ -40,7 +41,7 @@ def test_smollm2_knows_the_capital_of_france(llm: LLM) -> None:
 
 def test_real_weights_match_hf_transformers(llm: LLM) -> None:
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.LlamaConfig(**llm.cfg.to_hf())
+    hf_cfg = transformers.LlamaConfig(**llm.model_config.to_hf())
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     missing, unexpected = hf.load_state_dict(dict(GGUFFile(default_model_path()).weights()), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
@@ -89,7 +90,7 @@ def test_stop_strings_logprobs_and_eos(llm: LLM) -> None:
     assert all(lp <= 0 for lp in out.logprobs)
     chat = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=64))
     assert chat.finish_reason == "stop" and chat.text  # ended by <|im_end|>, which is not in the text
-    assert llm.cfg.eos_token_ids[0] not in chat.token_ids
+    assert llm.model_config.eos_token_ids[0] not in chat.token_ids
 
 
 def test_tokenizer_from_gguf(llm: LLM) -> None:
@@ -117,7 +118,7 @@ def test_hf_folder_and_gguf_give_the_same_logits(llm: LLM, tmp_path: Path) -> No
     safetensors = pytest.importorskip("safetensors.torch")
     weights = {k: v.contiguous() for k, v in GGUFFile(default_model_path()).weights()}
     safetensors.save_file(weights, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(llm.cfg.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(llm.model_config.to_hf()))
     llm.tokenizer.tok.save(str(tmp_path / "tokenizer.json"))
     from_folder = LLM(tmp_path, device="cpu")
     ids = llm.tokenizer.encode(PROMPT)
@@ -161,36 +162,36 @@ PROMPTS = [
 
 
 def test_piecewise_graphs_give_the_same_tokens_as_eager(llm: LLM) -> None:
-    from tessera.engine.config import RunnerConfig
-
-    config = RunnerConfig(emulate_graphs_on_cpu=True, piecewise_cuda_graph_tokens=(4, 8, 16))
-    pcg = LLM(device="cpu", config=config)
+    pcg = LLM(device="cpu", emulate_graphs_on_cpu=True, piecewise_cuda_graph_tokens=(4, 8, 16))
     params = SamplingParams(max_tokens=6)
     assert [o.token_ids for o in pcg.generate(PROMPTS, params)] == [
         o.token_ids for o in llm.generate(PROMPTS, params)
     ]
     alone = pcg.generate(PROMPT, params)[0]  # a 5-token prefill replays the 8-token graphs
     assert alone.token_ids == llm.generate(PROMPT, params)[0].token_ids
-    stats = pcg.graph_stats()
-    assert stats["mode"] == "piecewise"
-    assert set(stats["replays"]) == {"4", "8"}  # decode steps of <= 4 sequences pad to 4
+    stats = pcg.stats()["graphs"]
+    # no full graphs: on a CPU attention runs on the torch backend, which they cannot capture
+    assert set(stats["replays"]) == {"piecewise"}
+    assert set(stats["replays"]["piecewise"]) == {"4", "8"}  # decode steps of <= 4 sequences pad to 4
     assert stats["eager_fallbacks"] == {"oversize": 1}  # the 4 prompts together: 38 tokens > 16
     assert stats["padded_tokens"] > 0
-    assert llm.graph_stats()["mode"] == "eager"
+    eager = llm.stats()["graphs"]
+    assert not eager["replays"] and eager["eager_fallbacks"]["disabled"] == llm.steps
 
 
 def test_requests_beyond_the_kv_cache_are_preempted_and_every_page_comes_back(llm: LLM) -> None:
     small = LLM(device="cpu", cpu_kv_tokens=64)  # 4 pages of 16 tokens: requests must take turns
-    capacity = small.runner.pool.num_free
+    capacity = small.stats()["pages_free"]
     params = SamplingParams(max_tokens=24)
     outs = small.generate(PROMPTS, params)
-    assert small.scheduler.preemptions >= 1  # recomputed, nothing lost:
+    stats = small.stats()
+    assert stats["preemptions"] >= 1  # recomputed, nothing lost:
     assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate(PROMPTS, params)]
-    cache = small.scheduler.cache
-    assert cache is not None and small.runner.pool.num_free + cache.num_pages == capacity
+    assert stats["pages_cached"] > 0 and stats["pages_free"] + stats["pages_cached"] == capacity
     with pytest.raises(ValueError, match=r"needs \d+ KV tokens"):
         small.generate(PROMPT, SamplingParams(max_tokens=100))
-    assert small.runner.pool.num_free + cache.num_pages == capacity
+    stats = small.stats()
+    assert stats["pages_free"] + stats["pages_cached"] == capacity
 
 
 def test_dummy_weights_from_a_config_folder(tmp_path: Path) -> None:

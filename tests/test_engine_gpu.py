@@ -10,10 +10,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from tessera.engine.config import RunnerConfig
 from tessera.engine.sampling import SamplingParams
 
 from .conftest import rel_err
+from .runner_driver import make_runner
 from .test_llama import FAMILIES, hf_and_ours
 
 pytestmark = pytest.mark.gpu
@@ -25,15 +25,15 @@ SIZES = (8, 16, 32, 64, 128, 256)
 @pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
 def test_bf16_logits_match_hf(family: str, backend: str) -> None:
-    from tessera.engine.model_runner import ModelRunner
     from tessera.engine.sequence import Sequence
 
     hf, ours = hf_and_ours(family)
     hf, ours = hf.cuda().to(torch.bfloat16), ours.cuda().to(torch.bfloat16)
     ids = torch.randint(0, 256, (1, 23), device="cuda")
     ref = hf(ids).logits[0, -1].float()
-    config = RunnerConfig(page_size=16, attention_backend=backend, disable_piecewise_cuda_graph=True)
-    runner = ModelRunner(ours, ours.cfg, num_pages=16, config=config)
+    runner = make_runner(
+        ours, num_pages=16, page_size=16, attention_backend=backend, disable_piecewise_cuda_graph=True
+    )
     got = runner.run([(Sequence(ids[0].tolist(), SamplingParams()), 23)])[0]
     assert rel_err(got, ref) < 2e-2
 
@@ -57,40 +57,36 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(mode: str) -> None:
     """Piecewise graphs of either strategy alone, or with full graphs for extend batches of up to 256
     tokens in up to 8 sequences (the piecewise graphs take the rest)."""
     from tessera.engine.llm import LLM
-    from tessera.engine.scheduler import SchedulerConfig
 
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     # no prefix sharing: every prompt's prefill is exactly its length, so sizes land where planned
-    common = {"scheduler": SchedulerConfig(chunked_prefill_size=256, disable_radix_cache=True)}
+    common = {"chunked_prefill_size": 256, "disable_radix_cache": True}
     full = mode == "extend-graphs"
     graphs = LLM(
-        config=RunnerConfig(
-            chunked_prefill_size=256,
-            piecewise_cuda_graph_tokens=SIZES,
-            piecewise_cuda_graph_strategy="compile" if mode == "compile" else "breakable",
-            extend_cuda_graph_max_tokens=256 if full else 0,
-        ),
+        piecewise_cuda_graph_tokens=SIZES,
+        piecewise_cuda_graph_strategy="compile" if mode == "compile" else "breakable",
+        extend_cuda_graph_max_tokens=256 if full else 0,
         **common,
     )
     # decode graphs on both sides (as before extend graphs existed): the comparison is of extend batches
-    eager = LLM(config=RunnerConfig(chunked_prefill_size=256, disable_piecewise_cuda_graph=True,
-                                    extend_cuda_graph_max_tokens=0), **common)  # fmt: skip
+    eager = LLM(disable_piecewise_cuda_graph=True, extend_cuda_graph_max_tokens=0, **common)
     prompts = _prompts(graphs.tokenizer.encode)
     # one prompt at a time: each capture size and a size between two of them is its own prefill batch
     planned = len(set(SIZES) | {s - 3 for s in SIZES})
     for p in prompts[:planned]:
         assert graphs.generate([p], params)[0].token_ids == eager.generate([p], params)[0].token_ids, len(p)
-    stats = graphs.graph_stats()
+    stats = graphs.runner.graph_stats()
+    replays = stats["replays"]  # {kind: {padded size: count}}
     if full:  # every prefill through an extend graph; each graph's seven decodes through decode graphs
-        assert stats["extend_graph_replays"] == planned and not stats["replays"], stats
+        assert sum(replays.get("full-extend", {}).values()) == planned and "piecewise" not in replays, stats
     else:
-        assert set(stats["replays"]) == {str(s) for s in SIZES}
+        assert set(replays.get("piecewise", {})) == {str(s) for s in SIZES}, stats
     # then all 64 together: chunked prefills mixed with decodes, decode batches up to 64
     together = [o.token_ids for o in graphs.generate(prompts, params)]
     assert together == [o.token_ids for o in eager.generate(prompts, params)]
-    stats = graphs.graph_stats()
+    stats = graphs.runner.graph_stats()
     assert not stats["eager_fallbacks"], stats
-    assert stats["decode_graph_replays"] > 0
+    assert sum(stats["replays"].get("full-decode", {}).values()) > 0, stats
 
 
 @torch.no_grad()
@@ -98,16 +94,15 @@ def test_full_graphs_match_eager_with_poisoned_padding() -> None:
     """Extend and decode full graphs on CUDA against eager (bf16, relative error), with the debug check
     on: each padded replay repeated with the padded rows' inputs shuffled must leave real rows
     bit-identical."""
-    from tessera.engine.model_runner import ModelRunner
     from tessera.engine.sequence import Sequence
 
     _, ours = hf_and_ours("LlamaForCausalLM")
     ours = ours.cuda().to(torch.bfloat16)
-    config = RunnerConfig(page_size=16, debug_poison_padding=True, cuda_graph_max_bs=4,
-                          piecewise_cuda_graph_tokens=(16, 32, 64))  # fmt: skip
-    graphs = ModelRunner(ours, ours.cfg, num_pages=64, config=config)
-    eager_config = RunnerConfig(page_size=16, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
-    eager = ModelRunner(ours, ours.cfg, num_pages=64, config=eager_config)
+    graphs = make_runner(ours, num_pages=64, page_size=16, debug_poison_padding=True, cuda_graph_max_bs=4,
+                         piecewise_cuda_graph_tokens=(16, 32, 64))  # fmt: skip
+    eager = make_runner(
+        ours, num_pages=64, page_size=16, disable_piecewise_cuda_graph=True, disable_cuda_graph=True
+    )
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 40)]
     logits: dict[str, list[torch.Tensor]] = {"graphs": [], "eager": []}
@@ -120,5 +115,6 @@ def test_full_graphs_match_eager_with_poisoned_padding() -> None:
         logits[name].append(runner.run([(s, 1) for s in (a, b, c)]))  # 3 decodes padded to 4
     for got, ref in zip(logits["graphs"], logits["eager"], strict=True):
         assert rel_err(got, ref) < 2e-2
-    stats = graphs.graph_stats()
-    assert stats["extend_graph_replays"] == 2 and stats["decode_graph_replays"] == 1, stats
+    stats = graphs.stats
+    assert sum(stats.sizes("full-extend").values()) == 2, stats
+    assert sum(stats.sizes("full-decode").values()) == 1, stats

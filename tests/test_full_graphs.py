@@ -1,5 +1,6 @@
-"""Full graphs for small extend and mixed batches (engine/full_graphs.py), on the emulated backend: the
-same static buffers, fixed-grid attention and padding as on a GPU, against an eager runner."""
+"""Full graphs for small extend and mixed batches (engine/graph_inputs.py over graphs/full.py), on the
+emulated backend: the same static buffers, fixed-grid attention and padding as on a GPU, against an
+eager runner."""
 
 from __future__ import annotations
 
@@ -8,26 +9,29 @@ import copy
 import pytest
 import torch
 
-from tessera.engine.config import RunnerConfig
-from tessera.engine.full_graphs import Shape, graph_shapes
-from tessera.engine.model_runner import ModelRunner
-from tessera.graphs import PaddingLeakError
+from tessera.engine.graph_inputs import full_graph_descriptors
+from tessera.graphs import BatchDescriptor, GraphMode, PaddingLeakError
 
 from .conftest import needs_triton_on_cpu
+from .runner_driver import make_runner
 from .test_llama import _runner, _seq, hf_and_ours
 
+FULL = GraphMode.FULL
 
-def test_shapes_leave_a_row_for_the_padding_and_share_the_token_counts() -> None:
-    shapes = graph_shapes(4, [16, 4, 8], 8)
-    assert [s for s in shapes if s.decode] == [Shape(True, b, b) for b in (1, 2, 4)]
-    assert [s for s in shapes if not s.decode] == [
-        Shape(False, 4, 5),
-        Shape(False, 8, 9),
-        Shape(False, 16, 9),
+
+def test_descriptors_leave_a_row_for_the_padding_and_share_the_token_counts() -> None:
+    descriptors = full_graph_descriptors(4, [16, 4, 8], 8)
+    decode = [BatchDescriptor(FULL, b, b, uniform_decode=True) for b in (1, 2, 4)]
+    assert [d for d in descriptors if d.uniform_decode] == decode
+    assert [d for d in descriptors if not d.uniform_decode] == [
+        BatchDescriptor(FULL, 4, 5),
+        BatchDescriptor(FULL, 8, 9),
+        BatchDescriptor(FULL, 16, 9),
     ]
-    assert graph_shapes(0, [], 1) == []
+    assert [d.kind for d in descriptors[2:4]] == ["full-decode", "full-extend"]
+    assert full_graph_descriptors(0, [], 1) == []
     with pytest.raises(ValueError, match="at least one sequence"):
-        graph_shapes(4, [8], 0)
+        full_graph_descriptors(4, [8], 0)
 
 
 @needs_triton_on_cpu
@@ -38,12 +42,11 @@ def test_extend_graphs_match_eager(family: str) -> None:
     rows are masked from routing by the device count of real rows the replay writes."""
     _, ours = hf_and_ours(family)
     reference = copy.deepcopy(ours)
-    config = RunnerConfig(page_size=4, attention_backend="triton", emulate_graphs_on_cpu=True,
-                          cuda_graph_max_bs=2, piecewise_cuda_graph_tokens=(8, 16),
-                          extend_cuda_graph_max_tokens=16, extend_cuda_graph_max_seqs=2)  # fmt: skip
-    graphs = ModelRunner(ours, ours.cfg, num_pages=48, config=config)
-    assert graphs.full_graphs is not None
-    assert [s.tokens for s in graphs.full_graphs.extend] == [8, 16]
+    graphs = make_runner(ours, num_pages=48, page_size=4, attention_backend="triton",
+                         emulate_graphs_on_cpu=True, cuda_graph_max_bs=2, piecewise_cuda_graph_tokens=(8, 16),
+                         extend_cuda_graph_max_tokens=16, extend_cuda_graph_max_seqs=2)  # fmt: skip
+    assert graphs.graph_inputs is not None
+    assert [d.num_tokens for d in graphs.graph_inputs.extend] == [8, 16]
     eager = _runner(reference, "triton", num_pages=48)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (16, 5, 9, 3, 2, 4)]
@@ -67,9 +70,11 @@ def test_extend_graphs_match_eager(family: str) -> None:
     for got, ref in zip(logits["graphs"], logits["eager"], strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     stats = graphs.graph_stats()
-    assert stats["extend_graph_replays"] == 3
-    assert stats["decode_graph_replays"] == 1
-    assert stats["replays"] == {"16": 1}  # the batch of three sequences (9 tokens) through the pieces
+    assert stats["replays"] == {
+        "full-extend": {"16": 2, "8": 1},
+        "full-decode": {"2": 1},
+        "piecewise": {"16": 1},  # the batch of three sequences (9 tokens) through the pieces
+    }
 
 
 @needs_triton_on_cpu
@@ -77,15 +82,14 @@ def test_poisoned_padding_catches_an_op_that_mixes_rows() -> None:
     """Debug mode: each padded replay is repeated with the padded rows' inputs shuffled; a model whose
     output mixes rows (a mean over all of them, padding included) must be caught, a real one must not."""
     _, ours = hf_and_ours("LlamaForCausalLM")
-    config = RunnerConfig(page_size=4, attention_backend="triton", emulate_graphs_on_cpu=True,
-                          disable_piecewise_cuda_graph=True, cuda_graph_max_bs=2,
-                          piecewise_cuda_graph_tokens=(8,), extend_cuda_graph_max_seqs=2,
-                          debug_poison_padding=True)  # fmt: skip
-    runner = ModelRunner(ours, ours.cfg, num_pages=16, config=config)
+    runner = make_runner(ours, num_pages=16, page_size=4, attention_backend="triton",
+                         emulate_graphs_on_cpu=True, disable_piecewise_cuda_graph=True, cuda_graph_max_bs=2,
+                         piecewise_cuda_graph_tokens=(8,), extend_cuda_graph_max_seqs=2,
+                         debug_poison_padding=True)  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 256, (5,), generator=gen).tolist()
     runner.run([(_seq(prompt), 5)])  # 5 tokens padded to 8: clean
     forward = ours.forward
     ours.forward = lambda ids, pos: (h := forward(ids, pos)) + h.mean(0, keepdim=True)  # type: ignore[method-assign]
-    with pytest.raises(PaddingLeakError, match="full graph of 8 tokens"):
+    with pytest.raises(PaddingLeakError, match=r"full graph .*num_tokens=8, num_seqs=3"):
         runner.run([(_seq(prompt), 5)])

@@ -79,7 +79,7 @@ def test_silu_mul_matches_the_reference(dtype: torch.dtype) -> None:
 def test_launch_arithmetic_matches_triton(n: int, pow2: int) -> None:
     import triton
 
-    from tessera.graphs.launch import cdiv, next_pow2
+    from tessera.layers.kernel_launch import cdiv, next_pow2
 
     assert next_pow2(n) == pow2 == (triton.next_power_of_2(n) if n else 1)
     assert cdiv(n, 16) == triton.cdiv(n, 16)

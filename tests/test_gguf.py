@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
 from tessera.loader.gguf_file import GGUFFile
-from tessera.models.llama import LlamaForCausalLM
+from tessera.models.decoder import CausalLM
+
+from .runner_driver import make_runner
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -116,10 +117,10 @@ def test_every_type_loads_back_to_its_weights(qtype: str, hf: torch.nn.Module, t
         err = ((loaded[name] - tensor).norm() / tensor.norm()).item()
         assert err <= TOLERANCE[qtype] + 1e-7, (name, err)  # Q/K rows are back in HF order
     if qtype == "F32":
-        model = LlamaForCausalLM(cfg).eval()
+        model = CausalLM(cfg).eval()
         model.load_weights(loaded.items())
         ids = torch.randint(0, 256, (9,))
-        got = ModelRunner(model, cfg, num_pages=8).run([(Sequence(ids.tolist(), SamplingParams()), 9)])[0]
+        got = make_runner(model, num_pages=8).run([(Sequence(ids.tolist(), SamplingParams()), 9)])[0]
         with torch.no_grad():
             ref = hf(ids[None]).logits[0, -1]
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

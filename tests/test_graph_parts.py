@@ -101,7 +101,7 @@ def test_split_op_that_zeroes_its_padding_is_left_alone() -> None:
 
 
 def test_toy_attention_zeroes_its_padded_rows() -> None:
-    from tessera.graphs.toy import toy_attention
+    from tessera.testing.toy import toy_attention
 
     assert toy_attention.zeroes_padding
     qkv = torch.randn(6, 3, 2, 8)

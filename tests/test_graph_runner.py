@@ -9,10 +9,14 @@ import torch
 
 from tessera.graphs import (
     AddressMismatchError,
+    BatchDescriptor,
     CaptureError,
+    FullGraphRunner,
     GraphConfig,
+    GraphMode,
     PaddingLeakError,
     PiecewiseGraphRunner,
+    make_backend,
 )
 
 from .graph_models import (
@@ -50,7 +54,7 @@ def test_replay_equals_eager_at_and_between_sizes(strategy: str) -> None:
         assert out.shape == (n, TINY.hidden_size)
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     assert sum(runner.stats.replays.values()) == 11
-    assert runner.stats.replays[4] == 3 and runner.stats.replays[32] == 3
+    assert runner.stats.sizes("piecewise")[4] == 3 and runner.stats.sizes("piecewise")[32] == 3
     assert not runner.stats.fallbacks
 
 
@@ -72,8 +76,64 @@ def test_padding_stats_and_slicing(strategy: str) -> None:
     runner(ids(5))
     runner(ids(30))
     stats = runner.stats.as_dict()
-    assert stats["replays"] == {"8": 1, "32": 1}
+    assert stats["replays"] == {"piecewise": {"8": 1, "32": 1}}
     assert stats["real_tokens"] == 35 and stats["padded_tokens"] == 3 + 2
+
+
+@torch.no_grad()
+def test_a_descriptor_decides_the_run() -> None:
+    model = tiny_model()
+    runner = _runner(model, "breakable")
+    assert runner.descriptor(5) == BatchDescriptor(GraphMode.PIECEWISE, 8)
+    assert runner.descriptor(33) == BatchDescriptor(GraphMode.EAGER, 33)
+    x = ids(5)
+    out = runner.run(BatchDescriptor(GraphMode.PIECEWISE, 16), x)  # any captured size that fits
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert runner.stats.sizes("piecewise") == {16: 1}
+    with pytest.raises(ValueError, match="no piecewise graphs captured"):
+        runner.run(BatchDescriptor(GraphMode.PIECEWISE, 12), x)
+    with pytest.raises(ValueError, match="do not fit"):
+        runner.run(BatchDescriptor(GraphMode.PIECEWISE, 4), x)
+    with pytest.raises(ValueError, match="layout"):
+        BatchDescriptor(GraphMode.PIECEWISE, 8, num_seqs=2)
+
+
+class _StaticRows:
+    """The caller's side of a full graph: a static input buffer, a forward over it, and staging."""
+
+    def __init__(self, mixes_rows: bool) -> None:
+        self.x = torch.zeros(8, 3)
+        self.mixes_rows = mixes_rows
+
+    def forward(self, d: BatchDescriptor) -> torch.Tensor:
+        x = self.x[: d.num_tokens]
+        return x * 2 + (x.sum(0) if self.mixes_rows else 0)  # the leak: every row reads every row
+
+    def stage(self, d: BatchDescriptor, batch: torch.Tensor | None) -> None:
+        self.x.zero_()
+        if batch is not None:
+            self.x[: batch.shape[0]] = batch
+
+    def poison(self, d: BatchDescriptor, n: int) -> None:
+        self.x[n : d.num_tokens] = 1e6
+
+
+@pytest.mark.parametrize("mixes_rows", [False, True])
+def test_full_graphs_replay_their_caller_s_buffers_and_catch_padding_leaks(mixes_rows: bool) -> None:
+    rows = _StaticRows(mixes_rows)
+    full = FullGraphRunner(rows.forward, rows.stage, make_backend(torch.device("cpu")), poison=rows.poison)
+    descriptors = [BatchDescriptor(GraphMode.FULL, t, t, True) for t in (4, 8)]
+    full.capture(descriptors, progress=False)
+    assert full.descriptors == descriptors
+    batch = torch.randn(3, 3)
+    if mixes_rows:
+        with pytest.raises(PaddingLeakError, match="3 of 3 real rows"):
+            full.run(descriptors[0], batch, 3)
+        return
+    torch.testing.assert_close(full.run(descriptors[0], batch, 3), batch * 2)
+    assert full.stats.sizes("full-decode") == {4: 1} and full.stats.padded_tokens == 1
+    with pytest.raises(ValueError, match="FULL descriptors only"):
+        full.capture([BatchDescriptor(GraphMode.PIECEWISE, 4)])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -181,7 +241,7 @@ def test_padded_rows_of_split_op_outputs_are_zeroed(strategy: str) -> None:
     for n in (3, 8, 11, 3):
         x = torch.randn(n, 8)
         torch.testing.assert_close(runner(x), model(x))
-    assert runner.stats.replays == {8: 3, 16: 1}
+    assert runner.stats.sizes("piecewise") == {8: 3, 16: 1}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.graphs import CaptureError, GraphConfig, PiecewiseGraphRunner
-from tessera.graphs.toy import ToyConfig, ToyModel
+from tessera.testing.toy import ToyConfig, ToyModel
 
 from .conftest import rel_err
 from .graph_models import SumsAllRows
@@ -58,7 +58,7 @@ def test_poison_mode_passes_on_the_toy(strategy: str) -> None:
     runner.capture([_ids(5)])
     for n in (1, 9, 50):
         runner(_ids(n))
-    assert runner.stats.replays == {16: 2, 64: 1}
+    assert runner.stats.sizes("piecewise") == {16: 2, 64: 1}
 
 
 @pytest.mark.parametrize("strategy", ["breakable", "compile"])
@@ -92,7 +92,7 @@ def test_padded_rows_of_split_outputs_are_zeroed(strategy: str) -> None:
     for n in (3, 8, 11, 3, 16):
         x = torch.randn(n, 8, device="cuda")
         torch.testing.assert_close(runner(x), model(x))
-    assert runner.stats.replays == {8: 3, 16: 2}
+    assert runner.stats.sizes("piecewise") == {8: 3, 16: 2}
 
 
 class _Hangs(torch.nn.Module):

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tessera.bench.gsm8k import answer_value, few_shot_prompts
+from benchmarks.eval_gsm8k import answer_value, few_shot_prompts
 
 
 def test_answer_value_takes_the_last_number() -> None:

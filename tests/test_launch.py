@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from tessera.graphs.launch import KernelLauncher
+from tessera.layers.kernel_launch import KernelLauncher
 
 
 @dataclass

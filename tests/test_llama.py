@@ -7,16 +7,15 @@ import copy
 import pytest
 import torch
 
-from tessera.engine.batch import SPLIT_MIN_SHORT, build_batch
-from tessera.engine.config import RunnerConfig
-from tessera.engine.model_runner import ModelRunner
+from tessera.engine.batch import SPLIT_MIN_SHORT
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.sequence import Sequence
-from tessera.graphs.launch import SHORT_QUERY_LEN
-from tessera.models.config import ModelConfig
-from tessera.models.llama import LlamaForCausalLM
+from tessera.layers.attention_metadata import SHORT_QUERY_LEN
+from tessera.model_config import ModelConfig
+from tessera.models.decoder import CausalLM
 
 from .conftest import needs_triton_on_cpu
+from .runner_driver import RunnerDriver, make_runner
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,7 +74,7 @@ FAMILIES = {
 }
 
 
-def hf_and_ours(family: str) -> tuple[torch.nn.Module, LlamaForCausalLM]:
+def hf_and_ours(family: str) -> tuple[torch.nn.Module, CausalLM]:
     config_cls, extra = FAMILIES[family]
     hf_cfg = getattr(transformers, config_cls)(**(TINY | extra))
     torch.manual_seed(0)
@@ -85,14 +84,13 @@ def hf_and_ours(family: str) -> tuple[torch.nn.Module, LlamaForCausalLM]:
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.uniform_(0.5, 1.5)
     cfg = ModelConfig.from_hf(hf_cfg.to_dict())
-    ours = LlamaForCausalLM(cfg).eval()
+    ours = CausalLM(cfg).eval()
     ours.load_weights(hf.state_dict().items())
     return hf, ours
 
 
-def _runner(model: LlamaForCausalLM, backend: str = "torch", num_pages: int = 32) -> ModelRunner:
-    config = RunnerConfig(page_size=4, attention_backend=backend)
-    return ModelRunner(model, model.cfg, num_pages=num_pages, config=config)
+def _runner(model: CausalLM, backend: str = "torch", num_pages: int = 32) -> RunnerDriver:
+    return make_runner(model, num_pages=num_pages, page_size=4, attention_backend=backend)
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton_on_cpu)]
@@ -149,7 +147,7 @@ def test_mixed_batch_equals_each_sequence_alone(backend: str, decodes: int) -> N
     seqs = [_seq(ids) for ids in prompts]
     runner.run([(s, len(s.prompt_token_ids) - 1) for i, s in enumerate(seqs) if i != 1])  # cached
     work = [(s, 1 if i != 1 else len(s.prompt_token_ids)) for i, s in enumerate(seqs)]
-    parts = build_batch(work, runner.pool, runner.page_size, runner.device).metadata.kernel.parts
+    parts = runner.batch(work).metadata.kernel.parts
     assert [p.max_q_len for p in parts] == ([1, SHORT_QUERY_LEN + 5] if decodes >= SPLIT_MIN_SHORT else [])
     mixed = runner.run(work)
     torch.testing.assert_close(mixed, torch.stack(alone), rtol=1e-5, atol=1e-5)
@@ -173,22 +171,20 @@ def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str, moe
     grouped_mm the experts run as torch._grouped_mm, against the eager reference loop."""
     _, ours = hf_and_ours(family)
     reference = copy.deepcopy(ours)  # a runner sets its MoE backend on the model's modules
-    graphs = ModelRunner(
+    graphs = make_runner(
         ours,
-        ours.cfg,
         num_pages=32,
-        config=RunnerConfig(
-            page_size=4,
-            attention_backend="triton",
-            emulate_graphs_on_cpu=True,
-            cuda_graph_max_bs=4,
-            extend_cuda_graph_max_tokens=0,  # extend batches through the piecewise graphs
-            piecewise_cuda_graph_tokens=(8, 16),
-            piecewise_cuda_graph_strategy=strategy,
-            moe_runner_backend=moe_backend,
-        ),
+        page_size=4,
+        attention_backend="triton",
+        emulate_graphs_on_cpu=True,
+        cuda_graph_max_bs=4,
+        extend_cuda_graph_max_tokens=0,  # extend batches through the piecewise graphs
+        piecewise_cuda_graph_tokens=(8, 16),
+        piecewise_cuda_graph_strategy=strategy,
+        moe_runner_backend=moe_backend,
     )
-    assert graphs.full_graphs is not None and graphs.full_graphs.sizes == [1, 2, 4]
+    assert graphs.full_graphs is not None
+    assert [d.num_tokens for d in graphs.full_graphs.descriptors] == [1, 2, 4]
     eager = _runner(reference)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 11, 3)]
     late = torch.randint(0, 256, (6,)).tolist()
@@ -205,22 +201,21 @@ def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str, moe
     for got, ref in zip(logits["graphs"], logits["eager"], strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     stats = graphs.graph_stats()
-    assert stats["decode_graph_replays"] == 4
+    assert stats["replays"] == {"full-decode": {"4": 2, "1": 2}, "piecewise": {"8": 1}}
     assert stats["eager_fallbacks"] == {"oversize": 1}  # the 19-token prefill > 16
-    assert stats["replays"] == {"8": 1}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_config_round_trips_through_hf(family: str) -> None:
     _, ours = hf_and_ours(family)
-    assert ModelConfig.from_hf(ours.cfg.to_hf()) == ours.cfg
+    assert ModelConfig.from_hf(ours.config.to_hf()) == ours.config
 
 
 def test_bench_batches_replay_without_changing_the_sequences() -> None:
-    from tessera.bench.step import make_batch
+    from benchmarks.step import make_batch
 
     _, ours = hf_and_ours("LlamaForCausalLM")
-    runner = _runner(ours)
+    runner = _runner(ours).runner
     extend = make_batch(runner, "extend", 13, 8)
     assert extend.input_ids.shape[0] == 13 and len(extend.seqs) == 8
     decode = make_batch(runner, "decode", 3, 3, context=20)
@@ -234,7 +229,7 @@ def test_bench_batches_replay_without_changing_the_sequences() -> None:
 
 
 def test_hf_baseline_model_carries_our_weights() -> None:
-    from tessera.bench.hf_baselines import hf_eager_step, hf_model
+    from benchmarks.hf_baselines import hf_eager_step, hf_model
 
     _, ours = hf_and_ours("LlamaForCausalLM")
     ids = torch.randint(0, 256, (7,))

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tessera.engine.kv_cache import PagePool
+from tessera.engine.kv_manager import PagePool
 from tessera.engine.prefix_cache import PrefixCache
 
 PAGE = 4

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tessera.engine.config import EngineConfig
 from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
 from tessera.server.engine_loop import AsyncEngine
@@ -25,7 +26,7 @@ PROMPT = "The capital of France is"
 def server() -> Iterator[tuple[str, AsyncEngine]]:
     from tessera.server.api import create_app
 
-    engine = AsyncEngine.start(None, {"device": "cpu"})  # the engine in its own process, as served
+    engine = AsyncEngine.start(EngineConfig(device="cpu"))  # the engine in its own process, as served
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -197,6 +198,7 @@ def test_models_health_and_metrics(server: tuple[str, AsyncEngine]) -> None:
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "smollm2"
     text = httpx.get(f"{url}/metrics").text
     for name in ("tessera_requests_total", "tessera_prompt_tokens_total", "tessera_kv_cache_usage",
+                 "tessera_kv_cache_prefix_usage", "tessera_preemptions_total",
                  "tessera_prefix_cache_hit_rate", "tessera_num_requests_running"):  # fmt: skip
         assert name in text, name
     from tessera.bench.serve import engine_steps
@@ -209,6 +211,8 @@ def test_models_health_and_metrics(server: tuple[str, AsyncEngine]) -> None:
         assert time.monotonic() < deadline, steps
         time.sleep(0.05)
     assert set(steps[1]) == {"schedule", "forward", "sample", "update"} and steps[1]["forward"] > 0
+    # on a CPU every forward is eager, and counted as such
+    assert 'tessera_graph_eager_fallbacks_total{reason="disabled"}' in httpx.get(f"{url}/metrics").text
 
 
 def test_a_thousand_concurrent_short_requests(server: tuple[str, AsyncEngine]) -> None:

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from tessera.loader.gguf_file import GGUFFile
+from tessera.loader.model_loader import default_model_path
 from tessera.loader.tokenizer import Tokenizer
-from tessera.models.registry import default_model_path
 from tessera.server.tokenize import BatchEncoder
 
 

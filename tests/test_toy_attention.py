@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .conftest import rel_err
 
-toy_attention = pytest.importorskip("tessera.graphs.toy_attention")
+toy_attention = pytest.importorskip("tessera.testing.toy_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXACT = 1e-5 if DEVICE == "cpu" else 2e-3  # float32: exact in the interpreter, TF32 dots on a GPU
 

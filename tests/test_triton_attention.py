@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from tessera.graphs import ForwardContext, forward_context
-from tessera.layers.attention import (
-    AttentionLayer,
-    AttentionMetadata,
-    KernelLayout,
-    SeqLayout,
-    _attend,
-    attention,
-)
+from tessera.layers.attention import AttentionLayer, _attend, attention
+from tessera.layers.attention_metadata import AttentionMetadata, KernelLayout, SeqLayout
 
 from .conftest import rel_err
 

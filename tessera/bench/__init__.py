@@ -1,1 +1,1 @@
-"""Benchmarks behind `tessera bench ...`; they need a GPU."""
+"""The serving benchmark behind `tessera bench serve` only (its client needs the `bench` extra)."""

@@ -1,5 +1,6 @@
-"""Turning scheduled sequences into the tensors of one forward: EXTEND (prefill, chunked prefill over a
-cached prefix), DECODE, or both mixed in one batch — the attention metadata covers all three alike."""
+"""A step's batch: which tokens of which sequences run (`ScheduledBatch`, the scheduler's), and the tensors
+of that forward (`ForwardBatch`, the model runner's): EXTEND (prefill, chunked prefill over a cached
+prefix), DECODE, or both mixed in one batch — the attention metadata covers all three alike."""
 
 from __future__ import annotations
 
@@ -9,15 +10,35 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tessera.engine.kv_cache import PagePool
 from tessera.engine.sequence import Sequence
-from tessera.graphs.launch import SHORT_QUERY_LEN
-from tessera.layers.attention import AttentionMetadata, KernelLayout, SeqLayout
+from tessera.layers.attention_metadata import SHORT_QUERY_LEN, AttentionMetadata, KernelLayout, SeqLayout
 
 # A mixed batch's attention runs as two launches (short sequences, long ones) once it holds this many
 # short sequences: in one launch each short sequence costs a block of 64 query rows per head, one row of
 # them real; below this that waste is less than a second launch's host time.
 SPLIT_MIN_SHORT = 16
+
+
+@dataclass
+class ScheduledBatch:
+    """One forward's work: each sequence with how many of its uncached tokens run now. `sample_rows`:
+    the rows whose sequence gets a token from this forward (its whole tail runs; a chunk of a longer
+    prompt does not), in order."""
+
+    work: list[tuple[Sequence, int]]
+    sample_rows: list[int]
+
+    @classmethod
+    def of(cls, work: list[tuple[Sequence, int]]) -> ScheduledBatch:
+        rows = [i for i, (seq, n) in enumerate(work) if seq.num_cached + n == seq.num_tokens]
+        return cls(work, rows)
+
+    @property
+    def samplers(self) -> list[Sequence]:
+        return [self.work[i][0] for i in self.sample_rows]
+
+    def __len__(self) -> int:
+        return len(self.work)
 
 
 @dataclass
@@ -32,11 +53,9 @@ class ForwardBatch:
     host: np.ndarray
 
 
-def build_batch(
-    work: list[tuple[Sequence, int]], pool: PagePool, page_size: int, device: torch.device
-) -> ForwardBatch:
-    """`work` pairs each sequence with how many of its uncached tokens run now. Pages are allocated
-    for them here; the sequences' `num_cached` advances once the forward is done (`commit`)."""
+def build_batch(work: list[tuple[Sequence, int]], page_size: int, device: torch.device) -> ForwardBatch:
+    """`work` pairs each sequence with how many of its uncached tokens run now; each sequence holds the
+    pages for them already (the scheduler reserved them). Nothing about the sequences changes here."""
     ids: list[int] = []
     last = [0] * len(work)  # in `work`'s order: the logits come back in it
     page_rows: list[list[int]] = []
@@ -54,7 +73,7 @@ def build_batch(
             raise ValueError(f"sequence {seq.id}: cannot run {n} tokens from {start} of {seq.num_tokens}")
         pages, used = seq.pages, -(-end // page_size)
         if used > len(pages):
-            pages += pool.allocate(used - len(pages))
+            raise ValueError(f"sequence {seq.id} holds {len(pages)} KV pages, {used} needed for {end} tokens")
         ids += seq.tokens(start, end)
         page_rows.append(pages if used == len(pages) else pages[:used])  # read only: no copy needed
         layouts.append(SeqLayout(n, end))
@@ -134,8 +153,3 @@ def kernel_layout(layouts: list[SeqLayout], page_rows: list[list[int]], device: 
         ctx_len=ctx_len.to(device),
         max_q_len=int(q_len.max()),
     )
-
-
-def commit(work: list[tuple[Sequence, int]]) -> None:
-    for seq, n in work:
-        seq.num_cached += n

@@ -1,18 +1,48 @@
-"""Engine settings, named after SGLang's server flags so they read the same on the command line."""
+"""Engine settings: one frozen `EngineConfig` with the scheduler's and the model runner's settings nested
+in it, each value defined once. Field names follow SGLang's server flags, so they read the same on the
+command line (`tessera/cli.py` builds an `EngineConfig` from them in one place)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+import torch
+
+# SGLang's cap on DeepSeek's piecewise capture sizes: MLA's per-size graphs are large
 MLA_GRAPH_MAX_TOKENS = 2048
+LOAD_FORMATS = ("auto", "dummy")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What the scheduler may put into one forward."""
+
+    chunked_prefill_size: int = 2048  # prompt tokens of one forward
+    # All tokens of one forward, decodes included; None: chunked_prefill_size, so a mixed batch never
+    # outgrows the piecewise graphs' range (whose default top is the chunked-prefill size).
+    max_num_batched_tokens: int | None = None
+    max_running_requests: int = 256
+    disable_radix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.token_budget, self.chunked_prefill_size, self.max_running_requests) < 1:
+            raise ValueError("scheduler budgets must be >= 1")
+
+    @property
+    def token_budget(self) -> int:
+        """All tokens of one forward (derived here, not stored: `replace(config, chunked_prefill_size=n)`
+        must move it too)."""
+        return self.max_num_batched_tokens or self.chunked_prefill_size
 
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    page_size: int = 16
-    chunked_prefill_size: int = 2048  # most prompt tokens one forward runs
+    """How the model runner runs a forward: which graphs, which kernels."""
+
     disable_piecewise_cuda_graph: bool = False
-    # default: chunked_prefill_size, capped at MLA_GRAPH_MAX_TOKENS for MLA models
+    # default: the chunked-prefill size, capped at MLA_GRAPH_MAX_TOKENS for MLA models
     piecewise_cuda_graph_max_tokens: int | None = None
     piecewise_cuda_graph_tokens: tuple[int, ...] | None = None  # explicit capture sizes
     piecewise_cuda_graph_strategy: str = "breakable"
@@ -23,12 +53,7 @@ class RunnerConfig:
     cuda_graph_max_bs: int = 256  # SGLang's default on large GPUs; capped by the running limit
     # Full graphs (attention captured) for extend and mixed batches of at most this many tokens in at
     # most `extend_cuda_graph_max_seqs` sequences; larger ones go through the piecewise graphs. 0: none.
-    # NOTE: on an H200 they made SmolLM2's steps 7-9% faster at 16-128 tokens and 7-20% at 256-512
-    # (step_h200_extend_full_graphs.json); its piecewise steps of 512 tokens over 8 sequences, ~0.7 ms
-    # of host work against ~1.2 ms on the GPU, turned host-bound whenever the host slowed (1.36-1.44x
-    # the floor; step_h200_smollm2_repeats.json, step_h200_2c28434_slow_host.json); as one graph 1.11x.
-    # A Llama-3-8B step hides the breaks either way (its kernels are long); its start-up with all of
-    # them: 6.6 s (6.4 s with 128, in an earlier run on another host).
+    # Why 512 and 8: docs/architecture.md ("Full graphs for small extend batches").
     extend_cuda_graph_max_tokens: int = 512
     extend_cuda_graph_max_seqs: int = 8
     # Use the graph runtime's emulated backend on a CPU (tests); otherwise a CPU runs eagerly.
@@ -37,21 +62,88 @@ class RunnerConfig:
     debug_poison_padding: bool = False
 
     def __post_init__(self) -> None:
-        if self.page_size < 1 or self.chunked_prefill_size < 1:
-            raise ValueError("page_size and chunked_prefill_size must be >= 1")
         if self.extend_cuda_graph_max_tokens < 0 or self.extend_cuda_graph_max_seqs < 1:
             raise ValueError("extend_cuda_graph_max_tokens must be >= 0 and extend_cuda_graph_max_seqs >= 1")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"unknown attention backend {self.attention_backend!r}: auto, torch or triton")
-        if self.moe_runner_backend not in ("auto", "triton", "grouped_mm"):
-            raise ValueError(
-                f"unknown MoE runner backend {self.moe_runner_backend!r}: auto, triton or grouped_mm"
-            )
+        if self.cuda_graph_max_bs < 0:
+            raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
+        _check_choice(
+            "piecewise graph strategy", self.piecewise_cuda_graph_strategy, ("breakable", "compile")
+        )
+        _check_choice("piecewise graph compiler", self.piecewise_cuda_graph_compiler, ("eager", "inductor"))
+        _check_choice("attention backend", self.attention_backend, ("auto", "torch", "triton"))
+        _check_choice("MoE runner backend", self.moe_runner_backend, ("auto", "triton", "grouped_mm"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from. `model`: a `.gguf` file or an HF folder (None: the embedded
+    SmolLM2-135M-Instruct); `dtype`/`device` None: bfloat16 on a GPU, float32 on a CPU."""
+
+    model: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    load_format: str = "auto"  # dummy: the folder's config.json with random weights (benchmarks)
+    page_size: int = 16  # tokens per KV page
+    mem_fraction: float = 0.8  # of the GPU memory free after loading, for the KV cache
+    cpu_kv_tokens: int = 8192  # the KV cache's size on a CPU
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if not 0 < self.mem_fraction < 1:
+            raise ValueError(f"mem_fraction must be in (0, 1), got {self.mem_fraction}")
+        if self.cpu_kv_tokens < 1:
+            raise ValueError(f"cpu_kv_tokens must be >= 1, got {self.cpu_kv_tokens}")
+        _check_choice("load format", self.load_format, LOAD_FORMATS)
+        if self.dtype is not None:
+            _check_choice("dtype", self.dtype, DTYPES)
+
+    @classmethod
+    def create(cls, model: str | None = None, **settings: Any) -> EngineConfig:
+        """An `EngineConfig` from flat keyword arguments, each going to whichever of the engine, scheduler
+        or runner settings has a field of that name (`LLM(path, chunked_prefill_size=512, device="cpu")`)."""
+        nested: dict[str, dict[str, Any]] = {"scheduler": {}, "runner": {}}
+        for key in list(settings):
+            for part, kind in (("scheduler", SchedulerConfig), ("runner", RunnerConfig)):
+                if key in kind.__dataclass_fields__:
+                    nested[part][key] = settings.pop(key)
+        unknown = set(settings) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown engine settings: {', '.join(sorted(unknown))}")
+        return cls(
+            model=model,
+            scheduler=replace(settings.pop("scheduler", SchedulerConfig()), **nested["scheduler"]),
+            runner=replace(settings.pop("runner", RunnerConfig()), **nested["runner"]),
+            **settings,
+        )
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return getattr(torch, self.dtype)
+        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+
+    @property
+    def decode_graph_max_bs(self) -> int:
+        """The largest decode graph: no decode batch outgrows the running limit, so capturing beyond it
+        would only cost start-up."""
+        return min(self.runner.cuda_graph_max_bs, self.scheduler.max_running_requests)
 
     def graph_max_tokens(self, mla: bool = False) -> int:
-        """The largest piecewise capture size. MLA models cap it at MLA_GRAPH_MAX_TOKENS (SGLang's
-        choice for DeepSeek: its per-size graphs are large) while chunked prefill may stay larger; a
-        batch above it runs eagerly inside the same forward context."""
-        if self.piecewise_cuda_graph_max_tokens:
-            return self.piecewise_cuda_graph_max_tokens
-        return min(self.chunked_prefill_size, MLA_GRAPH_MAX_TOKENS) if mla else self.chunked_prefill_size
+        """The largest piecewise capture size. MLA models cap it at MLA_GRAPH_MAX_TOKENS while chunked
+        prefill may stay larger; a batch above it runs eagerly inside the same forward context."""
+        if self.runner.piecewise_cuda_graph_max_tokens:
+            return self.runner.piecewise_cuda_graph_max_tokens
+        chunk = self.scheduler.chunked_prefill_size
+        return min(chunk, MLA_GRAPH_MAX_TOKENS) if mla else chunk
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}: {', '.join(choices)}")

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from tessera.engine.config import RunnerConfig
-from tessera.engine.detokenize import IncrementalDetokenizer, output_text
+from tessera.engine.config import EngineConfig
+from tessera.engine.detokenize import output_text
+from tessera.engine.kv_manager import KVManager
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams, sample_batch
-from tessera.engine.scheduler import Scheduler, SchedulerConfig
+from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
-from tessera.models import registry
+from tessera.engine.stopping import StopChecker
+from tessera.loader.model_loader import load_model
 
 logger = logging.getLogger("tessera")
+STEP_PHASES = ("schedule", "forward", "sample", "update")
 
 
 @dataclass
@@ -35,57 +38,37 @@ class RequestOutput:
 
 
 class Engine:
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        *,
-        dtype: str | None = None,
-        device: str | None = None,
-        config: RunnerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        mem_fraction: float = 0.8,
-        cpu_kv_tokens: int = 8192,
-        load_format: str = "auto",
-    ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.config = config or RunnerConfig()
-        if self.device.type == "cpu" and not self.config.emulate_graphs_on_cpu:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.device = config.torch_device
+        if self.device.type == "cpu" and not config.runner.emulate_graphs_on_cpu:
             logger.warning("no GPU: running eagerly on the CPU (piecewise CUDA graphs need a GPU)")
-        torch_dtype = (
-            getattr(torch, dtype)
-            if dtype
-            else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model, self.tokenizer, self.model_config = load_model(
+            config.model, config.torch_dtype, self.device, config.load_format
         )
-        self.model, self.tokenizer, self.cfg = registry.load(model, torch_dtype, self.device, load_format)
-        self.page_size = self.config.page_size
-        pages = self._num_pages(torch_dtype, mem_fraction, cpu_kv_tokens)
-        self.scheduler_config = scheduler or SchedulerConfig(
-            chunked_prefill_size=self.config.chunked_prefill_size
-        )
-        if self.config.cuda_graph_max_bs > self.scheduler_config.max_running_requests:
-            # no decode batch can be larger than the running limit: capturing beyond it wastes start-up
-            self.config = replace(self.config, cuda_graph_max_bs=self.scheduler_config.max_running_requests)
-        self.runner = ModelRunner(self.model, self.cfg, num_pages=pages, config=self.config)
-        self.scheduler = Scheduler(self.runner.pool, self.page_size, self.scheduler_config)
+        pages = self._num_pages()
+        self.runner = ModelRunner(self.model, config, num_pages=pages)
+        kv = KVManager(pages, config.page_size, prefix_cache=not config.scheduler.disable_radix_cache)
+        mc = self.model_config
+        stops = StopChecker(self.tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
+        self.scheduler = Scheduler(config.scheduler, kv, stops)
         # Host seconds of every step, by phase: schedule; forward (building the batch and launching
         # its work, asynchronous on a GPU); sample (which waits for the GPU to finish); update.
         self.steps = 0
-        self.step_seconds = dict.fromkeys(("schedule", "forward", "sample", "update"), 0.0)
+        self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
 
-    def _num_pages(self, dtype: torch.dtype, mem_fraction: float, cpu_kv_tokens: int) -> int:
+    def _num_pages(self) -> int:
         """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU."""
-        if not 0 < mem_fraction < 1:
-            raise ValueError(f"mem_fraction must be in (0, 1), got {mem_fraction}")
-        cfg = self.cfg
-        per_token = cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim)  # K and V (MLA: the latent alone)
-        page_bytes = cfg.num_layers * self.page_size * per_token * dtype.itemsize
+        mc, config = self.model_config, self.config
+        per_token = mc.num_kv_heads * (mc.head_dim + mc.v_head_dim)  # K and V (MLA: the latent alone)
+        page_bytes = mc.num_layers * config.page_size * per_token * config.torch_dtype.itemsize
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            pages = int(free * mem_fraction) // page_bytes
+            pages = int(free * config.mem_fraction) // page_bytes
         else:
-            pages = -(-cpu_kv_tokens // self.page_size)
+            pages = -(-config.cpu_kv_tokens // config.page_size)
         logger.info(
-            "KV cache: %d pages of %d tokens (%.0f MiB)", pages, self.page_size, pages * page_bytes / 2**20
+            "KV cache: %d pages of %d tokens (%.0f MiB)", pages, config.page_size, pages * page_bytes / 2**20
         )
         return max(pages, 2)
 
@@ -93,7 +76,7 @@ class Engine:
         """Queue a request (raises ValueError if it can never fit)."""
         if not prompt_ids:
             raise ValueError("empty prompt")
-        limit = self.cfg.max_position_embeddings
+        limit = self.model_config.max_position_embeddings
         if len(prompt_ids) >= limit:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
         seq = Sequence(prompt_ids, params, generator=_generator(params.seed, self.device))
@@ -108,75 +91,58 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[Sequence]:
-        """One forward; returns the sequences that got a new token (finished ones are released)."""
+        """One forward: schedule → run → sample → postprocess. Returns the sequences that got a new
+        token (finished ones are released)."""
         clock, seconds = time.perf_counter, self.step_seconds
         t0 = clock()
-        work = self.scheduler.schedule()
-        if not work:
+        batch = self.scheduler.schedule()
+        if not batch:
             raise RuntimeError("the scheduler found nothing it could run (KV cache too small?)")
         t1 = clock()
-        logits = self.runner.run(work)
+        logits = self.runner.run(batch)
         t2 = clock()
-        self.steps += 1
-        seconds["schedule"] += t1 - t0
-        seconds["forward"] += t2 - t1
-        # a sequence whose whole tail ran gets a new token; a chunk of a longer prompt does not
-        rows = [i for i, (seq, _) in enumerate(work) if seq.uncached == 0]
-        if not rows:
-            return []
-        advanced = [work[i][0] for i in rows]
-        if len(rows) < len(work):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        histories = [(s.prompt_token_ids, s.output_token_ids) for s in advanced]
-        banned = [self._banned(s) for s in advanced]
-        tokens, logprobs = sample_batch(
-            logits, [s.params for s in advanced], [s.generator for s in advanced], histories, banned
-        )
+        tokens, logprobs = self._sample(logits, batch.samplers)
         t3 = clock()
-        for seq, token, logprob in zip(advanced, tokens, logprobs, strict=True):
-            self._append(seq, token, logprob)
-            if seq.finished:
-                self.scheduler.finish(seq)
-        seconds["sample"] += t3 - t2
-        seconds["update"] += clock() - t3
+        advanced = self.scheduler.postprocess(batch, tokens, logprobs)
+        self.steps += 1
+        for phase, elapsed in zip(STEP_PHASES, (t1 - t0, t2 - t1, t3 - t2, clock() - t3), strict=True):
+            seconds[phase] += elapsed
         return advanced
 
-    def graph_stats(self) -> dict[str, object]:
-        """Graph runtime counters of this engine: replays by size, eager fallbacks by reason, tokens."""
-        return self.runner.graph_stats()
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+        if not seqs:
+            return [], []
+        stops = self.scheduler.stops
+        assert stops is not None
+        histories = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
+        banned = [stops.banned(s) for s in seqs]
+        return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs], histories, banned)
 
-    def _banned(self, seq: Sequence) -> tuple[int, ...]:
-        """Tokens `seq` may not sample now: its EOS and stop tokens until it has `min_tokens`."""
-        p = seq.params
-        if len(seq.output_token_ids) >= p.min_tokens:
-            return ()
-        return p.stop_token_ids + (() if p.ignore_eos else tuple(self.cfg.eos_token_ids))
+    def stats(self) -> dict[str, Any]:
+        """What an operator watches: requests, KV pages, graph counters, step timings (the server's
+        /metrics, and tests that look for leaked pages)."""
+        s = self.scheduler
+        return {
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            **s.kv.usage(),
+            "preemptions": s.preemptions,
+            "has_work": self.has_work,
+            "graphs": self.runner.graph_stats(),
+            "steps": self.steps,
+            "step_seconds": dict(self.step_seconds),
+        }
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
-        seq.output_token_ids.append(token)
-        seq.output_logprobs.append(logprob)
-        p = seq.params
-        eos = token in self.cfg.eos_token_ids and not p.ignore_eos
-        if eos or token in p.stop_token_ids or self._hit_stop_string(seq):
-            seq.finish_reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.cfg.max_position_embeddings:
-            seq.finish_reason = "length"
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        # NOTE: incremental: decoding the whole output on every step made this O(length) a step for
-        # each request with stop strings (60 µs at 1,024 tokens), on the engine loop between forwards
-        if not seq.params.stop:
-            return False
-        if seq.detokenizer is None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params, self.cfg.eos_token_ids)
-        return seq.detokenizer.hits_stop(seq.output_token_ids)
+    def info(self) -> dict[str, Any]:
+        """What a front end needs once: the tokenizer and the model's EOS tokens."""
+        return {"tokenizer": self.tokenizer, "eos_token_ids": tuple(self.model_config.eos_token_ids)}
 
     def text_so_far(self, seq: Sequence) -> str:
-        return output_text(self.tokenizer, seq.output_token_ids, seq.params, self.cfg.eos_token_ids)
+        return output_text(self.tokenizer, seq.output_token_ids, seq.params, self.model_config.eos_token_ids)
 
     def output(self, prompt: str, seq: Sequence) -> RequestOutput:
         ids = seq.output_token_ids
-        if ids and seq.finish_reason == "stop" and ids[-1] in self.cfg.eos_token_ids:
+        if ids and seq.finish_reason == "stop" and ids[-1] in self.model_config.eos_token_ids:
             ids = ids[:-1]  # EOS ends the text; it is not part of it
         return RequestOutput(
             prompt=prompt,

@@ -1,4 +1,5 @@
-"""Paged KV cache: fixed-size pages of slots; a token's K/V lives at `page * page_size + offset`.
+"""The paged KV cache's tensors (the model runner's): fixed-size pages of slots; a token's K/V lives at
+`page * page_size + offset`. Which pages belong to whom is the scheduler's business (`kv_manager.py`).
 
 Slot 0 is reserved as the dummy slot: padded tokens of a graph replay write their K/V there, so they
 can never overwrite a real sequence's cache.
@@ -43,25 +44,3 @@ class KVCache:
     @property
     def num_pages(self) -> int:
         return self.k[0].shape[0] // self.page_size
-
-
-class PagePool:
-    """Free list of pages. Page 0 holds the dummy slot and is never handed out."""
-
-    def __init__(self, num_pages: int) -> None:
-        if num_pages < 2:
-            raise ValueError("need at least 2 KV pages (one is reserved)")
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, 0, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"KV cache full: {n} pages wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))

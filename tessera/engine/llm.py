@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from tessera.engine.config import EngineConfig
 from tessera.engine.engine import Engine, RequestOutput
 from tessera.engine.sampling import SamplingParams
 
@@ -9,6 +12,14 @@ __all__ = ["LLM", "RequestOutput"]
 
 
 class LLM(Engine):
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **settings: Any) -> None:
+        """`LLM()` (the embedded SmolLM2), `LLM("model.gguf")`, `LLM("hf-folder/", device="cpu",
+        chunked_prefill_size=512)`: settings are `EngineConfig`'s fields and its scheduler's and
+        runner's (see `EngineConfig.create`); or a whole `config`."""
+        if config is not None and (model is not None or settings):
+            raise TypeError("pass either an EngineConfig or a model and settings, not both")
+        super().__init__(config or EngineConfig.create(None if model is None else str(model), **settings))
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],

@@ -1,89 +1,88 @@
-"""Runs one scheduled batch through the model: builds the batch tensors, runs the forward — through
-piecewise graphs when they are on, eagerly otherwise, inside the same forward context either way — and
-returns logits of each sequence's last token."""
+"""Runs one scheduled batch through the model and returns the logits of the sequences that sample.
+
+It holds the KV cache tensors (which pages a sequence uses is the scheduler's: the runner never
+allocates), the attention layer table, and two kinds of graph of the runtime sharing one backend, one
+memory pool and one `GraphStats`: full graphs (decode batches, small extend batches) and piecewise
+graphs. `dispatch` decides once per step what a batch runs as — a `BatchDescriptor` (mode, padded size)
+— and `forward` runs exactly that: a full graph, the piecewise graphs of that size, or eagerly inside
+the same forward context.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from tessera.engine.batch import ForwardBatch, build_batch, commit, kernel_layout
-from tessera.engine.config import RunnerConfig
-from tessera.engine.full_graphs import FullGraphRunner, graph_shapes
-from tessera.engine.kv_cache import DUMMY_SLOT, KVCache, PagePool
-from tessera.engine.sequence import Sequence
-from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context
-from tessera.graphs.platform import make_backend
+from tessera.engine.batch import ForwardBatch, ScheduledBatch, build_batch, kernel_layout
+from tessera.engine.config import EngineConfig
+from tessera.engine.graph_inputs import GraphInputs, full_graph_descriptors
+from tessera.engine.kv_cache import DUMMY_SLOT, KVCache
+from tessera.graphs import (
+    DISABLED,
+    BatchDescriptor,
+    ForwardContext,
+    FullGraphRunner,
+    GraphConfig,
+    GraphMode,
+    GraphStats,
+    PiecewiseGraphRunner,
+    forward_context,
+    make_backend,
+)
 from tessera.layers import moe
-from tessera.layers.attention import AttentionLayer, AttentionMetadata, SeqLayout
+from tessera.layers.attention import AttentionLayer
+from tessera.layers.attention_metadata import AttentionMetadata, SeqLayout
 from tessera.layers.mla import MLALayer
-from tessera.models.config import ModelConfig
 
 logger = logging.getLogger("tessera")
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg: ModelConfig,
-        *,
-        num_pages: int,
-        page_size: int = 16,
-        config: RunnerConfig | None = None,
-    ) -> None:
-        self.model, self.cfg = model, cfg
-        self.config = config or RunnerConfig(page_size=page_size)
+    def __init__(self, model: nn.Module, config: EngineConfig, *, num_pages: int) -> None:
+        self.model, self.config = model, config
+        self.model_config = mc = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.page_size = page_size = self.config.page_size
+        self.page_size = page_size = config.page_size
         self.kv = KVCache.allocate(
-            cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device,
-            v_head_dim=cfg.v_head_dim,
+            mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
+            v_head_dim=mc.v_head_dim,
         )  # fmt: skip
-        self.pool = PagePool(num_pages)
         self.attention_backend = self._attention_backend()
         self.layers = self._layer_table(model)
-        if self.attention_backend == "triton" and cfg.mla is None and self.device.type != "cpu":
+        if self.attention_backend == "triton" and mc.mla is None and self.device.type != "cpu":
             # NOTE: every block shape a batch can pick, compiled now: a variant first met while serving
             # stalls that step for the ~1 s its compile takes
             from tessera.layers.triton_attention import compile_variants
 
             layer = self.layers[(0, "attn")]
-            compile_variants(layer.k_cache, layer.v_cache, cfg.num_heads, page_size)
+            compile_variants(layer.k_cache, layer.v_cache, mc.num_heads, page_size)
         # NOTE: the experts' backend lives on the model's modules, so runners sharing a model share it
         for module in model.modules():
             if isinstance(module, moe.Experts):
-                module.backend = self.config.moe_runner_backend
-        if (
-            cfg.moe is not None
-            and self.device.type == "cuda"
-            and not moe.CAPTURE_SAFE_ON_CUDA
-            and self.config.moe_runner_backend != "grouped_mm"
-            and not (self.config.disable_piecewise_cuda_graph and self.config.disable_cuda_graph)
-        ):
-            # NOTE: without Triton the experts run the reference loop, which reads per-expert counts on
-            # the host: no CUDA graph can capture that
-            logger.warning(
-                "MoE without Triton: running without CUDA graphs (the expert loop is not capture-safe)"
-            )
-            self.config = replace(self.config, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
-        self.graphs = self._capture_graphs() if self._graphs_wanted() else None
-        self.full_graphs = self._capture_full_graphs() if self._full_graphs_wanted() else None
+                module.backend = config.runner.moe_runner_backend
+        self.stats = GraphStats()
+        graphs_possible = self._graphs_possible()
+        self.graphs = self._capture_piecewise() if graphs_possible and self._piecewise_wanted() else None
+        self.full_graphs: FullGraphRunner | None = None
+        self.graph_inputs: GraphInputs | None = None
+        if graphs_possible and self._full_wanted():
+            self._capture_full()
+
+    # ---------------------------------------------------------------- start-up
 
     def _layer_table(self, model: nn.Module) -> dict[tuple[int, str], Any]:
         """What each attention split op finds in the forward context, by (layer, role): "attn" for
-        Llama-style layers; "mla_mha" and "mla_mqa" (one object, one latent cache) for MLA layers."""
-        cfg, page, backend = self.cfg, self.page_size, self.attention_backend
-        if cfg.mla is None:
-            scale = cfg.head_dim**-0.5
+        GQA layers; "mla_mha" and "mla_mqa" (one object, one latent cache) for MLA layers."""
+        mc, page, backend = self.model_config, self.page_size, self.attention_backend
+        if mc.mla is None:
+            scale = mc.head_dim**-0.5
             return {
                 (i, "attn"): AttentionLayer(self.kv.k[i], self.kv.v[i], scale, page, backend)
-                for i in range(cfg.num_layers)
+                for i in range(mc.num_layers)
             }
         table: dict[tuple[int, str], Any] = {}
         for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
@@ -92,71 +91,93 @@ class ModelRunner:
         return table
 
     def _attention_backend(self) -> str:
-        wanted = self.config.attention_backend
+        wanted = self.config.runner.attention_backend
         if wanted == "auto":
             return "triton" if self.device.type == "cuda" else "torch"
         return wanted
 
-    def _graphs_wanted(self) -> bool:
-        c = self.config
-        if c.disable_piecewise_cuda_graph:
+    def _graphs_possible(self) -> bool:
+        r = self.config.runner
+        if not (self.device.type == "cuda" or r.emulate_graphs_on_cpu):
             return False
-        return self.device.type == "cuda" or c.emulate_graphs_on_cpu
+        if r.disable_piecewise_cuda_graph and r.disable_cuda_graph:
+            return False
+        capture_safe = moe.CAPTURE_SAFE_ON_CUDA or r.moe_runner_backend == "grouped_mm"
+        if self.model_config.moe is not None and self.device.type == "cuda" and not capture_safe:
+            # NOTE: without Triton the experts run the reference loop, which reads per-expert counts on
+            # the host: no CUDA graph can capture that
+            logger.warning(
+                "MoE without Triton: running without CUDA graphs (the expert loop is not capture-safe)"
+            )
+            return False
+        return True
 
-    def _graph_config(self) -> GraphConfig:
-        c = self.config
-        return GraphConfig(
-            strategy=c.piecewise_cuda_graph_strategy,  # type: ignore[arg-type]
-            compiler=c.piecewise_cuda_graph_compiler,  # type: ignore[arg-type]
-            max_tokens=c.graph_max_tokens(mla=self.cfg.mla is not None),
-            poison_padding=c.debug_poison_padding,
-            capture_sizes=c.piecewise_cuda_graph_tokens,
-            disable_hint="pass --disable-piecewise-cuda-graph",
-        )
+    def _piecewise_wanted(self) -> bool:
+        return not self.config.runner.disable_piecewise_cuda_graph
 
-    def _capture_graphs(self) -> PiecewiseGraphRunner:
-        graph_config = self._graph_config()
-        runner = PiecewiseGraphRunner(
-            self.model, graph_config, layers=self.layers, capture_metadata=self._capture_metadata
-        )
-        example = torch.arange(8, device=self.device)
-        with torch.no_grad():
-            runner.capture([example % self.cfg.vocab_size, example])
-        return runner
-
-    def _full_graphs_wanted(self) -> bool:
-        c = self.config
-        if c.disable_cuda_graph or not (self.device.type == "cuda" or c.emulate_graphs_on_cpu):
+    def _full_wanted(self) -> bool:
+        if self.config.runner.disable_cuda_graph:
             return False
         if self.attention_backend != "triton":
             logger.warning("full CUDA graphs need --attention-backend triton; running without them")
             return False
         return True
 
-    def _capture_full_graphs(self) -> FullGraphRunner | None:
-        c = self.config
+    def _graph_config(self) -> GraphConfig:
+        r = self.config.runner
+        return GraphConfig(
+            strategy=r.piecewise_cuda_graph_strategy,  # type: ignore[arg-type]
+            compiler=r.piecewise_cuda_graph_compiler,  # type: ignore[arg-type]
+            max_tokens=self.config.graph_max_tokens(mla=self.model_config.mla is not None),
+            poison_padding=r.debug_poison_padding,
+            capture_sizes=r.piecewise_cuda_graph_tokens,
+            disable_hint="pass --disable-piecewise-cuda-graph",
+        )
+
+    def _capture_piecewise(self) -> PiecewiseGraphRunner:
+        runner = PiecewiseGraphRunner(
+            self.model,
+            self._graph_config(),
+            layers=self.layers,
+            capture_metadata=self._capture_metadata,
+            stats=self.stats,
+        )
+        example = torch.arange(8, device=self.device)
+        with torch.no_grad():
+            runner.capture([example % self.model_config.vocab_size, example])
+        return runner
+
+    def _capture_full(self) -> None:
+        r = self.config.runner
         # NOTE: MLA layers pick one of two attention paths per batch on the host: an extend graph would
         # freeze the one of its capture batch
-        extend_max = c.extend_cuda_graph_max_tokens if self.cfg.mla is None else 0
+        extend_max = r.extend_cuda_graph_max_tokens if self.model_config.mla is None else 0
         # the piecewise graphs' token counts (default or given), up to the extend graphs' limit
         extend = [t for t in self._graph_config().sizes if t <= extend_max]
-        shapes = graph_shapes(c.cuda_graph_max_bs, extend, c.extend_cuda_graph_max_seqs)
-        if not shapes:
-            return None
-        # NOTE: the piecewise runner's backend, so both kinds of graph share one memory pool.
-        backend = self.graphs.backend if self.graphs is not None else make_backend(self.device)
-        assert backend is not None
-        runner = FullGraphRunner(
-            self.model,
-            backend,
-            self.layers,
-            shapes,
-            max_pages_per_seq=-(-self.cfg.max_position_embeddings // self.page_size),
-            page_size=self.page_size,
-            poison_padding=c.debug_poison_padding,
+        descriptors = full_graph_descriptors(
+            self.config.decode_graph_max_bs, extend, r.extend_cuda_graph_max_seqs
         )
-        runner.capture()
-        return runner
+        if not descriptors:
+            return
+        inputs = GraphInputs(
+            self.model,
+            self.layers,
+            descriptors,
+            max_pages_per_seq=-(-self.model_config.max_position_embeddings // self.page_size),
+            page_size=self.page_size,
+            device=self.device,
+        )
+        # NOTE: the piecewise runner's backend, so both kinds of graph share one memory pool
+        backend = self.graphs.backend if self.graphs is not None else None
+        self.full_graphs = FullGraphRunner(
+            inputs.forward,
+            inputs.stage,
+            backend or make_backend(self.device),
+            stats=self.stats,
+            poison=inputs.poison if r.debug_poison_padding else None,
+        )
+        self.full_graphs.capture(inputs.descriptors)
+        self.graph_inputs = inputs
 
     def _capture_metadata(self, num_tokens: int) -> AttentionMetadata:
         """A batch of one sequence of `num_tokens` tokens that lives entirely in the dummy slot: capture
@@ -166,36 +187,48 @@ class ModelRunner:
         pages = [[DUMMY_SLOT // self.page_size] * -(-num_tokens // self.page_size)]
         return AttentionMetadata(slots, kernel_layout([layout], pages, self.device), [layout])
 
+    # ---------------------------------------------------------------- serving
+
     def graph_stats(self) -> dict[str, Any]:
-        full = self.full_graphs.replays if self.full_graphs is not None else {"decode": 0, "extend": 0}
-        counts = {"decode_graph_replays": full["decode"], "extend_graph_replays": full["extend"]}
-        if self.graphs is None:
-            return {"mode": "eager", "replays": {}, "eager_fallbacks": {}, **counts}
-        return {"mode": "piecewise", **self.graphs.stats.as_dict(), **counts}
+        """Replays by kind and padded size, eager forwards by reason, real and padded tokens."""
+        return self.stats.as_dict()
 
     @torch.no_grad()
-    def run(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Forward `work` (sequence, tokens to run) -> logits [num_seqs, vocab] in float32."""
-        batch = build_batch(work, self.pool, self.page_size, self.device)
-        logits = self.forward(batch)
-        commit(work)
-        return logits
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Forward a scheduled batch -> logits [len(batch.sample_rows), vocab] in float32."""
+        forward_batch = build_batch(batch.work, self.page_size, self.device)
+        rows = batch.sample_rows
+        if len(rows) < len(batch.work):
+            forward_batch.logits_indices = forward_batch.logits_indices[
+                torch.tensor(rows, dtype=torch.long, device=self.device)
+            ]
+        return self.forward(forward_batch)
+
+    def dispatch(self, batch: ForwardBatch) -> BatchDescriptor:
+        """What `batch` runs as: the smallest full graph that takes it, else the piecewise graphs of its
+        padded size, else eagerly."""
+        n = batch.input_ids.shape[0]
+        if self.graph_inputs is not None:
+            descriptor = self.graph_inputs.select(batch)
+            if descriptor is not None:
+                return descriptor
+        if self.graphs is not None:
+            return self.graphs.descriptor(n)
+        return BatchDescriptor(GraphMode.EAGER, n)
 
     @torch.no_grad()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """One forward of a built batch, through a full graph, piecewise graphs or eagerly. Leaves the
-        sequences as they were (a benchmark can replay the same batch)."""
-        shape = self.full_graphs.shape_for(batch) if self.full_graphs is not None else None
-        if shape is not None:
-            hidden = self.full_graphs.run(batch, shape)  # type: ignore[union-attr]
+    def forward(self, batch: ForwardBatch, descriptor: BatchDescriptor | None = None) -> torch.Tensor:
+        """Logits of `batch.logits_indices` for one forward run as `descriptor` (default: `dispatch`).
+        Leaves the sequences as they were (a benchmark can replay the same batch)."""
+        d = descriptor or self.dispatch(batch)
+        n = batch.input_ids.shape[0]
+        if d.mode is GraphMode.FULL:
+            assert self.full_graphs is not None
+            hidden = self.full_graphs.run(d, batch, n)
         elif self.graphs is not None:
-            hidden = self.graphs(batch.input_ids, batch.positions, metadata=batch.metadata)
+            hidden = self.graphs.run(d, batch.input_ids, batch.positions, metadata=batch.metadata)
         else:
-            n = batch.input_ids.shape[0]
+            self.stats.record_fallback(DISABLED, n)
             with forward_context(ForwardContext(n, n, batch.metadata, self.layers)):
                 hidden = self.model(batch.input_ids, batch.positions)
         return self.model.compute_logits(hidden[batch.logits_indices])
-
-    def free(self, seq: Sequence) -> None:
-        self.pool.free(seq.pages)
-        seq.pages, seq.num_cached = [], 0

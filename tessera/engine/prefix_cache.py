@@ -16,8 +16,10 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tessera.engine.kv_cache import PagePool
+if TYPE_CHECKING:
+    from tessera.engine.kv_manager import PagePool
 
 _clock = itertools.count()
 

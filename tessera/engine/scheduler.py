@@ -1,4 +1,5 @@
-"""Continuous batching: which tokens of which sequences run in the next forward.
+"""Continuous batching: which tokens of which sequences run in the next forward, and what a forward's
+sampled tokens change afterwards.
 
 Every running sequence needs its uncached tail computed: a prompt (in chunks), a decode (the one token
 sampled last), or a recompute after preemption (prompt and outputs so far) are the same case. Running
@@ -6,43 +7,31 @@ sequences go first, then waiting ones are admitted, sharing cached prefixes, whi
 the prefill budget, the running limit and the KV pages allow. When pages run out, cached prefixes are
 evicted first, then the newest running sequence is preempted: its pages are freed and it waits to be
 recomputed later — nothing is lost.
+
+The scheduler owns its sequences' state: `schedule()` reserves their pages, `postprocess()` advances
+them after the forward (cached length, outputs, stops, finishing and freeing), `rollback()` takes back
+tokens. Nothing else writes to a sequence.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 
-from tessera.engine.kv_cache import PagePool
-from tessera.engine.prefix_cache import PrefixCache
+from tessera.engine.batch import ScheduledBatch
+from tessera.engine.config import SchedulerConfig
+from tessera.engine.kv_manager import KVManager
 from tessera.engine.sequence import Sequence
+from tessera.engine.stopping import StopChecker
 
 logger = logging.getLogger("tessera")
-Work = list[tuple[Sequence, int]]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    # All tokens of one forward, decodes included; None: chunked_prefill_size, so a mixed batch never
-    # outgrows the piecewise graphs' range (whose default top is the chunked-prefill size).
-    max_num_batched_tokens: int | None = None
-    chunked_prefill_size: int = 2048  # prefill tokens of one forward
-    max_running_requests: int = 256
-    disable_radix_cache: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens is None:
-            object.__setattr__(self, "max_num_batched_tokens", self.chunked_prefill_size)
-        if min(self.max_num_batched_tokens, self.chunked_prefill_size, self.max_running_requests) < 1:
-            raise ValueError("scheduler budgets must be >= 1")
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, page_size: int, config: SchedulerConfig | None = None) -> None:
-        self.pool, self.page_size = pool, page_size
-        self.config = config or SchedulerConfig()
-        self.cache = None if self.config.disable_radix_cache else PrefixCache(pool, page_size)
+    def __init__(self, config: SchedulerConfig, kv: KVManager, stops: StopChecker | None = None) -> None:
+        """`stops`: when a sampled token ends its request (None: only `max_tokens` does, for tests that
+        drive the scheduler without a model)."""
+        self.config, self.kv, self.stops = config, kv, stops
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -53,11 +42,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        need = self._pages_for(len(seq.prompt_token_ids) + seq.params.max_tokens)
-        if need > self.pool.num_pages - 1:
+        need = self.kv.pages_for(len(seq.prompt_token_ids) + seq.params.max_tokens)
+        if need > self.kv.num_usable:
+            page = self.kv.page_size
             raise ValueError(
-                f"a request needs {need * self.page_size} KV tokens (prompt + max_tokens); "
-                f"the cache holds {(self.pool.num_pages - 1) * self.page_size}"
+                f"a request needs {need * page} KV tokens (prompt + max_tokens); "
+                f"the cache holds {self.kv.num_usable * page}"
             )
         self.waiting.append(seq)
 
@@ -70,16 +60,37 @@ class Scheduler:
         else:
             return False
         seq.finish_reason = seq.finish_reason or "abort"
-        self._release(seq, keep_prefix=False)
+        self.kv.release(seq, keep_prefix=False)
         return True
 
-    def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self._release(seq, keep_prefix=True)
+    def rollback(self, seq: Sequence, k: int) -> None:
+        """Take back a running sequence's last `k` tokens (outputs and KV; see KVManager.rollback)."""
+        self.kv.rollback(seq, k)
 
-    def schedule(self) -> Work:
-        budget, prefill = self.config.max_num_batched_tokens, self.config.chunked_prefill_size
-        work: Work = []
+    def postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[Sequence]:
+        """After the forward of `batch`: every scheduled token is cached now; each sampling sequence
+        takes its token, and one that stops is finished and its pages released (full pages of it to the
+        prefix cache). Returns the sequences that got a token."""
+        for seq, n in batch.work:
+            seq.num_cached += n
+        advanced = batch.samplers
+        for seq, token, logprob in zip(advanced, tokens, logprobs, strict=True):
+            seq.append(token, logprob)
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.running.remove(seq)
+                self.kv.release(seq, keep_prefix=True)
+        return advanced
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        if self.stops is not None:
+            return self.stops.check(seq)
+        return "length" if len(seq.output_token_ids) >= seq.params.max_tokens else None
+
+    def schedule(self) -> ScheduledBatch:
+        budget, prefill = self.config.token_budget, self.config.chunked_prefill_size
+        work: list[tuple[Sequence, int]] = []
         self._preempted = set()
         for seq in list(self.running):
             if seq in self._preempted:  # preempted to make room for an older one
@@ -91,68 +102,39 @@ class Scheduler:
                 prefill -= n if n > 1 else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]
-            self._attach_prefix(seq)
+            self.kv.match_prefix(seq)
             n = self._tokens(seq, budget, prefill)
             if not n or not self._reserve(seq, n, preempt_newer_than=None):
-                self._release(seq, keep_prefix=False)
+                self.kv.release(seq, keep_prefix=False)
                 break
             self.waiting.popleft()
             self.running.append(seq)
             work.append((seq, n))
             budget -= n
             prefill -= n if n > 1 else 0
-        return work
+        return ScheduledBatch.of(work)
 
     def _tokens(self, seq: Sequence, budget: int, prefill: int) -> int:
         tail = seq.uncached
         return min(tail, budget) if tail == 1 else min(tail, budget, max(prefill, 0))
 
-    def _attach_prefix(self, seq: Sequence) -> None:
-        if self.cache is None or seq.pages:
-            return
-        nodes = self.cache.match(seq.token_ids)
-        seq.prefix_nodes = nodes
-        seq.pages = [n.page for n in nodes]
-        seq.num_cached = len(nodes) * self.page_size
-        if seq.cached_prompt_tokens is None:  # reported per request; a resumed preemption keeps the first
-            seq.cached_prompt_tokens = seq.num_cached
-
     def _reserve(self, seq: Sequence, n: int, preempt_newer_than: Sequence | None) -> bool:
         """Pages for `seq`'s next `n` tokens: from the pool, then by evicting cached prefixes, then (for
         a running sequence) by preempting running sequences admitted after it — which are not in this
         step's batch yet, as the running list is scheduled oldest first. Admission never preempts."""
-        need = self._pages_for(seq.num_cached + n) - len(seq.pages)
-        while need > self.pool.num_free:
-            if self.cache is not None and self.cache.evict(need - self.pool.num_free):
-                continue
+        while not self.kv.reserve(seq, n):
             if preempt_newer_than is None:
                 return False
             newer = self.running[self.running.index(preempt_newer_than) + 1 :]
             if not newer:
                 return False
             self._preempt(newer[-1])
-        if need > 0:
-            seq.pages += self.pool.allocate(need)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._preempted.add(seq)
-        self._release(seq, keep_prefix=False)
+        self.kv.release(seq, keep_prefix=False)
         self.waiting.appendleft(seq)
         self.preemptions += 1
         logger.info("preempted request %d (KV cache full); it will be recomputed", seq.id)
-
-    def _release(self, seq: Sequence, keep_prefix: bool) -> None:
-        shared = len(seq.prefix_nodes)
-        own = seq.pages[shared:]
-        if self.cache is not None:
-            if keep_prefix:
-                cached_tokens = seq.token_ids[: seq.num_cached]
-                own = self.cache.insert(cached_tokens, seq.pages)
-            self.cache.release(seq.prefix_nodes)
-        self.pool.free(own)
-        seq.pages, seq.prefix_nodes, seq.num_cached = [], [], 0
-
-    def _pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)

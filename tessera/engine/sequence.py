@@ -1,4 +1,4 @@
-"""A request's token state and its KV pages."""
+"""A request's token state and its KV pages (changed by the scheduler alone)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,14 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def append(self, token: int, logprob: float) -> None:
+        self.output_token_ids.append(token)
+        self.output_logprobs.append(logprob)
+
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens (the prompt is never cut: see KVManager.rollback)."""
+        outputs = num_tokens - len(self.prompt_token_ids)
+        assert 0 <= outputs <= len(self.output_token_ids)
+        del self.output_token_ids[outputs:], self.output_logprobs[outputs:]
+        self.detokenizer = None  # its window is past the new end: rebuilt on the next stop check

@@ -67,7 +67,8 @@ def has_forward_context() -> bool:
     return _current is not None
 
 
-def _current_or_none() -> ForwardContext | None:
+def current_forward_context() -> ForwardContext | None:
+    """The context set now, or None outside any forward (an op that can also run alone)."""
     return _current
 
 

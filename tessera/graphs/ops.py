@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tessera.graphs.context import _current_or_none
+from tessera.graphs.context import current_forward_context
 
 SplitFn = Callable[..., None]
 # Set while a breakable capture is running: it turns each split-op call into a graph break.
@@ -76,7 +76,7 @@ class SplitOp:
 
 
 def _zero_padded_rows(outputs: list[torch.Tensor]) -> None:
-    ctx = _current_or_none()
+    ctx = current_forward_context()
     if ctx is not None and ctx.raw_num_tokens < ctx.num_tokens:
         for out in outputs:
             out[ctx.raw_num_tokens : ctx.num_tokens].zero_()
@@ -197,7 +197,7 @@ def padded_rows(x: torch.Tensor) -> torch.Tensor:
     All False outside a runner's forward."""
     global _num_real_reads
     rows = torch.arange(x.shape[0], device=x.device)
-    ctx = _current_or_none()
+    ctx = current_forward_context()
     if ctx is None:
         return rows < 0
     if ctx.num_real is None:

@@ -19,6 +19,7 @@ from tessera.graphs.breakable import BreakableStrategy
 from tessera.graphs.compile import AddressMismatchError, CompileStrategy
 from tessera.graphs.config import GraphConfig
 from tessera.graphs.context import ForwardContext, LayerKey, forward_context
+from tessera.graphs.dispatch import BatchDescriptor, GraphMode
 from tessera.graphs.hygiene import frozen_gc, run_warmup_hooks
 from tessera.graphs.platform import GraphBackend, make_backend, platform_name
 from tessera.graphs.stats import DISABLED, OVERSIZE, GraphStats, InitReport
@@ -47,6 +48,9 @@ class PiecewiseGraphRunner:
     Every input's first dimension is the token dimension. Call `capture(example_inputs)` once at
     start-up, then call the runner like `forward`. Outputs whose first dimension is the token count
     are sliced to the real tokens; they live in graph memory and are overwritten by the next call.
+
+    A dispatcher that decides between several kinds of graph asks `descriptor(num_tokens)` and runs
+    what it decided with `run(descriptor, *inputs)`; `stats` may be shared with its other runners.
     """
 
     def __init__(
@@ -56,12 +60,13 @@ class PiecewiseGraphRunner:
         *,
         layers: Mapping[LayerKey, Any] | None = None,
         capture_metadata: Callable[[int], Any] | None = None,
+        stats: GraphStats | None = None,
     ) -> None:
         self.forward = forward
         self.config = config or GraphConfig()
         self.layers: Mapping[LayerKey, Any] = layers or {}
         self.capture_metadata = capture_metadata or (lambda num_tokens: None)
-        self.stats = GraphStats()
+        self.stats = stats if stats is not None else GraphStats()
         self.report: InitReport | None = None
         self.strategy: CaptureStrategy | None = None
         self.backend: GraphBackend | None = None
@@ -83,6 +88,13 @@ class PiecewiseGraphRunner:
         """The captured size a batch of `num_tokens` replays at, or None if it runs eagerly."""
         i = bisect.bisect_left(self.config.sizes, num_tokens)
         return self.config.sizes[i] if i < len(self.config.sizes) else None
+
+    def descriptor(self, num_tokens: int) -> BatchDescriptor:
+        """How a batch of `num_tokens` runs: the piecewise graphs of its padded size, or eagerly."""
+        size = self.padded_size(num_tokens) if self.captured else None
+        if size is None:
+            return BatchDescriptor(GraphMode.EAGER, num_tokens)
+        return BatchDescriptor(GraphMode.PIECEWISE, size)
 
     # ---------------------------------------------------------------- start-up
 
@@ -177,11 +189,21 @@ class PiecewiseGraphRunner:
     # ---------------------------------------------------------------- serving
 
     def __call__(self, *inputs: torch.Tensor, metadata: Any = None) -> Any:
+        return self.run(self.descriptor(inputs[0].shape[0]), *inputs, metadata=metadata)
+
+    def run(self, descriptor: BatchDescriptor, *inputs: torch.Tensor, metadata: Any = None) -> Any:
+        """Run `inputs` as `descriptor` says (from `descriptor(num_tokens)`): replay the piecewise
+        graphs of its size, or run eagerly inside the same forward context."""
         n = inputs[0].shape[0]
-        size = self.padded_size(n) if self.captured else None
-        if size is None:
+        if descriptor.mode is GraphMode.EAGER:
             reason = OVERSIZE if self.captured else DISABLED
             return self._eager(inputs, n, metadata, reason)
+        captured = self.captured and descriptor.num_tokens in self._views
+        if descriptor.mode is not GraphMode.PIECEWISE or not captured:
+            raise ValueError(f"no piecewise graphs captured for {descriptor}")
+        if n > descriptor.num_tokens:
+            raise ValueError(f"{n} tokens do not fit {descriptor}")
+        size = descriptor.num_tokens
         views = self._views[size]
         self._load(views, inputs, n, size, poison=False)
         if self.config.debug_addresses:
@@ -195,7 +217,7 @@ class PiecewiseGraphRunner:
         if reason is not None:
             self.stats.record_fallback(reason, n, f"at {size} tokens")
         else:
-            self.stats.record_replay(size, n)
+            self.stats.record_replay(descriptor, n)
         return _slice(out, n, size)
 
     def _eager(self, inputs: Inputs, n: int, metadata: Any, reason: str) -> Any:

@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tessera.graphs.dispatch import BatchDescriptor
+
 logger = logging.getLogger("tessera.graphs")
 
 # Reasons a forward did not replay a captured graph.
@@ -18,27 +20,38 @@ DISABLED = "disabled"  # graphs are switched off, or not captured yet
 
 @dataclass
 class GraphStats:
-    replays: Counter[int] = field(default_factory=Counter)
+    """Counters keyed on the dispatcher's `BatchDescriptor`; one object may serve several runners (the
+    engine's piecewise and full graphs share one)."""
+
+    replays: Counter[BatchDescriptor] = field(default_factory=Counter)
     fallbacks: Counter[str] = field(default_factory=Counter)
     real_tokens: int = 0
     padded_tokens: int = 0
     _warned: set[str] = field(default_factory=set, repr=False)
 
-    def record_replay(self, size: int, raw: int) -> None:
-        self.replays[size] += 1
+    def record_replay(self, descriptor: BatchDescriptor, raw: int) -> None:
+        self.replays[descriptor] += 1
         self.real_tokens += raw
-        self.padded_tokens += size - raw
+        self.padded_tokens += descriptor.num_tokens - raw
+
+    def sizes(self, kind: str) -> Counter[int]:
+        """Replays of one kind of graph (see BatchDescriptor.kind) by padded token count."""
+        return Counter({d.num_tokens: n for d, n in self.replays.items() if d.kind == kind})
 
     def record_fallback(self, reason: str, tokens: int, detail: str = "") -> None:
         self.fallbacks[reason] += 1
         self.real_tokens += tokens
         if reason not in self._warned and reason != DISABLED:
             self._warned.add(reason)
-            logger.warning("piecewise graphs: eager fallback (%s) %s", reason, detail)
+            logger.warning("graphs: eager fallback (%s) %s", reason, detail)
 
     def as_dict(self) -> dict[str, Any]:
+        """`replays`: {kind: {padded size: count}} (kinds: piecewise, full-decode, full-extend)."""
+        replays: dict[str, dict[str, int]] = {}
+        for d, n in sorted(self.replays.items()):
+            replays.setdefault(d.kind, {})[str(d.num_tokens)] = n
         return {
-            "replays": {str(k): v for k, v in sorted(self.replays.items())},
+            "replays": replays,
             "eager_fallbacks": dict(self.fallbacks),
             "real_tokens": self.real_tokens,
             "padded_tokens": self.padded_tokens,

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import cdiv, next_pow2
-from tessera.graphs.ops import opaque_op
+from tessera.graphs import opaque_op
+from tessera.layers.kernel_launch import cdiv, next_pow2
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import cdiv, next_pow2
+from tessera.layers.kernel_launch import cdiv, next_pow2
 
 BLOCK_M = 16
 

@@ -1,7 +1,7 @@
 """Experts as two `torch._grouped_mm` calls (PyTorch's grouped GEMM: CUTLASS on Hopper), capture-safe.
 
 The alternative to the Triton grouped GEMMs of `fused_moe.py` that issue #5 asks to measure against them
-(`tessera bench moe-padding --experts`): (token, choice) pairs sorted by expert on the device, one GEMM
+(`python -m benchmarks.moe_padding --experts`): (token, choice) pairs sorted by expert on the device, one GEMM
 over all experts' runs for gate_up and one for down, cut by `offs` (each expert's end row, on the device:
 no host sync). Pairs of padded rows (`topk_ids = -1`) sort after every expert's run, past the last
 offset: no expert computes them, and their rows are masked to zero before the sum over choices.

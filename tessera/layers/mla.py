@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.graphs.context import get_forward_context
-from tessera.graphs.ops import split_op
+from tessera.graphs import get_forward_context, split_op
 from tessera.layers.norm import RMSNorm
 from tessera.layers.rotary import RotaryEmbedding
-from tessera.models.config import MLAConfig, ModelConfig
+from tessera.model_config import MLAConfig, ModelConfig
 
 
 @dataclass

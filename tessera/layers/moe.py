@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.graphs.ops import opaque_op
+from tessera.graphs import opaque_op
 from tessera.layers.grouped_mm_moe import grouped_mm_experts
 
 try:
@@ -86,7 +86,7 @@ def route(
 # large ones, the reference loop elsewhere; "triton", "grouped_mm": one of them always (both capture-safe)
 EXPERT_BACKENDS = ("auto", "triton", "grouped_mm")
 
-# NOTE: from `tessera bench moe-padding` (GPU time, graph replays, H200; benchmarks/results/
+# NOTE: from `python -m benchmarks.moe_padding` (GPU time, graph replays, H200; benchmarks/results/
 # moe_padding_h200.json): the Triton kernels win while experts get few rows each (DeepSeek-V2-Lite at 16
 # and 129 tokens: 1.5 and 12 (token, choice) rows an expert on average; Qwen3-30B-A3B at 16-520: up to
 # 33), torch._grouped_mm from 49 on (DeepSeek at 520 and 2048, Qwen3 at 2048: up to 1.7x faster)

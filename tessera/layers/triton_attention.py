@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import SHORT_QUERY_LEN, KernelLauncher, cdiv, next_pow2, tensors_spec
+from tessera.layers.attention_metadata import SHORT_QUERY_LEN
+from tessera.layers.kernel_launch import KernelLauncher, cdiv, next_pow2, tensors_spec
 
 PACK_MIN_PROGRAMS = 32  # (sequence, KV head) pairs a packed launch needs
 # Batches whose longest sequence has at most this many new tokens get blocks of 16 query rows (more

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tessera.models.config import ModelConfig
+from tessera.model_config import ModelConfig
 
 _ARCH = {
     "llama": "LlamaForCausalLM",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tessera.models.config import ModelConfig
+from tessera.model_config import ModelConfig
 
 
 def read_config(folder: str | Path) -> ModelConfig:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tessera.engine.config import EngineConfig
 from tessera.engine.detokenize import IncrementalDetokenizer
 from tessera.engine.sampling import SamplingParams
 from tessera.loader.tokenizer import Tokenizer
@@ -101,15 +102,15 @@ class AsyncEngine:
         self._reader.start()
 
     @classmethod
-    def start(cls, model: str | None, options: dict[str, Any]) -> AsyncEngine:
-        """Spawn the engine process with `Engine(model, **options)`; returns once it is ready."""
+    def start(cls, config: EngineConfig) -> AsyncEngine:
+        """Spawn the engine process with `Engine(config)`; returns once it is ready."""
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
         in_recv, in_send = ctx.Pipe(duplex=False)
         out_recv, out_send = ctx.Pipe(duplex=False)
         level = logging.getLogger("tessera").getEffectiveLevel()
         proc = ctx.Process(
             target=engine_worker.main,
-            args=(model, options, level, in_recv, out_send),
+            args=(config, level, in_recv, out_send),
             name="tessera-engine",
             daemon=True,
         )

@@ -19,28 +19,12 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tessera.engine.config import EngineConfig
 from tessera.engine.engine import Engine
 from tessera.engine.sequence import Sequence
 
 logger = logging.getLogger("tessera")
 STATS_INTERVAL_S = 0.2  # how often a busy engine reports its gauges (an idle one reports on going idle)
-
-
-def engine_stats(engine: Engine) -> dict[str, Any]:
-    """Gauges and counters the HTTP process serves at /metrics (and tests read to find leaked pages)."""
-    pool, cache = engine.runner.pool, engine.scheduler.cache
-    return {
-        "num_running": len(engine.scheduler.running),
-        "num_waiting": len(engine.scheduler.waiting),
-        "pages_usable": pool.num_pages - 1,  # one page holds the dummy slot of padded tokens
-        "pages_free": pool.num_free,
-        "pages_cached": cache.num_pages if cache is not None else 0,
-        "prefix_hit_rate": cache.hit_rate if cache is not None else 0.0,
-        "has_work": engine.has_work,
-        "graphs": engine.graph_stats(),
-        "steps": engine.steps,
-        "step_seconds": dict(engine.step_seconds),
-    }
 
 
 class _Worker:
@@ -122,25 +106,20 @@ class _Worker:
         due = now - self.last_stats >= STATS_INTERVAL_S or not self.engine.has_work
         if not outputs and not due:
             return
-        stats = engine_stats(self.engine) if due else None
+        stats = self.engine.stats() if due else None
         if due:
             self.last_stats = now
         self.outbox.send(("step", outputs, stats))
 
 
-def main(
-    model: str | None, options: dict[str, Any], log_level: int, inbox: Connection, outbox: Connection
-) -> None:
+def main(config: EngineConfig, log_level: int, inbox: Connection, outbox: Connection) -> None:
     """Entry point of the engine process (spawned by `AsyncEngine.start`)."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        engine = Engine(model, **options)
+        engine = Engine(config)
     except BaseException:
         outbox.send(("init_failed", traceback.format_exc()))
         return
-    outbox.send(
-        ("ready", {"tokenizer": engine.tokenizer, "eos_token_ids": tuple(engine.cfg.eos_token_ids),
-                   "stats": engine_stats(engine)})
-    )  # fmt: skip
+    outbox.send(("ready", {**engine.info(), "stats": engine.stats()}))
     with contextlib.suppress(EOFError, BrokenPipeError):  # the HTTP process went away
         _Worker(engine, inbox, outbox).run()

@@ -30,6 +30,11 @@ class _EngineCollector:
         usable = stats["pages_usable"]
         yield GaugeMetricFamily("tessera_kv_cache_usage", "Fraction of KV pages in use",
                                 value=(usable - stats["pages_free"]) / usable)  # fmt: skip
+        yield GaugeMetricFamily("tessera_kv_cache_prefix_usage",
+                                "Fraction of KV pages held by the prefix cache (shared or evictable)",
+                                value=stats["pages_cached"] / usable)  # fmt: skip
+        yield CounterMetricFamily("tessera_preemptions", "Requests preempted (KV cache full) and recomputed",
+                                  value=stats["preemptions"])  # fmt: skip
         yield GaugeMetricFamily(
             "tessera_prefix_cache_hit_rate",
             "Prompt tokens served from the cache",
@@ -49,12 +54,19 @@ class _EngineCollector:
 
 
 def _graph_metrics(stats: dict) -> Iterator[Metric]:
-    replays = CounterMetricFamily("tessera_graph_replays", "Piecewise graph replays by size", labels=["size"])
-    for size, count in stats.get("replays", {}).items():
-        replays.add_metric([str(size)], count)
+    replays = CounterMetricFamily(
+        "tessera_graph_replays",
+        "Graph replays by kind (piecewise, full-decode, full-extend) and padded token count",
+        labels=["kind", "size"],
+    )
+    for kind, sizes in stats.get("replays", {}).items():
+        for size, count in sizes.items():
+            replays.add_metric([kind, str(size)], count)
     yield replays
     fallbacks = CounterMetricFamily(
-        "tessera_graph_eager_fallbacks", "Eager forwards by reason", labels=["reason"]
+        "tessera_graph_eager_fallbacks",
+        "Eager forwards by reason (disabled: graphs off; oversize: above the largest capture)",
+        labels=["reason"],
     )
     for reason, count in stats.get("eager_fallbacks", {}).items():
         fallbacks.add_metric([reason], count)
@@ -63,12 +75,8 @@ def _graph_metrics(stats: dict) -> Iterator[Metric]:
         "tessera_graph_padded_tokens", "Padding rows replayed", value=stats.get("padded_tokens", 0)
     )
     yield CounterMetricFamily(
-        "tessera_graph_real_tokens", "Real rows replayed", value=stats.get("real_tokens", 0)
+        "tessera_graph_real_tokens", "Real rows of every forward", value=stats.get("real_tokens", 0)
     )
-    yield CounterMetricFamily("tessera_decode_graph_replays", "Decode graph replays",
-                              value=stats.get("decode_graph_replays", 0))  # fmt: skip
-    yield CounterMetricFamily("tessera_extend_graph_replays", "Full-graph replays of extend batches",
-                              value=stats.get("extend_graph_replays", 0))  # fmt: skip
 
 
 def metrics_response(engine: AsyncEngine) -> Response:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.graphs.launch import KernelLauncher, cdiv, next_pow2, tensors_spec
+from tessera.layers.kernel_launch import KernelLauncher, cdiv, next_pow2, tensors_spec
 
 BLOCK = 64  # query rows a program, keys a step
 

@@ -1,15 +1,24 @@
-"""Timing helpers shared by the benchmarks: CUDA events, interleaved rounds, the kernel-time floor."""
+"""What the benchmarks share: timing helpers (CUDA events, interleaved rounds, the kernel-time floor),
+the folder of model configs, the attention shapes and a JSON writer."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 Step = Callable[[torch.Tensor], Any]
+
+# model configs (config.json only) whose weights are not here: random weights of these shapes
+CONFIGS = Path(__file__).resolve().parent / "configs"
+# the attention benchmarks' shapes, (heads, KV heads, head dim), and their KV page size
+ATTENTION_SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}
+PAGE = 16
 
 
 def time_once(step: Step, ids: torch.Tensor, iters: int, prime: bool = True) -> float:
@@ -91,3 +100,9 @@ def host_us(fn: Callable[[], Any], iters: int = 200) -> float:
     dt = time.perf_counter() - t
     torch.cuda.synchronize()
     return dt / iters * 1e6
+
+
+def write_json(path: Path, report: Any) -> None:
+    """`report` as indented JSON at `path` (its folder made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,26 +1,24 @@
-"""`tessera bench moe-padding`: does padding cost expert work, and which expert backend is faster? GPU time
-of one MoE layer (router, routing, experts) on N real rows alone vs the same N rows padded up to a capture
-size S (the padded rows masked by the forward context, as inside a replayed graph), for each expert
-backend: the Triton grouped GEMMs and torch._grouped_mm. Each variant is captured in a CUDA graph and
-replayed, as inside a piece, so host launch time is not counted. Issue #5's targets: padded within 5 % of
-alone; the default backend is the one that measures faster. Shapes: DeepSeek-V2-Lite's MoE layer (64
-experts, top-6, expert width 1408, 2 shared) and Qwen3-30B-A3B's (128 experts, top-8, width 768), bf16,
-random weights."""
+"""`python -m benchmarks.moe_padding`: does padding cost expert work, and which expert backend is faster?
+GPU time of one MoE layer (router, routing, experts) on N real rows alone vs the same N rows padded up to
+a capture size S (the padded rows masked by the forward context, as inside a replayed graph), for each
+expert backend: the Triton grouped GEMMs and torch._grouped_mm. Each variant is captured in a CUDA graph
+and replayed, as inside a piece, so host launch time is not counted. Issue #5's targets: padded within
+5 % of alone; the default backend is the one that measures faster. Shapes: DeepSeek-V2-Lite's MoE layer
+(64 experts, top-6, expert width 1408, 2 shared) and Qwen3-30B-A3B's (128 experts, top-8, width 768),
+bf16, random weights."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tessera.bench.step import CONFIGS
-from tessera.bench.timing import graph_ms
-from tessera.graphs.context import ForwardContext, forward_context
+from benchmarks.common import CONFIGS, graph_ms, write_json
+from tessera.graphs import ForwardContext, forward_context
 from tessera.loader.hf import read_config
-from tessera.models.llama import SparseMoeBlock
+from tessera.models.decoder import SparseMoeBlock
 
 
 def moe_layer(name: str) -> SparseMoeBlock:
@@ -59,19 +57,22 @@ def bench(name: str, pairs: list[tuple[int, int]], backend: str) -> list[dict[st
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="tessera bench moe-padding", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.moe_padding", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--models", nargs="+", default=["deepseek-v2-lite", "qwen3-30b-a3b"])
     p.add_argument("--experts", nargs="+", default=["triton", "grouped_mm"], choices=["triton", "grouped_mm"])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("tessera bench moe-padding needs a GPU")
+        raise SystemExit("benchmarks.moe_padding needs a GPU")
     pairs = [(16, 16), (129, 144), (520, 576), (2048, 2048)]
     rows = [r for m in args.models for b in args.experts for r in bench(m, pairs, b)]
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {"benchmark": "moe-padding", "gpu": torch.cuda.get_device_name(),
                   "timing": "CUDA graph replays: GPU time only", "rows": rows}  # fmt: skip
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -12,17 +12,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tessera.bench.timing import Step
-from tessera.models.llama import LlamaForCausalLM
+from benchmarks.common import Step
+from tessera.models.decoder import CausalLM
 
 _REGISTERED = False
 
 
-def hf_model(ours: LlamaForCausalLM) -> Any:
+def hf_model(ours: CausalLM) -> Any:
     """HF's LlamaForCausalLM with our model's weights (fused projections split back)."""
     import transformers
 
-    cfg = ours.cfg
+    cfg = ours.config
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).to(ours.lm_head.weight)
     state = {}
     for name, p in ours.state_dict().items():

@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 _I32 = range(-(2**31), 2**31)
 
-# Sequences with at most this many new tokens are "short" (decode, speculative verify, small extends):
-# attention gives them blocks of 16 query rows, where longer ones get 64
-SHORT_QUERY_LEN = 16
-
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

@@ -20,7 +20,7 @@ from tessera.layers.moe import Experts, RoutingConfig, route
 from tessera.layers.norm import RMSNorm
 from tessera.layers.norm import fused as fused_kernels
 from tessera.layers.rotary import RotaryEmbedding
-from tessera.models.config import ModelConfig
+from tessera.model_config import ModelConfig
 
 # (fused parameter, HF parameter, shard) — shard is q/k/v or the index in gate/up.
 _STACKED = (
@@ -32,10 +32,10 @@ _STACKED = (
 )
 
 
-class LlamaAttention(nn.Module):
+class GQAAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.cfg, self.layer_id, self.rotary = cfg, layer_id, rotary
+        self.config, self.layer_id, self.rotary = cfg, layer_id, rotary
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
@@ -43,7 +43,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t, cfg = x.shape[0], self.cfg
+        t, cfg = x.shape[0], self.config
         q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(t, cfg.num_heads, cfg.head_dim)
         k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
@@ -56,7 +56,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.view(t, cfg.q_size))
 
 
-class LlamaMLP(nn.Module):
+class GatedMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
         inter = intermediate_size or cfg.intermediate_size
@@ -103,7 +103,7 @@ class SparseMoeBlock(nn.Module):
         )
         self.experts = Experts(moe.num_experts, cfg.hidden_size, moe.intermediate_size)
         if moe.shared_experts:
-            self.shared_experts = LlamaMLP(cfg, moe.intermediate_size * moe.shared_experts)
+            self.shared_experts = GatedMLP(cfg, moe.intermediate_size * moe.shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self.gate, "e_score_correction_bias", None)
@@ -111,16 +111,16 @@ class SparseMoeBlock(nn.Module):
         return out + self.shared_experts(x) if hasattr(self, "shared_experts") else out
 
 
-class LlamaDecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = (
-            MLAAttention(cfg, layer_id, rotary) if cfg.mla else LlamaAttention(cfg, layer_id, rotary)
+            MLAAttention(cfg, layer_id, rotary) if cfg.mla else GQAAttention(cfg, layer_id, rotary)
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         sparse = cfg.moe is not None and cfg.moe.is_sparse(layer_id)
-        self.mlp: nn.Module = SparseMoeBlock(cfg) if sparse else LlamaMLP(cfg)
+        self.mlp: nn.Module = SparseMoeBlock(cfg) if sparse else GatedMLP(cfg)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -135,7 +135,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaModel(nn.Module):
+class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -143,7 +143,7 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(
             rope_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling, interleaved=bool(cfg.mla)
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -153,11 +153,11 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)[0]
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.model = LlamaModel(cfg)
+        self.config = cfg
+        self.model = DecoderModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -180,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
             name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral checkpoints' older module name
             if "rotary_emb" in name:
                 continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             if name in params:  # as it is (MLA's own q_proj, HF's fused expert tensors, ...)
                 target, shard = name, None
@@ -204,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
     def _copy_shard(
         self, param: torch.Tensor, tensor: torch.Tensor, shard: str | int | tuple[int, int | None] | None
     ) -> None:
-        cfg = self.cfg
+        cfg = self.config
         if isinstance(shard, tuple):  # (expert, part): part 0/1 = gate/up rows of gate_up_proj, None = all
             expert, part = shard
             dst = param[expert] if part is None else param[expert].narrow(0, part * param.shape[1] // 2,
@@ -227,7 +227,7 @@ class LlamaForCausalLM(nn.Module):
     def _expected(self, params: dict[str, torch.Tensor]) -> list[str]:
         names = []
         for name in params:
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             if ".experts." in name:  # the fused tensor, or every expert's parts (see `load_weights`)
                 names.append(name)

@@ -1,4 +1,4 @@
-"""`tessera bench graphs`: step time of a toy 30-layer transformer under each way of running it.
+"""`python -m benchmarks.graphs`: step time of a toy 30-layer transformer under each way of running it.
 
 Variants at each token count N (one sequence, bf16):
   eager            the plain module
@@ -13,7 +13,6 @@ Variants at each token count N (one sequence, bf16):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,9 +21,9 @@ from typing import Any
 
 import torch
 
-from tessera.bench.timing import Step, kernel_floor, time_interleaved
+from benchmarks.common import Step, kernel_floor, time_interleaved, write_json
 from tessera.graphs import ForwardContext, GraphConfig, PiecewiseGraphRunner, forward_context, ops
-from tessera.graphs.toy import ToyConfig, ToyModel
+from tessera.testing.toy import ToyConfig, ToyModel
 
 SMOLLM2_SHAPED = ToyConfig(
     vocab_size=49152, hidden_size=576, num_heads=9, intermediate_size=1536, num_layers=30
@@ -58,7 +57,7 @@ def pcg_runner(
     runner = PiecewiseGraphRunner(model, cfg)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    report = runner.capture([torch.randint(0, model.cfg.vocab_size, (64,), device="cuda")])
+    report = runner.capture([torch.randint(0, model.config.vocab_size, (64,), device="cuda")])
     assert report is not None
     info = report.as_dict() | {"wall_seconds": round(time.perf_counter() - t, 3)}
     return runner, info
@@ -77,7 +76,7 @@ def _replay_step(graph: Any, static: torch.Tensor, ctx: ForwardContext, out: Any
 
 
 def full_graph_step(model: ToyModel, n: int) -> Step:
-    static = torch.randint(0, model.cfg.vocab_size, (n,), device="cuda")
+    static = torch.randint(0, model.config.vocab_size, (n,), device="cuda")
     ctx = ForwardContext(n, n)
     with forward_context(ctx):
         for _ in range(2):
@@ -93,7 +92,7 @@ def peer_step(model: ToyModel, n: int) -> Step:
     """breakable-cuda-graphs applied to the same toy: its `no_graph` wraps the attention call."""
     from breakable_cuda_graphs import BreakableCUDAGraph, breakable_graph, no_graph
 
-    static = torch.randint(0, model.cfg.vocab_size, (n,), device="cuda")
+    static = torch.randint(0, model.config.vocab_size, (n,), device="cuda")
     ctx = ForwardContext(n, n)
     eager_attention = no_graph(lambda split, args: split.run(*args))
     previous = ops.set_split_interceptor(eager_attention)
@@ -129,7 +128,7 @@ def memory_at(model: ToyModel, n: int) -> dict[str, int]:
             runner = PiecewiseGraphRunner(
                 model, GraphConfig(strategy=strategy, capture_sizes=[n], progress=False)
             )
-            runner.capture([torch.randint(0, model.cfg.vocab_size, (n,), device="cuda")])
+            runner.capture([torch.randint(0, model.config.vocab_size, (n,), device="cuda")])
             return runner
 
         return make
@@ -144,7 +143,9 @@ def memory_at(model: ToyModel, n: int) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
-        prog="tessera bench graphs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.graphs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512, 2048])
     p.add_argument("--max-tokens", type=int, default=8192, help="largest captured size")
@@ -154,11 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("tessera bench graphs needs a GPU: on CPU graphs are only emulated")
+        raise SystemExit("benchmarks.graphs needs a GPU: on CPU graphs are only emulated")
 
     torch.manual_seed(0)
     model = ToyModel(SMOLLM2_SHAPED).cuda().to(torch.bfloat16).eval()
-    ids = {n: torch.randint(0, model.cfg.vocab_size, (n,), device="cuda") for n in args.tokens}
+    ids = {n: torch.randint(0, model.config.vocab_size, (n,), device="cuda") for n in args.tokens}
     startup: dict[str, Any] = {}
     runners: dict[str, Any] = {}
     with torch.no_grad():
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "graphs",
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "model": {"kind": "toy transformer (SmolLM2-135M shapes)", **asdict(model.cfg)},
+        "model": {"kind": "toy transformer (SmolLM2-135M shapes)", **asdict(model.config)},
         "dtype": "bfloat16",
         "step_ms": {k: {str(n): round(v, 4) for n, v in r.items()} for k, r in results.items()},
         "eager_kernels_per_step": {str(n): f[1] for n, f in floors.items()},
@@ -210,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print_table(report, args.tokens)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return report
 
 

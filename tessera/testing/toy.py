@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.graphs.context import _current_or_none
-from tessera.graphs.ops import split_op
+from tessera.graphs import current_forward_context, split_op
 
 try:
-    from tessera.graphs.toy_attention import CausalAttention, causal_attention
+    from tessera.testing.toy_attention import CausalAttention, causal_attention
 except ImportError:  # no Triton: torch's attention everywhere
     CausalAttention = causal_attention = None  # type: ignore[assignment,misc]
 
@@ -25,7 +24,7 @@ def toy_attention(
 ) -> None:
     """Causal attention over the real tokens of one sequence, zeros on the padded rows after them.
     q, k, v, out: [T, H, D]."""
-    ctx = _current_or_none()
+    ctx = current_forward_context()
     n = ctx.raw_num_tokens if ctx is not None else q.shape[0]
     if q.is_cuda and causal_attention is not None:
         causal_attention(q, k, v, out, n)  # one launch, padded rows included
@@ -45,7 +44,7 @@ def _bind(
     if not (q.is_cuda and CausalAttention is not None):
         return None
     attend = CausalAttention(q, k, v, out)
-    return lambda: attend(_current_or_none().raw_num_tokens)  # type: ignore[union-attr]
+    return lambda: attend(current_forward_context().raw_num_tokens)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class RMSNorm(nn.Module):
 class ToyBlock(nn.Module):
     def __init__(self, cfg: ToyConfig, layer_id: int) -> None:
         super().__init__()
-        self.cfg, self.layer_id = cfg, layer_id
+        self.config, self.layer_id = cfg, layer_id
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.norm1, self.norm2 = RMSNorm(h, cfg.eps), RMSNorm(h, cfg.eps)
         self.qkv = nn.Linear(h, 3 * h, bias=False)
@@ -85,7 +84,7 @@ class ToyBlock(nn.Module):
         self.down = nn.Linear(i, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
-        t, cfg = x.shape[0], self.cfg
+        t, cfg = x.shape[0], self.config
         qkv = self.qkv(self.norm1(x)).view(t, 3, cfg.num_heads, cfg.head_dim)
         attn = torch.empty(t, cfg.num_heads, cfg.head_dim, dtype=x.dtype, device=x.device)
         torch.ops.tessera_toy.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], attn, self.layer_id)
@@ -99,7 +98,7 @@ class ToyModel(nn.Module):
 
     def __init__(self, cfg: ToyConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg = cfg or ToyConfig()
+        self.config = cfg = cfg or ToyConfig()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(ToyBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.eps)

@@ -11,8 +11,8 @@ import torch
 from tessera.loader import hf
 from tessera.loader.gguf_file import GGUFFile
 from tessera.loader.tokenizer import Tokenizer
-from tessera.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from tessera.models.llama import LlamaForCausalLM
+from tessera.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+from tessera.models.decoder import CausalLM
 
 logger = logging.getLogger("tessera")
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,9 +30,9 @@ def default_model_path() -> Path:
     return path
 
 
-def load(
+def load_model(
     model: str | Path | None, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
-) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
+) -> tuple[CausalLM, Tokenizer, ModelConfig]:
     """`load_format="dummy"`: the folder's config.json with seeded random weights (benchmarks of model
     shapes whose weights are not here); the folder's tokenizer, or the default model's."""
     path = default_model_path() if model is None else Path(model)
@@ -50,7 +50,7 @@ def load(
     if cfg.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {cfg.architecture}")
     with torch.device(device):
-        net = LlamaForCausalLM(cfg)
+        net = CausalLM(cfg)
     net.load_weights(weights)
     logger.info(
         "loaded %s: %d layers, hidden %d, %s on %s",
@@ -63,24 +63,22 @@ def load(
     return net.to(dtype).eval(), tokenizer, cfg
 
 
-def _dummy(
-    folder: Path, dtype: torch.dtype, device: torch.device
-) -> tuple[LlamaForCausalLM, Tokenizer, ModelConfig]:
+def _dummy(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, Tokenizer, ModelConfig]:
     if (folder / "tokenizer.json").exists():
         tokenizer = Tokenizer.from_folder(folder)
     else:
         logger.info("%s has no tokenizer.json: using the default model's tokenizer", folder)
         tokenizer = Tokenizer.from_gguf(GGUFFile(default_model_path()).field)
     net = dummy_model(folder, dtype, device)
-    return net, tokenizer, net.cfg
+    return net, tokenizer, net.config
 
 
-def dummy_model(folder: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def dummy_model(folder: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """The model of `folder`'s config.json with seeded random weights (no tokenizer needed)."""
     cfg = hf.read_config(folder)
     torch.manual_seed(0)
     with torch.device(device):
-        net = LlamaForCausalLM(cfg).to(dtype)
+        net = CausalLM(cfg).to(dtype)
     with torch.no_grad():
         for name, p in net.named_parameters():  # random, never zeros; small enough to stay finite
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)

@@ -1,0 +1,1 @@
+"""Benchmarks of tessera, run from the repository root as modules: `python -m benchmarks.NAME --help`."""

@@ -1,0 +1,67 @@
+"""EngineConfig: flat settings routed to the part that owns them, derived values, checks, and the CLI
+building the same config from its flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from tessera.cli import add_runner_flags, engine_config
+from tessera.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
+
+
+def test_flat_settings_go_to_the_part_that_owns_them() -> None:
+    config = EngineConfig.create("m.gguf", device="cpu", chunked_prefill_size=512, cuda_graph_max_bs=8)
+    assert config.model == "m.gguf" and config.device == "cpu"
+    assert config.scheduler == SchedulerConfig(chunked_prefill_size=512)
+    assert config.runner == RunnerConfig(cuda_graph_max_bs=8)
+    with pytest.raises(TypeError, match="unknown engine settings: page_sise"):
+        EngineConfig.create(page_sise=4)
+
+
+def test_derived_values_follow_what_they_derive_from() -> None:
+    config = EngineConfig.create(chunked_prefill_size=512, max_running_requests=32)
+    assert config.scheduler.token_budget == 512  # max_num_batched_tokens defaults to the chunk
+    assert dataclasses.replace(config.scheduler, chunked_prefill_size=64).token_budget == 64
+    assert config.decode_graph_max_bs == 32  # no decode batch outgrows the running limit
+    assert config.graph_max_tokens() == 512
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mem_fraction": 1.0}, "mem_fraction"),
+        ({"page_size": 0}, "page_size"),
+        ({"load_format": "npz"}, "load format"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"attention_backend": "flash"}, "attention backend"),
+        ({"piecewise_cuda_graph_strategy": "full"}, "strategy"),
+        ({"max_running_requests": 0}, "budgets"),
+    ],
+)
+def test_bad_settings_are_refused_up_front(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.create(**settings)
+
+
+def _flags(*argv: str) -> EngineConfig:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    add_runner_flags(parser)
+    return engine_config(parser.parse_args(argv))
+
+
+def test_the_cli_defaults_are_the_config_defaults() -> None:
+    assert _flags() == EngineConfig()
+
+
+def test_the_cli_builds_every_part_from_its_flags() -> None:
+    config = _flags(
+        "--model", "x", "--chunked-prefill-size", "256", "--page-size", "32",
+        "--piecewise-cuda-graph-tokens", "8", "16", "--disable-cuda-graph", "--max-running-requests", "4",
+    )  # fmt: skip
+    assert config.model == "x" and config.page_size == 32
+    assert config.scheduler.chunked_prefill_size == 256 and config.scheduler.max_running_requests == 4
+    assert config.runner.piecewise_cuda_graph_tokens == (8, 16) and config.runner.disable_cuda_graph
