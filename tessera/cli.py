@@ -109,34 +109,12 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The one place flags become an `EngineConfig` (generate and serve alike)."""
-    return EngineConfig(
-        model=None if args.model is None else str(args.model),
-        dtype=args.dtype,
-        device=args.device,
-        load_format=args.load_format,
-        page_size=args.page_size,
-        mem_fraction=args.mem_fraction,
-        scheduler=SchedulerConfig(
-            chunked_prefill_size=args.chunked_prefill_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_running_requests=args.max_running_requests,
-            disable_radix_cache=args.disable_radix_cache,
-        ),
-        runner=RunnerConfig(
-            disable_piecewise_cuda_graph=args.disable_piecewise_cuda_graph,
-            piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
-            piecewise_cuda_graph_tokens=tuple(args.piecewise_cuda_graph_tokens or ()) or None,
-            piecewise_cuda_graph_strategy=args.piecewise_cuda_graph_strategy,
-            piecewise_cuda_graph_compiler=args.piecewise_cuda_graph_compiler,
-            attention_backend=args.attention_backend,
-            moe_runner_backend=args.moe_runner_backend,
-            disable_cuda_graph=args.disable_cuda_graph,
-            cuda_graph_max_bs=args.cuda_graph_max_bs,
-            extend_cuda_graph_max_tokens=args.extend_cuda_graph_max_tokens,
-            extend_cuda_graph_max_seqs=args.extend_cuda_graph_max_seqs,
-        ),
-    )
+    """The one place flags become an `EngineConfig` (generate and serve alike): each flag is named after
+    the setting it sets."""
+    names = EngineConfig.setting_names()
+    settings = {k: v for k, v in vars(args).items() if k in names and k != "model"}
+    settings["piecewise_cuda_graph_tokens"] = tuple(args.piecewise_cuda_graph_tokens or ()) or None
+    return EngineConfig.create(None if args.model is None else str(args.model), **settings)
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -119,6 +119,13 @@ class EngineConfig:
             **settings,
         )
 
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        """Every flat setting `create` takes (the CLI's flags are named after them)."""
+        nested = {"scheduler", "runner"}
+        names = set(cls.__dataclass_fields__) - nested
+        return names | set(SchedulerConfig.__dataclass_fields__) | set(RunnerConfig.__dataclass_fields__)
+
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
