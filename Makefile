@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-PROMPT ?= The capital of France is
+# NOTE: a question, as `tessera generate` puts the prompt in the model's chat template; the 135M model
+# answers the fragment "The capital of France is" with unrelated text (`--raw` continues it instead)
+PROMPT ?= What is the capital of France?
 
 generate: setup
 	$(VENV)/bin/tessera generate --prompt "$(PROMPT)" --max-tokens 32

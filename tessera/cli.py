@@ -3,17 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
+
+from tessera import __version__
 from tessera.engine.config import DTYPES, LOAD_FORMATS, EngineConfig, RunnerConfig, SchedulerConfig
+
+if TYPE_CHECKING:
+    from tessera.engine.llm import RequestOutput
+    from tessera.engine.sampling import SamplingParams
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default model, as the server names it
+LOG_LEVELS = ("debug", "info", "warning", "error")
+logger = logging.getLogger("tessera")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each flag's default where it says something: not for switches, None or [], nor
+    where the help words the default itself (`--api-key`'s value would be a secret from the environment).
+    NOTE: not argparse's ArgumentDefaultsHelpFormatter, which skips every flag without a help text."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        worded = "default" in (action.help or "")
+        if action.nargs != 0 and action.default not in (None, [], argparse.SUPPRESS) and not worded:
+            action = copy.copy(action)  # the parser's own action keeps its help
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model", nargs="?", default=None,
+        help=f"a .gguf file or an HF model folder (default: the embedded {DEFAULT_MODEL_NAME})",
+    )  # fmt: skip
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", default=None, help="the model, as a flag")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text offline (default model: embedded SmolLM2-135M)")
-    p.add_argument("--model", default=None, help="a .gguf file or an HF model folder")
+    p = sub.add_parser(
+        "generate", help=f"generate text offline (default model: the embedded {DEFAULT_MODEL_NAME})",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
+    _model_flags(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -25,18 +64,28 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]; per time it is output")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0 (1: off); prompt and output")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    # NOTE: chat-templated by default: a chat model given a bare prompt runs on past its answer
+    p.add_argument(
+        "--no-chat", "--raw", dest="chat", action="store_false",
+        help="send each prompt as it is (default: in the model's chat template, if it has one)",
+    )  # fmt: skip
+    p.add_argument("--chat", dest="chat", action="store_true", help="the default, kept for old commands")
+    p.set_defaults(chat=True)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_runner_flags(p)
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    p.add_argument(
-        "model", nargs="?", default=None, help="a .gguf file or an HF model folder (default: SmolLM2)"
-    )
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=HelpFormatter)
+    _model_flags(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name in the API (default: its file name less .gguf, or its folder's name; "
+        f"{DEFAULT_MODEL_NAME} for the embedded model)",
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("TESSERA_API_KEY"),
@@ -45,18 +94,34 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_runner_flags(p)
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="the serving benchmark (the other benchmarks: python -m benchmarks.NAME in a source checkout)",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("which", choices=["serve"], help="`tessera bench serve --help` lists its flags")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
 def add_runner_flags(p: argparse.ArgumentParser) -> None:
     """Engine flags, spelled as SGLang spells them; defaults come from the config classes."""
     e, s, r = EngineConfig(), SchedulerConfig(), RunnerConfig()
-    p.add_argument("--dtype", default=None, choices=list(DTYPES))
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument(
+        "--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU"
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--load-format", choices=list(LOAD_FORMATS), default=e.load_format,
                    help="dummy: random weights for the folder's config.json (benchmarks)")  # fmt: skip
+    p.add_argument("--context-length", type=int, default=None,
+                   help="tokens of prompt and output together (default: the model's)")  # fmt: skip
+    p.add_argument("--chat-template", default=None, metavar="PATH",
+                   help="a jinja file to use instead of the model's chat template")  # fmt: skip
     g = p.add_argument_group("model runner")
     g.add_argument("--chunked-prefill-size", type=int, default=s.chunked_prefill_size)
     g.add_argument("--page-size", type=int, default=e.page_size)
-    g.add_argument("--mem-fraction", type=float, default=e.mem_fraction,
-                   help="of free GPU memory, for the KV cache")  # fmt: skip
+    g.add_argument("--mem-fraction-static", "--mem-fraction", dest="mem_fraction", type=float,
+                   default=e.mem_fraction, help="of free GPU memory, for the KV cache")  # fmt: skip
     g.add_argument("--disable-piecewise-cuda-graph", action="store_true")
     g.add_argument(
         "--piecewise-cuda-graph-max-tokens",
@@ -114,34 +179,96 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = EngineConfig.setting_names()
     settings = {k: v for k, v in vars(args).items() if k in names and k != "model"}
     settings["piecewise_cuda_graph_tokens"] = tuple(args.piecewise_cuda_graph_tokens or ()) or None
-    return EngineConfig.create(None if args.model is None else str(args.model), **settings)
+    model = _model(args)
+    return EngineConfig.create(None if model is None else str(model), **settings)
 
 
-def serve(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def _model(args: argparse.Namespace) -> str | None:
+    """The model, given positionally (every command) or as `--model` (generate's first spelling)."""
+    flag = getattr(args, "model_flag", None)
+    if args.model is not None and flag is not None and args.model != flag:
+        raise ValueError(f"two models given: {args.model} and --model {flag}")
+    return args.model if args.model is not None else flag
 
+
+def check_inputs(config: EngineConfig) -> None:
+    """What would otherwise fail deep in loading (or in the server's engine process) as a traceback,
+    checked before anything loads: the files named, and the device."""
+    from tessera.loader.model_loader import default_model_path
+
+    if config.model is None:
+        default_model_path()  # raises FileNotFoundError saying how to install it
+    elif not Path(config.model).exists():
+        raise FileNotFoundError(f"model {config.model} does not exist (a .gguf file or an HF model folder)")
+    if config.chat_template is not None and not Path(config.chat_template).is_file():
+        raise FileNotFoundError(f"chat template {config.chat_template} is not a file")
+    check_device(config.device)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this torch cannot use (`--device cuda` on a CPU-only build)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: cuda, cuda:N or cpu") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"unsupported device {device!r}: cuda, cuda:N or cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}, but this torch ({torch.__version__}) sees no GPU; try --device cpu"
+        )
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}, but there are {torch.cuda.device_count()} GPUs")
+
+
+def serve(args: argparse.Namespace, config: EngineConfig) -> None:
     import uvicorn
 
     from tessera.server.api import create_app
     from tessera.server.engine_loop import AsyncEngine
 
-    engine = AsyncEngine.start(engine_config(args))  # its own process (engine_worker.py)
-    name = Path(args.model).stem if args.model else "SmolLM2-135M-Instruct"
+    name = served_model_name(args, config)
+    engine = AsyncEngine.start(config)  # its own process (engine_worker.py)
     try:
         # NOTE: keep-alive longer than clients' usual pool expiry (httpx: 5 s), so a pooled connection
         # is never closed by the server just as a client reuses it (a spurious ReadError)
-        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level="info",
-                    timeout_keep_alive=30)  # fmt: skip
+        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port,
+                    log_level=args.log_level, timeout_keep_alive=30)  # fmt: skip
     finally:
         engine.shutdown()
 
 
-def generate(args: argparse.Namespace) -> None:
+def served_model_name(args: argparse.Namespace, config: EngineConfig) -> str:
+    """The name requests give: `--served-model-name`, else the model's file name less `.gguf` or its
+    folder's name (whole: `Qwen3-0.6B/` is no file with a suffix `.6B`)."""
+    if args.served_model_name or config.model is None:
+        return args.served_model_name or DEFAULT_MODEL_NAME
+    path = Path(config.model)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def generate(args: argparse.Namespace, config: EngineConfig) -> None:
     from tessera.engine.llm import LLM
+
+    llm = LLM(config=config)
+    chat = args.chat and llm.tokenizer.chat_template is not None
+    prompts = args.prompt
+    if chat:
+        logger.info("prompts go in the model's chat template (--raw: as they are)")
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    for original, out in zip(args.prompt, llm.generate(prompts, _sampling_params(args)), strict=True):
+        if args.json:
+            print(json.dumps(_record(original, out, llm.runner.graph_stats())))
+        else:
+            print(out.text if chat else f"{original}{out.text}")  # the answer alone, not the template
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     from tessera.engine.sampling import SamplingParams
 
-    llm = LLM(config=engine_config(args))
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -154,46 +281,45 @@ def generate(args: argparse.Namespace) -> None:
         frequency_penalty=args.frequency_penalty,
         repetition_penalty=args.repetition_penalty,
     )
-    prompts = args.prompt
-    if args.chat:
-        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    for original, out in zip(args.prompt, llm.generate(prompts, params), strict=True):
-        if args.json:
-            record = {
-                "prompt": original,
-                "text": out.text,
-                "token_ids": out.token_ids,
-                "prompt_token_ids": out.prompt_token_ids,
-                "finish_reason": out.finish_reason,
-                "logprobs": out.logprobs,
-                "graph_stats": llm.runner.graph_stats(),
-            }
-            print(json.dumps(record))
-        else:
-            print(f"{original}{out.text}" if not args.chat else out.text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="tessera", description="piecewise-CUDA-graph LLM engine")
+def _record(prompt: str, out: RequestOutput, graph_stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "text": out.text,
+        "token_ids": out.token_ids,
+        "prompt_token_ids": out.prompt_token_ids,
+        "finish_reason": out.finish_reason,
+        "logprobs": out.logprobs,
+        "graph_stats": graph_stats,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tessera", description="piecewise-CUDA-graph LLM engine", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _serve_parser(sub)
-    bench = sub.add_parser(
-        "bench",
-        help="the serving benchmark (the other benchmarks: python -m benchmarks.NAME in a source checkout)",
-    )
-    bench.add_argument("which", choices=["serve"], help="`tessera bench serve --help` lists its flags")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "bench":
         from tessera.bench import serve as bench_serve
 
         bench_serve.main(args.bench_args)
         return 0
     try:
-        (generate if args.command == "generate" else serve)(args)
+        config = engine_config(args)  # every setting checked, then the files and device: before loading
+        check_inputs(config)
+        (generate if args.command == "generate" else serve)(args, config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
         return 2

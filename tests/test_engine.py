@@ -140,6 +140,7 @@ def test_cli_generate_json() -> None:
             "--max-tokens",
             "3",
             "--json",
+            "--raw",  # a plain continuation, not the chat template's answer
         ],
         capture_output=True,
         text=True,
@@ -208,3 +209,16 @@ def test_dummy_weights_from_a_config_folder(tmp_path: Path) -> None:
     assert all(p.abs().sum() > 0 for p in dummy.model.parameters())
     out = dummy.generate(PROMPT, SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert len(out.token_ids) == 5
+
+
+def test_context_length_and_chat_template_overrides(tmp_path: Path) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    small = LLM(device="cpu", context_length=16, chat_template=str(template), cpu_kv_tokens=128)
+    assert small.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<<hi>>"
+    with pytest.raises(ValueError, match="the model's context is 16"):
+        small.generate(" ".join(["word"] * 20), SamplingParams(max_tokens=2))
+    out = small.generate(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 16
+    with pytest.raises(ValueError, match="exceeds the model's 8192"):
+        LLM(device="cpu", context_length=10**6)

@@ -22,7 +22,7 @@ ALLOWED = {
     "engine": {"graphs", "layers", "loader", "models", "model_config"},
     "server": {"engine", "loader"},
     "bench": {"server", "engine"},
-    "cli": {"engine", "server", "bench"},
+    "cli": {"engine", "server", "bench", "loader"},
     "__main__": {"cli"},
     "__init__": {"engine"},
 }

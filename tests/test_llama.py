@@ -212,13 +212,14 @@ def test_config_round_trips_through_hf(family: str) -> None:
 
 
 def test_bench_batches_replay_without_changing_the_sequences() -> None:
-    from benchmarks.step import make_batch
+    from benchmarks.step import make_batch, page_manager
 
     _, ours = hf_and_ours("LlamaForCausalLM")
     runner = _runner(ours).runner
-    extend = make_batch(runner, "extend", 13, 8)
+    kv = page_manager(runner)
+    extend = make_batch(runner, "extend", 13, 8, kv=kv)
     assert extend.input_ids.shape[0] == 13 and len(extend.seqs) == 8
-    decode = make_batch(runner, "decode", 3, 3, context=20)
+    decode = make_batch(runner, "decode", 3, 3, context=20, kv=kv)
     assert decode.metadata.kernel.max_q_len == 1
     assert [s.context_len for s in decode.metadata.seqs] == [20] * 3
     for batch in (extend, decode):
@@ -226,6 +227,9 @@ def test_bench_batches_replay_without_changing_the_sequences() -> None:
         first, again = runner.forward(batch), runner.forward(batch)
         torch.testing.assert_close(first, again, rtol=0, atol=0)
         assert [s.num_cached for s in batch.seqs] == cached
+        for seq in batch.seqs:
+            kv.release(seq, keep_prefix=False)
+    assert kv.num_free == kv.num_usable
 
 
 def test_hf_baseline_model_carries_our_weights() -> None:

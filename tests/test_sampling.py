@@ -52,7 +52,7 @@ def test_a_batch_samples_each_row_as_it_would_alone() -> None:
     def gens() -> list[torch.Generator | None]:
         return [None if p.greedy else torch.Generator().manual_seed(p.seed or 0) for p in params]
 
-    tokens, logprobs = sample_batch(logits, params, gens())
+    tokens, logprobs, _ = sample_batch(logits, params, gens())
     alone = [sample(row, p, g) for row, p, g in zip(logits, params, gens(), strict=True)]
     assert tokens == [t for t, _ in alone]
     assert logprobs == [lp for _, lp in alone]
@@ -84,7 +84,7 @@ def test_a_batch_penalizes_only_its_penalized_rows() -> None:
     params = [SamplingParams(), SamplingParams(presence_penalty=2.0)]
     params.append(SamplingParams(temperature=1.0, top_k=1))
     history = ([], [0])
-    tokens, _ = sample_batch(logits, params, [None, None, torch.Generator().manual_seed(0)], [history] * 3)
+    tokens, _, _ = sample_batch(logits, params, [None, None, torch.Generator().manual_seed(0)], [history] * 3)
     assert tokens == [0, 1, 0]
 
 
@@ -99,7 +99,7 @@ def test_banned_tokens_are_never_taken_and_logprobs_stay_the_models() -> None:
     params = [SamplingParams(), SamplingParams(temperature=1.0, seed=0)]
     gens = [None, torch.Generator().manual_seed(0)]
     for _ in range(50):
-        tokens, logprobs = sample_batch(logits, params, gens, banned=[(0,), (0, 1)])
+        tokens, logprobs, _ = sample_batch(logits, params, gens, banned=[(0,), (0, 1)])
         assert tokens[0] == 1 and tokens[1] not in (0, 1)
     assert math.isclose(logprobs[0], math.log(0.25), rel_tol=1e-5)
 

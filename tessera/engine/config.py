@@ -86,6 +86,8 @@ class EngineConfig:
     page_size: int = 16  # tokens per KV page
     mem_fraction: float = 0.8  # of the GPU memory free after loading, for the KV cache
     cpu_kv_tokens: int = 8192  # the KV cache's size on a CPU
+    context_length: int | None = None  # overrides the model's context length (None: the model's)
+    chat_template: str | None = None  # a jinja file overriding the tokenizer's chat template
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 
@@ -96,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"mem_fraction must be in (0, 1), got {self.mem_fraction}")
         if self.cpu_kv_tokens < 1:
             raise ValueError(f"cpu_kv_tokens must be >= 1, got {self.cpu_kv_tokens}")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {self.context_length}")
         _check_choice("load format", self.load_format, LOAD_FORMATS)
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, DTYPES)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,11 +17,12 @@ from tessera.engine.config import EngineConfig
 from tessera.engine.detokenize import output_text
 from tessera.engine.kv_manager import KVManager
 from tessera.engine.model_runner import ModelRunner
-from tessera.engine.sampling import SamplingParams, sample_batch
+from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
+from tessera.model_config import ModelConfig
 
 logger = logging.getLogger("tessera")
 STEP_PHASES = ("schedule", "forward", "sample", "update")
@@ -46,6 +48,10 @@ class Engine:
         self.model, self.tokenizer, self.model_config = load_model(
             config.model, config.torch_dtype, self.device, config.load_format
         )
+        if config.context_length is not None:
+            self.model_config = _with_context_length(self.model_config, config.context_length)
+        if config.chat_template is not None:
+            self.tokenizer = self.tokenizer.with_chat_template(Path(config.chat_template).read_text())
         pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages=pages)
         kv = KVManager(pages, config.page_size, prefix_cache=not config.scheduler.disable_radix_cache)
@@ -101,17 +107,19 @@ class Engine:
         t1 = clock()
         logits = self.runner.run(batch)
         t2 = clock()
-        tokens, logprobs = self._sample(logits, batch.samplers)
+        tokens, logprobs, tops = self._sample(logits, batch.samplers)
         t3 = clock()
-        advanced = self.scheduler.postprocess(batch, tokens, logprobs)
+        advanced = self.scheduler.postprocess(batch, tokens, logprobs, tops)
         self.steps += 1
         for phase, elapsed in zip(STEP_PHASES, (t1 - t0, t2 - t1, t3 - t2, clock() - t3), strict=True):
             seconds[phase] += elapsed
         return advanced
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> tuple[list[int], list[float], list[TopLogprobs]]:
         if not seqs:
-            return [], []
+            return [], [], []
         stops = self.scheduler.stops
         assert stops is not None
         histories = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
@@ -153,6 +161,14 @@ class Engine:
             logprobs=seq.output_logprobs[: len(ids)] if seq.params.logprobs else None,
             num_cached_tokens=seq.cached_prompt_tokens or 0,
         )
+
+
+def _with_context_length(mc: ModelConfig, n: int) -> ModelConfig:
+    """`--context-length`: at most the model's own, which sized its rotary table and the runner's page
+    table."""
+    if n > mc.max_position_embeddings:
+        raise ValueError(f"context length {n} exceeds the model's {mc.max_position_embeddings}")
+    return replace(mc, max_position_embeddings=n)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

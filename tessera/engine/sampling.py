@@ -1,11 +1,24 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p, per-request seeds, and
-presence / frequency (OpenAI's) and repetition (CTRL's, as vLLM and SGLang) penalties."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p, per-request seeds,
+presence / frequency (OpenAI's) and repetition (CTRL's, as vLLM and SGLang) penalties, and the most likely
+alternatives' log-probabilities (OpenAI's top_logprobs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+# NOTE: a temperature this small samples the argmax anyway, and dividing logits by a much smaller one
+# overflows to inf (NaN probabilities): one such request failed every request of its batch. vLLM's
+# threshold.
+GREEDY_BELOW = 1e-5
+# Penalized logits are clamped to this magnitude, so that dividing by any temperature >= GREEDY_BELOW
+# stays finite (a repetition penalty of 1e-300 made a positive logit inf).
+_LOGIT_BOUND = 1e30
+
+
+# a sampled token's most likely alternatives: ((token id, log-probability), ...), most likely first
+TopLogprobs = tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -21,6 +34,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # this many most likely tokens' log-probabilities with each sampled one
     presence_penalty: float = 0.0  # subtracted from a token's logit once it is in the output
     frequency_penalty: float = 0.0  # subtracted once for each time it is in the output
     repetition_penalty: float = 1.0  # divides a positive logit, multiplies a negative one, of a token in
@@ -42,6 +56,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -53,7 +69,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -67,7 +83,7 @@ def sample(
     history: tuple[list[int], list[int]] = ([], []),
 ) -> tuple[int, float]:
     """One token from one row of logits [V]; returns (token, its log-probability under the model)."""
-    tokens, logprobs = sample_batch(logits[None], [params], [generator], [history])
+    tokens, logprobs, _ = sample_batch(logits[None], [params], [generator], [history])
     return tokens[0], logprobs[0]
 
 
@@ -77,16 +93,20 @@ def sample_batch(
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,
     banned: list[tuple[int, ...]] | None = None,
-) -> tuple[list[int], list[float]]:
-    """A token for every row of logits [B, V], and its log-probability under the model (before any
-    penalty). `histories`: each row's (prompt, output) token ids, needed by rows with penalties;
+) -> tuple[list[int], list[float], list[TopLogprobs]]:
+    """A token for every row of logits [B, V], its log-probability under the model (before any
+    penalty), and the `top_logprobs` most likely alternatives of the rows that ask for them (`()` for
+    the others). `histories`: each row's (prompt, output) token ids, needed by rows with penalties;
     `banned`: token ids a row may not take now (EOS and stop tokens before `min_tokens`).
 
     Greedy rows take one batched argmax; only rows that sample or are penalized run their own code.
     Everything stays on the device until the one copy back at the end: a per-row `.item()` costs a sync
     each, which at a few hundred running requests was most of a decode step's host time."""
     tokens = torch.argmax(logits, dim=-1)
+    wants_top: list[int] = []  # rows that asked for top_logprobs
     for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if p.top_logprobs:
+            wants_top.append(i)
         ban = banned[i] if banned is not None else ()
         if p.plain and not ban:  # the common case: nothing per row (a view costs ~1 µs)
             continue
@@ -98,9 +118,25 @@ def sample_batch(
         if ban:
             row = row.float().index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
         tokens[i] = row.argmax() if p.greedy else _sample_row(row, p, gen)
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    all_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    logprobs = all_logprobs.gather(1, tokens[:, None])[:, 0]
     both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
-    return [int(t) for t in both[0]], both[1]
+    tops: list[TopLogprobs] = [()] * len(params)
+    if wants_top:
+        _top_logprobs(tops, all_logprobs, wants_top, [params[i].top_logprobs for i in wants_top])
+    return [int(t) for t in both[0]], both[1], tops
+
+
+def _top_logprobs(
+    tops: list[TopLogprobs], all_logprobs: torch.Tensor, rows: list[int], ks: list[int]
+) -> None:
+    """`tops[i]` for each row i in `rows`: its `ks[j]` most likely tokens. One top-k over those rows alone
+    and one more copy back, paid only by steps with such a row."""
+    k = min(max(ks), all_logprobs.shape[-1])
+    values, ids = all_logprobs[rows].topk(k, dim=-1)  # [R, k] each
+    both = torch.stack((ids.to(torch.float64), values.to(torch.float64))).tolist()  # ids exact below 2^53
+    for j, (i, want) in enumerate(zip(rows, ks, strict=True)):
+        tops[i] = tuple((int(t), v) for t, v in zip(both[0][j][:want], both[1][j][:want], strict=True))
 
 
 def _penalize(
@@ -118,7 +154,7 @@ def _penalize(
     if output and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(output, device=row.device), minlength=row.numel())[: row.numel()]
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-    return row
+    return row.clamp_(-_LOGIT_BOUND, _LOGIT_BOUND)
 
 
 def _sample_row(

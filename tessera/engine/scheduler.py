@@ -21,6 +21,7 @@ from collections import deque
 from tessera.engine.batch import ScheduledBatch
 from tessera.engine.config import SchedulerConfig
 from tessera.engine.kv_manager import KVManager
+from tessera.engine.sampling import TopLogprobs
 from tessera.engine.sequence import Sequence
 from tessera.engine.stopping import StopChecker
 
@@ -67,15 +68,23 @@ class Scheduler:
         """Take back a running sequence's last `k` tokens (outputs and KV; see KVManager.rollback)."""
         self.kv.rollback(seq, k)
 
-    def postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float]) -> list[Sequence]:
+    def postprocess(
+        self,
+        batch: ScheduledBatch,
+        tokens: list[int],
+        logprobs: list[float],
+        top_logprobs: list[TopLogprobs] | None = None,
+    ) -> list[Sequence]:
         """After the forward of `batch`: every scheduled token is cached now; each sampling sequence
-        takes its token, and one that stops is finished and its pages released (full pages of it to the
-        prefix cache). Returns the sequences that got a token."""
+        takes its token (with its log-probability, and its alternatives' where asked), and one that stops
+        is finished and its pages released (full pages of it to the prefix cache). Returns the sequences
+        that got a token."""
         for seq, n in batch.work:
             seq.num_cached += n
         advanced = batch.samplers
-        for seq, token, logprob in zip(advanced, tokens, logprobs, strict=True):
-            seq.append(token, logprob)
+        tops = top_logprobs or [()] * len(advanced)
+        for seq, token, logprob, top in zip(advanced, tokens, logprobs, tops, strict=True):
+            seq.append(token, logprob, top)
             reason = self._stop_reason(seq)
             if reason is not None:
                 seq.finish_reason = reason

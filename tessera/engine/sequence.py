@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from tessera.engine.sampling import SamplingParams
+from tessera.engine.sampling import SamplingParams, TopLogprobs
 
 _ids = itertools.count()
 
@@ -18,6 +18,7 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # if params.top_logprobs
     pages: list[int] = field(default_factory=list)
     prefix_nodes: list[Any] = field(default_factory=list)  # prefix-cache nodes whose pages lead `pages`
     num_cached: int = 0  # tokens whose K/V is in the cache
@@ -52,13 +53,19 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token: int, logprob: float) -> None:
+    def append(self, token: int, logprob: float, top: TopLogprobs = ()) -> None:
         self.output_token_ids.append(token)
         self.output_logprobs.append(logprob)
+        if self.params.top_logprobs:
+            self.output_top_logprobs.append(top)
 
     def truncate(self, num_tokens: int) -> None:
         """Keep the first `num_tokens` tokens (the prompt is never cut: see KVManager.rollback)."""
         outputs = num_tokens - len(self.prompt_token_ids)
         assert 0 <= outputs <= len(self.output_token_ids)
-        del self.output_token_ids[outputs:], self.output_logprobs[outputs:]
+        del (
+            self.output_token_ids[outputs:],
+            self.output_logprobs[outputs:],
+            self.output_top_logprobs[outputs:],
+        )
         self.detokenizer = None  # its window is past the new end: rebuilt on the next stop check

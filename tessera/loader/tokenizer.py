@@ -57,6 +57,10 @@ class Tokenizer:
             eos_token=self.eos_token or "",
         )
 
+    def with_chat_template(self, chat_template: str) -> Tokenizer:
+        """This tokenizer with another chat template (`--chat-template`)."""
+        return Tokenizer(self.tok, chat_template, self.bos_token, self.eos_token)
+
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer

@@ -1,5 +1,11 @@
 """The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (streaming or not),
-/v1/models, /health and Prometheus /metrics."""
+/v1/models, /health and Prometheus /metrics.
+
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and belongs to its own
+request: one request's bad text, parameters or length never fails another's. A request's work is bounded
+before it is done: its body size, its prompt's characters against the context (before tokenizing), its
+choices, stop strings and logprobs (`protocol.py`).
+"""
 
 from __future__ import annotations
 
@@ -8,59 +14,62 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
+from functools import cached_property
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tessera.engine.sampling import SamplingParams, TopLogprobs
 from tessera.loader.tokenizer import Tokenizer
 from tessera.server.engine_loop import AsyncEngine, Handle, Update
+from tessera.server.errors import ApiError, BodyLimit, error_response, install_error_handlers
 from tessera.server.metrics import metrics_response
 from tessera.server.protocol import ChatRequest, CompletionRequest
-from tessera.server.tokenize import BatchEncoder
+from tessera.server.tokenize import BatchEncoder, chars_per_token_bound
+
+# NOTE: enough for a long-context prompt many times over (128k tokens is ~0.5 MB of text, ~1 MB of ids);
+# a 50 MB body used to be parsed and tokenized whole (~57 s, ~1 GiB) before its length was refused.
+MAX_BODY_BYTES = 16 * 2**20
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: AsyncEngine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
     """The app over a started engine process (`AsyncEngine.start`); shutting the app down stops it.
-    With `api_key`, the /v1 routes want `Authorization: Bearer <api_key>` (/health and /metrics do not)."""
+    With `api_key`, the /v1 routes want `Authorization: Bearer <api_key>` (/health and /metrics do not).
+    Requests name `model_name` (or no model); a body over `max_body_bytes` is refused (413) unread."""
 
     encoder = BatchEncoder(engine.tokenizer)
+    prompts = _Prompts(engine, encoder)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def authorized(request: Request) -> None:
         if expected is not None:
             given = request.headers.get("authorization", "").encode()
             if not secrets.compare_digest(given, expected):
-                raise _Unauthorized
+                raise ApiError(401, "invalid or missing API key: send Authorization: Bearer <key>", None,
+                               kind="authentication_error")  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        _ = prompts.max_chars  # a pass over the vocabulary, done before the first request waits on it
         yield
         encoder.close()
         engine.shutdown()
 
     app = FastAPI(title="tessera", lifespan=lifespan)
-    app.state.engine = engine
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.engine, app.state.encoder = engine, encoder
+    install_error_handlers(app)
     v1 = [Depends(authorized)]
-
-    @app.exception_handler(_Unauthorized)
-    async def unauthorized(_: Request, __: _Unauthorized) -> JSONResponse:
-        return _error(401, "invalid or missing API key: send Authorization: Bearer <key>", None,
-                      kind="authentication_error")  # fmt: skip
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param)
 
     @app.get("/health")
     async def health() -> Response:
         if not engine.alive:
-            return _error(503, "the engine process is not running", None, kind="server_error")
+            return error_response(503, "the engine process is not running", None, kind="server_error")
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models", dependencies=v1)
@@ -73,69 +82,138 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        try:
-            params = [body.sampling(body.max_tokens, i, body.logprobs is not None) for i in range(body.n)]
-        except ValueError as exc:  # what pydantic cannot check alone (min_tokens > max_tokens)
-            return _error(400, str(exc), None)
-        if isinstance(body.prompt, str):
-            prompt_ids = await encoder.encode(body.prompt)
-        elif not all(0 <= t < engine.tokenizer.vocab_size for t in body.prompt):
-            return _error(400, f"prompt: token ids must be in [0, {engine.tokenizer.vocab_size})", "prompt")
-        else:
-            prompt_ids = list(body.prompt)
-        return await _serve(
-            app.state.engine, request, prompt_ids, params, body.stream, "text_completion", model_name
-        )
+        _check_model(body.model, model_name)
+        params = _params(body, prompts.vocab_size)
+        ids = await prompts.batch(body.prompt)
+        kind = "text_completion"
+        return await _serve(app.state.engine, request, ids, params, body.stream, kind, model_name)
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(body: ChatRequest, request: Request) -> Response:
+        _check_model(body.model, model_name)
+        params = _params(body, prompts.vocab_size)
+        prompts.check_chars(sum(len(m.content) for m in body.messages), "messages", "messages")
         try:
-            text = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+            text = engine.tokenizer.apply_chat_template([m.for_template() for m in body.messages])
         except Exception as exc:  # a template may reject a conversation (raise_exception)
-            return _error(400, f"messages: {exc}", "messages")
-        prompt_ids = await encoder.encode(text)
-        try:
-            params = [body.sampling(body.limit, i, body.logprobs) for i in range(body.n)]
-        except ValueError as exc:
-            return _error(400, str(exc), None)
-        return await _serve(
-            app.state.engine, request, prompt_ids, params, body.stream, "chat.completion", model_name
-        )
+            raise ApiError(400, f"messages: {exc}", "messages") from exc
+        ids = await prompts.tokens(text, "messages", "messages")
+        kind = "chat.completion"
+        return await _serve(app.state.engine, request, [ids], params, body.stream, kind, model_name)
 
     return app
 
 
-async def _serve(
-    engine: AsyncEngine, request: Request, prompt_ids: list[int], params: list, stream: bool, kind: str,
-    model: str,
-) -> Response:  # fmt: skip
-    handles: list[Handle] = []
+class _Prompts:
+    """Prompts to token ids within the model's context; too long is refused before any tokenizing."""
+
+    def __init__(self, engine: AsyncEngine, encoder: BatchEncoder) -> None:
+        self.engine, self.encoder = engine, encoder
+
+    @cached_property
+    def vocab_size(self) -> int:
+        return self.engine.tokenizer.vocab_size
+
+    @cached_property
+    def max_len(self) -> int | None:
+        return getattr(self.engine, "max_model_len", None)
+
+    @cached_property
+    def max_chars(self) -> int | None:
+        return None if self.max_len is None else self.max_len * chars_per_token_bound(self.engine.tokenizer)
+
+    def check_chars(self, chars: int, what: str, param: str) -> None:
+        if self.max_chars is not None and chars > self.max_chars:
+            limit = f"the model's context of {self.max_len} tokens"
+            message = f"{what} has {chars} characters, more than {limit} can hold"
+            raise ApiError(400, message, param, code="context_length_exceeded")
+
+    async def batch(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """A completions request's prompts, tokenized together; a refused one named by its index."""
+        names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
+        jobs = [self.tokens(p, what, "prompt") for p, what in zip(prompts, names, strict=True)]
+        return list(await asyncio.gather(*jobs))
+
+    async def tokens(self, prompt: str | list[int], what: str, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            self.check_chars(len(prompt), what, param)
+            try:
+                ids = await self.encoder.encode(prompt)
+            except Exception as exc:  # this prompt's alone (BatchEncoder), and not the client's fault
+                message = f"{what}: the tokenizer failed ({type(exc).__name__}: {exc})"
+                raise ApiError(500, message, param, kind="server_error") from exc
+        else:
+            _check_ids(prompt, self.vocab_size, param)
+            ids = list(prompt)
+        if self.max_len is not None and len(ids) >= self.max_len:  # the engine's own check, before it
+            raise ApiError(400, f"{what} has {len(ids)} tokens; the model's context is {self.max_len}",
+                           param, code="context_length_exceeded")  # fmt: skip
+        return ids
+
+
+def _check_model(asked: str | None, served: str) -> None:
+    if asked is not None and asked != served:
+        raise ApiError(404, f"the model `{asked}` does not exist; this server serves `{served}`", "model",
+                       code="model_not_found")  # fmt: skip
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    if not all(0 <= t < vocab_size for t in ids):
+        raise ApiError(400, f"{param}: token ids must be in [0, {vocab_size})", param)
+
+
+def _params(body: CompletionRequest | ChatRequest, vocab_size: int) -> list[SamplingParams]:
+    """The sampling parameters of each of a prompt's `n` choices."""
+    _check_ids(body.stop_token_ids or (), vocab_size, "stop_token_ids")
     try:
-        for p in params:
-            handles.append(await engine.submit(prompt_ids, p))
-    except ValueError as exc:
-        for h in handles:
-            engine.abort(h)
-        return _error(400, str(exc), "prompt")
-    except RuntimeError as exc:  # the engine process is gone
-        for h in handles:
-            engine.abort(h)
-        return _error(503, str(exc), None, kind="server_error")
+        return body.params()
+    except ValueError as exc:  # what pydantic cannot check alone (min_tokens > max_tokens)
+        field = str(exc).split()[0]
+        raise ApiError(400, str(exc), field if field in type(body).model_fields else None) from exc
+
+
+async def _serve(
+    engine: AsyncEngine, request: Request, prompts: list[list[int]], params: list[SamplingParams],
+    stream: bool, kind: str, model: str,
+) -> Response:  # fmt: skip
+    """Run every choice of every prompt: choice `index` is prompt * n + choice, as OpenAI numbers them."""
+    handles = await _submit(engine, prompts, params, "prompt" if kind == "text_completion" else "messages")
+    per_choice = [p for _ in prompts for p in params]
+    prompt_lens = [len(p) for p in prompts]
     rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if stream:
-        logprobs = [p.logprobs for p in params]
-        events = _stream(engine, handles, rid, created, kind, model, len(prompt_ids), logprobs)
+        events = _stream(engine, handles, rid, created, kind, model, prompt_lens, per_choice)
         return StreamingResponse(events, media_type="text/event-stream")
     finals = await _wait(engine, request, handles)
     if finals is None:
         return Response(status_code=499)
     if any(u.finish_reason == "error" for u in finals):
-        return _error(500, "the engine failed on this batch (see the server log)", None, kind="server_error")
-    choices = [_choice(kind, i, u, params[i].logprobs, engine.tokenizer) for i, u in enumerate(finals)]
-    usage = _usage(len(prompt_ids), finals)
+        message = "the engine failed on this batch (see the server log)"
+        return error_response(500, message, None, kind="server_error")
+    choices = [_choice(kind, i, u, per_choice[i], engine.tokenizer) for i, u in enumerate(finals)]
+    usage = _usage(prompt_lens, finals)
     return JSONResponse({"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
                          "usage": usage})  # fmt: skip
+
+
+async def _submit(
+    engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams], param: str
+) -> list[Handle]:
+    """All choices into the engine, or none: a refused one takes back the others."""
+    jobs = [engine.submit(ids, p) for ids in prompts for p in params]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    handles = [r for r in results if isinstance(r, Handle)]
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is None:
+        return handles
+    for h in handles:
+        engine.abort(h)
+    if isinstance(failed, ValueError):  # the engine's checks
+        raise ApiError(400, str(failed), param)
+    if isinstance(failed, RuntimeError):  # the engine process is gone
+        raise ApiError(503, str(failed), None, kind="server_error")
+    raise failed
 
 
 async def _final(handle: Handle) -> Update:
@@ -159,7 +237,7 @@ async def _wait(engine: AsyncEngine, request: Request, handles: list[Handle]) ->
 
 async def _stream(
     engine: AsyncEngine, handles: list[Handle], rid: str, created: int, kind: str, model: str,
-    prompt_len: int, logprobs: list[bool],
+    prompt_lens: list[int], params: list[SamplingParams],
 ) -> AsyncIterator[str]:  # fmt: skip
     sent = [""] * len(handles)
     finals: dict[int, Update] = {}
@@ -181,10 +259,11 @@ async def _stream(
                     choice["delta"] = {"content": delta} if delta else {}
                 else:
                     choice["text"] = delta
-                if logprobs[i]:  # this chunk's tokens
-                    choice["logprobs"] = _logprobs(kind, u.new_token_ids, u.new_logprobs, engine.tokenizer)
+                if params[i].logprobs:  # this chunk's tokens
+                    choice["logprobs"] = _logprobs(kind, u.new_token_ids, u.new_logprobs, u.new_top_logprobs,
+                                                   params[i], engine.tokenizer)  # fmt: skip
                 yield _sse(rid, created, model, chunk_kind, [choice])
-        usage = _usage(prompt_len, list(finals.values()))
+        usage = _usage(prompt_lens, [finals[i] for i in sorted(finals)])
         yield _sse(rid, created, model, chunk_kind, [], usage=usage)
         yield "data: [DONE]\n\n"
     finally:  # finished, or the client disconnected: abort whatever still runs
@@ -216,43 +295,57 @@ async def _updates(handles: list[Handle]) -> AsyncIterator[tuple[int, Update]]:
             future.cancel()
 
 
-def _choice(kind: str, index: int, u: Update, logprobs: bool, tokenizer: Tokenizer) -> dict[str, Any]:
-    lp = _logprobs(kind, u.token_ids[: len(u.logprobs)], u.logprobs, tokenizer) if logprobs else None
+def _choice(kind: str, index: int, u: Update, params: SamplingParams, tokenizer: Tokenizer) -> dict[str, Any]:
+    lp = None
+    if params.logprobs:
+        lp = _logprobs(kind, u.token_ids[: len(u.logprobs)], u.logprobs, u.top_logprobs, params, tokenizer)
     if kind == "text_completion":
         return {"index": index, "text": u.text, "logprobs": lp, "finish_reason": u.finish_reason}
     return {"index": index, "message": {"role": "assistant", "content": u.text}, "logprobs": lp,
             "finish_reason": u.finish_reason}  # fmt: skip
 
 
-def _logprobs(kind: str, ids: list[int], logprobs: list[float], tokenizer: Tokenizer) -> dict[str, Any]:
-    """The sampled tokens' log-probabilities in OpenAI's shape for `kind`, each token as its text."""
-    tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+def _logprobs(
+    kind: str,
+    ids: list[int],
+    logprobs: list[float],
+    top_logprobs: list[TopLogprobs],
+    params: SamplingParams,
+    tokenizer: Tokenizer,
+) -> dict[str, Any]:
+    """The sampled tokens' log-probabilities in OpenAI's shape for `kind`, each token as its text, with
+    the `params.top_logprobs` most likely alternatives at each (`top_logprobs`, one a token if asked)."""
+    tokens = [_spell(tokenizer, t) for t in ids]
+    alternatives = top_logprobs if params.top_logprobs else [()] * len(ids)
+    tops = [[(_spell(tokenizer, t), p) for t, p in top] for top in alternatives]
     if kind == "text_completion":
-        return {"tokens": tokens, "token_logprobs": logprobs}
-    return {"content": [{"token": t, "logprob": p, "bytes": list(t.encode()), "top_logprobs": []}
-                        for t, p in zip(tokens, logprobs, strict=True)]}  # fmt: skip
+        top_logprobs = [dict(top) for top in tops] if params.top_logprobs else None
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_logprobs}
+    return {"content": [{**_entry(t, p), "top_logprobs": [_entry(a, q) for a, q in top]}
+                        for t, p, top in zip(tokens, logprobs, tops, strict=True)]}  # fmt: skip
 
 
-def _usage(prompt_len: int, finals: list[Update]) -> dict[str, Any]:
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _spell(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _usage(prompt_lens: list[int], finals: list[Update]) -> dict[str, Any]:
+    """Usage of a request whose choices (`finals`, prompt-major) are `len(finals) // len(prompt_lens)` a
+    prompt; each prompt's tokens count once, however many choices it has (as OpenAI counts them)."""
+    n = len(finals) // max(len(prompt_lens), 1)
     completion = sum(len(u.token_ids) for u in finals)
-    return {
-        "prompt_tokens": prompt_len,
-        "completion_tokens": completion,
-        "total_tokens": prompt_len + completion,
-        # OpenAI's field for prompt caching: tokens of this prompt found in the prefix cache
-        "prompt_tokens_details": {"cached_tokens": max((u.cached_tokens for u in finals), default=0)},
-    }
+    # OpenAI's field for prompt caching: tokens of each prompt found in the prefix cache
+    cached = sum(max((u.cached_tokens for u in finals[j * n : (j + 1) * n]), default=0)
+                 for j in range(len(prompt_lens)))  # fmt: skip
+    prompt = sum(prompt_lens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
 def _sse(rid: str, created: int, model: str, kind: str, choices: list[dict[str, Any]], **extra: Any) -> str:
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
     return f"data: {json.dumps(body)}\n\n"
-
-
-class _Unauthorized(Exception):
-    """A /v1 request without the server's API key."""
-
-
-def _error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)

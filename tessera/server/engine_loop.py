@@ -22,7 +22,7 @@ from typing import Any
 
 from tessera.engine.config import EngineConfig
 from tessera.engine.detokenize import IncrementalDetokenizer
-from tessera.engine.sampling import SamplingParams
+from tessera.engine.sampling import SamplingParams, TopLogprobs
 from tessera.loader.tokenizer import Tokenizer
 from tessera.server import engine_worker
 
@@ -41,6 +41,9 @@ class Update:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     new_token_ids: list[int] = field(default_factory=list)  # since the previous update (streamed logprobs)
     new_logprobs: list[float] = field(default_factory=list)
+    # each token's most likely alternatives, where the request asked for top_logprobs (else empty)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    new_top_logprobs: list[TopLogprobs] = field(default_factory=list)
 
 
 class Handle:
@@ -51,6 +54,7 @@ class Handle:
         self._detok = IncrementalDetokenizer(tokenizer, params, eos)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[TopLogprobs] = []
         self.finish_reason: str | None = None
         self.cached_tokens = 0
         self._reported = 0  # tokens handed out by earlier updates
@@ -63,15 +67,19 @@ class Handle:
         text = self._detok.text(self.token_ids, final=done)
         # NOTE: no copy of the token lists on every update (it made a long stream quadratic); a finished
         # handle is never advanced again, so the final update can hand over its own lists
-        ids, logprobs = (self.token_ids, self.logprobs) if done else ([], [])
+        ids, logprobs, tops = (self.token_ids, self.logprobs, self.top_logprobs) if done else ([], [], [])
         new = slice(self._reported, len(self.logprobs))
         self._reported = new.stop
         return Update(text, ids, logprobs, self.finish_reason, self.cached_tokens, self.token_ids[new],
-                      self.logprobs[new])  # fmt: skip
+                      self.logprobs[new], tops, self.top_logprobs[new])  # fmt: skip
 
-    def _advance(self, token: int, logprob: float, finish_reason: str | None, cached: int) -> None:
+    def _advance(
+        self, token: int, logprob: float, top: TopLogprobs, finish_reason: str | None, cached: int
+    ) -> None:
         self.token_ids.append(token)
         self.logprobs.append(logprob)
+        if top:
+            self.top_logprobs.append(top)
         self.finish_reason, self.cached_tokens = finish_reason, cached
         self._changed.set()
 
@@ -85,6 +93,7 @@ class AsyncEngine:
         self._proc, self._inbox, self._outbox = proc, inbox, outbox
         self.tokenizer: Tokenizer = info["tokenizer"]
         self.eos_token_ids: tuple[int, ...] = info["eos_token_ids"]
+        self.max_model_len: int | None = info.get("max_model_len")  # None: a stand-in engine without one
         self.stats: dict[str, Any] = info["stats"]  # the engine's gauges, refreshed while it runs
         self.alive = True
         self._stopped = False
@@ -212,11 +221,11 @@ class AsyncEngine:
             kind = msg[0]
             if kind == "step":
                 self.generation_tokens += len(msg[1])
-                for rid, token, logprob, finish_reason, cached in msg[1]:
+                for rid, token, logprob, top, finish_reason, cached in msg[1]:
                     handle = self._handles.get(rid)
                     if handle is None:  # aborted here before the engine heard of it
                         continue
-                    handle._advance(token, logprob, finish_reason, cached)
+                    handle._advance(token, logprob, top, finish_reason, cached)
                     if finish_reason is not None:
                         del self._handles[rid]
                         self.requests["finished"] += 1

@@ -3,8 +3,9 @@
 The HTTP process talks to it over two pipes. In: `("add", rid, prompt_ids, params)`, `("abort", rid)`,
 `("fail_next_step", message)` (fault injection, for recovery tests) and `("stop",)`. Out: `("ready",
 info)` once the model is loaded and captured (or `("init_failed", traceback)`), then per step
-`("step", outputs, stats)` with one `(rid, token, logprob, finish_reason, cached_tokens)` per request
-that advanced, `("admitted", rids, rejected)` after new requests were queued, and `("failed", rids, message)`
+`("step", outputs, stats)` with one `(rid, token, logprob, top_logprobs, finish_reason, cached_tokens)`
+per request that advanced (`top_logprobs`: the most likely alternatives if the request asked for them,
+else `()`), `("admitted", rids, rejected)` after new requests were queued, and `("failed", rids, message)`
 when a step raised. Detokenization, stop-string cutting of the text, JSON and sockets all stay in the
 HTTP process: a thread there would share the GIL with this loop, and at a few hundred streams the
 HTTP side's per-token work was most of a decode step (tessera bench serve, H200).
@@ -94,7 +95,8 @@ class _Worker:
             if rid is None:
                 continue
             outputs.append(
-                (rid, seq.output_token_ids[-1], seq.output_logprobs[-1], seq.finish_reason,
+                (rid, seq.output_token_ids[-1], seq.output_logprobs[-1],
+                 seq.output_top_logprobs[-1] if seq.output_top_logprobs else (), seq.finish_reason,
                  seq.cached_prompt_tokens or 0)
             )  # fmt: skip
             if seq.finished:
@@ -120,6 +122,8 @@ def main(config: EngineConfig, log_level: int, inbox: Connection, outbox: Connec
     except BaseException:
         outbox.send(("init_failed", traceback.format_exc()))
         return
-    outbox.send(("ready", {**engine.info(), "stats": engine.stats()}))
+    # the context length lets the HTTP side refuse a prompt too long to fit before tokenizing it
+    ready = {**engine.info(), "max_model_len": engine.model_config.max_position_embeddings}
+    outbox.send(("ready", {**ready, "stats": engine.stats()}))
     with contextlib.suppress(EOFError, BrokenPipeError):  # the HTTP process went away
         _Worker(engine, inbox, outbox).run()
