@@ -189,6 +189,7 @@ def test_requests_beyond_the_kv_cache_are_preempted_and_every_page_comes_back(ll
     assert stats["preemptions"] >= 1  # recomputed, nothing lost:
     assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert stats["pages_cached"] > 0 and stats["pages_free"] + stats["pages_cached"] == capacity
+    assert stats["pages_evictable"] == stats["pages_cached"]  # no request holds them any more
     with pytest.raises(ValueError, match=r"needs \d+ KV tokens"):
         small.generate(PROMPT, SamplingParams(max_tokens=100))
     stats = small.stats()

@@ -207,3 +207,17 @@ def test_auto_experts_pick_by_rows_per_expert(tokens: int) -> None:
     chosen = "grouped_mm" if many and moe._grouped_mm_fast(x.device) else "triton"
     assert torch.equal(run["auto"], run[chosen])
     torch.testing.assert_close(run["triton"].float(), run["grouped_mm"].float(), rtol=3e-2, atol=3e-2)
+
+
+def test_grouped_mm_is_captured_only_where_torch_has_its_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch._grouped_mm outside bfloat16 on sm90/sm100 loops over the groups on the host, which no CUDA
+    graph captures (float32 MoE models failed at start-up): "auto" never picks it there."""
+    from tessera.layers import moe
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(moe, "_cutlass_grouped_mm", lambda device: True)
+    assert moe.grouped_mm_capture_safe(torch.bfloat16, cuda)
+    assert not moe.grouped_mm_capture_safe(torch.float32, cuda)
+    monkeypatch.setattr(moe, "_cutlass_grouped_mm", lambda device: False)
+    assert not moe.grouped_mm_capture_safe(torch.bfloat16, cuda)
+    assert moe.grouped_mm_capture_safe(torch.float32, torch.device("cpu"))

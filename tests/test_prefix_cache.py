@@ -78,3 +78,17 @@ def test_eviction_keeps_its_heap_bounded() -> None:
     for _ in range(500):  # every use pushes a fresh entry; stale ones must not pile up forever
         cache.release(cache.match([*tokens, 0]))
     assert len(cache._heap) <= 4 * cache.num_pages + 64
+
+
+def test_unreferenced_pages_are_counted_as_requests_come_and_go() -> None:
+    cache = _cache(pages=8)
+    cache.insert(list(range(12)), cache.pool.allocate(3))
+    assert cache.num_unreferenced == 3  # no request holds them: evictable
+    first = cache.match([*range(8), 50])  # two pages
+    second = cache.match([*range(4), 60])  # the first of them again
+    assert cache.num_unreferenced == 1
+    cache.release(first)
+    assert cache.num_unreferenced == 2  # page 0 still held by the second request
+    cache.release(second)
+    assert cache.num_unreferenced == cache.num_pages == 3
+    assert cache.evict(3) == 3 and cache.num_unreferenced == cache.num_pages == 0

@@ -118,10 +118,12 @@ class KVManager:
         del seq.pages[used:]
 
     def usage(self) -> dict[str, int | float]:
-        """Page counts for metrics and leak checks."""
+        """Page counts for metrics and leak checks: `pages_cached` are the prefix cache's, of which
+        `pages_evictable` no request uses (once every request is done, all of them)."""
         return {
             "pages_usable": self.num_usable,
             "pages_free": self.num_free,
             "pages_cached": self.num_cached,
+            "pages_evictable": self.cache.num_unreferenced if self.cache is not None else 0,
             "prefix_hit_rate": self.cache.hit_rate if self.cache is not None else 0.0,
         }

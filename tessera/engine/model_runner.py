@@ -102,15 +102,22 @@ class ModelRunner:
             return False
         if r.disable_piecewise_cuda_graph and r.disable_cuda_graph:
             return False
-        capture_safe = moe.CAPTURE_SAFE_ON_CUDA or r.moe_runner_backend == "grouped_mm"
-        if self.model_config.moe is not None and self.device.type == "cuda" and not capture_safe:
-            # NOTE: without Triton the experts run the reference loop, which reads per-expert counts on
-            # the host: no CUDA graph can capture that
+        moe_on_gpu = self.model_config.moe is not None and self.device.type == "cuda"
+        if moe_on_gpu and not self._experts_capture_safe():
             logger.warning(
-                "MoE without Triton: running without CUDA graphs (the expert loop is not capture-safe)"
+                "MoE experts (%s, %s) are not capture-safe here: running without CUDA graphs",
+                self.config.runner.moe_runner_backend,
+                str(self.dtype).removeprefix("torch."),
             )
             return False
         return True
+
+    def _experts_capture_safe(self) -> bool:
+        # NOTE: the reference expert loop (no Triton) reads per-expert counts on the host, and
+        # torch._grouped_mm does outside bfloat16 on sm90/sm100; "auto" avoids the latter by itself
+        if self.config.runner.moe_runner_backend == "grouped_mm":
+            return moe.grouped_mm_capture_safe(self.dtype, self.device)
+        return moe.CAPTURE_SAFE_ON_CUDA
 
     def _piecewise_wanted(self) -> bool:
         return not self.config.runner.disable_piecewise_cuda_graph

@@ -39,6 +39,9 @@ class PrefixCache:
         self.pool, self.page_size = pool, page_size
         self.root = _Node(page=-1, tokens=(), parent=None)
         self.num_pages = 0  # pages held by the tree
+        # of them, pages no request references: evictable, so free for a metric's purposes. (A node's
+        # parent is referenced whenever it is, since prefixes are matched from the root.)
+        self.num_unreferenced = 0
         self.hits = 0  # tokens served from the cache
         self.queries = 0  # tokens looked up
         self._heap: list[tuple[int, int, _Node]] = []  # (last_used, tie-break, node), some stale
@@ -57,6 +60,7 @@ class PrefixCache:
             node = child
         now = next(_clock)
         for n in nodes:
+            self.num_unreferenced -= n.refs == 0
             n.refs += 1
             n.last_used = now
         self.queries += len(tokens)
@@ -67,6 +71,7 @@ class PrefixCache:
         for n in nodes:
             assert n.refs > 0, "released a prefix node twice"
             n.refs -= 1
+            self.num_unreferenced += n.refs == 0
             self._offer(n)
 
     def insert(self, tokens: list[int], pages: list[int]) -> list[int]:
@@ -81,6 +86,7 @@ class PrefixCache:
                 child = _Node(page=pages[i], tokens=key, parent=node)
                 node.children[key] = child
                 self.num_pages += 1
+                self.num_unreferenced += 1
             elif child.page != pages[i]:
                 leftover.append(pages[i])
             child.last_used = now
@@ -101,6 +107,7 @@ class PrefixCache:
             leaf.parent = None
             self.pool.free([leaf.page])
             self.num_pages -= 1
+            self.num_unreferenced -= 1
             freed += 1
             self._offer(parent)  # it may have become a leaf
         return freed

@@ -82,8 +82,9 @@ def route(
     return weights.masked_fill(padded, 0.0), ids.masked_fill(padded, -1)
 
 
-# "auto": on a GPU, the Triton grouped GEMMs for small batches and torch._grouped_mm (Hopper, CUDA) for
-# large ones, the reference loop elsewhere; "triton", "grouped_mm": one of them always (both capture-safe)
+# "auto": on a GPU, the Triton grouped GEMMs for small batches and torch._grouped_mm (bfloat16 on Hopper
+# or sm100) for large ones, the reference loop elsewhere; "triton", "grouped_mm": one of them always
+# (capture-safe: Triton always, grouped_mm where `grouped_mm_capture_safe`)
 EXPERT_BACKENDS = ("auto", "triton", "grouped_mm")
 
 # NOTE: from `python -m benchmarks.moe_padding` (GPU time, graph replays, H200; benchmarks/results/
@@ -94,9 +95,17 @@ GROUPED_MM_MIN_ROWS_PER_EXPERT = 40
 
 
 @functools.cache
-def _grouped_mm_fast(device: torch.device) -> bool:
-    """torch._grouped_mm's CUTLASS kernels are Hopper's (sm90); elsewhere the Triton kernels stay."""
-    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
+def _cutlass_grouped_mm(device: torch.device) -> bool:
+    """Whether torch._grouped_mm has its CUTLASS kernels on this CUDA device (sm90 and sm100)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def grouped_mm_capture_safe(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the grouped_mm experts can be captured in a CUDA graph here. NOTE: torch._grouped_mm runs
+    its CUTLASS kernels for bfloat16 on sm90/sm100 only; any other dtype (float32 MoE models) or GPU takes
+    its fallback, a loop over the groups that reads their offsets on the host (`offs.cpu()`): a sync no
+    graph can capture, which failed every float32 MoE model's start-up."""
+    return device.type != "cuda" or (dtype == torch.bfloat16 and _cutlass_grouped_mm(device))
 
 
 class Experts(nn.Module):
@@ -138,7 +147,7 @@ def moe_experts(
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}: one of {', '.join(EXPERT_BACKENDS)}")
     if backend == "auto" and x.is_cuda and ids.numel() >= GROUPED_MM_MIN_ROWS_PER_EXPERT * gate_up.shape[0]:
-        backend = "grouped_mm" if _grouped_mm_fast(x.device) else backend
+        backend = "grouped_mm" if grouped_mm_capture_safe(gate_up.dtype, x.device) else backend
     if backend == "grouped_mm":
         return grouped_mm_experts(x, gate_up, down, weights, ids)
     if backend == "triton" and (fused_moe is None or not x.is_cuda):
