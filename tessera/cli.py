@@ -231,13 +231,30 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
 
     name = served_model_name(args, config)
     engine = AsyncEngine.start(config)  # its own process (engine_worker.py)
+    app = create_app(engine, name, args.api_key)
+    # NOTE: keep-alive longer than clients' usual pool expiry (httpx: 5 s), so a pooled connection
+    # is never closed by the server just as a client reuses it (a spurious ReadError). A Server of our
+    # own, not uvicorn.run: the engine's death must be able to stop it.
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    )
+
+    def stop() -> None:  # the engine died and its requests have failed: drain (bounded), then exit
+        server.config.timeout_graceful_shutdown = 10
+        server.should_exit = True
+
+    engine.on_death(stop)
     try:
-        # NOTE: keep-alive longer than clients' usual pool expiry (httpx: 5 s), so a pooled connection
-        # is never closed by the server just as a client reuses it (a spurious ReadError)
-        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port,
-                    log_level=args.log_level, timeout_keep_alive=30)  # fmt: skip
+        server.run()
+    except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C during shutdown
+        pass
     finally:
         engine.shutdown()
+    if engine.died:  # NOTE: a non-zero exit, so that a supervisor restarts the server
+        logger.error("tessera serve: the engine process died (exit code %s); exiting", engine.exit_code)
+        raise SystemExit(1)
+    if not server.started:  # as uvicorn.run: e.g. the app's startup failed
+        raise SystemExit(uvicorn.config.STARTUP_FAILURE)
 
 
 def served_model_name(args: argparse.Namespace, config: EngineConfig) -> str:

@@ -212,7 +212,13 @@ def test_models_health_and_metrics(server: tuple[str, AsyncEngine]) -> None:
         time.sleep(0.05)
     assert set(steps[1]) == {"schedule", "forward", "sample", "update"} and steps[1]["forward"] > 0
     # on a CPU every forward is eager, and counted as such
-    assert 'tessera_graph_eager_fallbacks_total{reason="disabled"}' in httpx.get(f"{url}/metrics").text
+    text = httpx.get(f"{url}/metrics").text
+    assert 'tessera_graph_eager_fallbacks_total{reason="disabled"}' in text
+    # idle: the prefix cache keeps pages, but none is in use (they are evictable, not a leak)
+    gauges = dict(line.split() for line in text.splitlines() if line.startswith("tessera_kv_cache"))
+    assert float(gauges["tessera_kv_cache_usage"]) == 0.0
+    assert float(gauges["tessera_kv_cache_prefix_usage"]) > 0
+    assert gauges["tessera_kv_cache_evictable_usage"] == gauges["tessera_kv_cache_prefix_usage"]
 
 
 def test_a_thousand_concurrent_short_requests(server: tuple[str, AsyncEngine]) -> None:

@@ -5,6 +5,9 @@ Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`
 request: one request's bad text, parameters or length never fails another's. A request's work is bounded
 before it is done: its body size, its prompt's characters against the context (before tokenizing), its
 choices, stop strings and logprobs (`protocol.py`).
+
+A request the engine fails (a failed step, or the engine process's death) gets a 500 in that shape, or,
+streaming, an `{"error": ...}` event that OpenAI's clients raise; it counts as `failed` in the metrics.
 """
 
 from __future__ import annotations
@@ -140,6 +143,7 @@ class _Prompts:
             try:
                 ids = await self.encoder.encode(prompt)
             except Exception as exc:  # this prompt's alone (BatchEncoder), and not the client's fault
+                self.engine.requests["failed"] += 1  # the server's failure: counted with the engine's
                 message = f"{what}: the tokenizer failed ({type(exc).__name__}: {exc})"
                 raise ApiError(500, message, param, kind="server_error") from exc
         else:
@@ -188,9 +192,9 @@ async def _serve(
     finals = await _wait(engine, request, handles)
     if finals is None:
         return Response(status_code=499)
-    if any(u.finish_reason == "error" for u in finals):
-        message = "the engine failed on this batch (see the server log)"
-        return error_response(500, message, None, kind="server_error")
+    failed = next((u for u in finals if u.finish_reason == "error"), None)
+    if failed is not None:
+        return error_response(500, failed.error or "the engine failed", None, kind="server_error")
     choices = [_choice(kind, i, u, per_choice[i], engine.tokenizer) for i, u in enumerate(finals)]
     usage = _usage(prompt_lens, finals)
     return JSONResponse({"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
@@ -248,6 +252,10 @@ async def _stream(
                 yield _sse(rid, created, model, chunk_kind, [{"index": i, "delta": {"role": "assistant"}}])
         async with aclosing(_updates(handles)) as updates:
             async for i, u in updates:
+                if u.finish_reason == "error":  # the other choices are aborted below
+                    yield _sse_error(u.error or "the engine failed")
+                    yield "data: [DONE]\n\n"
+                    return
                 delta, sent[i] = u.text[len(sent[i]) :], u.text
                 if u.finish_reason is not None:
                     finals[i] = u
@@ -348,4 +356,11 @@ def _usage(prompt_lens: list[int], finals: list[Update]) -> dict[str, Any]:
 
 def _sse(rid: str, created: int, model: str, kind: str, choices: list[dict[str, Any]], **extra: Any) -> str:
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _sse_error(message: str) -> str:
+    """A failure after the stream's 200 went out: OpenAI's error body as an event (vLLM sends the same);
+    the `openai` client raises `APIError` on a chunk with an `error` key."""
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
     return f"data: {json.dumps(body)}\n\n"

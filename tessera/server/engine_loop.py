@@ -6,6 +6,10 @@ pipe never stalls the event loop, and a reader thread hands everything that has 
 loop in one callback. Each request's tokens accumulate on its `Handle`; `Handle.next()` wakes once for
 any number of new tokens, so a stream that falls behind sends one chunk with all of them instead of
 falling further behind, while the engine steps on regardless.
+
+When the engine process dies (the reader sees the end of its pipe), every request in it fails, the
+running/waiting gauges drop to 0, the process is reaped, and the `on_death` callbacks run (`tessera
+serve` stops the server then, and exits 1 so that a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import multiprocessing as mp
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -27,6 +32,7 @@ from tessera.loader.tokenizer import Tokenizer
 from tessera.server import engine_worker
 
 logger = logging.getLogger("tessera")
+REAP_TIMEOUT_S = 30.0  # a dead engine's pipe closed; give its process this long to exit before killing it
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Update:
     token_ids: list[int]  # final update: all of them; before: empty
     logprobs: list[float]
     finish_reason: str | None  # "stop", "length", or "error" if the engine failed
+    error: str | None = None  # why the request failed (finish_reason "error")
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     new_token_ids: list[int] = field(default_factory=list)  # since the previous update (streamed logprobs)
     new_logprobs: list[float] = field(default_factory=list)
@@ -56,6 +63,7 @@ class Handle:
         self.logprobs: list[float] = []
         self.top_logprobs: list[TopLogprobs] = []
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.cached_tokens = 0
         self._reported = 0  # tokens handed out by earlier updates
         self._changed = asyncio.Event()
@@ -70,8 +78,8 @@ class Handle:
         ids, logprobs, tops = (self.token_ids, self.logprobs, self.top_logprobs) if done else ([], [], [])
         new = slice(self._reported, len(self.logprobs))
         self._reported = new.stop
-        return Update(text, ids, logprobs, self.finish_reason, self.cached_tokens, self.token_ids[new],
-                      self.logprobs[new], tops, self.top_logprobs[new])  # fmt: skip
+        return Update(text, ids, logprobs, self.finish_reason, self.error, self.cached_tokens,
+                      self.token_ids[new], self.logprobs[new], tops, self.top_logprobs[new])  # fmt: skip
 
     def _advance(
         self, token: int, logprob: float, top: TopLogprobs, finish_reason: str | None, cached: int
@@ -83,8 +91,8 @@ class Handle:
         self.finish_reason, self.cached_tokens = finish_reason, cached
         self._changed.set()
 
-    def _fail(self) -> None:
-        self.finish_reason = "error"
+    def _fail(self, error: str) -> None:
+        self.finish_reason, self.error = "error", error
         self._changed.set()
 
 
@@ -96,7 +104,11 @@ class AsyncEngine:
         self.max_model_len: int | None = info.get("max_model_len")  # None: a stand-in engine without one
         self.stats: dict[str, Any] = info["stats"]  # the engine's gauges, refreshed while it runs
         self.alive = True
+        self.died = False  # the process ended on its own (not by `shutdown`)
         self._stopped = False
+        self._lock = threading.Lock()  # `died` and its callbacks
+        self._reaping = threading.Lock()
+        self._on_death: list[Callable[[], None]] = []
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.requests = {"finished": 0, "aborted": 0, "failed": 0}
@@ -129,7 +141,11 @@ class AsyncEngine:
         while not out_recv.poll(1.0):  # loading and capturing; fail fast if the process died
             if not proc.is_alive():
                 raise RuntimeError(f"the engine process exited with code {proc.exitcode} while starting")
-        msg = out_recv.recv()
+        try:
+            msg = out_recv.recv()
+        except EOFError:  # it exited between the poll and the read
+            proc.join(timeout=10)
+            msg = ("init_failed", f"it exited with code {proc.exitcode}")
         if msg[0] != "ready":
             proc.join(timeout=10)
             raise RuntimeError(f"the engine process failed to start:\n{msg[1]}")
@@ -147,6 +163,8 @@ class AsyncEngine:
         admitted = self._loop.create_future()
         self._handles[rid], self._admissions[rid] = handle, admitted
         self._sendq.put(("add", rid, prompt_ids, params))
+        if not self.alive:  # NOTE: it died just now, maybe before the reader knew of this loop to say so
+            self._engine_gone("the engine process exited")
         try:
             await admitted
         except ValueError:
@@ -168,6 +186,15 @@ class AsyncEngine:
         """Fault injection: the engine's next step raises RuntimeError(message) (recovery tests)."""
         self._sendq.put(("fail_next_step", message))
 
+    def on_death(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the engine process has died on its own and been reaped, from the reader
+        thread (at once if it already has); its requests' failures are queued on the event loop by then."""
+        with self._lock:
+            if not self.died:
+                self._on_death.append(callback)
+                return
+        callback()
+
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop the engine process (once: the app's lifespan and `tessera serve` both call it)."""
         if self._stopped:
@@ -175,10 +202,12 @@ class AsyncEngine:
         self._stopped = True
         self._sendq.put(("stop",))
         self._sendq.put(None)
-        self._proc.join(timeout=timeout)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=5)
+        self._reap(timeout)
+
+    @property
+    def exit_code(self) -> int | None:
+        """The engine process's exit code once it has been reaped (negative: killed by that signal)."""
+        return self._proc.exitcode
 
     @property
     def num_running(self) -> int:
@@ -209,7 +238,33 @@ class AsyncEngine:
                 self._call(self._dispatch, batch)
         except (EOFError, OSError):
             self.alive = False
-            self._call(self._engine_gone)
+            if self._stopped:  # `shutdown` reaps it
+                self._call(self._engine_gone, "the server is shutting down")
+                return
+            self._died()
+
+    def _died(self) -> None:
+        # NOTE: gauges first: the engine reports no more, and its last report would stand forever
+        self.stats = {**self.stats, "num_running": 0, "num_waiting": 0, "has_work": False}
+        self._call(self._engine_gone, "the engine process exited")
+        self._reap(REAP_TIMEOUT_S)  # no <defunct> process left behind
+        logger.error("the engine process exited unexpectedly (exit code %s)", self.exit_code)
+        with self._lock:
+            self.died = True
+            callbacks = list(self._on_death)
+        for callback in callbacks:
+            callback()
+
+    def _reap(self, timeout: float) -> None:
+        # NOTE: one joiner at a time: two threads' waitpid on one child can leave one without its code
+        with self._reaping:
+            self._proc.join(timeout=timeout)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout=5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=5)
 
     def _call(self, fn: Any, *args: Any) -> None:
         loop = self._loop
@@ -239,17 +294,18 @@ class AsyncEngine:
                 for rid in msg[1]:
                     handle = self._handles.pop(rid, None)
                     if handle is not None:
-                        handle._fail()
+                        handle._fail("the engine failed on this batch (see the server log)")
                         self.requests["failed"] += 1
 
-    def _engine_gone(self) -> None:
-        if self._handles:
-            logger.error("the engine process exited; failing %d requests", len(self._handles))
+    def _engine_gone(self, reason: str) -> None:
+        if self._handles:  # NOTE: a warning: the death itself is logged as the error, with its exit code
+            logger.warning("%s; failing %d requests", reason, len(self._handles))
         for handle in self._handles.values():
-            handle._fail()
+            handle._fail(reason)
+        self.requests["failed"] += len(self._handles)
         self._handles.clear()
         for future in self._admissions.values():
-            _settle(future, RuntimeError("the engine process exited"))
+            _settle(future, RuntimeError(reason))
         self._admissions.clear()
 
 
