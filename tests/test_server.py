@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tessera.engine.config import EngineConfig
 from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
 from tessera.server.engine_loop import AsyncEngine
+
+from .server_harness import serving
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -26,23 +25,8 @@ PROMPT = "The capital of France is"
 def server() -> Iterator[tuple[str, AsyncEngine]]:
     from tessera.server.api import create_app
 
-    engine = AsyncEngine.start(EngineConfig(device="cpu"))  # the engine in its own process, as served
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(engine, "smollm2"), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=20)
-    engine.shutdown()
+    with serving(lambda engine: create_app(engine, "smollm2")) as (url, engine, _):  # the engine process
+        yield url, engine
     assert not engine._proc.is_alive()
 
 

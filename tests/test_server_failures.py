@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tessera.engine.config import EngineConfig
 from tessera.server.engine_loop import AsyncEngine
-from tests.test_server import _assert_all_pages_back
+
+from .server_harness import free_port, serving
+from .test_server import _assert_all_pages_back
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -33,33 +32,13 @@ LONG = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 
 FAILED = 'tessera_requests_total{outcome="failed"}'
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _serving() -> Iterator[tuple[str, AsyncEngine]]:
     """An engine process and the app over it, served in a thread on 127.0.0.1."""
     from tessera.server.api import create_app
 
-    engine = AsyncEngine.start(EngineConfig(device="cpu"))
-    port = _free_port()
-    config = uvicorn.Config(create_app(engine, "smollm2"), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    try:
-        yield f"http://127.0.0.1:{port}", engine
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=20)
-        engine.shutdown()
+    with serving(lambda engine: create_app(engine, "smollm2")) as (url, engine, _):
+        yield url, engine
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +94,9 @@ def test_a_failed_step_fails_its_requests_with_errors_and_the_server_serves_on(l
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
         assert _metric(url, FAILED) == failed + 2
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        ok = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=3)
+        ok = client.completions.create(
+            model="smollm2", prompt="The capital of France is", max_tokens=3, temperature=0
+        )
         assert ok.choices[0].text.startswith(" Paris")
         _assert_all_pages_back(engine)
 
@@ -164,7 +145,7 @@ def _engine_pid(pid: int) -> int:
 
 
 def test_tessera_serve_exits_non_zero_when_its_engine_dies(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "tessera", "serve", "--device", "cpu", "--port", str(port)]
     with log.open("w") as err:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +16,11 @@ import httpx
 import pytest
 import torch
 
-from tessera.engine.config import EngineConfig
 from tessera.engine.sampling import SamplingParams, sample_batch
 from tessera.server.engine_loop import AsyncEngine
 from tessera.server.tokenize import chars_per_token_bound
+
+from .server_harness import serving
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -56,22 +55,8 @@ class Server:
 def server() -> Iterator[Server]:
     from tessera.server.api import create_app
 
-    engine = AsyncEngine.start(EngineConfig(device="cpu"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(engine, MODEL, max_body_bytes=BODY_LIMIT)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield Server(f"http://127.0.0.1:{port}", engine, app)
-    srv.should_exit = True
-    thread.join(timeout=20)
-    engine.shutdown()
+    with serving(lambda engine: create_app(engine, MODEL, max_body_bytes=BODY_LIMIT)) as (url, engine, app):
+        yield Server(url, engine, app)
 
 
 @pytest.fixture
