@@ -291,3 +291,32 @@ def test_an_api_key_guards_the_v1_routes() -> None:
         assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 401
         ok = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "smollm2"
+
+
+def test_a_burst_of_streaming_and_plain_requests_mixed(server: tuple[str, AsyncEngine]) -> None:
+    """300 at once, every other one streamed: every one completes with all its tokens, and every KV page
+    comes back."""
+    import asyncio
+    import json
+
+    url, engine = server
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        body = {"prompt": f"{PROMPT} {i}", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        if i % 2 == 0:
+            r = await client.post(f"{url}/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["completion_tokens"]
+        async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return json.loads(events[-2])["usage"]["completion_tokens"]
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(300)))
+
+    assert asyncio.run(burst()) == [4] * 300
+    _assert_all_pages_back(engine)
