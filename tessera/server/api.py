@@ -13,7 +13,6 @@ streaming, an `{"error": ...}` event that OpenAI's clients raise; it counts as `
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 import uuid
@@ -25,8 +24,8 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tessera.engine.sampling import SamplingParams, TopLogprobs
-from tessera.loader.tokenizer import Tokenizer
+from tessera.engine.sampling import SamplingParams
+from tessera.server import responses
 from tessera.server.engine_loop import AsyncEngine, Handle, Update
 from tessera.server.errors import ApiError, BodyLimit, error_response, install_error_handlers
 from tessera.server.metrics import metrics_response
@@ -195,8 +194,8 @@ async def _serve(
     failed = next((u for u in finals if u.finish_reason == "error"), None)
     if failed is not None:
         return error_response(500, failed.error or "the engine failed", None, kind="server_error")
-    choices = [_choice(kind, i, u, per_choice[i], engine.tokenizer) for i, u in enumerate(finals)]
-    usage = _usage(prompt_lens, finals)
+    choices = [responses.choice(kind, i, u, per_choice[i], engine.tokenizer) for i, u in enumerate(finals)]
+    usage = responses.usage(prompt_lens, finals)
     return JSONResponse({"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
                          "usage": usage})  # fmt: skip
 
@@ -249,11 +248,12 @@ async def _stream(
     try:
         if kind == "chat.completion":
             for i in range(len(handles)):
-                yield _sse(rid, created, model, chunk_kind, [{"index": i, "delta": {"role": "assistant"}}])
+                first = {"index": i, "delta": {"role": "assistant"}}
+                yield responses.sse(rid, created, model, chunk_kind, [first])
         async with aclosing(_updates(handles)) as updates:
             async for i, u in updates:
                 if u.finish_reason == "error":  # the other choices are aborted below
-                    yield _sse_error(u.error or "the engine failed")
+                    yield responses.sse_error(u.error or "the engine failed")
                     yield "data: [DONE]\n\n"
                     return
                 delta, sent[i] = u.text[len(sent[i]) :], u.text
@@ -268,11 +268,12 @@ async def _stream(
                 else:
                     choice["text"] = delta
                 if params[i].logprobs:  # this chunk's tokens
-                    choice["logprobs"] = _logprobs(kind, u.new_token_ids, u.new_logprobs, u.new_top_logprobs,
-                                                   params[i], engine.tokenizer)  # fmt: skip
-                yield _sse(rid, created, model, chunk_kind, [choice])
-        usage = _usage(prompt_lens, [finals[i] for i in sorted(finals)])
-        yield _sse(rid, created, model, chunk_kind, [], usage=usage)
+                    choice["logprobs"] = responses.logprobs(
+                        kind, u.new_token_ids, u.new_logprobs, u.new_top_logprobs, params[i], engine.tokenizer
+                    )
+                yield responses.sse(rid, created, model, chunk_kind, [choice])
+        usage = responses.usage(prompt_lens, [finals[i] for i in sorted(finals)])
+        yield responses.sse(rid, created, model, chunk_kind, [], usage=usage)
         yield "data: [DONE]\n\n"
     finally:  # finished, or the client disconnected: abort whatever still runs
         for i, h in enumerate(handles):
@@ -301,66 +302,3 @@ async def _updates(handles: list[Handle]) -> AsyncIterator[tuple[int, Update]]:
     finally:
         for future in pending:
             future.cancel()
-
-
-def _choice(kind: str, index: int, u: Update, params: SamplingParams, tokenizer: Tokenizer) -> dict[str, Any]:
-    lp = None
-    if params.logprobs:
-        lp = _logprobs(kind, u.token_ids[: len(u.logprobs)], u.logprobs, u.top_logprobs, params, tokenizer)
-    if kind == "text_completion":
-        return {"index": index, "text": u.text, "logprobs": lp, "finish_reason": u.finish_reason}
-    return {"index": index, "message": {"role": "assistant", "content": u.text}, "logprobs": lp,
-            "finish_reason": u.finish_reason}  # fmt: skip
-
-
-def _logprobs(
-    kind: str,
-    ids: list[int],
-    logprobs: list[float],
-    top_logprobs: list[TopLogprobs],
-    params: SamplingParams,
-    tokenizer: Tokenizer,
-) -> dict[str, Any]:
-    """The sampled tokens' log-probabilities in OpenAI's shape for `kind`, each token as its text, with
-    the `params.top_logprobs` most likely alternatives at each (`top_logprobs`, one a token if asked)."""
-    tokens = [_spell(tokenizer, t) for t in ids]
-    alternatives = top_logprobs if params.top_logprobs else [()] * len(ids)
-    tops = [[(_spell(tokenizer, t), p) for t, p in top] for top in alternatives]
-    if kind == "text_completion":
-        top_logprobs = [dict(top) for top in tops] if params.top_logprobs else None
-        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_logprobs}
-    return {"content": [{**_entry(t, p), "top_logprobs": [_entry(a, q) for a, q in top]}
-                        for t, p, top in zip(tokens, logprobs, tops, strict=True)]}  # fmt: skip
-
-
-def _entry(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-
-def _spell(tokenizer: Tokenizer, token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False)
-
-
-def _usage(prompt_lens: list[int], finals: list[Update]) -> dict[str, Any]:
-    """Usage of a request whose choices (`finals`, prompt-major) are `len(finals) // len(prompt_lens)` a
-    prompt; each prompt's tokens count once, however many choices it has (as OpenAI counts them)."""
-    n = len(finals) // max(len(prompt_lens), 1)
-    completion = sum(len(u.token_ids) for u in finals)
-    # OpenAI's field for prompt caching: tokens of each prompt found in the prefix cache
-    cached = sum(max((u.cached_tokens for u in finals[j * n : (j + 1) * n]), default=0)
-                 for j in range(len(prompt_lens)))  # fmt: skip
-    prompt = sum(prompt_lens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
-
-
-def _sse(rid: str, created: int, model: str, kind: str, choices: list[dict[str, Any]], **extra: Any) -> str:
-    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
-    return f"data: {json.dumps(body)}\n\n"
-
-
-def _sse_error(message: str) -> str:
-    """A failure after the stream's 200 went out: OpenAI's error body as an event (vLLM sends the same);
-    the `openai` client raises `APIError` on a chunk with an `error` key."""
-    body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-    return f"data: {json.dumps(body)}\n\n"
