@@ -39,6 +39,7 @@ def test_derived_values_follow_what_they_derive_from() -> None:
         ({"attention_backend": "flash"}, "attention backend"),
         ({"piecewise_cuda_graph_strategy": "full"}, "strategy"),
         ({"max_running_requests": 0}, "budgets"),
+        ({"max_num_batched_tokens": 0}, "budgets"),
     ],
 )
 def test_bad_settings_are_refused_up_front(settings: dict[str, object], message: str) -> None:

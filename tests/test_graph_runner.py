@@ -132,6 +132,8 @@ def test_full_graphs_replay_their_caller_s_buffers_and_catch_padding_leaks(mixes
         return
     torch.testing.assert_close(full.run(descriptors[0], batch, 3), batch * 2)
     assert full.stats.sizes("full-decode") == {4: 1} and full.stats.padded_tokens == 1
+    with pytest.raises(ValueError, match="5 tokens cannot run"):
+        full.run(descriptors[0], torch.randn(5, 3), 5)
     with pytest.raises(ValueError, match="FULL descriptors only"):
         full.capture([BatchDescriptor(GraphMode.PIECEWISE, 4)])
 

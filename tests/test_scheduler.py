@@ -185,3 +185,24 @@ def test_postprocess_finishes_on_max_tokens_and_frees_the_pages() -> None:
     assert seq.output_token_ids == [7] and seq.output_logprobs == [-0.5] and not seq.finished
     s.postprocess(s.schedule(), [8], [-0.25])
     assert seq.finish_reason == "length" and not s.running and s.kv.num_free == 7
+
+
+def test_an_admission_that_waits_for_pages_counts_its_cache_hit_once() -> None:
+    s = _scheduler(8)  # 7 usable pages of 4 tokens
+    first = _seq(9, max_tokens=1)
+    s.add(first)
+    _drain(s)  # two full pages cached
+    hog = _seq(20, max_tokens=8, start=100)  # the other 5 pages, and more as it decodes
+    s.add(hog)
+    _step(s)
+    late = _seq(10, max_tokens=2)  # shares the two cached pages, needs a third: none is free
+    s.add(late)
+    cache = s.kv.cache
+    queries, hits = cache.queries, cache.hits
+    _step(s)
+    _step(s)
+    assert late in s.waiting and late.cached_prompt_tokens is None  # matched twice, admitted never
+    assert (cache.queries, cache.hits) == (queries, hits)
+    _drain(s)
+    assert cache.queries - queries == len(late.prompt_token_ids)  # counted once, on admission
+    assert cache.hits - hits == late.cached_prompt_tokens

@@ -34,7 +34,9 @@ class SchedulerConfig:
     def token_budget(self) -> int:
         """All tokens of one forward (derived here, not stored: `replace(config, chunked_prefill_size=n)`
         must move it too)."""
-        return self.max_num_batched_tokens or self.chunked_prefill_size
+        if self.max_num_batched_tokens is None:
+            return self.chunked_prefill_size
+        return self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)

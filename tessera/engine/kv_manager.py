@@ -68,8 +68,14 @@ class KVManager:
         seq.prefix_nodes = nodes
         seq.pages = [n.page for n in nodes]
         seq.num_cached = len(nodes) * self.page_size
-        if seq.cached_prompt_tokens is None:  # reported per request; a resumed preemption keeps the first
+
+    def admitted(self, seq: Sequence) -> None:
+        """`seq` runs from now on with the prefix it matched: count that in the hit rate, and report it
+        with the request (a resumed preemption keeps its first count)."""
+        if seq.cached_prompt_tokens is None:
             seq.cached_prompt_tokens = seq.num_cached
+        if self.cache is not None:
+            self.cache.record(seq.num_tokens, seq.num_cached)
 
     def reserve(self, seq: Sequence, n: int) -> bool:
         """Pages for `seq`'s next `n` tokens, evicting unshared cached prefixes if the pool runs dry.

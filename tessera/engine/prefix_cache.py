@@ -63,9 +63,13 @@ class PrefixCache:
             self.num_unreferenced -= n.refs == 0
             n.refs += 1
             n.last_used = now
-        self.queries += len(tokens)
-        self.hits += len(nodes) * self.page_size
         return nodes
+
+    def record(self, queried: int, hit: int) -> None:
+        """Count a request's lookup in the hit rate: once, when it is admitted (an admission that fails
+        for want of pages matches again on every step and must not count each time)."""
+        self.queries += queried
+        self.hits += hit
 
     def release(self, nodes: list[_Node]) -> None:
         for n in nodes:

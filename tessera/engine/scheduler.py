@@ -117,6 +117,7 @@ class Scheduler:
                 self.kv.release(seq, keep_prefix=False)
                 break
             self.waiting.popleft()
+            self.kv.admitted(seq)
             self.running.append(seq)
             work.append((seq, n))
             budget -= n

@@ -69,8 +69,10 @@ class FullGraphRunner:
     def run(self, descriptor: BatchDescriptor, batch: Any, num_real: int) -> torch.Tensor:
         """Stage `batch` (`num_real` tokens) for `descriptor`, replay its graph and return the first
         `num_real` rows of its output (graph memory: valid until the next replay)."""
+        graph = self.graphs.get(descriptor)
+        if graph is None or num_real > descriptor.num_tokens:
+            raise ValueError(f"{num_real} tokens cannot run as {descriptor} (captured: {graph is not None})")
         self.stage(descriptor, batch)
-        graph = self.graphs[descriptor]
         graph.replay()
         self.stats.record_replay(descriptor, num_real)
         out = self.outputs[descriptor]
