@@ -26,8 +26,7 @@ class RunnerDriver:
 
     def run(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Logits [len(work), vocab] of each sequence's last token run now."""
-        for seq, n in work:
-            assert self.kv_manager.reserve(seq, n), "test KV cache too small"
+        self._reserve(work)
         logits = self.runner.run(ScheduledBatch(work, list(range(len(work)))))
         for seq, n in work:
             seq.num_cached += n
@@ -35,9 +34,12 @@ class RunnerDriver:
 
     def batch(self, work: list[tuple[Sequence, int]]) -> Any:
         """The forward batch of `work` (pages reserved, nothing run)."""
+        self._reserve(work)
+        return build_batch(work, self.runner.page_size, self.runner.device)
+
+    def _reserve(self, work: list[tuple[Sequence, int]]) -> None:
         for seq, n in work:
             assert self.kv_manager.reserve(seq, n), "test KV cache too small"
-        return build_batch(work, self.runner.page_size, self.runner.device)
 
     def free(self, seq: Sequence) -> None:
         self.kv_manager.release(seq, keep_prefix=False)
