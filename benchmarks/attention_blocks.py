@@ -12,12 +12,11 @@ python -m benchmarks.attention_blocks [--out FILE]
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import ATTENTION_SHAPES, PAGE, graph_ms
+from benchmarks.common import ATTENTION_SHAPES, PAGE, graph_ms, write_json
 from tessera.layers import triton_attention
 from tessera.layers.triton_attention import paged_attention
 
@@ -86,8 +85,7 @@ def main() -> None:
                     print(f"{name:<13} T={tokens:<4} x{seqs} prefix {prefix:<4} {cells}", flush=True)
     triton_attention.SMALL_BLOCK_MAX_Q = default
     if args.out:
-        gpu = torch.cuda.get_device_name()
-        args.out.write_text(json.dumps({"benchmark": "attention-blocks", "gpu": gpu, "rows": rows}, indent=2))
+        write_json(args.out, {"benchmark": "attention-blocks", "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ python -m benchmarks.attention_mixed [--out FILE]
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import ATTENTION_SHAPES, PAGE, graph_ms
+from benchmarks.common import ATTENTION_SHAPES, PAGE, graph_ms, write_json
 from tessera.layers.triton_attention import paged_attention
 
 
@@ -80,7 +79,7 @@ def main() -> None:
               f"{ms['two_launches']:.3f} ({ms['one_launch'] / ms['two_launches']:.2f}x)  decodes alone "
               f"{ms['decodes_alone']:.3f}  chunk alone {ms['chunk_alone']:.3f}")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"benchmark": "attention-mixed", "gpu": gpu, "rows": rows}, indent=2))
+        write_json(args.out, {"benchmark": "attention-mixed", "rows": rows})
 
 
 if __name__ == "__main__":

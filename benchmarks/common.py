@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tessera.bench.provenance import provenance
+
 Step = Callable[[torch.Tensor], Any]
 
 # model configs (config.json only) whose weights are not here: random weights of these shapes
@@ -102,7 +104,8 @@ def host_us(fn: Callable[[], Any], iters: int = 200) -> float:
     return dt / iters * 1e6
 
 
-def write_json(path: Path, report: Any) -> None:
-    """`report` as indented JSON at `path` (its folder made if missing)."""
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """`report` as indented JSON at `path` (its folder made if missing), led by its `provenance()`
+    (keys the report sets itself win)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps({**provenance(), **report}, indent=2) + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import random
 import time
@@ -21,6 +20,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import write_json
 from tessera.bench.serve import free_port, make_prompts, run_load, summarize, wait_ready
 
 
@@ -133,9 +133,7 @@ def main() -> None:
     finally:
         server.kill()  # its engine child is a daemon: it goes with it
     if args.out:
-        args.out.write_text(
-            json.dumps({"benchmark": "frontend-load", "step_ms": args.step_ms, "rows": rows}, indent=2)
-        )
+        write_json(args.out, {"benchmark": "frontend-load", "step_ms": args.step_ms, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import write_json
+
 T, HEADS, HEAD_DIM, PIECE, BREAKS = 16, 9, 64, 27, 30
 # (stream the graph replays on, stream the eager kernels go to, how many)
 SCENARIOS = [
@@ -211,12 +213,10 @@ def main() -> None:
                 f"{r['whole_before_us']:7.1f} -> {r['whole_after_us']:7.1f} us  "
                 f"broken {r['broken_us']:7.1f} us ({r['per_break_us']:.2f} us a break)")  # fmt: skip
         print(line, flush=True)
-    report = {"benchmark": "graph-launch", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "kernels_per_piece": PIECE, "breaks": BREAKS, "edges_us": edge,
+    report = {"benchmark": "graph-launch", "kernels_per_piece": PIECE, "breaks": BREAKS, "edges_us": edge,
               "break_us_by_weights": by_weights, "state": rows}  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

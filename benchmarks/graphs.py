@@ -199,8 +199,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report = {
         "benchmark": "graphs",
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
         "model": {"kind": "toy transformer (SmolLM2-135M shapes)", **asdict(model.config)},
         "dtype": "bfloat16",
         "step_ms": {k: {str(n): round(v, 4) for n, v in r.items()} for k, r in results.items()},

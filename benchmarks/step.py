@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks import hf_baselines
-from benchmarks.common import CONFIGS, Step, kernel_floor, time_interleaved
+from benchmarks.common import CONFIGS, Step, kernel_floor, time_interleaved, write_json
 from tessera.engine.batch import ForwardBatch, build_batch
 from tessera.engine.config import EngineConfig, RunnerConfig
 from tessera.engine.kv_manager import KVManager
@@ -176,18 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.step needs a GPU")
-    report: dict[str, Any] = {
-        "benchmark": "step",
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "models": [],
-    }
+    report: dict[str, Any] = {"benchmark": "step", "models": []}
 
     def save(result: dict[str, Any]) -> None:
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
             done = [m for m in report["models"] if m is not result]
-            args.out.write_text(json.dumps({**report, "models": [*done, result]}, indent=2) + "\n")
+            write_json(args.out, {**report, "models": [*done, result]})
 
     variants = {
         **VARIANTS,

@@ -182,8 +182,7 @@ def main() -> None:
     p.add_argument("--host-profile", action="store_true", help="print a cProfile of each variant's steps")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "model": args.model, "cases": []}  # fmt: skip
+    report: dict[str, Any] = {"benchmark": "step-timeline", "model": args.model, "cases": []}
     steps = toy_steps(args) if args.model == "toy" else engine_steps(args)
     with torch.no_grad():
         for case, variant, step in steps:

@@ -204,7 +204,7 @@ def test_auto_experts_pick_by_rows_per_expert(tokens: int) -> None:
     weights = torch.rand(tokens, topk, generator=gen).cuda()
     run = {b: moe.moe_experts(x, gate_up, down, weights, ids, b) for b in moe.EXPERT_BACKENDS}
     many = tokens * topk >= moe.GROUPED_MM_MIN_ROWS_PER_EXPERT * num_experts
-    chosen = "grouped_mm" if many and moe._grouped_mm_fast(x.device) else "triton"
+    chosen = "grouped_mm" if many and moe.grouped_mm_capture_safe(gate_up.dtype, x.device) else "triton"
     assert torch.equal(run["auto"], run[chosen])
     torch.testing.assert_close(run["triton"].float(), run["grouped_mm"].float(), rtol=3e-2, atol=3e-2)
 

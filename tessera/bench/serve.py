@@ -30,6 +30,8 @@ from typing import Any
 
 import aiohttp
 
+from tessera.bench.provenance import provenance
+
 WORDS = ("graph", "piece", "replay", "token", "batch", "kernel", "attention", "layer", "cache", "page",
          "decode", "prefill", "stream")  # fmt: skip
 
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 print(_summary(report, f"{label}, concurrency {concurrency}"))
                 if args.out:  # after every run: a run cut short keeps what it measured
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    report_all = {"benchmark": "serve", "device": _device(), "runs": runs}
+                    report_all = {"benchmark": "serve", **provenance(), "runs": runs}
                     args.out.write_text(json.dumps(report_all, indent=2) + "\n")
     return runs
 
@@ -264,9 +266,3 @@ def _summary(r: dict[str, Any], label: str) -> str:
         f"TPOT median {r['tpot']['median_ms']:.1f} ms; {r['engine_steps']} engine steps, host ms a step: "
         + ", ".join(f"{k} {v:.2f}" for k, v in r["engine_step_ms"].items())
     )
-
-
-def _device() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
