@@ -5,7 +5,7 @@ prefix), DECODE, or both mixed in one batch — the attention metadata covers al
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,19 +23,36 @@ SPLIT_MIN_SHORT = 16
 class ScheduledBatch:
     """One forward's work: each sequence with how many of its uncached tokens run now. `sample_rows`:
     the rows whose sequence gets a token from this forward (its whole tail runs; a chunk of a longer
-    prompt does not), in order."""
+    prompt does not), in order. A sampling sequence with draft tokens is a verify: its row runs its last
+    token and the drafts, and each of those positions gets logits (`logits_rows`)."""
 
     work: list[tuple[Sequence, int]]
     sample_rows: list[int]
+    # per work row: how many draft tokens its decode may verify (pages and token budget reserved)
+    draft_room: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, work: list[tuple[Sequence, int]]) -> ScheduledBatch:
+    def of(cls, work: list[tuple[Sequence, int]], draft_room: list[int] | None = None) -> ScheduledBatch:
         rows = [i for i, (seq, n) in enumerate(work) if seq.num_cached + n == seq.num_tokens]
-        return cls(work, rows)
+        return cls(work, rows, draft_room or [0] * len(work))
+
+    @property
+    def proposal_seqs(self) -> list[Sequence]:
+        """The decodes with draft room, in the order `Scheduler.attach_drafts` takes drafts for them."""
+        return [seq for (seq, _), room in zip(self.work, self.draft_room, strict=True) if room]
 
     @property
     def samplers(self) -> list[Sequence]:
         return [self.work[i][0] for i in self.sample_rows]
+
+    @property
+    def logits_rows(self) -> list[int]:
+        """How many rows of logits each sampling sequence gets: 1, or 1 + its drafts for a verify."""
+        return [1 + len(self.work[i][0].draft_token_ids) for i in self.sample_rows]
+
+    @property
+    def verifies(self) -> bool:
+        return any(self.work[i][0].draft_token_ids for i in self.sample_rows)
 
     def __len__(self) -> int:
         return len(self.work)
@@ -69,8 +86,9 @@ def build_batch(work: list[tuple[Sequence, int]], page_size: int, device: torch.
         seq, n = work[i]
         start = seq.num_cached
         end = start + n
-        if n < 1 or end > seq.num_tokens:
-            raise ValueError(f"sequence {seq.id}: cannot run {n} tokens from {start} of {seq.num_tokens}")
+        total = seq.num_tokens + len(seq.draft_token_ids)  # a verify runs the draft tokens too
+        if n < 1 or end > total:
+            raise ValueError(f"sequence {seq.id}: cannot run {n} tokens from {start} of {total}")
         pages, used = seq.pages, -(-end // page_size)
         if used > len(pages):
             raise ValueError(f"sequence {seq.id} holds {len(pages)} KV pages, {used} needed for {end} tokens")

@@ -76,6 +76,79 @@ class RunnerConfig:
         _check_choice("MoE runner backend", self.moe_runner_backend, ("auto", "triton", "grouped_mm"))
 
 
+SPECULATIVE_ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE")
+DEFAULT_SPECULATIVE_STEPS = 3
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, in SGLang's spelling. A proposer drafts `num_steps` tokens per running
+    request (a chain: `num_draft_tokens` = steps + 1, the request's last token included), and one
+    target forward verifies them all. NGRAM: the continuation of the longest recent n-gram match in the
+    request's own tokens. STANDALONE: a draft model sharing the target's vocabulary, loaded from
+    `draft_model_path`, or the target's own first `draft_layers` layers (self-speculation, no extra
+    weights). EAGLE: a one-layer head over the target's hidden states, from `draft_model_path`."""
+
+    speculative_algorithm: str | None = None
+    speculative_num_steps: int | None = None  # default: DEFAULT_SPECULATIVE_STEPS
+    speculative_num_draft_tokens: int | None = None  # default: num_steps + 1
+    speculative_draft_model_path: str | None = None
+    speculative_draft_layers: int | None = None
+    speculative_ngram_min_match_window_size: int = 1
+    speculative_ngram_max_match_window_size: int = 12
+
+    def __post_init__(self) -> None:
+        algo, path, layers = self.algorithm, self.speculative_draft_model_path, self.speculative_draft_layers
+        if algo is None:
+            given = [f for f in ("speculative_num_steps", "speculative_num_draft_tokens",
+                                 "speculative_draft_model_path", "speculative_draft_layers")
+                     if getattr(self, f) is not None]  # fmt: skip
+            if given:
+                flags = ", ".join("--" + f.replace("_", "-") for f in given)
+                raise ValueError(
+                    f"{flags} need --speculative-algorithm ({', '.join(SPECULATIVE_ALGORITHMS)})"
+                )
+            return
+        _check_choice("speculative algorithm", algo, SPECULATIVE_ALGORITHMS)
+        steps, tokens = self.speculative_num_steps, self.speculative_num_draft_tokens
+        if steps is not None and tokens is not None and tokens != steps + 1:
+            raise ValueError(
+                f"--speculative-num-draft-tokens {tokens} must be --speculative-num-steps + 1 = {steps + 1} "
+                "(drafts are a chain: top-k 1)"
+            )
+        if not 1 <= self.num_steps <= 32:
+            raise ValueError(f"speculative steps must be in [1, 32], got {self.num_steps}")
+        if algo == "NGRAM" and (path is not None or layers is not None):
+            raise ValueError("NGRAM drafts from the request's own tokens: it takes no draft model or layers")
+        if algo == "STANDALONE" and (path is None) == (layers is None):
+            raise ValueError(
+                "STANDALONE needs a draft: --speculative-draft-model-path, or --speculative-draft-layers "
+                "to draft with the target's own first layers (not both)"
+            )
+        if algo == "EAGLE" and (path is None or layers is not None):
+            raise ValueError("EAGLE needs --speculative-draft-model-path (the head) and no draft layers")
+        if layers is not None and layers < 1:
+            raise ValueError(f"--speculative-draft-layers must be >= 1, got {layers}")
+        lo, hi = self.speculative_ngram_min_match_window_size, self.speculative_ngram_max_match_window_size
+        if not 1 <= lo <= hi:
+            raise ValueError(f"n-gram match windows need 1 <= min <= max, got {lo} and {hi}")
+
+    @property
+    def algorithm(self) -> str | None:
+        return self.speculative_algorithm.upper() if self.speculative_algorithm else None
+
+    @property
+    def num_steps(self) -> int:
+        """Draft tokens proposed per request and step (K); 0 without speculation."""
+        if self.algorithm is None:
+            return 0
+        if self.speculative_num_steps is not None:
+            return self.speculative_num_steps
+        if self.speculative_num_draft_tokens is not None:
+            return self.speculative_num_draft_tokens - 1
+        return DEFAULT_SPECULATIVE_STEPS
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from. `model`: a `.gguf` file or an HF folder (None: the embedded
@@ -92,6 +165,7 @@ class EngineConfig:
     chat_template: str | None = None  # a jinja file overriding the tokenizer's chat template
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -110,27 +184,26 @@ class EngineConfig:
     def create(cls, model: str | None = None, **settings: Any) -> EngineConfig:
         """An `EngineConfig` from flat keyword arguments, each going to whichever of the engine, scheduler
         or runner settings has a field of that name (`LLM(path, chunked_prefill_size=512, device="cpu")`)."""
-        nested: dict[str, dict[str, Any]] = {"scheduler": {}, "runner": {}}
+        parts = {"scheduler": SchedulerConfig, "runner": RunnerConfig, "speculative": SpeculativeConfig}
+        nested: dict[str, dict[str, Any]] = {part: {} for part in parts}
         for key in list(settings):
-            for part, kind in (("scheduler", SchedulerConfig), ("runner", RunnerConfig)):
+            for part, kind in parts.items():
                 if key in kind.__dataclass_fields__:
                     nested[part][key] = settings.pop(key)
         unknown = set(settings) - set(cls.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown engine settings: {', '.join(sorted(unknown))}")
-        return cls(
-            model=model,
-            scheduler=replace(settings.pop("scheduler", SchedulerConfig()), **nested["scheduler"]),
-            runner=replace(settings.pop("runner", RunnerConfig()), **nested["runner"]),
-            **settings,
-        )
+        for part, kind in parts.items():
+            settings[part] = replace(settings.get(part, kind()), **nested[part])
+        return cls(model=model, **settings)
 
     @classmethod
     def setting_names(cls) -> set[str]:
         """Every flat setting `create` takes (the CLI's flags are named after them)."""
-        nested = {"scheduler", "runner"}
-        names = set(cls.__dataclass_fields__) - nested
-        return names | set(SchedulerConfig.__dataclass_fields__) | set(RunnerConfig.__dataclass_fields__)
+        names = set(cls.__dataclass_fields__) - {"scheduler", "runner", "speculative"}
+        for kind in (SchedulerConfig, RunnerConfig, SpeculativeConfig):
+            names |= set(kind.__dataclass_fields__)
+        return names
 
     @property
     def torch_device(self) -> torch.device:

@@ -20,12 +20,14 @@ from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
+from tessera.engine.speculative import Proposer
+from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
 from tessera.model_config import ModelConfig
 
 logger = logging.getLogger("tessera")
-STEP_PHASES = ("schedule", "forward", "sample", "update")
+STEP_PHASES = ("schedule", "propose", "forward", "sample", "update")
 
 
 @dataclass
@@ -57,11 +59,28 @@ class Engine:
         kv = KVManager(pages, config.page_size, prefix_cache=not config.scheduler.disable_radix_cache)
         mc = self.model_config
         stops = StopChecker(self.tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
-        self.scheduler = Scheduler(config.scheduler, kv, stops)
-        # Host seconds of every step, by phase: schedule; forward (building the batch and launching
-        # its work, asynchronous on a GPU); sample (which waits for the GPU to finish); update.
+        spec = config.speculative
+        self.scheduler = Scheduler(config.scheduler, kv, stops, lookahead=spec.num_steps)
+        self.proposer = self._proposer()
+        # accepted draft tokens per verify: [verifies that accepted 0, 1, ..., K]
+        self.spec_accepted = [0] * (spec.num_steps + 1)
+        # Host seconds of every step, by phase: schedule; propose (drafting); forward (building the
+        # batch and launching its work, asynchronous on a GPU); sample (which waits for the GPU to
+        # finish); update.
         self.steps = 0
         self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
+
+    def _proposer(self) -> Proposer | None:
+        spec = self.config.speculative
+        if spec.algorithm == "NGRAM":
+            from tessera.engine.speculative.ngram import NgramProposer
+
+            return NgramProposer(
+                spec.speculative_ngram_min_match_window_size, spec.speculative_ngram_max_match_window_size
+            )
+        if spec.algorithm is not None:
+            raise NotImplementedError(f"speculative algorithm {spec.algorithm} is not built yet")
+        return None
 
     def _num_pages(self) -> int:
         """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU."""
@@ -105,13 +124,26 @@ class Engine:
         if not batch:
             raise RuntimeError("the scheduler found nothing it could run (KV cache too small?)")
         t1 = clock()
-        logits = self.runner.run(batch)
+        if self.proposer is not None and any(batch.draft_room):
+            rooms = [room for room in batch.draft_room if room]
+            self.scheduler.attach_drafts(batch, self.proposer.propose(batch.proposal_seqs, rooms))
         t2 = clock()
-        tokens, logprobs, tops = self._sample(logits, batch.samplers)
+        logits = self.runner.run(batch)
         t3 = clock()
-        advanced = self.scheduler.postprocess(batch, tokens, logprobs, tops)
+        if batch.verifies:
+            verified = verify_batch(logits, batch.samplers, self.scheduler.stops)
+            for seq, v in zip(batch.samplers, verified, strict=True):
+                if seq.draft_token_ids:
+                    self.spec_accepted[len(v.tokens) - 1] += 1
+            t4 = clock()
+            advanced = self.scheduler.postprocess_verified(batch, verified)
+        else:
+            tokens, logprobs, tops = self._sample(logits, batch.samplers)
+            t4 = clock()
+            advanced = self.scheduler.postprocess(batch, tokens, logprobs, tops)
         self.steps += 1
-        for phase, elapsed in zip(STEP_PHASES, (t1 - t0, t2 - t1, t3 - t2, clock() - t3), strict=True):
+        times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
+        for phase, elapsed in zip(STEP_PHASES, times, strict=True):
             seconds[phase] += elapsed
         return advanced
 
@@ -139,6 +171,7 @@ class Engine:
             "graphs": self.runner.graph_stats(),
             "steps": self.steps,
             "step_seconds": dict(self.step_seconds),
+            "spec_accepted": list(self.spec_accepted),
         }
 
     def info(self) -> dict[str, Any]:

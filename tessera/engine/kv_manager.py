@@ -123,6 +123,13 @@ class KVManager:
         self.pool.free(seq.pages[used:])
         del seq.pages[used:]
 
+    def trim(self, seq: Sequence) -> None:
+        """Return the pages past `seq`'s cached tokens to the pool: after a verify, those that held only
+        rejected draft tokens (never shared prefix pages: those hold committed tokens)."""
+        used = max(self.pages_for(seq.num_cached), len(seq.prefix_nodes))
+        self.pool.free(seq.pages[used:])
+        del seq.pages[used:]
+
     def usage(self) -> dict[str, int | float]:
         """Page counts for metrics and leak checks: `pages_cached` are the prefix cache's, of which
         `pages_evictable` no request uses (once every request is done, all of them)."""

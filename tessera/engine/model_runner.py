@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,10 +203,18 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Forward a scheduled batch -> logits [len(batch.sample_rows), vocab] in float32."""
+        """Forward a scheduled batch -> logits [sum(batch.logits_rows), vocab] in float32: one row per
+        sampling sequence, 1 + K per verify."""
         forward_batch = build_batch(batch.work, self.page_size, self.device)
         rows = batch.sample_rows
-        if len(rows) < len(batch.work):
+        if batch.verifies:  # every verified position's logits: the last 1 + K rows of each verify
+            counts = np.array(batch.logits_rows, dtype=np.int64)
+            t = forward_batch.input_ids.shape[0]
+            last = forward_batch.host[3 * t : 3 * t + len(batch.work)][rows]
+            first = np.repeat(last - counts + 1, counts)
+            offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            forward_batch.logits_indices = torch.from_numpy(first + offset).to(self.device)
+        elif len(rows) < len(batch.work):
             forward_batch.logits_indices = forward_batch.logits_indices[
                 torch.tensor(rows, dtype=torch.long, device=self.device)
             ]

@@ -21,6 +21,17 @@ _LOGIT_BOUND = 1e30
 TopLogprobs = tuple[tuple[int, float], ...]
 
 
+@dataclass
+class Verified:
+    """What one sampling sequence takes from a forward: one token, or for a verify its accepted draft
+    tokens and then the target's own (so len(tokens) - 1 drafts were accepted); each token's
+    log-probability under the model, and its alternatives where asked (`()` otherwise)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    tops: list[TopLogprobs]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -114,7 +125,7 @@ def sample_batch(
         if p.penalized:
             if histories is None:
                 raise ValueError("penalties need each row's prompt and output token ids (histories)")
-            row = _penalize(row, p, *histories[i])
+            row = penalize(row, p, *histories[i])
         if ban:
             row = row.float().index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
         tokens[i] = row.argmax() if p.greedy else _sample_row(row, p, gen)
@@ -123,13 +134,11 @@ def sample_batch(
     both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
     tops: list[TopLogprobs] = [()] * len(params)
     if wants_top:
-        _top_logprobs(tops, all_logprobs, wants_top, [params[i].top_logprobs for i in wants_top])
+        top_logprobs(tops, all_logprobs, wants_top, [params[i].top_logprobs for i in wants_top])
     return [int(t) for t in both[0]], both[1], tops
 
 
-def _top_logprobs(
-    tops: list[TopLogprobs], all_logprobs: torch.Tensor, rows: list[int], ks: list[int]
-) -> None:
+def top_logprobs(tops: list[TopLogprobs], all_logprobs: torch.Tensor, rows: list[int], ks: list[int]) -> None:
     """`tops[i]` for each row i in `rows`: its `ks[j]` most likely tokens. One top-k over those rows alone
     and one more copy back, paid only by steps with such a row."""
     k = min(max(ks), all_logprobs.shape[-1])
@@ -139,7 +148,7 @@ def _top_logprobs(
         tops[i] = tuple((int(t), v) for t, v in zip(both[0][j][:want], both[1][j][:want], strict=True))
 
 
-def _penalize(
+def penalize(
     logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]
 ) -> torch.Tensor:
     """One row's logits [V] (float32) with the penalties applied. NOTE: the history goes to the device on
@@ -160,15 +169,21 @@ def _penalize(
 def _sample_row(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator)[0]
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampling (temperature > 0) row draws from: logits [..., V] (penalties and bans
+    applied already) through temperature, top-k, min-p and top-p, normalized."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_k:
-        kth = torch.topk(probs, min(params.top_k, probs.numel())).values[-1]
+        kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[..., -1:]
         probs = torch.where(probs < kth, 0.0, probs)
     if params.min_p:
-        probs = torch.where(probs < params.min_p * probs.max(), 0.0, probs)
+        probs = torch.where(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0, probs)
     if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # NOTE: keep the smallest prefix whose mass reaches top_p (the top token always survives)
-        drop = sorted_probs.cumsum(0) - sorted_probs > params.top_p * sorted_probs.sum()
-        probs = probs.scatter(0, order[drop], 0.0)
-    return torch.multinomial(probs / probs.sum(), 1, generator=generator)[0]
+        drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p * sorted_probs.sum(-1, keepdim=True)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs / probs.sum(-1, keepdim=True)

@@ -11,6 +11,12 @@ recomputed later — nothing is lost.
 The scheduler owns its sequences' state: `schedule()` reserves their pages, `postprocess()` advances
 them after the forward (cached length, outputs, stops, finishing and freeing), `rollback()` takes back
 tokens. Nothing else writes to a sequence.
+
+Speculative decoding (`lookahead` > 0): a decode may verify up to `lookahead` draft tokens, so the
+scheduler reserves pages and token budget for them (`ScheduledBatch.draft_room`); a proposer drafts,
+`attach_drafts` turns the decodes into verifies, and `postprocess_verified` takes each verify's accepted
+tokens (stopping exactly where decoding one token at a time would have) and gives back the pages that
+held only rejected ones.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections import deque
 from tessera.engine.batch import ScheduledBatch
 from tessera.engine.config import SchedulerConfig
 from tessera.engine.kv_manager import KVManager
-from tessera.engine.sampling import TopLogprobs
+from tessera.engine.sampling import TopLogprobs, Verified
 from tessera.engine.sequence import Sequence
 from tessera.engine.stopping import StopChecker
 
@@ -29,10 +35,12 @@ logger = logging.getLogger("tessera")
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVManager, stops: StopChecker | None = None) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVManager, stops: StopChecker | None = None, lookahead: int = 0
+    ) -> None:
         """`stops`: when a sampled token ends its request (None: only `max_tokens` does, for tests that
-        drive the scheduler without a model)."""
-        self.config, self.kv, self.stops = config, kv, stops
+        drive the scheduler without a model). `lookahead`: draft tokens a decode may verify a step."""
+        self.config, self.kv, self.stops, self.lookahead = config, kv, stops, lookahead
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -84,13 +92,59 @@ class Scheduler:
         advanced = batch.samplers
         tops = top_logprobs or [()] * len(advanced)
         for seq, token, logprob, top in zip(advanced, tokens, logprobs, tops, strict=True):
-            seq.append(token, logprob, top)
-            reason = self._stop_reason(seq)
-            if reason is not None:
-                seq.finish_reason = reason
-                self.running.remove(seq)
-                self.kv.release(seq, keep_prefix=True)
+            if self._take(seq, token, logprob, top):
+                self._finish(seq)
         return advanced
+
+    def attach_drafts(self, batch: ScheduledBatch, drafts: list[list[int]]) -> None:
+        """Give the decodes of `batch` that have draft room (in `batch.draft_room`'s order) their draft
+        tokens, at most their room each: those decodes become verifies."""
+        rows = [i for i, room in enumerate(batch.draft_room) if room]
+        for i, tokens in zip(rows, drafts, strict=True):
+            (seq, n), room = batch.work[i], batch.draft_room[i]
+            if len(tokens) > room:
+                raise ValueError(f"{len(tokens)} drafts for sequence {seq.id}, room for {room}")
+            seq.draft_token_ids = list(tokens)
+            batch.work[i] = (seq, n + len(tokens))
+
+    def postprocess_verified(self, batch: ScheduledBatch, verified: list[Verified]) -> list[Sequence]:
+        """`postprocess` for a batch with verifies: each sampling sequence takes its tokens in order (the
+        accepted drafts, then the target's own), up to the first that stops it. A verify's K/V stays for
+        the positions whose token it kept — its last token and the accepted drafts — and the pages past
+        them go back to the pool."""
+        for seq, n in batch.work:
+            if not seq.draft_token_ids:
+                seq.num_cached += n
+        advanced = batch.samplers
+        for seq, v in zip(advanced, verified, strict=True):
+            drafted, start = len(seq.draft_token_ids), seq.num_cached
+            if drafted:
+                seq.spec_verifies += 1
+                seq.spec_accepted += len(v.tokens) - 1
+                seq.draft_token_ids = []
+            stopped = False
+            for token, logprob, top in zip(v.tokens, v.logprobs, v.tops, strict=True):
+                if self._take(seq, token, logprob, top):
+                    stopped = True
+                    break
+            if drafted:
+                # the K/V of its last token and the accepted drafts, of the tokens it kept
+                seq.num_cached = min(start + len(v.tokens), seq.num_tokens)
+            if stopped:
+                self._finish(seq)
+            elif drafted:
+                self.kv.trim(seq)
+        return advanced
+
+    def _take(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs) -> bool:
+        """Append a token to `seq`; True if it stops there (its finish reason set)."""
+        seq.append(token, logprob, top)
+        seq.finish_reason = self._stop_reason(seq)
+        return seq.finish_reason is not None
+
+    def _finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq, keep_prefix=True)
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         if self.stops is not None:
@@ -100,14 +154,17 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget, prefill = self.config.token_budget, self.config.chunked_prefill_size
         work: list[tuple[Sequence, int]] = []
+        room: list[int] = []
         self._preempted = set()
         for seq in list(self.running):
             if seq in self._preempted:  # preempted to make room for an older one
                 continue
             n = self._tokens(seq, budget, prefill)
-            if n and self._reserve(seq, n, preempt_newer_than=seq):
+            k = min(self._draft_room(seq), budget - 1) if n == 1 and seq.uncached == 1 else 0
+            if n and self._reserve(seq, n + k, preempt_newer_than=seq):
                 work.append((seq, n))
-                budget -= n
+                room.append(k)
+                budget -= n + k
                 prefill -= n if n > 1 else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]
@@ -120,9 +177,20 @@ class Scheduler:
             self.kv.admitted(seq)
             self.running.append(seq)
             work.append((seq, n))
+            room.append(0)
             budget -= n
             prefill -= n if n > 1 else 0
-        return ScheduledBatch.of(work)
+        return ScheduledBatch.of(work, room)
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """Draft tokens a decode of `seq` may verify: `lookahead`, but none it could never keep (past
+        `max_tokens`, or past the model's context)."""
+        if not self.lookahead:
+            return 0
+        left = seq.params.max_tokens - len(seq.output_token_ids) - 1
+        if self.stops is not None:
+            left = min(left, self.stops.max_model_len - seq.num_tokens)
+        return max(0, min(self.lookahead, left))
 
     def _tokens(self, seq: Sequence, budget: int, prefill: int) -> int:
         tail = seq.uncached

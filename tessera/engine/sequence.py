@@ -22,6 +22,11 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     prefix_nodes: list[Any] = field(default_factory=list)  # prefix-cache nodes whose pages lead `pages`
     num_cached: int = 0  # tokens whose K/V is in the cache
+    # speculative decoding: the tokens proposed for this step's verify (they follow the last token, and
+    # are no output until the target accepts them); verifies run and draft tokens accepted so far
+    draft_token_ids: list[int] = field(default_factory=list)
+    spec_verifies: int = 0
+    spec_accepted: int = 0
     cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
     finish_reason: str | None = None
     generator: Any = None  # torch.Generator of a seeded request
@@ -32,7 +37,10 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     def tokens(self, start: int, end: int) -> list[int]:
-        """token_ids[start:end] without building the whole list."""
+        """token_ids[start:end] without building the whole list; past the last token, the draft tokens."""
+        total = self.num_tokens
+        if end > total:
+            return self.tokens(start, total) + self.draft_token_ids[: end - total]
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]

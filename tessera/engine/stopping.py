@@ -23,10 +23,11 @@ class StopChecker:
             return "length"
         return None
 
-    def banned(self, seq: Sequence) -> tuple[int, ...]:
-        """Tokens `seq` may not sample now: its EOS and stop tokens until it has `min_tokens`."""
+    def banned(self, seq: Sequence, ahead: int = 0) -> tuple[int, ...]:
+        """Tokens `seq` may not sample now (or, in a verify, `ahead` tokens from now): its EOS and stop
+        tokens until it has `min_tokens`."""
         p = seq.params
-        if len(seq.output_token_ids) >= p.min_tokens:
+        if len(seq.output_token_ids) + ahead >= p.min_tokens:
             return ()
         return p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
 

@@ -1,0 +1,120 @@
+"""Which draft tokens a verify accepts, so that the output is what decoding one token at a time gives.
+
+A verify's rows of logits are the target's distributions at its last token and after each draft token,
+each computed as if the drafts before it were accepted. Row j is sampled exactly as a plain decode
+would sample it there (penalties over the output with the first j drafts appended, `min_tokens` bans
+counted from there, temperature, top-k/p, min-p).
+
+- Greedy: the drafts are accepted while each equals the target's choice; the target's choice at the
+  first mismatch (or after the last draft) follows. The output is token for token the plain decode's.
+- Sampling: speculative rejection sampling (Leviathan et al., 2023; Chen et al., 2023). The proposers
+  here draft deterministically, so the draft distribution q is a point mass at the draft token d:
+  d is accepted with probability min(1, p(d) / q(d)) = p(d), and at the first rejection a token is drawn
+  from the residual max(p - q, 0), which is p without d, renormalized. Every emitted token is then
+  distributed as p, the plain sampler's distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tessera.engine.sampling import (
+    TopLogprobs,
+    Verified,
+    penalize,
+    probabilities,
+    top_logprobs,
+)
+from tessera.engine.sequence import Sequence
+from tessera.engine.stopping import StopChecker
+
+
+def verify_batch(logits: torch.Tensor, seqs: list[Sequence], stops: StopChecker | None) -> list[Verified]:
+    """Each sampling sequence's tokens from its rows of `logits` [sum(1 + drafts), V] (float32): one row
+    for a plain decode or prefill end, 1 + K for a verify of K drafts, in `seqs`' order."""
+    counts = [1 + len(s.draft_token_ids) for s in seqs]
+    banned = [stops.banned(s) if stops is not None else () for s in seqs]
+    all_logprobs = torch.log_softmax(logits, dim=-1)
+    simple = all(s.params.plain and not ban for s, ban in zip(seqs, banned, strict=True))
+    if simple:  # greedy, no penalty, no ban within the window: one argmax for the whole batch
+        choices = torch.argmax(logits, dim=-1)
+    else:
+        choices = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        start = 0
+        for seq, n in zip(seqs, counts, strict=True):
+            choices[start : start + n] = _choose(logits[start : start + n], seq, stops)
+            start += n
+    chosen_logprobs = all_logprobs.gather(1, choices[:, None])[:, 0]
+    both = torch.stack((choices.to(torch.float64), chosen_logprobs.to(torch.float64))).tolist()
+    tokens, logprobs = [int(t) for t in both[0]], both[1]
+    out: list[Verified] = []
+    start = 0
+    for seq, n in zip(seqs, counts, strict=True):
+        drafts = seq.draft_token_ids
+        a = 0
+        while a < n - 1 and tokens[start + a] == drafts[a]:
+            a += 1
+        rows = range(start, start + a + 1)
+        out.append(Verified([tokens[r] for r in rows], [logprobs[r] for r in rows], [()] * (a + 1)))
+        start += n
+    _fill_top_logprobs(out, seqs, counts, all_logprobs)
+    return out
+
+
+def _choose(rows: torch.Tensor, seq: Sequence, stops: StopChecker | None) -> torch.Tensor:
+    """One sequence's choice at each of its rows [n, V]: the token a plain decode would emit there.
+    Greedy rows: the argmax after penalties and bans. Sampling rows: at a row whose draft is accepted
+    (probability p(d)), the draft itself; at the first rejection, a draw from p without the draft; after
+    the last draft, a draw from p. (Rows past the first rejection are never emitted.)"""
+    p, drafts = seq.params, seq.draft_token_ids
+    processed = rows
+    if p.penalized or stops is not None:
+        processed = rows.clone()
+        for j in range(rows.shape[0]):
+            row = rows[j]
+            if p.penalized:
+                row = penalize(row, p, seq.prompt_token_ids, seq.output_token_ids + drafts[:j])
+            ban = stops.banned(seq, ahead=j) if stops is not None else ()
+            if ban:
+                row = row.index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
+            processed[j] = row
+    if p.greedy:
+        return processed.argmax(dim=-1)
+    probs = probabilities(processed, p)  # [n, V]
+    n, gen = rows.shape[0], seq.generator
+    draft_ids = torch.tensor(drafts, dtype=torch.long, device=rows.device)
+    choice = torch.multinomial(probs[n - 1 :], 1, generator=gen)[:, 0]  # after the last draft
+    if not drafts:
+        return choice
+    uniform = torch.rand(n - 1, generator=gen, device=rows.device)
+    accept = uniform < probs[:-1].gather(1, draft_ids[:, None])[:, 0]
+    # the residual at every draft row (only the first rejected one is used): p without its draft
+    residual = probs[:-1].scatter(1, draft_ids[:, None], 0.0)
+    mass = residual.sum(-1, keepdim=True)
+    # NOTE: a row whose draft holds all the mass (p(d) = 1) always accepts; its residual is never drawn
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), probs[:-1])
+    redraw = torch.multinomial(residual, 1, generator=gen)[:, 0]
+    return torch.cat((torch.where(accept, draft_ids, redraw), choice))
+
+
+def _fill_top_logprobs(
+    out: list[Verified], seqs: list[Sequence], counts: list[int], all_logprobs: torch.Tensor
+) -> None:
+    """The alternatives of every emitted token of the sequences that asked for them."""
+    rows: list[int] = []
+    ks: list[int] = []
+    start = 0
+    for v, seq, n in zip(out, seqs, counts, strict=True):
+        if seq.params.top_logprobs:
+            rows += range(start, start + len(v.tokens))
+            ks += [seq.params.top_logprobs] * len(v.tokens)
+        start += n
+    if not rows:
+        return
+    tops: list[TopLogprobs] = [()] * all_logprobs.shape[0]
+    top_logprobs(tops, all_logprobs, rows, ks)
+    start = 0
+    for v, seq, n in zip(out, seqs, counts, strict=True):
+        if seq.params.top_logprobs:
+            v.tops = tops[start : start + len(v.tokens)]
+        start += n
