@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tessera import __version__
-from tessera.engine.config import DTYPES, LOAD_FORMATS, EngineConfig, RunnerConfig, SchedulerConfig
+from tessera.engine.config import (
+    DTYPES,
+    LOAD_FORMATS,
+    SPECULATIVE_ALGORITHMS,
+    EngineConfig,
+    RunnerConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 
 if TYPE_CHECKING:
     from tessera.engine.llm import RequestOutput
@@ -171,6 +179,33 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
         help="MoE experts: auto = on a GPU the Triton grouped GEMMs, torch._grouped_mm for large batches on "
         "Hopper (reference loop on a CPU); triton, grouped_mm = always that one",
     )
+    _speculative_flags(p)
+
+
+def _speculative_flags(p: argparse.ArgumentParser) -> None:
+    spec = SpeculativeConfig()
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument(
+        "--speculative-algorithm", type=str.upper, choices=list(SPECULATIVE_ALGORITHMS), default=None,
+        help="NGRAM: drafts from the request's own tokens; STANDALONE: a draft model (or the target's first "
+        "layers); EAGLE: an EAGLE head",
+    )  # fmt: skip
+    g.add_argument("--speculative-num-steps", type=int, default=None,
+                   help="draft tokens per request and step (default: 3)")  # fmt: skip
+    g.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="tokens verified per request and step: --speculative-num-steps + 1")  # fmt: skip
+    g.add_argument(
+        "--speculative-draft-model-path", default=None, metavar="PATH",
+        help="STANDALONE: the draft model (sharing the target's vocabulary); EAGLE: the head",
+    )  # fmt: skip
+    g.add_argument(
+        "--speculative-draft-layers", type=int, default=None, metavar="L",
+        help="STANDALONE: draft with the target's own first L layers (no extra weights)",
+    )  # fmt: skip
+    g.add_argument("--speculative-ngram-min-match-window-size", type=int,
+                   default=spec.speculative_ngram_min_match_window_size)  # fmt: skip
+    g.add_argument("--speculative-ngram-max-match-window-size", type=int,
+                   default=spec.speculative_ngram_max_match_window_size)  # fmt: skip
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

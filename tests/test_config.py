@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from tessera.cli import add_runner_flags, engine_config
-from tessera.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
+from tessera.engine.config import EngineConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig
 
 
 def test_flat_settings_go_to_the_part_that_owns_them() -> None:
@@ -40,6 +40,32 @@ def test_derived_values_follow_what_they_derive_from() -> None:
         ({"piecewise_cuda_graph_strategy": "full"}, "strategy"),
         ({"max_running_requests": 0}, "budgets"),
         ({"max_num_batched_tokens": 0}, "budgets"),
+        ({"speculative_num_steps": 3}, "need --speculative-algorithm"),
+        ({"speculative_algorithm": "MEDUSA"}, "speculative algorithm"),
+        (
+            {"speculative_algorithm": "NGRAM", "speculative_num_steps": 2, "speculative_num_draft_tokens": 4},
+            "must be --speculative-num-steps \\+ 1 = 3",
+        ),
+        ({"speculative_algorithm": "NGRAM", "speculative_draft_layers": 2}, "takes no draft model"),
+        ({"speculative_algorithm": "STANDALONE"}, "STANDALONE needs a draft"),
+        (
+            {
+                "speculative_algorithm": "STANDALONE",
+                "speculative_draft_layers": 2,
+                "speculative_draft_model_path": "d",
+            },
+            "not both",
+        ),
+        ({"speculative_algorithm": "EAGLE"}, "EAGLE needs"),
+        ({"speculative_algorithm": "NGRAM", "speculative_num_steps": 0}, "steps must be in"),
+        (
+            {
+                "speculative_algorithm": "NGRAM",
+                "speculative_ngram_min_match_window_size": 5,
+                "speculative_ngram_max_match_window_size": 4,
+            },
+            "n-gram match windows",
+        ),
     ],
 )
 def test_bad_settings_are_refused_up_front(settings: dict[str, object], message: str) -> None:
@@ -66,3 +92,13 @@ def test_the_cli_builds_every_part_from_its_flags() -> None:
     assert config.model == "x" and config.page_size == 32
     assert config.scheduler.chunked_prefill_size == 256 and config.scheduler.max_running_requests == 4
     assert config.runner.piecewise_cuda_graph_tokens == (8, 16) and config.runner.disable_cuda_graph
+
+
+def test_speculative_settings_in_sglangs_spelling() -> None:
+    config = _flags("--speculative-algorithm", "standalone", "--speculative-num-draft-tokens", "5",
+                    "--speculative-draft-layers", "4")  # fmt: skip
+    spec = config.speculative
+    assert spec == SpeculativeConfig("STANDALONE", None, 5, None, 4)
+    assert (spec.algorithm, spec.num_steps) == ("STANDALONE", 4)  # 5 tokens verified: 4 drafts + 1
+    assert EngineConfig().speculative.num_steps == 0
+    assert EngineConfig.create(speculative_algorithm="ngram").speculative.num_steps == 3

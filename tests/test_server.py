@@ -194,7 +194,7 @@ def test_models_health_and_metrics(server: tuple[str, AsyncEngine]) -> None:
     while (steps := engine_steps(httpx.get(f"{url}/metrics").text))[0] < steps_before + 3:
         assert time.monotonic() < deadline, steps
         time.sleep(0.05)
-    assert set(steps[1]) == {"schedule", "forward", "sample", "update"} and steps[1]["forward"] > 0
+    assert set(steps[1]) == {"schedule", "propose", "forward", "sample", "update"} and steps[1]["forward"] > 0
     # on a CPU every forward is eager, and counted as such
     text = httpx.get(f"{url}/metrics").text
     assert 'tessera_graph_eager_fallbacks_total{reason="disabled"}' in text

@@ -73,26 +73,43 @@ class ForwardBatch:
 def build_batch(work: list[tuple[Sequence, int]], page_size: int, device: torch.device) -> ForwardBatch:
     """`work` pairs each sequence with how many of its uncached tokens run now; each sequence holds the
     pages for them already (the scheduler reserved them). Nothing about the sequences changes here."""
+    rows: list[Row] = []
+    for seq, n in work:
+        start = seq.num_cached
+        end = start + n
+        total = seq.num_tokens + len(seq.draft_token_ids)  # a verify runs the draft tokens too
+        if n < 1 or end > total:
+            raise ValueError(f"sequence {seq.id}: cannot run {n} tokens from {start} of {total}")
+        rows.append((seq.tokens(start, end), start, seq.pages))
+    batch = build_rows(rows, page_size, device)
+    batch.seqs = [seq for seq, _ in work]
+    return batch
+
+
+# one sequence's part of a forward: its new tokens, the position of the first, and its KV pages
+Row = tuple[list[int], int, list[int]]
+
+
+def build_rows(rows: list[Row], page_size: int, device: torch.device) -> ForwardBatch:
+    """The forward of `rows` (each row's pages cover its new tokens already); the logits rows are each
+    row's last token, in `rows`' order. A draft model's forwards are built here directly."""
     ids: list[int] = []
-    last = [0] * len(work)  # in `work`'s order: the logits come back in it
+    last = [0] * len(rows)  # in `rows`' order: the logits come back in it
     page_rows: list[list[int]] = []
     layouts: list[SeqLayout] = []
     q_lens: list[int] = []
     ctx_lens: list[int] = []
     # NOTE: the batch's rows hold short sequences first (a stable partition), so a mixed batch's two
     # attention launches each cover a contiguous slice of the layout tensors
-    order = sorted(range(len(work)), key=lambda i: work[i][1] > SHORT_QUERY_LEN)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) > SHORT_QUERY_LEN)
     for i in order:
-        seq, n = work[i]
-        start = seq.num_cached
+        tokens, start, pages = rows[i]
+        n = len(tokens)
         end = start + n
-        total = seq.num_tokens + len(seq.draft_token_ids)  # a verify runs the draft tokens too
-        if n < 1 or end > total:
-            raise ValueError(f"sequence {seq.id}: cannot run {n} tokens from {start} of {total}")
-        pages, used = seq.pages, -(-end // page_size)
+        used = -(-end // page_size)
         if used > len(pages):
-            raise ValueError(f"sequence {seq.id} holds {len(pages)} KV pages, {used} needed for {end} tokens")
-        ids += seq.tokens(start, end)
+            raise ValueError(f"a sequence holds {len(pages)} KV pages, {used} needed for {end} tokens")
+        ids += tokens
         page_rows.append(pages if used == len(pages) else pages[:used])  # read only: no copy needed
         layouts.append(SeqLayout(n, end))
         q_lens.append(n)
@@ -106,7 +123,7 @@ def build_batch(work: list[tuple[Sequence, int]], page_size: int, device: torch.
     q_len = np.array(q_lens, dtype=np.int64)
     ctx_len = np.array(ctx_lens, dtype=np.int64)
     q_start = np.cumsum(q_len) - q_len
-    t, b = len(ids), len(work)
+    t, b = len(ids), len(rows)
     # row r of sequence j holds position (ctx_len[j] - q_len[j]) + (r - q_start[j])
     pos = np.arange(t) + np.repeat(ctx_len - q_len - q_start, q_len)
     owner = np.repeat(np.arange(b), q_len)  # each new token's sequence
@@ -137,7 +154,7 @@ def build_batch(work: list[tuple[Sequence, int]], page_size: int, device: torch.
         positions=positions_d,
         metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts),
         logits_indices=last_d,
-        seqs=[seq for seq, _ in work],
+        seqs=[],
         host=flat,
     )
 

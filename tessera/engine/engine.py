@@ -25,6 +25,7 @@ from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
 from tessera.model_config import ModelConfig
+from tessera.models.decoder import CausalLM
 
 logger = logging.getLogger("tessera")
 STEP_PHASES = ("schedule", "propose", "forward", "sample", "update")
@@ -54,6 +55,7 @@ class Engine:
             self.model_config = _with_context_length(self.model_config, config.context_length)
         if config.chat_template is not None:
             self.tokenizer = self.tokenizer.with_chat_template(Path(config.chat_template).read_text())
+        self.draft_model = self._draft_model()
         pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages=pages)
         kv = KVManager(pages, config.page_size, prefix_cache=not config.scheduler.disable_radix_cache)
@@ -61,7 +63,7 @@ class Engine:
         stops = StopChecker(self.tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
         spec = config.speculative
         self.scheduler = Scheduler(config.scheduler, kv, stops, lookahead=spec.num_steps)
-        self.proposer = self._proposer()
+        self.proposer = self._proposer(pages)
         # accepted draft tokens per verify: [verifies that accepted 0, 1, ..., K]
         self.spec_accepted = [0] * (spec.num_steps + 1)
         # Host seconds of every step, by phase: schedule; propose (drafting); forward (building the
@@ -70,7 +72,23 @@ class Engine:
         self.steps = 0
         self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
 
-    def _proposer(self) -> Proposer | None:
+    def _draft_model(self) -> CausalLM | None:
+        """STANDALONE's draft: the target's own first layers, or a model sharing its vocabulary."""
+        spec, config = self.config.speculative, self.config
+        if spec.algorithm != "STANDALONE":
+            return None
+        if spec.speculative_draft_layers is not None:
+            return self.model.first_layers(spec.speculative_draft_layers)
+        path = spec.speculative_draft_model_path
+        draft, _, draft_config = load_model(path, config.torch_dtype, self.device, config.load_format)
+        if draft_config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(
+                f"the draft model {path} has a vocabulary of {draft_config.vocab_size} tokens, the target "
+                f"{self.model_config.vocab_size}: a draft must share the target's vocabulary"
+            )
+        return draft
+
+    def _proposer(self, pages: int) -> Proposer | None:
         spec = self.config.speculative
         if spec.algorithm == "NGRAM":
             from tessera.engine.speculative.ngram import NgramProposer
@@ -78,15 +96,31 @@ class Engine:
             return NgramProposer(
                 spec.speculative_ngram_min_match_window_size, spec.speculative_ngram_max_match_window_size
             )
+        if self.draft_model is not None:
+            from tessera.engine.speculative.draft_model import DraftModelProposer
+
+            shares = spec.speculative_draft_layers is not None
+            kv = self.runner.kv
+            own_kv = replace(
+                kv, k=kv.k[: spec.speculative_draft_layers], v=kv.v[: spec.speculative_draft_layers]
+            )
+            runner = ModelRunner(
+                self.draft_model, self.config, num_pages=pages, kv=own_kv if shares else None
+            )
+            return DraftModelProposer(runner, shares_target_cache=shares)
         if spec.algorithm is not None:
             raise NotImplementedError(f"speculative algorithm {spec.algorithm} is not built yet")
         return None
 
     def _num_pages(self) -> int:
         """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU."""
-        mc, config = self.model_config, self.config
-        per_token = mc.num_kv_heads * (mc.head_dim + mc.v_head_dim)  # K and V (MLA: the latent alone)
-        page_bytes = mc.num_layers * config.page_size * per_token * config.torch_dtype.itemsize
+        config = self.config
+        models = [self.model_config]
+        if self.draft_model is not None and config.speculative.speculative_draft_layers is None:
+            models.append(self.draft_model.config)  # a separate draft: its own cache, the same pages
+        # K and V (MLA: the latent alone) of every layer, per token
+        per_token = sum(mc.num_layers * mc.num_kv_heads * (mc.head_dim + mc.v_head_dim) for mc in models)
+        page_bytes = config.page_size * per_token * config.torch_dtype.itemsize
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             pages = int(free * config.mem_fraction) // page_bytes

@@ -42,13 +42,17 @@ logger = logging.getLogger("tessera")
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, config: EngineConfig, *, num_pages: int) -> None:
+    def __init__(
+        self, model: nn.Module, config: EngineConfig, *, num_pages: int, kv: KVCache | None = None
+    ) -> None:
+        """`kv`: cache tensors to use instead of allocating them (a self-speculation draft reads and
+        writes its target's first layers' cache)."""
         self.model, self.config = model, config
         self.model_config = mc = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.page_size = page_size = config.page_size
-        self.kv = KVCache.allocate(
+        self.kv = kv or KVCache.allocate(
             mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
             v_head_dim=mc.v_head_dim,
         )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -169,75 +170,96 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    @torch.no_grad()
+    def first_layers(self, num_layers: int) -> CausalLM:
+        """This model's first `num_layers` layers under its own embedding, final norm and head, sharing
+        every weight (nothing copied): the draft of self-speculation. Its layer i is this model's layer
+        i, so it reads and writes the same layer's KV cache."""
+        if not 1 <= num_layers < self.config.num_layers:
+            raise ValueError(f"draft layers must be in [1, {self.config.num_layers - 1}], got {num_layers}")
+        with torch.device("meta"):  # a skeleton: each of its modules is replaced by this model's below
+            view = CausalLM(replace(self.config, num_layers=num_layers))
+        view.model.embed_tokens = self.model.embed_tokens
+        view.model.layers = nn.ModuleList(self.model.layers[:num_layers])
+        view.model.norm = self.model.norm
+        view.lm_head = self.lm_head
+        return view.eval()
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, filling the fused projections shard by shard. Raises if any parameter
-        is left unloaded or a name is unknown."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        expert_parts: dict[str, set[tuple[int, int | None]]] = {}
-        for name, tensor in weights:
-            name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral checkpoints' older module name
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            if name in params:  # as it is (MLA's own q_proj, HF's fused expert tensors, ...)
-                target, shard = name, None
-            else:
-                target, shard = _fused_target(name) if ".experts." not in name else _expert_target(name)
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            self._copy_shard(params[target], tensor, shard)
-            if isinstance(shard, tuple):
-                expert_parts.setdefault(target, set()).add(shard)
-            else:
-                loaded.add(target if shard is None else f"{target}#{shard}")
-        for target, parts in expert_parts.items():  # per-expert tensors: complete once every part came
-            count, halves = params[target].shape[0], (0, 1) if target.endswith("gate_up_proj") else (None,)
-            if parts >= {(e, h) for e in range(count) for h in halves}:
-                loaded.add(target)
-        missing = [n for n in self._expected(params) if n not in loaded]
-        if missing:
-            raise KeyError(f"checkpoint misses {len(missing)} tensors, e.g. {missing[:3]}")
+        """Load HF-named tensors (see `load_hf_weights`)."""
+        load_hf_weights(self, self.config, weights)
 
-    def _copy_shard(
-        self, param: torch.Tensor, tensor: torch.Tensor, shard: str | int | tuple[int, int | None] | None
-    ) -> None:
-        cfg = self.config
-        if isinstance(shard, tuple):  # (expert, part): part 0/1 = gate/up rows of gate_up_proj, None = all
-            expert, part = shard
-            dst = param[expert] if part is None else param[expert].narrow(0, part * param.shape[1] // 2,
-                                                                          param.shape[1] // 2)  # fmt: skip
-        elif shard is None:
-            dst = param
-        elif isinstance(shard, int):  # gate / up half of a fused gate_up (dense, shared experts alike)
-            half = param.shape[0] // 2
-            dst = param.narrow(0, shard * half, half)
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load HF-named tensors into the parameters of `model` (built of this file's layers), filling the
+    fused projections shard by shard. Raises if any parameter is left unloaded or a name is unknown."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    expert_parts: dict[str, set[tuple[int, int | None]]] = {}
+    for name, tensor in weights:
+        name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral checkpoints' older module name
+        if "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name in params:  # as it is (MLA's own q_proj, HF's fused expert tensors, ...)
+            target, shard = name, None
         else:
-            offset = {"q": 0, "k": cfg.q_size, "v": cfg.q_size + cfg.kv_size}[shard]
-            size = cfg.q_size if shard == "q" else cfg.kv_size
-            dst = param.narrow(0, offset, size)
-        if dst.shape != tensor.shape:
-            raise ValueError(
-                f"shape mismatch: parameter {tuple(dst.shape)} vs checkpoint {tuple(tensor.shape)}"
-            )
-        dst.copy_(tensor)
+            target, shard = _fused_target(name) if ".experts." not in name else _expert_target(name)
+        if target not in params:
+            raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
+        _copy_shard(cfg, params[target], tensor, shard)
+        if isinstance(shard, tuple):
+            expert_parts.setdefault(target, set()).add(shard)
+        else:
+            loaded.add(target if shard is None else f"{target}#{shard}")
+    for target, parts in expert_parts.items():  # per-expert tensors: complete once every part came
+        count, halves = params[target].shape[0], (0, 1) if target.endswith("gate_up_proj") else (None,)
+        if parts >= {(e, h) for e in range(count) for h in halves}:
+            loaded.add(target)
+    missing = [n for n in _expected(cfg, params) if n not in loaded]
+    if missing:
+        raise KeyError(f"checkpoint misses {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _expected(self, params: dict[str, torch.Tensor]) -> list[str]:
-        names = []
-        for name in params:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            if ".experts." in name:  # the fused tensor, or every expert's parts (see `load_weights`)
-                names.append(name)
-            elif "qkv_proj" in name:
-                names += [f"{name}#{s}" for s in "qkv"]
-            elif "gate_up_proj" in name:
-                names += [f"{name}#0", f"{name}#1"]
-            else:
-                names.append(name)
-        return names
+
+def _copy_shard(
+    cfg: ModelConfig,
+    param: torch.Tensor,
+    tensor: torch.Tensor,
+    shard: str | int | tuple[int, int | None] | None,
+) -> None:
+    if isinstance(shard, tuple):  # (expert, part): part 0/1 = gate/up rows of gate_up_proj, None = all
+        expert, part = shard
+        dst = param[expert] if part is None else param[expert].narrow(0, part * param.shape[1] // 2,
+                                                                      param.shape[1] // 2)  # fmt: skip
+    elif shard is None:
+        dst = param
+    elif isinstance(shard, int):  # gate / up half of a fused gate_up (dense, shared experts alike)
+        half = param.shape[0] // 2
+        dst = param.narrow(0, shard * half, half)
+    else:
+        offset = {"q": 0, "k": cfg.q_size, "v": cfg.q_size + cfg.kv_size}[shard]
+        size = cfg.q_size if shard == "q" else cfg.kv_size
+        dst = param.narrow(0, offset, size)
+    if dst.shape != tensor.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(dst.shape)} vs checkpoint {tuple(tensor.shape)}")
+    dst.copy_(tensor)
+
+
+def _expected(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> list[str]:
+    names = []
+    for name in params:
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if ".experts." in name:  # the fused tensor, or every expert's parts (see `load_hf_weights`)
+            names.append(name)
+        elif "qkv_proj" in name:
+            names += [f"{name}#{s}" for s in "qkv"]
+        elif "gate_up_proj" in name:
+            names += [f"{name}#0", f"{name}#1"]
+        else:
+            names.append(name)
+    return names
 
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")

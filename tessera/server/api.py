@@ -195,9 +195,10 @@ async def _serve(
     if failed is not None:
         return error_response(500, failed.error or "the engine failed", None, kind="server_error")
     choices = [responses.choice(kind, i, u, per_choice[i], engine.tokenizer) for i, u in enumerate(finals)]
-    usage = responses.usage(prompt_lens, finals)
-    return JSONResponse({"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
-                         "usage": usage})  # fmt: skip
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
+            "usage": responses.usage(prompt_lens, finals)}  # fmt: skip
+    spec = responses.speculative(finals)
+    return JSONResponse(body if spec is None else {**body, "speculative": spec})
 
 
 async def _submit(
@@ -272,8 +273,10 @@ async def _stream(
                         kind, u.new_token_ids, u.new_logprobs, u.new_top_logprobs, params[i], engine.tokenizer
                     )
                 yield responses.sse(rid, created, model, chunk_kind, [choice])
-        usage = responses.usage(prompt_lens, [finals[i] for i in sorted(finals)])
-        yield responses.sse(rid, created, model, chunk_kind, [], usage=usage)
+        done = [finals[i] for i in sorted(finals)]
+        spec = responses.speculative(done)
+        extra = {"usage": responses.usage(prompt_lens, done)} | ({"speculative": spec} if spec else {})
+        yield responses.sse(rid, created, model, chunk_kind, [], **extra)
         yield "data: [DONE]\n\n"
     finally:  # finished, or the client disconnected: abort whatever still runs
         for i, h in enumerate(handles):

@@ -51,6 +51,7 @@ class Update:
     # each token's most likely alternatives, where the request asked for top_logprobs (else empty)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
     new_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    spec: tuple[int, int] = (0, 0)  # speculative decoding: verifies run, draft tokens accepted
 
 
 class Handle:
@@ -65,6 +66,7 @@ class Handle:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cached_tokens = 0
+        self.spec = (0, 0)
         self._reported = 0  # tokens handed out by earlier updates
         self._changed = asyncio.Event()
 
@@ -79,16 +81,22 @@ class Handle:
         new = slice(self._reported, len(self.logprobs))
         self._reported = new.stop
         return Update(text, ids, logprobs, self.finish_reason, self.error, self.cached_tokens,
-                      self.token_ids[new], self.logprobs[new], tops, self.top_logprobs[new])  # fmt: skip
+                      self.token_ids[new], self.logprobs[new], tops, self.top_logprobs[new],
+                      self.spec)  # fmt: skip
 
     def _advance(
-        self, token: int, logprob: float, top: TopLogprobs, finish_reason: str | None, cached: int
+        self,
+        tokens: list[int],
+        logprobs: list[float],
+        tops: list[TopLogprobs],
+        finish_reason: str | None,
+        cached: int,
+        spec: tuple[int, int],
     ) -> None:
-        self.token_ids.append(token)
-        self.logprobs.append(logprob)
-        if top:
-            self.top_logprobs.append(top)
-        self.finish_reason, self.cached_tokens = finish_reason, cached
+        self.token_ids += tokens
+        self.logprobs += logprobs
+        self.top_logprobs += tops
+        self.finish_reason, self.cached_tokens, self.spec = finish_reason, cached, spec
         self._changed.set()
 
     def _fail(self, error: str) -> None:
@@ -275,12 +283,12 @@ class AsyncEngine:
         for msg in batch:
             kind = msg[0]
             if kind == "step":
-                self.generation_tokens += len(msg[1])
-                for rid, token, logprob, top, finish_reason, cached in msg[1]:
+                for rid, tokens, logprobs, tops, finish_reason, cached, spec in msg[1]:
+                    self.generation_tokens += len(tokens)
                     handle = self._handles.get(rid)
                     if handle is None:  # aborted here before the engine heard of it
                         continue
-                    handle._advance(token, logprob, top, finish_reason, cached)
+                    handle._advance(tokens, logprobs, tops, finish_reason, cached, spec)
                     if finish_reason is not None:
                         del self._handles[rid]
                         self.requests["finished"] += 1

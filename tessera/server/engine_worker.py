@@ -3,10 +3,12 @@
 The HTTP process talks to it over two pipes. In: `("add", rid, prompt_ids, params)`, `("abort", rid)`,
 `("fail_next_step", message)` (fault injection, for recovery tests) and `("stop",)`. Out: `("ready",
 info)` once the model is loaded and captured (or `("init_failed", traceback)`), then per step
-`("step", outputs, stats)` with one `(rid, token, logprob, top_logprobs, finish_reason, cached_tokens)`
-per request that advanced (`top_logprobs`: the most likely alternatives if the request asked for them,
-else `()`), `("admitted", rids, rejected)` after new requests were queued, and `("failed", rids, message)`
-when a step raised. Detokenization, stop-string cutting of the text, JSON and sockets all stay in the
+`("step", outputs, stats)` with one `(rid, tokens, logprobs, top_logprobs, finish_reason,
+cached_tokens, spec)` per request that advanced: its new tokens (one; with speculative decoding, the
+accepted drafts and the target's own), each one's logprob and, where the request asked for them, its
+most likely alternatives (else `[]`), and `spec` = (verifies, draft tokens accepted) so far. Also
+`("admitted", rids, rejected)` after new requests were queued, and `("failed", rids, message)` when a
+step raised. Detokenization, stop-string cutting of the text, JSON and sockets all stay in the
 HTTP process: a thread there would share the GIL with this loop, and at a few hundred streams the
 HTTP side's per-token work was most of a decode step (tessera bench serve, H200).
 """
@@ -33,6 +35,7 @@ class _Worker:
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
         self.seqs: dict[int, Sequence] = {}
         self.rids: dict[Sequence, int] = {}
+        self.sent: dict[int, int] = {}  # output tokens sent, by request
         self.fail_next: str | None = None
         self.last_stats = 0.0
 
@@ -61,11 +64,11 @@ class _Worker:
                     rejected.append((rid, str(exc)))
                     continue
                 admitted.append(rid)
-                self.seqs[rid], self.rids[seq] = seq, rid
+                self.seqs[rid], self.rids[seq], self.sent[rid] = seq, rid, 0
             elif kind == "abort":
                 seq = self.seqs.pop(msg[1], None)
                 if seq is not None:
-                    del self.rids[seq]
+                    del self.rids[seq], self.sent[msg[1]]
                     self.engine.abort(seq)
             elif kind == "fail_next_step":
                 self.fail_next = msg[1]
@@ -88,19 +91,21 @@ class _Worker:
             self.outbox.send(("failed", list(self.seqs), f"{type(exc).__name__}: {exc}"))
             self.seqs.clear()
             self.rids.clear()
+            self.sent.clear()
             return
         outputs = []
         for seq in advanced:
             rid = self.rids.get(seq)
             if rid is None:
                 continue
+            new = slice(self.sent[rid], len(seq.output_token_ids))
+            self.sent[rid] = new.stop
             outputs.append(
-                (rid, seq.output_token_ids[-1], seq.output_logprobs[-1],
-                 seq.output_top_logprobs[-1] if seq.output_top_logprobs else (), seq.finish_reason,
-                 seq.cached_prompt_tokens or 0)
+                (rid, seq.output_token_ids[new], seq.output_logprobs[new], seq.output_top_logprobs[new],
+                 seq.finish_reason, seq.cached_prompt_tokens or 0, (seq.spec_verifies, seq.spec_accepted))
             )  # fmt: skip
             if seq.finished:
-                del self.seqs[rid], self.rids[seq]
+                del self.seqs[rid], self.rids[seq], self.sent[rid]
         self._send_stats(outputs)
 
     def _send_stats(self, outputs: list[tuple[Any, ...]]) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from tessera.server.engine_loop import AsyncEngine
 
@@ -49,14 +49,31 @@ class _EngineCollector:
         yield CounterMetricFamily("tessera_engine_steps", "Engine steps (forwards)", value=stats["steps"])
         phases = CounterMetricFamily(
             "tessera_engine_step_seconds",
-            "Engine host seconds by step phase: schedule, forward (batch building and launches), sample "
-            "(waits for the GPU), update",
+            "Engine host seconds by step phase: schedule, propose (speculative drafting), forward (batch "
+            "building and launches), sample (waits for the GPU), update",
             labels=["phase"],
         )
         for phase, seconds in stats["step_seconds"].items():
             phases.add_metric([phase], seconds)
         yield phases
         yield from _graph_metrics(stats["graphs"])
+        yield from _speculative_metrics(stats.get("spec_accepted", []))
+
+
+def _speculative_metrics(accepted: list[int]) -> Iterator[Metric]:
+    """Accepted draft tokens per verify as a histogram (bucket le=k: verifies that accepted at most k);
+    the mean acceptance length is 1 + sum / count."""
+    if len(accepted) < 2:  # no speculative decoding
+        return
+    cumulative = [sum(accepted[: k + 1]) for k in range(len(accepted))]
+    buckets = [(str(k), c) for k, c in enumerate(cumulative)] + [("+Inf", cumulative[-1])]
+    total = sum(k * n for k, n in enumerate(accepted))
+    yield HistogramMetricFamily(
+        "tessera_spec_accepted_draft_tokens",
+        "Draft tokens accepted per speculative verify",
+        buckets=buckets,
+        sum_value=total,
+    )
 
 
 def _graph_metrics(stats: dict) -> Iterator[Metric]:

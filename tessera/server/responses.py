@@ -62,6 +62,18 @@ def usage(prompt_lens: list[int], finals: list[Update]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
+def speculative(finals: list[Update]) -> dict[str, Any] | None:
+    """Speculative decoding's share of a response (beside `usage`, as SGLang's `meta_info` carries it):
+    verify steps, draft tokens accepted, and the acceptance length (tokens a verify step emitted on
+    average); None for a response without speculation."""
+    verifies = sum(u.spec[0] for u in finals)
+    if not verifies:
+        return None
+    accepted = sum(u.spec[1] for u in finals)
+    return {"verify_steps": verifies, "accepted_draft_tokens": accepted,
+            "acceptance_length": round((verifies + accepted) / verifies, 4)}  # fmt: skip
+
+
 def sse(rid: str, created: int, model: str, kind: str, choices: list[dict[str, Any]], **extra: Any) -> str:
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
     return f"data: {json.dumps(body)}\n\n"
