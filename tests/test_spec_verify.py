@@ -105,6 +105,17 @@ def test_greedy_with_penalties_and_bans_emits_what_plain_decoding_does(wrong_at:
     _assert_emits(out, logits, plain[: K + 1 if wrong_at is None else wrong_at + 1])
 
 
+def test_greedy_bans_alone_leave_the_one_argmax_path_and_hold_only_until_min_tokens() -> None:
+    logits, _, output = _penalized_case()
+    params = SamplingParams(min_tokens=4, stop_token_ids=(9,))  # plain: no penalty, only bans
+    plain = _plain_decode(logits, params, output, _stops())
+    assert plain[:4] == [20, 20, 20, EOS]
+    [out] = verify_batch(logits, [_seq(params, [9, EOS, 20, EOS], output)], _stops())
+    assert out.tokens == [20]  # the banned stop token is no draft a verify accepts
+    [out] = verify_batch(logits, [_seq(params, plain[:K], output)], _stops())
+    _assert_emits(out, logits, plain)
+
+
 def test_greedy_rejects_the_unpenalized_argmax_where_penalties_change_it() -> None:
     logits, params, output = _penalized_case()
     stops = _stops()
@@ -205,9 +216,20 @@ TARGET = torch.tensor(
     [[1.0, 0.2, 0.6, -0.5, 0.0, 0.4], [0.3, -0.2, 0.9, 0.5, 1.1, -1.0], [-0.4, 0.8, 0.0, 0.3, 0.6, 0.1]]
 )
 SAMPLING_CASES = [
-    (SamplingParams(temperature=1.0), [2, 4]),  # drafts of probability ~0.19 and ~0.30
-    (SamplingParams(temperature=0.8, top_k=4, top_p=0.85), [2, 5]),  # the second draft is filtered out
+    (SamplingParams(temperature=1.0), [2, 4]),  # drafts of probability ~0.21 and ~0.31
+    # top-k then top-p keep 3 tokens in row 0 ({0, 2, 5}) and row 1 ({2, 3, 4}): the second draft is out
+    (SamplingParams(temperature=0.8, top_k=4, top_p=0.75), [2, 5]),
+    (SamplingParams(temperature=1.3, min_p=0.38), [4, 3]),  # drops 3 in row 0, 1 and 5 in row 1
 ]
+
+
+def test_probabilities_of_a_batch_are_those_of_each_row() -> None:
+    logits = torch.randn(2, 3, V, generator=torch.Generator().manual_seed(8))
+    for params, _ in SAMPLING_CASES:
+        batched = probabilities(logits, params)  # [2, 3, V]
+        rows = torch.stack([probabilities(row, params) for row in logits.view(-1, V)]).view(2, 3, V)
+        torch.testing.assert_close(batched, rows)
+        torch.testing.assert_close(batched.sum(-1), torch.ones(2, 3))
 
 
 @pytest.mark.parametrize(("params", "drafts"), SAMPLING_CASES)
@@ -238,11 +260,9 @@ def test_the_chi_square_check_rejects_a_naive_acceptance_rule() -> None:
     accept = torch.rand(TRIALS, generator=gen) < probs[d]
     redraw = torch.multinomial(probs.expand(TRIALS, -1), 1, generator=gen)[:, 0]
     assert not _fits(torch.where(accept, d, redraw).tolist(), probs)
-    # and a distribution off by a little: temperature 1.1 instead of 1
-    hotter = torch.multinomial(
-        probabilities(TARGET[0] / 1.1, params), TRIALS, replacement=True, generator=gen
-    )
-    assert not _fits(hotter.tolist(), probs)
+    # and a distribution somewhat off: temperature 1.25 instead of 1 (a statistic of ~90, not ~5)
+    hot = probabilities(TARGET[0] / 1.25, params)
+    assert not _fits(torch.multinomial(hot, TRIALS, replacement=True, generator=gen).tolist(), probs)
     fair = torch.multinomial(probs, TRIALS, replacement=True, generator=gen)
     assert _fits(fair.tolist(), probs)
 
