@@ -1,0 +1,192 @@
+"""Speculative decoding end to end on CPU: with every proposer, greedy output equals plain decoding token
+for token (Llama, Qwen3, DeepSeek-V2 MLA, Qwen3-MoE with random weights), verify batches go through the
+piecewise graphs padded, chunked prefills run beside verifies, requests stop mid-chain exactly where
+plain decoding stops, and every KV page comes back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tessera.engine.llm import LLM
+from tessera.engine.sampling import SamplingParams
+
+# vocabulary of the embedded model's tokenizer, which a dummy-weight folder without one borrows
+VOCAB = 49152
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)  # fmt: skip
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
+    "deepseek-v2": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "num_key_value_heads": 4,
+        "kv_lora_rank": 32, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+        "v_head_dim": 12, "n_routed_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 24,
+        "n_shared_experts": 2, "first_k_dense_replace": 1, "routed_scaling_factor": 1.5, "topk_method": "greedy",
+    },
+    "qwen3-moe": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 16, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1, "norm_topk_prob": True,
+    },
+}  # fmt: skip
+# prompts of several lengths, one that repeats itself (the n-gram proposer's case)
+PROMPTS = [
+    list(range(300, 340)),
+    [7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8, 9],
+    [1000 + 37 * i % 500 for i in range(70)],
+    [42],
+]
+# small capture sizes, so verify batches replay padded; chunks of 16 tokens run beside verifies
+GRAPHS = {"emulate_graphs_on_cpu": True, "piecewise_cuda_graph_tokens": (8, 32, 128)}
+SETTINGS = {"device": "cpu", "load_format": "dummy", "chunked_prefill_size": 16, **GRAPHS}
+
+
+def _folder(tmp_path: Path, family: str) -> Path:
+    folder = tmp_path / family
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(BASE | CONFIGS[family]))
+    return folder
+
+
+def _proposers(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        "ngram": {"speculative_algorithm": "NGRAM"},
+        # the target drafting for itself: every draft is right
+        "standalone-self": {
+            "speculative_algorithm": "STANDALONE",
+            "speculative_draft_model_path": str(folder),
+        },
+        "first-layer": {"speculative_algorithm": "STANDALONE", "speculative_draft_layers": 1},
+    }
+
+
+def _run(folder: Path, params: list[SamplingParams], **spec: Any) -> tuple[list[list[int]], LLM]:
+    llm = LLM(str(folder), **SETTINGS, **spec)
+    outs = llm.generate(PROMPTS, params)
+    return [o.token_ids for o in outs], llm
+
+
+def _no_leak(llm: LLM) -> None:
+    stats = llm.stats()
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert stats["pages_free"] + stats["pages_evictable"] == stats["pages_usable"], stats
+
+
+PARAMS = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 33, 25, 12)]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[list[int]]]:
+    """Plain greedy decoding of PROMPTS, per family (the reference every speculative run must equal)."""
+    root = tmp_path_factory.mktemp("plain")
+    return {family: _run(_folder(root, family), PARAMS)[0] for family in CONFIGS}
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "standalone-self", "first-layer"])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_greedy_speculation_equals_plain_decoding(
+    family: str, proposer: str, plain: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    folder = _folder(tmp_path, family)
+    got, llm = _run(folder, PARAMS, speculative_num_steps=3, **_proposers(folder)[proposer])
+    assert got == plain[family]
+    _no_leak(llm)
+    accepted = llm.stats()["spec_accepted"]
+    assert sum(accepted) >= (1 if proposer == "ngram" else 10)  # verifies ran (n-gram: where it matched)
+    if proposer == "standalone-self":  # a draft that is the target: every verify accepts all it drafted
+        assert accepted[0] == 0 and accepted[3] > accepted[1] + accepted[2]
+    graphs = llm.stats()["graphs"]
+    assert not graphs["eager_fallbacks"], graphs  # verifies within the captured range replay graphs
+    assert graphs["padded_tokens"] > 0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("proposer", ["ngram", "standalone-self", "first-layer"])
+def test_every_draft_length_keeps_greedy_output(
+    steps: int, proposer: str, plain: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    folder = _folder(tmp_path, "llama")
+    got, llm = _run(folder, PARAMS, speculative_num_steps=steps, **_proposers(folder)[proposer])
+    assert got == plain["llama"]
+    _no_leak(llm)
+    if proposer == "standalone-self":
+        accepted = llm.stats()["spec_accepted"]
+        assert accepted[steps] > 0 and accepted[0] == 0
+
+
+def test_a_self_draft_accepts_every_draft_it_had_room_for(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "llama")
+    llm = LLM(str(folder), **SETTINGS, **_proposers(folder)["standalone-self"], speculative_num_steps=4)
+    seqs = [llm.add(p, params) for p, params in zip(PROMPTS, PARAMS, strict=True)]
+    while llm.has_work:
+        llm.step()
+    for seq, params in zip(seqs, PARAMS, strict=True):
+        # every verify accepts all 4 drafts but the last, whose room max_tokens may cut; besides the
+        # verifies, only the prefill's token and at most one decode without room for a draft
+        assert seq.spec_accepted >= 4 * (seq.spec_verifies - 1) and seq.spec_verifies >= 2
+        assert params.max_tokens - (1 + seq.spec_verifies + seq.spec_accepted) in (0, 1)
+    _no_leak(llm)
+
+
+def test_requests_stop_mid_chain_exactly_where_plain_decoding_stops(
+    plain: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    folder = _folder(tmp_path, "llama")
+    reference = plain["llama"]
+    # a stop token from the middle of each plain output, and max_tokens cutting inside a chain
+    params = [
+        SamplingParams(max_tokens=40, ignore_eos=True, stop_token_ids=(reference[0][9],)),
+        SamplingParams(max_tokens=7, ignore_eos=True),
+        SamplingParams(max_tokens=25, ignore_eos=True, stop_token_ids=(reference[2][13],)),
+        SamplingParams(max_tokens=12, ignore_eos=True, min_tokens=5, stop_token_ids=(reference[3][2],)),
+    ]
+    expected = _run(folder, params)[0]
+    assert [len(t) for t in expected] == [10, 7, 14, 12]  # each stops inside what a verify would emit
+    for proposer in ("standalone-self", "ngram"):
+        got, llm = _run(folder, params, speculative_num_steps=5, **_proposers(folder)[proposer])
+        assert got == expected, proposer
+        _no_leak(llm)
+
+
+def test_stop_strings_cut_a_verify_where_plain_decoding_does(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "llama")
+    llm = LLM(str(folder), **SETTINGS)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    text = llm.generate([PROMPTS[0]], params)[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    with_stop = SamplingParams(max_tokens=30, ignore_eos=True, stop=(stop,))
+    want = llm.generate([PROMPTS[0]], with_stop)[0]
+    spec = LLM(str(folder), **SETTINGS, **_proposers(folder)["standalone-self"], speculative_num_steps=5)
+    got = spec.generate([PROMPTS[0]], with_stop)[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+    _no_leak(spec)
+
+
+def test_sampling_with_speculation_is_seeded_and_leaks_nothing(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "llama")
+    llm = LLM(str(folder), **SETTINGS, **_proposers(folder)["first-layer"], speculative_num_steps=3)
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True) for s in range(4)
+    ]
+    first = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    again = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert first == again and len({tuple(t) for t in first}) == 4
+    assert all(len(t) == 20 for t in first)
+    assert sum(llm.stats()["spec_accepted"]) > 0
+    _no_leak(llm)
+
+
+def test_penalties_and_logprobs_match_plain_decoding(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "llama")
+    params = [SamplingParams(max_tokens=20, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5,
+                             logprobs=True, top_logprobs=2)] * len(PROMPTS)  # fmt: skip
+    plain = LLM(str(folder), **SETTINGS).generate(PROMPTS, params)
+    spec = LLM(str(folder), **SETTINGS, **_proposers(folder)["standalone-self"], speculative_num_steps=3)
+    got = spec.generate(PROMPTS, params)
+    for a, b in zip(plain, got, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    _no_leak(spec)
