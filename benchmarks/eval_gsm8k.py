@@ -22,6 +22,10 @@ from benchmarks.common import write_json
 from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
 
+SPECULATIVE: dict[str, dict[str, Any]] = {
+    "ngram": {"speculative_algorithm": "NGRAM", "speculative_num_steps": 4},
+    "self-draft-8": {"speculative_algorithm": "STANDALONE", "speculative_draft_layers": 8},
+}
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
@@ -57,8 +61,10 @@ def evaluate(llm: LLM, prompts: list[str], labels: list[float], max_tokens: int)
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - t
-    correct = [answer_value(o.text) == label for o, label in zip(outs, labels, strict=True)]
+    answers = [answer_value(o.text) for o in outs]
+    correct = [a == label for a, label in zip(answers, labels, strict=True)]
     return {
+        "answers": answers,
         "accuracy": sum(correct) / len(correct),
         "seconds": round(seconds, 2),
         "output_tokens": sum(len(o.token_ids) for o in outs),
@@ -74,6 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-questions", type=int, default=None, help="default: all after the shots")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--emulate-on-cpu", action="store_true", help="CPU: run 'on' through the emulated backend")
+    p.add_argument(
+        "--speculative", choices=list(SPECULATIVE), default=None,
+        help="compare plain decoding with this speculative decoding (both with graphs) instead of graphs "
+        "on with graphs off",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     rows = load_questions()
@@ -81,13 +92,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.num_questions:
         prompts, labels = prompts[: args.num_questions], labels[: args.num_questions]
     on = LLM(args.model, emulate_graphs_on_cpu=args.emulate_on_cpu)
-    off = LLM(args.model, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
+    if args.speculative:  # "on": plain decoding; "off": speculative
+        off = LLM(args.model, emulate_graphs_on_cpu=args.emulate_on_cpu, **SPECULATIVE[args.speculative])
+    else:
+        off = LLM(args.model, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
     results = {
         name: evaluate(llm, prompts, labels, args.max_tokens) for name, llm in (("on", on), ("off", off))
     }
-    differ = sum(
-        a != b for a, b in zip(results["on"]["completions"], results["off"]["completions"], strict=True)
-    )
+    on_r, off_r = results["on"], results["off"]
+    differ = sum(a != b for a, b in zip(on_r["completions"], off_r["completions"], strict=True))
+    answers_differ = sum(a != b for a, b in zip(on_r["answers"], off_r["answers"], strict=True))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (graphs emulated)"
     report = {
         "benchmark": "gsm8k",
@@ -95,19 +109,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": str(args.model or "SmolLM2-135M-Instruct Q4_1 (embedded)"),
         "num_shots": args.num_shots,
         "num_questions": len(prompts),
-        "graphs_on": {k: v for k, v in results["on"].items() if k != "completions"},
-        "graphs_off": {k: v for k, v in results["off"].items() if k != "completions"},
+        "compared": f"plain vs {args.speculative}" if args.speculative else "graphs on vs graphs off",
+        "graphs_on" if not args.speculative else "plain": _public(on_r),
+        "graphs_off" if not args.speculative else "speculative": _public(off_r)
+        | ({"spec_accepted": off.stats()["spec_accepted"]} if args.speculative else {}),
         "completions_that_differ": differ,
+        "answers_that_differ": answers_differ,
     }
     print(f"GSM8K {args.num_shots}-shot, {len(prompts)} questions on {device}")
     for name in ("on", "off"):
         r = results[name]
         cost = f"{r['seconds']:.1f}s, {r['output_tokens']} tokens"
-        print(f"  graphs {name:<3}  accuracy {r['accuracy']:.3f}  ({cost})")
-    print(f"  completions that differ between the runs: {differ}")
+        label = {"on": "plain", "off": args.speculative}[name] if args.speculative else f"graphs {name}"
+        print(f"  {label:<12}  accuracy {r['accuracy']:.3f}  ({cost})")
+    print(f"  completions that differ between the runs: {differ}; answers: {answers_differ}")
     if args.out:
         write_json(args.out, report)
     return report
+
+
+def _public(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in ("completions", "answers")}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Speculative decoding against plain decoding, same card, same run (`python -m benchmarks.speculative`).
+
+For each workload and batch size, B requests run together through `Engine.step()` on an engine without
+speculation and on one per proposer; reported per run: decode tokens/s (tokens after each request's
+first, over the time from the first request's first token to the last request's end), the mean time
+per output token of a request, the acceptance histogram and mean acceptance length, and how many
+completions differ from plain decoding's (greedy; bfloat16 batches of another shape may round
+differently, so this is counted, not asserted).
+
+Workloads (SmolLM2-135M-Instruct, chat-templated, greedy):
+- repeat: "repeat this text" over GSM8K questions, an output that copies its input (NGRAM's case);
+- gsm8k: GSM8K questions answered step by step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import write_json
+from benchmarks.eval_gsm8k import load_questions
+from tessera.engine.llm import LLM
+from tessera.engine.sampling import SamplingParams
+
+PROPOSERS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "ngram": {"speculative_algorithm": "NGRAM", "speculative_num_steps": 4},
+    "self-draft-8": {
+        "speculative_algorithm": "STANDALONE", "speculative_draft_layers": 8, "speculative_num_steps": 3,
+    },
+}  # fmt: skip
+
+
+def prompts(llm: LLM, workload: str, n: int) -> list[list[int]]:
+    rows = load_questions()[:n]
+    if workload == "repeat":
+        asks = [f"Repeat the following text exactly, word for word:\n\n{r['question']}" for r in rows]
+    else:
+        asks = [f"Answer step by step.\n\n{r['question']}" for r in rows]
+    tok = llm.tokenizer
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": a}])) for a in asks]
+
+
+def run(llm: LLM, ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """All of `ids` together; per-request first-token and finish times from the step loop."""
+    params = SamplingParams(max_tokens=max_tokens)
+    before = list(llm.stats()["spec_accepted"])
+    seqs = [llm.add(p, params) for p in ids]
+    first: dict[int, float] = {}
+    done: dict[int, float] = {}
+    while llm.has_work:
+        llm.step()
+        now = time.perf_counter()
+        for seq in seqs:
+            if seq.output_token_ids and seq.id not in first:
+                first[seq.id] = now
+            if seq.finished and seq.id not in done:
+                done[seq.id] = now
+    decoded = sum(len(s.output_token_ids) - 1 for s in seqs)
+    span = max(done.values()) - min(first.values())
+    tpot = [
+        (done[s.id] - first[s.id]) / (len(s.output_token_ids) - 1)
+        for s in seqs
+        if len(s.output_token_ids) > 1
+    ]
+    accepted = [a - b for a, b in zip(llm.stats()["spec_accepted"], before, strict=True)]
+    verifies = sum(accepted)
+    return {
+        "decode_tok_s": decoded / span if span > 0 else 0.0,
+        "mean_tpot_ms": 1e3 * sum(tpot) / max(len(tpot), 1),
+        "output_tokens": decoded + len(seqs),
+        "accepted_histogram": accepted,
+        "acceptance_length": (verifies + sum(k * n for k, n in enumerate(accepted))) / verifies
+        if verifies
+        else None,
+        "outputs": [list(s.output_token_ids) for s in seqs],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--proposers", nargs="+", default=list(PROPOSERS), choices=list(PROPOSERS))
+    p.add_argument("--workloads", nargs="+", default=["repeat", "gsm8k"], choices=["repeat", "gsm8k"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("NOTE: no GPU: these numbers are CPU numbers, not the benchmark's")
+    report: dict[str, Any] = {"benchmark": "speculative", "max_tokens": args.max_tokens, "runs": []}
+    plain: dict[tuple[str, int], dict[str, Any]] = {}
+    for name in ["plain", *[n for n in args.proposers if n != "plain"]]:
+        t = time.perf_counter()
+        llm = LLM(args.model, **PROPOSERS[name])
+        startup = time.perf_counter() - t
+        for workload in args.workloads:
+            for bs in args.batch_sizes:
+                ids = prompts(llm, workload, bs)
+                run(llm, ids[: min(bs, 2)], 16)  # warm-up
+                row = {
+                    "proposer": name,
+                    "workload": workload,
+                    "batch_size": bs,
+                    "startup_s": round(startup, 2),
+                }
+                row |= run(llm, ids, args.max_tokens)
+                base = plain.setdefault((workload, bs), row)
+                row["completions_differing_from_plain"] = sum(
+                    a != b for a, b in zip(base["outputs"], row["outputs"], strict=True)
+                )
+                row["speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
+                report["runs"].append({k: v for k, v in row.items() if k != "outputs"})
+                print(_line(row), flush=True)
+                if args.out:
+                    write_json(args.out, report)
+        del llm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (f"{r['proposer']:<13} {r['workload']:<7} bs={r['batch_size']:<3} {r['decode_tok_s']:9.1f} tok/s "
+            f"({r['speedup']:.2f}x)  tpot {r['mean_tpot_ms']:.2f} ms  "
+            f"accept len {r['acceptance_length'] or 0:.2f}  "
+            f"differ {r['completions_differing_from_plain']}/{r['batch_size']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
