@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
 
 # vocabulary of the embedded model's tokenizer, which a dummy-weight folder without one borrows
 VOCAB = 49152
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)  # fmt: skip
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5)  # fmt: skip
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
@@ -25,11 +27,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "num_key_value_heads": 4,
         "kv_lora_rank": 32, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
         "v_head_dim": 12, "n_routed_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 24,
-        "n_shared_experts": 2, "first_k_dense_replace": 1, "routed_scaling_factor": 1.5, "topk_method": "greedy",
+        "n_shared_experts": 2, "first_k_dense_replace": 1, "routed_scaling_factor": 1.5,
+        "topk_method": "greedy",
     },
     "qwen3-moe": {
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 16, "num_experts": 8,
-        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1, "norm_topk_prob": True,
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 16,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+        "norm_topk_prob": True,
     },
 }  # fmt: skip
 # prompts of several lengths, one that repeats itself (the n-gram proposer's case)
@@ -190,3 +194,78 @@ def test_penalties_and_logprobs_match_plain_decoding(tmp_path: Path) -> None:
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
     _no_leak(spec)
+
+
+# ---------------------------------------------------------------- EAGLE
+
+
+def _eagle(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    from tessera.testing.eagle_checkpoint import save_random_eagle_head
+
+    folder = _folder(tmp_path, "llama")
+    head = tmp_path / "eagle-head"
+    save_random_eagle_head(head, BASE | CONFIGS["llama"], seed=3)
+    return folder, {"speculative_algorithm": "EAGLE", "speculative_draft_model_path": str(head)}
+
+
+def test_eagle_keeps_greedy_output_and_replays_its_head_in_graphs(
+    plain: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    folder, spec = _eagle(tmp_path)
+    got, llm = _run(folder, PARAMS, speculative_num_steps=3, **spec)
+    assert got == plain["llama"]
+    _no_leak(llm)
+    assert sum(llm.stats()["spec_accepted"]) > 10
+    head_graphs = llm.proposer.runner.graph_stats()  # type: ignore[union-attr]
+    assert sum(head_graphs["replays"]["piecewise"].values()) > 0 and not head_graphs["eager_fallbacks"]
+
+
+def test_eagle_drafts_are_the_heads_chain_over_the_targets_features(tmp_path: Path) -> None:
+    """Each proposal equals a dense recomputation: the target's features of every position so far (one
+    prefill), the head over them, then its own chain — so the engine hands the head the right features
+    at the right positions through chunked prefills and verifies."""
+    pytest.importorskip("transformers")
+    from .runner_driver import make_runner
+    from .test_eagle_head import Reference
+
+    folder, spec = _eagle(tmp_path)
+    llm = LLM(str(folder), **SETTINGS, **spec, speculative_num_steps=3, disable_radix_cache=True)
+    proposals: list[tuple[list[int], list[int]]] = []
+    propose = llm.proposer.propose  # type: ignore[union-attr]
+
+    def recording(seqs: list[Any], rooms: list[int]) -> list[list[int]]:
+        drafts = propose(seqs, rooms)
+        proposals.extend((list(s.token_ids), d) for s, d in zip(seqs, drafts, strict=True) if d)
+        return drafts
+
+    llm.proposer.propose = recording  # type: ignore[union-attr,method-assign]
+    llm.generate(PROMPTS[:3], PARAMS[:3])
+    reference = Reference(tmp_path / "eagle-head", llm.model)
+    target = make_runner(llm.model, num_pages=64, page_size=16)
+    from tessera.engine.sequence import Sequence
+
+    assert len(proposals) > 10
+    for tokens, drafts in proposals[::3]:
+        seq = Sequence(tokens[:-1], SamplingParams())
+        target.run([(seq, len(tokens) - 1)])
+        features = target.last_hidden.clone()  # the target's features at positions 0 .. n - 2
+        target.free(seq)
+        ids, want = torch.tensor(tokens[1:]), []
+        for _ in drafts:
+            hidden = _reference_hidden(reference, ids, features)
+            want.append(int(llm.model.compute_logits(hidden[-1]).argmax()))
+            ids = torch.cat((ids, torch.tensor(want[-1:])))
+            features = torch.cat((features, hidden[-1:]))
+        assert drafts == want
+
+
+@torch.no_grad()
+def _reference_hidden(ref: Any, ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """The head's hidden states (before the lm_head) of rows at positions 0.., densely."""
+    x = ref.fc(torch.cat((ref.target.model.embed_tokens(ids), feature), dim=-1))[None]
+    positions = torch.arange(len(ids))[None]
+    causal = torch.full((len(ids), len(ids)), float("-inf")).triu(1)[None, None]
+    out = ref.layer(
+        x, attention_mask=causal, position_ids=positions, position_embeddings=ref.rotary(x, positions)
+    )
+    return out[0]

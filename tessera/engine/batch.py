@@ -69,6 +69,12 @@ class ForwardBatch:
     # q_start, q_len, ctx_len [num_seqs each] — what a full graph's replay stages for its one upload
     host: np.ndarray
 
+    @property
+    def last_rows(self) -> np.ndarray:
+        """The row of each sequence's last new token, in the order the batch was built from."""
+        t = self.input_ids.shape[0]
+        return self.host[3 * t : 3 * t + len(self.metadata.seqs)]
+
 
 def build_batch(work: list[tuple[Sequence, int]], page_size: int, device: torch.device) -> ForwardBatch:
     """`work` pairs each sequence with how many of its uncached tokens run now; each sequence holds the

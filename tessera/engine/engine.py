@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tessera.engine.config import EngineConfig
 from tessera.engine.detokenize import output_text
@@ -21,11 +22,11 @@ from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
 from tessera.engine.speculative import Proposer
+from tessera.engine.speculative.eagle import EagleProposer
 from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
 from tessera.model_config import ModelConfig
-from tessera.models.decoder import CausalLM
 
 logger = logging.getLogger("tessera")
 STEP_PHASES = ("schedule", "propose", "forward", "sample", "update")
@@ -72,9 +73,16 @@ class Engine:
         self.steps = 0
         self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
 
-    def _draft_model(self) -> CausalLM | None:
-        """STANDALONE's draft: the target's own first layers, or a model sharing its vocabulary."""
+    def _draft_model(self) -> nn.Module | None:
+        """STANDALONE's draft: the target's own first layers, or a model sharing its vocabulary; EAGLE's
+        head, over the target's embedding and lm_head."""
         spec, config = self.config.speculative, self.config
+        if spec.algorithm == "EAGLE":
+            from tessera.loader.eagle import load_eagle_head
+
+            path = spec.speculative_draft_model_path
+            assert path is not None
+            return load_eagle_head(path, self.model, config.torch_dtype, self.device)
         if spec.algorithm != "STANDALONE":
             return None
         if spec.speculative_draft_layers is not None:
@@ -96,6 +104,11 @@ class Engine:
             return NgramProposer(
                 spec.speculative_ngram_min_match_window_size, spec.speculative_ngram_max_match_window_size
             )
+        if spec.algorithm == "EAGLE":
+            from tessera.engine.speculative.eagle import EagleProposer
+
+            assert self.draft_model is not None
+            return EagleProposer(ModelRunner(self.draft_model, self.config, num_pages=pages))
         if self.draft_model is not None:
             from tessera.engine.speculative.draft_model import DraftModelProposer
 
@@ -108,8 +121,6 @@ class Engine:
                 self.draft_model, self.config, num_pages=pages, kv=own_kv if shares else None
             )
             return DraftModelProposer(runner, shares_target_cache=shares)
-        if spec.algorithm is not None:
-            raise NotImplementedError(f"speculative algorithm {spec.algorithm} is not built yet")
         return None
 
     def _num_pages(self) -> int:
@@ -162,6 +173,7 @@ class Engine:
             rooms = [room for room in batch.draft_room if room]
             self.scheduler.attach_drafts(batch, self.proposer.propose(batch.proposal_seqs, rooms))
         t2 = clock()
+        starts = [seq.num_cached for seq, _ in batch.work]
         logits = self.runner.run(batch)
         t3 = clock()
         if batch.verifies:
@@ -175,6 +187,10 @@ class Engine:
             tokens, logprobs, tops = self._sample(logits, batch.samplers)
             t4 = clock()
             advanced = self.scheduler.postprocess(batch, tokens, logprobs, tops)
+        if isinstance(self.proposer, EagleProposer):  # the head drafts from the target's hidden states
+            last = self.runner.last_batch
+            assert self.runner.last_hidden is not None and last is not None
+            self.proposer.observe(batch.work, starts, self.runner.last_hidden, last.last_rows.tolist())
         self.steps += 1
         times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
         for phase, elapsed in zip(STEP_PHASES, times, strict=True):

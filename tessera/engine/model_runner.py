@@ -52,6 +52,10 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.page_size = page_size = config.page_size
+        # a model whose forward takes a third input, features [T, hidden] (an EAGLE head)
+        self.feature_input: bool = getattr(model, "feature_input", False)
+        self.last_hidden: torch.Tensor | None = None  # the last forward's hidden states [T, hidden]
+        self.last_batch: ForwardBatch | None = None  # the last `run`'s batch
         self.kv = kv or KVCache.allocate(
             mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
             v_head_dim=mc.v_head_dim,
@@ -128,7 +132,7 @@ class ModelRunner:
         return not self.config.runner.disable_piecewise_cuda_graph
 
     def _full_wanted(self) -> bool:
-        if self.config.runner.disable_cuda_graph:
+        if self.config.runner.disable_cuda_graph or self.feature_input:  # (full graphs stage no features)
             return False
         if self.attention_backend != "triton":
             logger.warning("full CUDA graphs need --attention-backend triton; running without them")
@@ -155,8 +159,11 @@ class ModelRunner:
             stats=self.stats,
         )
         example = torch.arange(8, device=self.device)
+        inputs = [example % self.model_config.vocab_size, example]
+        if self.feature_input:
+            inputs.append(torch.ones(8, self.model_config.hidden_size, dtype=self.dtype, device=self.device))
         with torch.no_grad():
-            runner.capture([example % self.model_config.vocab_size, example])
+            runner.capture(inputs)
         return runner
 
     def _capture_full(self) -> None:
@@ -209,12 +216,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward a scheduled batch -> logits [sum(batch.logits_rows), vocab] in float32: one row per
         sampling sequence, 1 + K per verify."""
-        forward_batch = build_batch(batch.work, self.page_size, self.device)
+        forward_batch = self.last_batch = build_batch(batch.work, self.page_size, self.device)
         rows = batch.sample_rows
         if batch.verifies:  # every verified position's logits: the last 1 + K rows of each verify
             counts = np.array(batch.logits_rows, dtype=np.int64)
-            t = forward_batch.input_ids.shape[0]
-            last = forward_batch.host[3 * t : 3 * t + len(batch.work)][rows]
+            last = forward_batch.last_rows[rows]
             first = np.repeat(last - counts + 1, counts)
             offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
             forward_batch.logits_indices = torch.from_numpy(first + offset).to(self.device)
@@ -237,18 +243,29 @@ class ModelRunner:
         return BatchDescriptor(GraphMode.EAGER, n)
 
     @torch.no_grad()
-    def forward(self, batch: ForwardBatch, descriptor: BatchDescriptor | None = None) -> torch.Tensor:
-        """Logits of `batch.logits_indices` for one forward run as `descriptor` (default: `dispatch`).
-        Leaves the sequences as they were (a benchmark can replay the same batch)."""
+    def forward(
+        self,
+        batch: ForwardBatch,
+        descriptor: BatchDescriptor | None = None,
+        features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of `batch.logits_indices` for one forward run as `descriptor` (default: `dispatch`);
+        the hidden states of every row stay in `last_hidden` until the next forward. `features`: the
+        third input of a model that takes one. Leaves the sequences as they were (a benchmark can replay
+        the same batch)."""
+        if (features is not None) != self.feature_input:
+            raise ValueError("features go with a model that takes them (an EAGLE head), and only there")
         d = descriptor or self.dispatch(batch)
         n = batch.input_ids.shape[0]
+        inputs = (batch.input_ids, batch.positions) + ((features,) if features is not None else ())
         if d.mode is GraphMode.FULL:
             assert self.full_graphs is not None
             hidden = self.full_graphs.run(d, batch, n)
         elif self.graphs is not None:
-            hidden = self.graphs.run(d, batch.input_ids, batch.positions, metadata=batch.metadata)
+            hidden = self.graphs.run(d, *inputs, metadata=batch.metadata)
         else:
             self.stats.record_fallback(DISABLED, n)
             with forward_context(ForwardContext(n, n, batch.metadata, self.layers)):
-                hidden = self.model(batch.input_ids, batch.positions)
+                hidden = self.model(*inputs)
+        self.last_hidden = hidden
         return self.model.compute_logits(hidden[batch.logits_indices])

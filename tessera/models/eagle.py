@@ -21,6 +21,8 @@ from tessera.models.decoder import CausalLM, DecoderLayer, load_hf_weights
 
 
 class EagleHead(nn.Module):
+    feature_input = True  # forward's third input: features [T, hidden] (the model runner passes them)
+
     def __init__(self, cfg: ModelConfig, fc_bias: bool) -> None:
         """`fc_bias`: EAGLE's `bias` config flag (absent means True; its Llama-3 heads set false)."""
         super().__init__()
