@@ -7,7 +7,8 @@ per output token of a request, the acceptance histogram and mean acceptance leng
 completions differ from plain decoding's (greedy; bfloat16 batches of another shape may round
 differently, so this is counted, not asserted).
 
-Workloads (SmolLM2-135M-Instruct, chat-templated, greedy):
+Workloads (default SmolLM2-135M-Instruct, chat-templated, greedy; `--model benchmarks/configs/llama3-8b
+--load-format dummy --proposers plain eagle-random` measures EAGLE's overhead on Llama-3-8B's shapes):
 - repeat: "repeat this text" over GSM8K questions, an output that copies its input (NGRAM's case);
 - gsm8k: GSM8K questions answered step by step.
 """
@@ -15,6 +16,8 @@ Workloads (SmolLM2-135M-Instruct, chat-templated, greedy):
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ PROPOSERS: dict[str, dict[str, Any]] = {
     "self-draft-8": {
         "speculative_algorithm": "STANDALONE", "speculative_draft_layers": 8, "speculative_num_steps": 3,
     },
+    # a seeded random EAGLE head for the target (no public head is here): acceptance ~0, so this
+    # measures what speculation costs
+    "eagle-random": {"speculative_algorithm": "EAGLE", "speculative_num_steps": 3},
 }  # fmt: skip
 
 
@@ -84,7 +90,10 @@ def run(llm: LLM, ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--proposers", nargs="+", default=list(PROPOSERS), choices=list(PROPOSERS))
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument(
+        "--proposers", nargs="+", default=["plain", "ngram", "self-draft-8"], choices=list(PROPOSERS)
+    )
     p.add_argument("--workloads", nargs="+", default=["repeat", "gsm8k"], choices=["repeat", "gsm8k"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=128)
@@ -96,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     plain: dict[tuple[str, int], dict[str, Any]] = {}
     for name in ["plain", *[n for n in args.proposers if n != "plain"]]:
         t = time.perf_counter()
-        llm = LLM(args.model, **PROPOSERS[name])
+        spec = PROPOSERS[name]
+        if spec.get("speculative_algorithm") == "EAGLE":
+            spec = spec | {"speculative_draft_model_path": _random_head(args.model)}
+        llm = LLM(args.model, load_format=args.load_format, **spec)
         startup = time.perf_counter() - t
         for workload in args.workloads:
             for bs in args.batch_sizes:
@@ -121,6 +133,21 @@ def main(argv: list[str] | None = None) -> None:
         del llm
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _random_head(model: str | None) -> str:
+    from tessera.loader.model_loader import default_model_path
+    from tessera.testing.eagle_checkpoint import save_random_eagle_head
+
+    if model is None or Path(model).suffix == ".gguf":
+        from tessera.loader.gguf_file import GGUFFile
+
+        target = GGUFFile(Path(model) if model else default_model_path()).config
+    else:
+        target = json.loads((Path(model) / "config.json").read_text())
+    folder = Path(tempfile.mkdtemp(prefix="eagle-head-"))
+    save_random_eagle_head(folder, target, seed=0)
+    return str(folder)
 
 
 def _line(r: dict[str, Any]) -> str:

@@ -49,8 +49,9 @@ case "${1:-}" in
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
     step test_spec 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
-    step test_engine 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py
-    step bench_spec 240 python3 -m benchmarks.speculative --out "$OUT/speculative.json"
+    step bench_spec 200 python3 -m benchmarks.speculative --out "$OUT/speculative.json"
+    step bench_eagle 150 python3 -m benchmarks.speculative --model benchmarks/configs/llama3-8b \
+      --load-format dummy --proposers plain eagle-random --workloads gsm8k --out "$OUT/speculative_eagle.json"
     for s in ngram self-draft-8; do
       step "gsm8k_$s" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --out "$OUT/gsm8k_$s.json"
     done ;;

@@ -7,12 +7,16 @@ Run with `pytest -m gpu` after `scripts/gpu-setup.sh` and `scripts/stage-model.s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
+from tessera.loader.gguf_file import GGUFFile
+from tessera.loader.model_loader import default_model_path
+from tessera.testing.eagle_checkpoint import save_random_eagle_head
 
 pytestmark = pytest.mark.gpu
 
@@ -38,16 +42,24 @@ def plain() -> list[list[int]]:
     return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
-@pytest.mark.parametrize("proposer", list(PROPOSERS))
+@pytest.mark.parametrize("proposer", [*PROPOSERS, "eagle-random"])
 def test_greedy_speculation_equals_plain_decoding_and_replays_graphs(
-    proposer: str, plain: list[list[int]]
+    proposer: str, plain: list[list[int]], tmp_path: Path
 ) -> None:
-    llm = LLM(dtype="float32", **PROPOSERS[proposer])
+    if proposer == "eagle-random":  # a seeded random head: acceptance ~0, the path is what is tested
+        save_random_eagle_head(tmp_path, GGUFFile(default_model_path()).config)
+        spec = {"speculative_algorithm": "EAGLE", "speculative_draft_model_path": str(tmp_path)}
+    else:
+        spec = PROPOSERS[proposer]
+    llm = LLM(dtype="float32", **spec)
     got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
     assert got == plain
     stats = llm.stats()
     assert stats["pages_free"] + stats["pages_evictable"] == stats["pages_usable"]
     assert sum(stats["spec_accepted"]) > 0
+    if proposer != "ngram":  # the draft's own graphs replay too
+        draft = llm.proposer.runner.graph_stats()  # type: ignore[union-attr]
+        assert not draft["eager_fallbacks"] and draft["replays"], draft
     graphs = stats["graphs"]
     assert not graphs["eager_fallbacks"], graphs  # every verify replayed a graph
     assert sum(graphs["replays"].get("full-extend", {}).values()) > 0, graphs  # small verifies: full graphs
