@@ -34,6 +34,15 @@ def test_descriptors_leave_a_row_for_the_padding_and_share_the_token_counts() ->
         full_graph_descriptors(4, [8], 0)
 
 
+def test_verify_batches_past_the_extend_graphs_seqs_get_graphs_of_their_own() -> None:
+    """Speculative decoding (K = 3): a verify of 16 or 32 requests (4 tokens each) has too many sequences
+    for the extend graphs' 8 rows; graphs of 16 x 4 and 32 x 4 tokens with a row each take them."""
+    descriptors = full_graph_descriptors(32, [8, 16, 32, 64, 128], 8, verify_len=4)
+    extend = [(d.num_tokens, d.num_seqs) for d in descriptors if not d.uniform_decode]
+    assert extend == [(8, 9), (16, 9), (32, 9), (64, 9), (64, 17), (128, 9), (128, 33)]
+    assert full_graph_descriptors(32, [8], 8, verify_len=4) == full_graph_descriptors(32, [8], 8)
+
+
 @needs_triton_on_cpu
 @pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
 def test_extend_graphs_match_eager(family: str) -> None:

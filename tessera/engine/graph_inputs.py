@@ -40,15 +40,23 @@ def decode_batch_sizes(max_bs: int) -> list[int]:
 
 
 def full_graph_descriptors(
-    max_bs: int, extend_tokens: list[int], extend_max_seqs: int
+    max_bs: int, extend_tokens: list[int], extend_max_seqs: int, verify_len: int = 1
 ) -> list[BatchDescriptor]:
     """Decode graphs for batch sizes up to `max_bs` (0: none); extend graphs for each of
-    `extend_tokens`, each with room for `extend_max_seqs` sequences and its padding."""
+    `extend_tokens`, each with room for `extend_max_seqs` sequences and its padding; with speculative
+    decoding (`verify_len` = 1 + K tokens a verify), extend graphs for verify batches of the decode
+    graphs' sizes past `extend_max_seqs` whose tokens stay within `extend_tokens`' largest."""
     if extend_max_seqs < 1:
         raise ValueError(f"extend graphs need room for at least one sequence, got {extend_max_seqs}")
     full = GraphMode.FULL
-    decode = [BatchDescriptor(full, bs, bs, True) for bs in decode_batch_sizes(max_bs)] if max_bs > 0 else []
+    sizes = decode_batch_sizes(max_bs) if max_bs > 0 else []
+    decode = [BatchDescriptor(full, bs, bs, True) for bs in sizes]
     extend = [BatchDescriptor(full, t, min(t, extend_max_seqs) + 1) for t in sorted(set(extend_tokens))]
+    if verify_len > 1 and extend_tokens:
+        top = max(extend_tokens)
+        verify = [BatchDescriptor(full, bs * verify_len, bs + 1) for bs in sizes
+                  if bs > extend_max_seqs and bs * verify_len <= top]  # fmt: skip
+        extend = sorted(set(extend) | set(verify), key=lambda d: (d.num_tokens, d.num_seqs))
     return decode + extend
 
 
@@ -70,7 +78,9 @@ class GraphInputs:
             raise ValueError("full graphs need at least one descriptor")
         self.model, self.layers, self.page_size = model, layers, page_size
         self.decode = sorted(d for d in descriptors if d.uniform_decode)
-        self.extend = sorted((d for d in descriptors if not d.uniform_decode), key=lambda d: d.num_tokens)
+        self.extend = sorted(
+            (d for d in descriptors if not d.uniform_decode), key=lambda d: (d.num_tokens, d.num_seqs)
+        )
         self._decode_sizes = [d.num_tokens for d in self.decode]
         max_t = max(d.num_tokens for d in descriptors)
         max_s = max(d.num_seqs for d in descriptors)

@@ -174,8 +174,9 @@ class ModelRunner:
         # the piecewise graphs' token counts (default or given), up to the extend graphs' limit
         extend = [t for t in self._graph_config().sizes if t <= extend_max]
         descriptors = full_graph_descriptors(
-            self.config.decode_graph_max_bs, extend, r.extend_cuda_graph_max_seqs
-        )
+            self.config.decode_graph_max_bs, extend, r.extend_cuda_graph_max_seqs,
+            verify_len=1 + self.config.speculative.num_steps,
+        )  # fmt: skip
         if not descriptors:
             return
         inputs = GraphInputs(
