@@ -30,8 +30,8 @@ PROMPTS = [
 PROPOSERS: dict[str, dict[str, Any]] = {
     "ngram": {"speculative_algorithm": "NGRAM", "speculative_num_steps": 4},
     "self-draft": {"speculative_algorithm": "STANDALONE", "speculative_draft_layers": 8},
-    "whole-self": {"speculative_algorithm": "STANDALONE", "speculative_draft_layers": 29,
-                   "speculative_num_steps": 5},
+    # the target drafting for itself: every draft is the target's own choice
+    "itself": {"speculative_algorithm": "STANDALONE", "speculative_num_steps": 5},
 }  # fmt: skip
 PARAMS = SamplingParams(max_tokens=48, ignore_eos=True)
 
@@ -49,6 +49,8 @@ def test_greedy_speculation_equals_plain_decoding_and_replays_graphs(
     if proposer == "eagle-random":  # a seeded random head: acceptance ~0, the path is what is tested
         save_random_eagle_head(tmp_path, GGUFFile(default_model_path()).config)
         spec = {"speculative_algorithm": "EAGLE", "speculative_draft_model_path": str(tmp_path)}
+    elif proposer == "itself":
+        spec = PROPOSERS[proposer] | {"speculative_draft_model_path": str(default_model_path())}
     else:
         spec = PROPOSERS[proposer]
     llm = LLM(dtype="float32", **spec)
@@ -63,9 +65,9 @@ def test_greedy_speculation_equals_plain_decoding_and_replays_graphs(
     graphs = stats["graphs"]
     assert not graphs["eager_fallbacks"], graphs  # every verify replayed a graph
     assert sum(graphs["replays"].get("full-extend", {}).values()) > 0, graphs  # small verifies: full graphs
-    if proposer == "whole-self":  # 29 of 30 layers drafting: nearly every draft is accepted
+    if proposer == "itself":  # all accepted but where a verify rounds a near tie otherwise (float32: rare)
         accepted = stats["spec_accepted"]
-        assert accepted[-1] > 2 * accepted[0], accepted
+        assert accepted[0] <= sum(accepted) // 20, accepted
 
 
 def test_bfloat16_speculation_serves_and_accepts() -> None:
