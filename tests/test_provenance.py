@@ -30,3 +30,8 @@ def test_results_name_the_commit_card_and_torch(tmp_path: Path) -> None:
 def test_outside_a_checkout_the_commit_is_unknown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(provenance, "ROOT", tmp_path)
     assert provenance.commit() == "unknown"
+
+
+def test_an_explicit_commit_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TESSERA_COMMIT", "abc1234")
+    assert provenance.commit() == "abc1234"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,10 @@ def _git(*args: str) -> str:
 
 
 def commit() -> str:
-    """The checkout's commit ("+dirty" when tracked files have changes; "unknown" outside a checkout)."""
+    """The checkout's commit ("+dirty" when tracked files have changes; "unknown" outside a checkout), or
+    $TESSERA_COMMIT where set: a copy of the tree on another machine may carry a stale .git."""
+    if os.environ.get("TESSERA_COMMIT"):
+        return os.environ["TESSERA_COMMIT"]
     head = _git("rev-parse", "--short=10", "HEAD")
     if not head:
         return "unknown"
