@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -44,6 +45,12 @@ def _stops() -> StopChecker:
 def _seq(params: SamplingParams, drafts: list[int], output: list[int] | None = None) -> Sequence:
     seq = Sequence(list(PROMPT), params, output_token_ids=list(output or []))
     seq.draft_token_ids = list(drafts)
+    return seq
+
+
+def _seeded(params: SamplingParams, drafts: list[int]) -> Sequence:
+    seq = _seq(params, drafts)
+    seq.generator = torch.Generator()  # as the engine gives a seeded request
     return seq
 
 
@@ -203,11 +210,9 @@ def _fits(tokens: list[int], probs: torch.Tensor) -> bool:
 
 
 def _verify_many(rows: torch.Tensor, params: SamplingParams, drafts: list[int], n: int, seed: int):
-    """The tokens each of `n` independent verifies of `drafts` over the same `rows` emits."""
-    gen = torch.Generator().manual_seed(seed)
-    seqs = [_seq(params, drafts) for _ in range(n)]
-    for seq in seqs:
-        seq.generator = gen
+    """The tokens each of `n` independent verifies of `drafts` over the same `rows` emits (requests of
+    seeds seed * n + i)."""
+    seqs = [_seeded(replace(params, seed=seed * n + i), drafts) for i in range(n)]
     return [v.tokens for v in verify_batch(rows.repeat(n, 1), seqs, None)]
 
 
@@ -291,9 +296,7 @@ def test_a_banned_draft_is_never_accepted_even_when_likely() -> None:
     rows = _logits(K + 1, seed=7)
     rows[:, EOS] = rows.amax(-1) + 3  # ~95% of the mass, but min_tokens bans it
     params = SamplingParams(temperature=1.0, min_tokens=2)
-    seqs = [_seq(params, [EOS] * K) for _ in range(500)]
-    for seq in seqs:
-        seq.generator = torch.Generator().manual_seed(seq.id)
+    seqs = [_seeded(replace(params, seed=i), [EOS] * K) for i in range(500)]
     emitted = [v.tokens for v in verify_batch(rows.repeat(len(seqs), 1), seqs, _stops())]
     assert all(len(t) == 1 and t[0] != EOS for t in emitted)
     # two outputs later the ban is over: EOS is then accepted far more often than not

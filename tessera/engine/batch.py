@@ -28,18 +28,20 @@ class ScheduledBatch:
 
     work: list[tuple[Sequence, int]]
     sample_rows: list[int]
-    # per work row: how many draft tokens its decode may verify (pages and token budget reserved)
-    draft_room: list[int] = field(default_factory=list)
+    # work row -> how many draft tokens its decode may verify (pages and token budget reserved); only
+    # the decodes with room, in the order `Scheduler.attach_drafts` takes drafts for them
+    draft_room: dict[int, int] = field(default_factory=dict)
+    verifies: bool = False  # some decode got draft tokens (set by `Scheduler.attach_drafts`)
 
     @classmethod
-    def of(cls, work: list[tuple[Sequence, int]], draft_room: list[int] | None = None) -> ScheduledBatch:
+    def of(cls, work: list[tuple[Sequence, int]], draft_room: dict[int, int] | None = None) -> ScheduledBatch:
         rows = [i for i, (seq, n) in enumerate(work) if seq.num_cached + n == seq.num_tokens]
-        return cls(work, rows, draft_room or [0] * len(work))
+        return cls(work, rows, draft_room or {})
 
     @property
     def proposal_seqs(self) -> list[Sequence]:
-        """The decodes with draft room, in the order `Scheduler.attach_drafts` takes drafts for them."""
-        return [seq for (seq, _), room in zip(self.work, self.draft_room, strict=True) if room]
+        """The decodes with draft room, in `draft_room`'s order."""
+        return [self.work[i][0] for i in self.draft_room]
 
     @property
     def samplers(self) -> list[Sequence]:
@@ -49,10 +51,6 @@ class ScheduledBatch:
     def logits_rows(self) -> list[int]:
         """How many rows of logits each sampling sequence gets: 1, or 1 + its drafts for a verify."""
         return [1 + len(self.work[i][0].draft_token_ids) for i in self.sample_rows]
-
-    @property
-    def verifies(self) -> bool:
-        return any(self.work[i][0].draft_token_ids for i in self.sample_rows)
 
     def __len__(self) -> int:
         return len(self.work)

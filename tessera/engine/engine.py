@@ -22,7 +22,6 @@ from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
 from tessera.engine.speculative import Proposer
-from tessera.engine.speculative.eagle import EagleProposer
 from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
@@ -65,8 +64,6 @@ class Engine:
         spec = config.speculative
         self.scheduler = Scheduler(config.scheduler, kv, stops, lookahead=spec.num_steps)
         self.proposer = self._proposer(pages)
-        # accepted draft tokens per verify: [verifies that accepted 0, 1, ..., K]
-        self.spec_accepted = [0] * (spec.num_steps + 1)
         # Host seconds of every step, by phase: schedule; propose (drafting); forward (building the
         # batch and launching its work, asynchronous on a GPU); sample (which waits for the GPU to
         # finish); update.
@@ -94,6 +91,12 @@ class Engine:
                 f"the draft model {path} has a vocabulary of {draft_config.vocab_size} tokens, the target "
                 f"{self.model_config.vocab_size}: a draft must share the target's vocabulary"
             )
+        if draft_config.max_position_embeddings < self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"the draft model {path} takes {draft_config.max_position_embeddings} tokens of context, "
+                f"the target {self.model_config.max_position_embeddings}: pass --context-length "
+                f"{draft_config.max_position_embeddings} (or less) to serve both"
+            )
         return draft
 
     def _proposer(self, pages: int) -> Proposer | None:
@@ -108,19 +111,15 @@ class Engine:
             from tessera.engine.speculative.eagle import EagleProposer
 
             assert self.draft_model is not None
-            return EagleProposer(ModelRunner(self.draft_model, self.config, num_pages=pages))
+            return EagleProposer(ModelRunner(self.draft_model, self.config, num_pages=pages, verifies=False))
         if self.draft_model is not None:
             from tessera.engine.speculative.draft_model import DraftModelProposer
 
-            shares = spec.speculative_draft_layers is not None
+            layers = spec.speculative_draft_layers  # the target's own first layers share its cache
             kv = self.runner.kv
-            own_kv = replace(
-                kv, k=kv.k[: spec.speculative_draft_layers], v=kv.v[: spec.speculative_draft_layers]
-            )
-            runner = ModelRunner(
-                self.draft_model, self.config, num_pages=pages, kv=own_kv if shares else None
-            )
-            return DraftModelProposer(runner, shares_target_cache=shares)
+            shared_kv = replace(kv, k=kv.k[:layers], v=kv.v[:layers]) if layers is not None else None
+            runner = ModelRunner(self.draft_model, self.config, num_pages=pages, kv=shared_kv, verifies=False)
+            return DraftModelProposer(runner, shares_target_cache=layers is not None)
         return None
 
     def _num_pages(self) -> int:
@@ -169,28 +168,24 @@ class Engine:
         if not batch:
             raise RuntimeError("the scheduler found nothing it could run (KV cache too small?)")
         t1 = clock()
-        if self.proposer is not None and any(batch.draft_room):
-            rooms = [room for room in batch.draft_room if room]
-            self.scheduler.attach_drafts(batch, self.proposer.propose(batch.proposal_seqs, rooms))
+        proposer = self.proposer
+        if proposer is not None and batch.draft_room:
+            rooms = list(batch.draft_room.values())
+            self.scheduler.attach_drafts(batch, proposer.propose(batch.proposal_seqs, rooms))
         t2 = clock()
-        starts = [seq.num_cached for seq, _ in batch.work]
+        starts = [seq.num_cached for seq, _ in batch.work] if proposer is not None else []
         logits = self.runner.run(batch)
         t3 = clock()
         if batch.verifies:
             verified = verify_batch(logits, batch.samplers, self.scheduler.stops)
-            for seq, v in zip(batch.samplers, verified, strict=True):
-                if seq.draft_token_ids:
-                    self.spec_accepted[len(v.tokens) - 1] += 1
             t4 = clock()
             advanced = self.scheduler.postprocess_verified(batch, verified)
         else:
             tokens, logprobs, tops = self._sample(logits, batch.samplers)
             t4 = clock()
             advanced = self.scheduler.postprocess(batch, tokens, logprobs, tops)
-        if isinstance(self.proposer, EagleProposer):  # the head drafts from the target's hidden states
-            last = self.runner.last_batch
-            assert self.runner.last_hidden is not None and last is not None
-            self.proposer.observe(batch.work, starts, self.runner.last_hidden, last.last_rows.tolist())
+        if proposer is not None:  # a draft model or head follows what the target kept
+            proposer.observe(batch.work, starts, self.runner)
         self.steps += 1
         times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
         for phase, elapsed in zip(STEP_PHASES, times, strict=True):
@@ -206,7 +201,7 @@ class Engine:
         assert stops is not None
         histories = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
         banned = [stops.banned(s) for s in seqs]
-        return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs], histories, banned)
+        return sample_batch(logits, [s.params for s in seqs], [s.rng() for s in seqs], histories, banned)
 
     def stats(self) -> dict[str, Any]:
         """What an operator watches: requests, KV pages, graph counters, step timings (the server's
@@ -221,7 +216,7 @@ class Engine:
             "graphs": self.runner.graph_stats(),
             "steps": self.steps,
             "step_seconds": dict(self.step_seconds),
-            "spec_accepted": list(self.spec_accepted),
+            "spec_accepted": list(s.spec_accepted),
         }
 
     def info(self) -> dict[str, Any]:
@@ -257,6 +252,4 @@ def _with_context_length(mc: ModelConfig, n: int) -> ModelConfig:
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+    return torch.Generator(device=device)  # seeded per position: Sequence.rng

@@ -43,11 +43,19 @@ logger = logging.getLogger("tessera")
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, config: EngineConfig, *, num_pages: int, kv: KVCache | None = None
+        self,
+        model: nn.Module,
+        config: EngineConfig,
+        *,
+        num_pages: int,
+        kv: KVCache | None = None,
+        verifies: bool = True,
     ) -> None:
         """`kv`: cache tensors to use instead of allocating them (a self-speculation draft reads and
-        writes its target's first layers' cache)."""
+        writes its target's first layers' cache). `verifies`: whether this runner forwards speculative
+        verify batches (a draft's does not: no graphs for them)."""
         self.model, self.config = model, config
+        self.verify_len = 1 + config.speculative.num_steps if verifies else 1
         self.model_config = mc = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -175,7 +183,7 @@ class ModelRunner:
         extend = [t for t in self._graph_config().sizes if t <= extend_max]
         descriptors = full_graph_descriptors(
             self.config.decode_graph_max_bs, extend, r.extend_cuda_graph_max_seqs,
-            verify_len=1 + self.config.speculative.num_steps,
+            verify_len=self.verify_len,
         )  # fmt: skip
         if not descriptors:
             return

@@ -128,7 +128,7 @@ def sample_batch(
             row = penalize(row, p, *histories[i])
         if ban:
             row = row.float().index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
-        tokens[i] = row.argmax() if p.greedy else _sample_row(row, p, gen)
+        tokens[i] = row.argmax() if p.greedy else sample_row(row, p, gen)
     all_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
     logprobs = all_logprobs.gather(1, tokens[:, None])[:, 0]
     both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()
@@ -166,10 +166,23 @@ def penalize(
     return row.clamp_(-_LOGIT_BOUND, _LOGIT_BOUND)
 
 
-def _sample_row(
+def sample_row(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """One draw from one row of logits [V] (a 0-d tensor on the device)."""
     return torch.multinomial(probabilities(logits, params), 1, generator=generator)[0]
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a seeded request's draw at `position`: a splitmix64 mix of both, so neighbouring
+    seeds and positions give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & _MASK63
+
+
+_MASK64, _MASK63 = (1 << 64) - 1, (1 << 63) - 1
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

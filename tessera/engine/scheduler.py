@@ -45,6 +45,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self._preempted: set[Sequence] = set()  # this schedule() call's (a set: `in running` was O(n))
+        # verifies by how many draft tokens their request took: [0, 1, ..., lookahead]
+        self.spec_accepted = [0] * (lookahead + 1)
 
     @property
     def has_work(self) -> bool:
@@ -94,18 +96,20 @@ class Scheduler:
         for seq, token, logprob, top in zip(advanced, tokens, logprobs, tops, strict=True):
             if self._take(seq, token, logprob, top):
                 self._finish(seq)
+        self._trim_draft_room(batch)
         return advanced
 
     def attach_drafts(self, batch: ScheduledBatch, drafts: list[list[int]]) -> None:
         """Give the decodes of `batch` that have draft room (in `batch.draft_room`'s order) their draft
         tokens, at most their room each: those decodes become verifies."""
-        rows = [i for i, room in enumerate(batch.draft_room) if room]
-        for i, tokens in zip(rows, drafts, strict=True):
-            (seq, n), room = batch.work[i], batch.draft_room[i]
+        for (i, room), tokens in zip(batch.draft_room.items(), drafts, strict=True):
+            seq, n = batch.work[i]
             if len(tokens) > room:
                 raise ValueError(f"{len(tokens)} drafts for sequence {seq.id}, room for {room}")
-            seq.draft_token_ids = list(tokens)
-            batch.work[i] = (seq, n + len(tokens))
+            if tokens:
+                seq.draft_token_ids = list(tokens)
+                batch.work[i] = (seq, n + len(tokens))
+                batch.verifies = True
 
     def postprocess_verified(self, batch: ScheduledBatch, verified: list[Verified]) -> list[Sequence]:
         """`postprocess` for a batch with verifies: each sampling sequence takes its tokens in order (the
@@ -118,23 +122,32 @@ class Scheduler:
         advanced = batch.samplers
         for seq, v in zip(advanced, verified, strict=True):
             drafted, start = len(seq.draft_token_ids), seq.num_cached
-            if drafted:
-                seq.spec_verifies += 1
-                seq.spec_accepted += len(v.tokens) - 1
-                seq.draft_token_ids = []
-            stopped = False
+            taken = 0
             for token, logprob, top in zip(v.tokens, v.logprobs, v.tops, strict=True):
+                taken += 1
                 if self._take(seq, token, logprob, top):
-                    stopped = True
                     break
             if drafted:
+                # what the request took of the drafts: a stop inside the chain cuts them too
+                accepted = min(taken, len(v.tokens) - 1)
+                seq.spec_verifies += 1
+                seq.spec_accepted += accepted
+                self.spec_accepted[accepted] += 1
+                seq.draft_token_ids = []
                 # the K/V of its last token and the accepted drafts, of the tokens it kept
                 seq.num_cached = min(start + len(v.tokens), seq.num_tokens)
-            if stopped:
+            if seq.finished:
                 self._finish(seq)
-            elif drafted:
-                self.kv.trim(seq)
+        self._trim_draft_room(batch)
         return advanced
+
+    def _trim_draft_room(self, batch: ScheduledBatch) -> None:
+        """Give back the pages a decode's draft room held past what it kept (rejected drafts, or room
+        its proposer did not fill)."""
+        for i in batch.draft_room:
+            seq = batch.work[i][0]
+            if not seq.finished:
+                self.kv.trim(seq)
 
     def _take(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs) -> bool:
         """Append a token to `seq`; True if it stops there (its finish reason set)."""
@@ -154,18 +167,20 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget, prefill = self.config.token_budget, self.config.chunked_prefill_size
         work: list[tuple[Sequence, int]] = []
-        room: list[int] = []
+        decodes: list[int] = []  # work rows of decodes that may verify drafts
         self._preempted = set()
         for seq in list(self.running):
             if seq in self._preempted:  # preempted to make room for an older one
                 continue
             n = self._tokens(seq, budget, prefill)
-            k = min(self._draft_room(seq), budget - 1) if n == 1 and seq.uncached == 1 else 0
-            if n and self._reserve(seq, n + k, preempt_newer_than=seq):
+            if n and self._reserve(seq, n, preempt_newer_than=seq):
+                if self.lookahead and n == 1 and seq.uncached == 1:
+                    decodes.append(len(work))
                 work.append((seq, n))
-                room.append(k)
-                budget -= n + k
+                budget -= n
                 prefill -= n if n > 1 else 0
+        room = self._draft_rooms(work, decodes, budget) if decodes else {}
+        budget -= sum(room.values())
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting[0]
             self.kv.match_prefix(seq)
@@ -177,10 +192,24 @@ class Scheduler:
             self.kv.admitted(seq)
             self.running.append(seq)
             work.append((seq, n))
-            room.append(0)
             budget -= n
             prefill -= n if n > 1 else 0
         return ScheduledBatch.of(work, room)
+
+    def _draft_rooms(
+        self, work: list[tuple[Sequence, int]], decodes: list[int], budget: int
+    ) -> dict[int, int]:
+        """Draft room of each decode (by work row), after every running request got its own tokens:
+        oldest first while the token budget lasts, on pages the pool (or the prefix cache's unused pages)
+        can spare. Room never preempts a request: a decode without pages for it verifies nothing."""
+        room: dict[int, int] = {}
+        for i in decodes:
+            seq = work[i][0]
+            k = min(self._draft_room(seq), budget)
+            if k and self.kv.reserve(seq, 1 + k):
+                room[i] = k
+                budget -= k
+        return room
 
     def _draft_room(self, seq: Sequence) -> int:
         """Draft tokens a decode of `seq` may verify: `lookahead`, but none it could never keep (past

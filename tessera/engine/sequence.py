@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from tessera.engine.sampling import SamplingParams, TopLogprobs
+from tessera.engine.sampling import SamplingParams, TopLogprobs, position_seed
 
 _ids = itertools.count()
 
@@ -29,7 +29,7 @@ class Sequence:
     spec_accepted: int = 0
     cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
     finish_reason: str | None = None
-    generator: Any = None  # torch.Generator of a seeded request
+    generator: Any = None  # torch.Generator of a seeded request (see `rng`)
     detokenizer: Any = None  # IncrementalDetokenizer of a request with stop strings (the engine's)
 
     @property
@@ -47,6 +47,17 @@ class Sequence:
         if start >= n:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    def rng(self, ahead: int = 0) -> Any:
+        """The generator for the draw of the token at position num_tokens + ahead: None for an unseeded
+        request (the global one), else this request's, seeded from its seed and that position. A seeded
+        request's every token then depends on its seed and position alone, not on how many draws came
+        before: the same tokens however it is batched or chunked, and with speculation or without (a
+        verify draws at each drafted position exactly what plain decoding draws there)."""
+        if self.generator is None:
+            return None
+        assert self.params.seed is not None
+        return self.generator.manual_seed(position_seed(self.params.seed, self.num_tokens + ahead))
 
     @property
     def num_tokens(self) -> int:

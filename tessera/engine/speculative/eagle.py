@@ -2,15 +2,18 @@
 
 The head's row at position i takes token i + 1 and the target's feature (final hidden state) at
 position i, and predicts token i + 2; each later draft step takes the draft token just proposed and the
-head's own output as its feature. So the head must first run every position the target ran since its
-last proposal — with the target's features — and only then draft: its K/V at positions drafted from
-its own features is rewritten from the target's at the next proposal (EAGLE's "stable" K/V).
+head's own output as its feature. So the head runs every position the target kept, with the target's
+features, before it drafts from there: its K/V at positions drafted from its own features is rewritten
+from the target's once the target has run them (EAGLE's "stable" K/V).
 
-The target's features come from each target forward (`observe`): the rows of the positions it kept —
-a prefill chunk's, a verify's last token and accepted drafts. The head's one-layer cache is indexed by
-the target's pages, like a draft model's (`draft_model.py`). Positions the target never ran for a
-request (a prefix-cache hit) have no features here: the head trusts the K/V an earlier request with
-the same tokens left in those shared pages, which only the acceptance rate depends on.
+The head follows the target (`observe`): after each target forward it runs the positions the target
+kept — a prefill chunk's, a plain decode's, a verify's last token and accepted drafts — with the
+target's features, in the same step (so no feature is stored, and the head's forward is never larger
+than the target's), and keeps what its last row gave: the request's first draft token and the feature
+of the next draft step. A proposal goes on from there. The head's one-layer cache is indexed by the
+target's pages, like a draft model's (`draft_model.py`). Positions the target never ran for a request (a
+prefix-cache hit) have no features here: the head trusts the K/V an earlier request with the same
+tokens left in those shared pages, which only the acceptance rate depends on.
 """
 
 from __future__ import annotations
@@ -27,38 +30,43 @@ from tessera.engine.sequence import Sequence
 
 
 @dataclass
-class _Features:
-    start: int  # the position of the first row
-    rows: list[torch.Tensor]  # [n, hidden] each, consecutive positions
+class _Next:
+    """What the head's row at a request's last cached position gave: its first draft and the feature of
+    the draft step after it, valid while the request's cached length is `num_cached`."""
 
-    @property
-    def end(self) -> int:
-        return self.start + sum(r.shape[0] for r in self.rows)
+    num_cached: int
+    token: int
+    feature: torch.Tensor  # [1, hidden]
 
 
 class EagleProposer:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self._features: weakref.WeakKeyDictionary[Sequence, _Features] = weakref.WeakKeyDictionary()
+        self._next: weakref.WeakKeyDictionary[Sequence, _Next] = weakref.WeakKeyDictionary()
 
-    def observe(self, work: list[tuple[Sequence, int]], starts: list[int], hidden: torch.Tensor,
-                last_rows: list[int]) -> None:  # fmt: skip
-        """After a target forward of `work` (each sequence's first position in `starts`, its last row of
-        `hidden` in `last_rows`) and its postprocess: keep the features of the positions each sequence
-        kept (a verify's rejected drafts are past its cached length now)."""
-        for (seq, n), start, last in zip(work, starts, last_rows, strict=True):
+    @torch.no_grad()
+    def observe(self, work: list[tuple[Sequence, int]], starts: list[int], target: ModelRunner) -> None:
+        hidden, forward = target.last_hidden, target.last_batch
+        assert hidden is not None and forward is not None
+        rows: list[Row] = []
+        feats: list[torch.Tensor] = []
+        seqs: list[Sequence] = []
+        for (seq, n), start, last in zip(work, starts, forward.last_rows.tolist(), strict=True):
             if seq.finished:
-                self._features.pop(seq, None)
+                self._next.pop(seq, None)
                 continue
-            keep = min(n, seq.num_cached - start)
+            keep = min(n, seq.num_cached - start)  # a verify's rejected drafts are past num_cached
             if keep <= 0:
                 continue
-            rows = hidden[last - n + 1 : last - n + 1 + keep].clone()
-            known = self._features.get(seq)
-            if known is None or known.end != start:  # new, or recomputed after a preemption
-                self._features[seq] = _Features(start, [rows])
-            else:
-                known.rows.append(rows)
+            # positions start .. num_cached - 1, each with the token after it
+            rows.append((seq.tokens(start + 1, seq.num_cached + 1), start, seq.pages))
+            feats.append(hidden[last - n + 1 : last - n + 1 + keep])
+            seqs.append(seq)
+        if not rows:
+            return
+        tokens, outputs = self._step(rows, feats)
+        for j, seq in enumerate(seqs):
+            self._next[seq] = _Next(seq.num_cached, tokens[j], outputs[j : j + 1])
 
     @torch.no_grad()
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[list[int]]:
@@ -66,34 +74,38 @@ class EagleProposer:
         rows: list[Row] = []
         feats: list[torch.Tensor] = []
         active: list[int] = []
-        for i, seq in enumerate(seqs):
-            known = self._features.get(seq)
-            if known is None or known.end != seq.num_cached or known.end == known.start:
-                continue  # nothing the target ran since the last proposal: no draft this step
-            # positions start .. num_cached - 1, each with the token after it
-            rows.append((seq.tokens(known.start + 1, seq.num_cached + 1), known.start, seq.pages))
-            feats.append(torch.cat(known.rows) if len(known.rows) > 1 else known.rows[0])
-            active.append(i)
-            self._features[seq] = _Features(seq.num_cached, [])  # the head runs them now
+        for i, (seq, room) in enumerate(zip(seqs, rooms, strict=True)):
+            nxt = self._next.get(seq)
+            if nxt is None or nxt.num_cached != seq.num_cached:
+                continue  # the head has not run this request's last position: no draft this step
+            drafts[i].append(nxt.token)
+            if room > 1:
+                rows.append(([nxt.token], seq.num_cached, seq.pages))
+                feats.append(nxt.feature)
+                active.append(i)
         while rows:
-            batch = build_rows(rows, self.runner.page_size, self.runner.device)
-            logits = self.runner.forward(batch, features=self._in_batch_order(batch.last_rows, rows, feats))
-            hidden = self.runner.last_hidden
-            assert hidden is not None
-            last = torch.from_numpy(batch.last_rows).to(hidden.device)
-            outputs = hidden[last]  # each row's feature for its next step
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens, outputs = self._step(rows, feats)
             step_rows: list[Row] = []
             step_feats: list[torch.Tensor] = []
             step_active: list[int] = []
-            for j, (i, token, (ran, start, pages)) in enumerate(zip(active, tokens, rows, strict=True)):
+            for j, (i, token, (_, start, pages)) in enumerate(zip(active, tokens, rows, strict=True)):
                 drafts[i].append(token)
                 if len(drafts[i]) < rooms[i]:
-                    step_rows.append(([token], start + len(ran), pages))
+                    step_rows.append(([token], start + 1, pages))
                     step_feats.append(outputs[j : j + 1])
                     step_active.append(i)
             rows, feats, active = step_rows, step_feats, step_active
         return drafts
+
+    def _step(self, rows: list[Row], feats: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+        """One head forward -> each row's next token and the head's output at its last position (the
+        feature of its next step), in `rows`' order."""
+        batch = build_rows(rows, self.runner.page_size, self.runner.device)
+        logits = self.runner.forward(batch, features=self._in_batch_order(batch.last_rows, rows, feats))
+        hidden = self.runner.last_hidden
+        assert hidden is not None
+        outputs = hidden[torch.from_numpy(batch.last_rows).to(hidden.device)]  # a copy: graph memory moves on
+        return logits.argmax(dim=-1).tolist(), outputs
 
     @staticmethod
     def _in_batch_order(last_rows: np.ndarray, rows: list[Row], feats: list[torch.Tensor]) -> torch.Tensor:

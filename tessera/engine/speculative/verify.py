@@ -7,11 +7,14 @@ counted from there, temperature, top-k/p, min-p).
 
 - Greedy: the drafts are accepted while each equals the target's choice; the target's choice at the
   first mismatch (or after the last draft) follows. The output is token for token the plain decode's.
-- Sampling: speculative rejection sampling (Leviathan et al., 2023; Chen et al., 2023). The proposers
-  here draft deterministically, so the draft distribution q is a point mass at the draft token d:
-  d is accepted with probability min(1, p(d) / q(d)) = p(d), and at the first rejection a token is drawn
-  from the residual max(p - q, 0), which is p without d, renormalized. Every emitted token is then
-  distributed as p, the plain sampler's distribution.
+- Sampling: speculative rejection sampling (Leviathan et al., 2023; Chen et al., 2023), in the form it
+  takes for drafts drawn deterministically, as all proposers here draw them. The draft distribution q is
+  then a point mass at the draft token d, so d is accepted with probability min(1, p(d) / q(d)) = p(d),
+  and at the first rejection a token comes from the residual max(p - q, 0), p without d renormalized.
+  Drawing x ~ p at the row and accepting d when x == d realizes exactly that: P(accept) = p(d), and a
+  rejected row emits x ~ p conditioned on x != d, the residual. Every emitted token is distributed as p;
+  and since row j draws with the generator a plain decode uses at that position (`Sequence.rng`), a
+  seeded request emits the same tokens with speculation as without.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from tessera.engine.sampling import (
     TopLogprobs,
     Verified,
     penalize,
-    probabilities,
+    sample_row,
     top_logprobs,
 )
 from tessera.engine.sequence import Sequence
@@ -63,9 +66,9 @@ def verify_batch(logits: torch.Tensor, seqs: list[Sequence], stops: StopChecker 
 
 def _choose(rows: torch.Tensor, seq: Sequence, stops: StopChecker | None) -> torch.Tensor:
     """One sequence's choice at each of its rows [n, V]: the token a plain decode would emit there.
-    Greedy rows: the argmax after penalties and bans. Sampling rows: at a row whose draft is accepted
-    (probability p(d)), the draft itself; at the first rejection, a draw from p without the draft; after
-    the last draft, a draw from p. (Rows past the first rejection are never emitted.)"""
+    Greedy rows: the argmax after penalties and bans; sampling rows: a draw from p with the generator of
+    that row's position. (The caller accepts the drafts while they equal these; rows past the first
+    mismatch are never emitted.)"""
     p, drafts = seq.params, seq.draft_token_ids
     processed = rows
     if p.penalized or stops is not None:
@@ -80,21 +83,8 @@ def _choose(rows: torch.Tensor, seq: Sequence, stops: StopChecker | None) -> tor
             processed[j] = row
     if p.greedy:
         return processed.argmax(dim=-1)
-    probs = probabilities(processed, p)  # [n, V]
-    n, gen = rows.shape[0], seq.generator
-    draft_ids = torch.tensor(drafts, dtype=torch.long, device=rows.device)
-    choice = torch.multinomial(probs[n - 1 :], 1, generator=gen)[:, 0]  # after the last draft
-    if not drafts:
-        return choice
-    uniform = torch.rand(n - 1, generator=gen, device=rows.device)
-    accept = uniform < probs[:-1].gather(1, draft_ids[:, None])[:, 0]
-    # the residual at every draft row (only the first rejected one is used): p without its draft
-    residual = probs[:-1].scatter(1, draft_ids[:, None], 0.0)
-    mass = residual.sum(-1, keepdim=True)
-    # NOTE: a row whose draft holds all the mass (p(d) = 1) always accepts; its residual is never drawn
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), probs[:-1])
-    redraw = torch.multinomial(residual, 1, generator=gen)[:, 0]
-    return torch.cat((torch.where(accept, draft_ids, redraw), choice))
+    # row by row, as the plain sampler draws them (the same probabilities, the same generator state)
+    return torch.stack([sample_row(processed[j], p, seq.rng(j)) for j in range(rows.shape[0])])
 
 
 def _fill_top_logprobs(
