@@ -103,6 +103,23 @@ class GGUFFile:
                 tensor = unpermute(tensor, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
             yield name, tensor
 
+    def raw_tensors(self) -> Iterator[tuple[str, str, torch.Tensor, tuple[int, int]]]:
+        """(HF name, GGML type name, the stored bytes uint8 [rows, bytes per row], logical (rows, cols))
+        for every tensor, not dequantized (`tessera.quant.gguf.repack` takes them); a 1-D tensor is one
+        row. Q and K of Llama-style checkpoints are un-permuted as in `weights()`: a GGUF row is a whole
+        number of blocks, so moving whole rows of bytes is the same as moving rows of values."""
+        cfg = self.config
+        for t in self.reader.tensors:
+            cols = int(t.shape[0])  # ggml lists dimensions fastest first: ne0 is the length of a row
+            rows = int(np.prod(t.shape[1:], dtype=np.int64))
+            # NOTE: copy: the reader's arrays are views of the read-only memory-mapped file.
+            raw = np.array(t.data, copy=True, order="C").view(np.uint8).reshape(rows, -1)
+            tensor = torch.from_numpy(raw)
+            name = hf_name(t.name)
+            if self.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+                tensor = unpermute(tensor, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+            yield name, t.tensor_type.name, tensor.contiguous(), (rows, cols)
+
 
 def hf_name(gguf_name: str) -> str:
     parts = gguf_name.split(".")

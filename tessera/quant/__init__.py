@@ -1,0 +1,1 @@
+"""Quantized weight formats and their kernels (FP8, GGUF, MXFP4)."""
