@@ -5,7 +5,7 @@
 #   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
 #   5: DeepSeek / MoE GPU tests, `benchmarks.moe_padding`, `benchmarks.step` on their shapes
 #      (5 = 5a: the first two; 5b, 5c: the step bench on DeepSeek-V2-Lite, on Qwen3-30B-A3B)
-#   stage then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
+#   stage [quant] then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -44,7 +44,10 @@ case "${1:-}" in
     step bench_step 420 python3 -m benchmarks.step ${2:+--models "$2"} --out "$OUT/step.json" ;;
   stage)  # (carry .wheels/gpu .wheels/stage/part-aa) the model's first half, and setup: for `spec`
     bash scripts/stage-model.sh first
-    step setup 120 bash scripts/gpu-setup.sh ;;
+    step setup 120 bash scripts/gpu-setup.sh
+    # `stage quant`: meanwhile the quantized kernels' GPU tests (issue 21)
+    [ "${2:-}" = quant ] && step test_quant 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_quant_gguf.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py ;;
   spec)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage` or `1`) issue 20
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
@@ -70,6 +73,6 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage|spec" >&2; exit 2 ;;
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant]|spec" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
