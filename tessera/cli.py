@@ -23,6 +23,7 @@ from tessera.engine.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
+from tessera.engine.torchrun import check_parallel, torchrun_config, torchrun_rank
 
 if TYPE_CHECKING:
     from tessera.engine.llm import RequestOutput
@@ -179,7 +180,26 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
         help="MoE experts: auto = on a GPU the Triton grouped GEMMs, torch._grouped_mm for large batches on "
         "Hopper (reference loop on a CPU); triton, grouped_mm = always that one",
     )
+    _parallel_flags(p)
     _speculative_flags(p)
+
+
+def _parallel_flags(p: argparse.ArgumentParser) -> None:
+    e = EngineConfig()
+    g = p.add_argument_group("tensor parallelism")
+    g.add_argument(
+        "--tp", "--tp-size", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
+        default=e.tensor_parallel_size,
+        help="ranks (GPUs) sharing each layer; rank 0 runs here, the others in worker processes (torchrun: "
+        "its WORLD_SIZE)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ep", "--ep-size", "--expert-parallel-size", dest="expert_parallel_size", type=int,
+        default=e.expert_parallel_size,
+        help="1: every rank holds a slice of every expert; = --tp: experts spread over the ranks",
+    )  # fmt: skip
+    g.add_argument("--dist-timeout", type=float, default=e.dist_timeout,
+                   help="seconds a rank may take to answer before it is reported as failed")  # fmt: skip
 
 
 def _speculative_flags(p: argparse.ArgumentParser) -> None:
@@ -238,6 +258,7 @@ def check_inputs(config: EngineConfig) -> None:
     if config.chat_template is not None and not Path(config.chat_template).is_file():
         raise FileNotFoundError(f"chat template {config.chat_template} is not a file")
     check_device(config.device)
+    check_parallel(config)
 
 
 def check_device(device: str | None) -> None:
@@ -304,17 +325,17 @@ def served_model_name(args: argparse.Namespace, config: EngineConfig) -> str:
 def generate(args: argparse.Namespace, config: EngineConfig) -> None:
     from tessera.engine.llm import LLM
 
-    llm = LLM(config=config)
-    chat = args.chat and llm.tokenizer.chat_template is not None
-    prompts = args.prompt
-    if chat:
-        logger.info("prompts go in the model's chat template (--raw: as they are)")
-        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    for original, out in zip(args.prompt, llm.generate(prompts, _sampling_params(args)), strict=True):
-        if args.json:
-            print(json.dumps(_record(original, out, llm.runner.graph_stats())))
-        else:
-            print(out.text if chat else f"{original}{out.text}")  # the answer alone, not the template
+    with LLM(config=config) as llm:
+        chat = args.chat and llm.tokenizer.chat_template is not None
+        prompts = args.prompt
+        if chat:
+            logger.info("prompts go in the model's chat template (--raw: as they are)")
+            prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        for original, out in zip(args.prompt, llm.generate(prompts, _sampling_params(args)), strict=True):
+            if args.json:
+                print(json.dumps(_record(original, out, llm.runner.graph_stats())))
+            else:
+                print(out.text if chat else f"{original}{out.text}")  # the answer alone, not the template
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -369,8 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         bench_serve.main(args.bench_args)
         return 0
     try:
-        config = engine_config(args)  # every setting checked, then the files and device: before loading
+        config = torchrun_config(engine_config(args))  # every setting checked, then files and device
         check_inputs(config)
+        rank = torchrun_rank()
+        if rank is not None and rank > 0:  # torchrun's other ranks: serve rank 0's forwards
+            from tessera.engine.parallel import serve_torchrun_worker
+
+            serve_torchrun_worker(config)
+            return 0
         (generate if args.command == "generate" else serve)(args, config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tessera {args.command}: error: {exc}", file=sys.stderr)

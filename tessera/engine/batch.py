@@ -66,6 +66,13 @@ class ForwardBatch:
     # the batch on the host, int64: token ids, positions, slot mapping [T each], then logits rows,
     # q_start, q_len, ctx_len [num_seqs each] — what a full graph's replay stages for its one upload
     host: np.ndarray
+    host_pages: np.ndarray  # the page table [num_seqs, longest], int64
+    host_logits: np.ndarray  # `logits_indices` on the host
+
+    def select_logits(self, rows: np.ndarray) -> None:
+        """Logits for these rows (int64) rather than each sequence's last one."""
+        self.host_logits = rows
+        self.logits_indices = torch.from_numpy(rows).to(self.input_ids.device)
 
     @property
     def last_rows(self) -> np.ndarray:
@@ -97,10 +104,16 @@ Row = tuple[list[int], int, list[int]]
 def build_rows(rows: list[Row], page_size: int, device: torch.device) -> ForwardBatch:
     """The forward of `rows` (each row's pages cover its new tokens already); the logits rows are each
     row's last token, in `rows`' order. A draft model's forwards are built here directly."""
+    return upload(*host_rows(rows, page_size), device)
+
+
+def host_rows(rows: list[Row], page_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`rows`' forward on the host, int64: token ids, positions, slot mapping [T each], then each row's
+    last token's index, q_start, q_len, ctx_len [B each] (`ForwardBatch.host`); and the page table
+    [B, longest]. All a forward needs: with tensor parallelism rank 0 sends the other ranks these."""
     ids: list[int] = []
     last = [0] * len(rows)  # in `rows`' order: the logits come back in it
     page_rows: list[list[int]] = []
-    layouts: list[SeqLayout] = []
     q_lens: list[int] = []
     ctx_lens: list[int] = []
     # NOTE: the batch's rows hold short sequences first (a stable partition), so a mixed batch's two
@@ -108,15 +121,13 @@ def build_rows(rows: list[Row], page_size: int, device: torch.device) -> Forward
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) > SHORT_QUERY_LEN)
     for i in order:
         tokens, start, pages = rows[i]
-        n = len(tokens)
-        end = start + n
+        end = start + len(tokens)
         used = -(-end // page_size)
         if used > len(pages):
             raise ValueError(f"a sequence holds {len(pages)} KV pages, {used} needed for {end} tokens")
         ids += tokens
         page_rows.append(pages if used == len(pages) else pages[:used])  # read only: no copy needed
-        layouts.append(SeqLayout(n, end))
-        q_lens.append(n)
+        q_lens.append(len(tokens))
         ctx_lens.append(end)
         last[i] = len(ids) - 1
     # NOTE: the rest is array arithmetic over the whole batch and two host-to-device copies: this runs on
@@ -132,18 +143,18 @@ def build_rows(rows: list[Row], page_size: int, device: torch.device) -> Forward
     pos = np.arange(t) + np.repeat(ctx_len - q_len - q_start, q_len)
     owner = np.repeat(np.arange(b), q_len)  # each new token's sequence
     slot_mapping = table[owner, pos // page_size] * page_size + pos % page_size
-    flat = np.concatenate(
-        (
-            np.array(ids, dtype=np.int64),
-            pos,
-            slot_mapping,
-            np.array(last, dtype=np.int64),
-            q_start,
-            q_len,
-            ctx_len,
-        )
-    )
-    on_device = torch.from_numpy(flat).to(device)
+    parts = (np.array(ids, dtype=np.int64), pos, slot_mapping, np.array(last, dtype=np.int64), q_start, q_len)
+    return np.concatenate((*parts, ctx_len)), table
+
+
+def upload(host: np.ndarray, table: np.ndarray, device: torch.device) -> ForwardBatch:
+    """The `ForwardBatch` of `host_rows`' arrays on `device`: two host-to-device copies."""
+    b = table.shape[0]
+    t = (host.shape[0] - 4 * b) // 3
+    q_len, ctx_len = host[3 * t + 2 * b : 3 * t + 3 * b], host[3 * t + 3 * b :]
+    q_lens = q_len.tolist()
+    layouts = [SeqLayout(n, end) for n, end in zip(q_lens, ctx_len.tolist(), strict=True)]
+    on_device = torch.from_numpy(host).to(device)
     input_ids, positions_d, slots_d = on_device[: 3 * t].view(3, t)
     last_d, vectors = on_device[3 * t :].split([b, 3 * b])
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
@@ -159,7 +170,9 @@ def build_rows(rows: list[Row], page_size: int, device: torch.device) -> Forward
         metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts),
         logits_indices=last_d,
         seqs=[],
-        host=flat,
+        host=host,
+        host_pages=table,
+        host_logits=host[3 * t : 3 * t + b],
     )
 
 

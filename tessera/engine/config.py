@@ -163,6 +163,12 @@ class EngineConfig:
     cpu_kv_tokens: int = 8192  # the KV cache's size on a CPU
     context_length: int | None = None  # overrides the model's context length (None: the model's)
     chat_template: str | None = None  # a jinja file overriding the tokenizer's chat template
+    # Tensor parallelism: one process per rank (rank 0 the engine's own, scheduling and sampling), each
+    # holding a slice of every layer; experts spread over the same ranks (ep = tp) or split like an MLP
+    # (ep = 1). See docs/architecture.md ("Tensor parallelism").
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    dist_timeout: float = 60.0  # seconds a collective may wait for another rank before it is an error
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -179,6 +185,22 @@ class EngineConfig:
         _check_choice("load format", self.load_format, LOAD_FORMATS)
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, DTYPES)
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size (--tp) must be >= 1, got {tp}")
+        if ep not in (1, tp):
+            raise ValueError(
+                f"expert_parallel_size (--ep) must be 1 or the tensor parallel size {tp} (experts are spread "
+                f"over the TP ranks), got {ep}"
+            )
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if tp > 1 and self.speculative.algorithm not in (None, "NGRAM"):
+            raise ValueError(
+                f"--speculative-algorithm {self.speculative.algorithm} with --tp {tp}: a draft model or "
+                "EAGLE head runs on one rank only for now (NGRAM, which needs no model, works with tensor "
+                "parallelism)"
+            )
 
     @classmethod
     def create(cls, model: str | None = None, **settings: Any) -> EngineConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from tessera.engine.batch import ScheduledBatch
 from tessera.engine.config import EngineConfig
 from tessera.engine.detokenize import output_text
 from tessera.engine.kv_manager import KVManager
-from tessera.engine.model_runner import ModelRunner
+from tessera.engine.model_runner import ModelRunner, num_kv_pages
+from tessera.engine.parallel import TensorParallel
 from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
@@ -48,6 +51,22 @@ class Engine:
         self.device = config.torch_device
         if self.device.type == "cpu" and not config.runner.emulate_graphs_on_cpu:
             logger.warning("no GPU: running eagerly on the CPU (piecewise CUDA graphs need a GPU)")
+        # NOTE: the ranks join before the model is built: its layers read their slice from tp_rank()
+        self.tp = TensorParallel.start(config)
+        if self.tp is not None:  # an engine dropped or left open at exit still stops its workers
+            weakref.finalize(self, self.tp.close)
+        try:
+            self._build(config)
+        except BaseException as exc:
+            if self.tp is None:
+                raise
+            error = self.tp.failure(exc)  # before close(), which ends the workers
+            self.tp.close()
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _build(self, config: EngineConfig) -> None:
         self.model, self.tokenizer, self.model_config = load_model(
             config.model, config.torch_dtype, self.device, config.load_format
         )
@@ -58,6 +77,8 @@ class Engine:
         self.draft_model = self._draft_model()
         pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages=pages)
+        if self.tp is not None:
+            self.tp.ready(self.runner)
         kv = KVManager(pages, config.page_size, prefix_cache=not config.scheduler.disable_radix_cache)
         mc = self.model_config
         stops = StopChecker(self.tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
@@ -123,23 +144,24 @@ class Engine:
         return None
 
     def _num_pages(self) -> int:
-        """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU."""
-        config = self.config
-        models = [self.model_config]
-        if self.draft_model is not None and config.speculative.speculative_draft_layers is None:
-            models.append(self.draft_model.config)  # a separate draft: its own cache, the same pages
-        # K and V (MLA: the latent alone) of every layer, per token
-        per_token = sum(mc.num_layers * mc.num_kv_heads * (mc.head_dim + mc.v_head_dim) for mc in models)
-        page_bytes = config.page_size * per_token * config.torch_dtype.itemsize
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            pages = int(free * config.mem_fraction) // page_bytes
-        else:
-            pages = -(-config.cpu_kv_tokens // config.page_size)
-        logger.info(
-            "KV cache: %d pages of %d tokens (%.0f MiB)", pages, config.page_size, pages * page_bytes / 2**20
-        )
-        return max(pages, 2)
+        """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU; with
+        tensor parallelism the least any rank has room for."""
+        models = [self.model]
+        if self.draft_model is not None and self.config.speculative.speculative_draft_layers is None:
+            models.append(self.draft_model)  # a separate draft: its own cache, the same pages
+        pages = num_kv_pages(self.config, models, self.device)
+        return pages if self.tp is None else self.tp.agree_pages(pages)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit, and when the engine is collected)."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request (raises ValueError if it can never fit)."""
@@ -174,7 +196,7 @@ class Engine:
             self.scheduler.attach_drafts(batch, proposer.propose(batch.proposal_seqs, rooms))
         t2 = clock()
         starts = [seq.num_cached for seq, _ in batch.work] if proposer is not None else []
-        logits = self.runner.run(batch)
+        logits = self._run(batch)
         t3 = clock()
         if batch.verifies:
             verified = verify_batch(logits, batch.samplers, self.scheduler.stops)
@@ -191,6 +213,17 @@ class Engine:
         for phase, elapsed in zip(STEP_PHASES, times, strict=True):
             seconds[phase] += elapsed
         return advanced
+
+    def _run(self, batch: ScheduledBatch) -> torch.Tensor:
+        if self.tp is None:
+            return self.runner.run(batch)
+        try:
+            return self.runner.run(batch)
+        except Exception as exc:  # a rank that died or stopped answering is named
+            error = self.tp.failure(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[Sequence]

@@ -11,12 +11,14 @@ the same forward context.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from tessera.distributed import tp_size
 from tessera.engine.batch import ForwardBatch, ScheduledBatch, build_batch, kernel_layout
 from tessera.engine.config import EngineConfig
 from tessera.engine.graph_inputs import GraphInputs, full_graph_descriptors
@@ -64,8 +66,11 @@ class ModelRunner:
         self.feature_input: bool = getattr(model, "feature_input", False)
         self.last_hidden: torch.Tensor | None = None  # the last forward's hidden states [T, hidden]
         self.last_batch: ForwardBatch | None = None  # the last `run`'s batch
+        # with tensor parallelism, called with each forward before it runs: rank 0 sends the other ranks
+        # the batch, which run the same forward (tessera/engine/parallel.py)
+        self.on_forward: Callable[[ForwardBatch, BatchDescriptor], None] | None = None
         self.kv = kv or KVCache.allocate(
-            mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device,
+            mc.num_layers, num_pages, page_size, model.local_kv_heads, mc.head_dim, self.dtype, self.device,
             v_head_dim=mc.v_head_dim,
         )  # fmt: skip
         self.attention_backend = self._attention_backend()
@@ -76,7 +81,8 @@ class ModelRunner:
             from tessera.layers.triton_attention import compile_variants
 
             layer = self.layers[(0, "attn")]
-            compile_variants(layer.k_cache, layer.v_cache, mc.num_heads, page_size)
+            heads = mc.num_heads // tp_size()  # this rank's query heads
+            compile_variants(layer.k_cache, layer.v_cache, heads, page_size)
         # NOTE: the experts' backend lives on the model's modules, so runners sharing a model share it
         for module in model.modules():
             if isinstance(module, moe.Experts):
@@ -232,11 +238,9 @@ class ModelRunner:
             last = forward_batch.last_rows[rows]
             first = np.repeat(last - counts + 1, counts)
             offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            forward_batch.logits_indices = torch.from_numpy(first + offset).to(self.device)
+            forward_batch.select_logits(first + offset)
         elif len(rows) < len(batch.work):
-            forward_batch.logits_indices = forward_batch.logits_indices[
-                torch.tensor(rows, dtype=torch.long, device=self.device)
-            ]
+            forward_batch.select_logits(forward_batch.last_rows[rows])
         return self.forward(forward_batch)
 
     def dispatch(self, batch: ForwardBatch) -> BatchDescriptor:
@@ -265,6 +269,8 @@ class ModelRunner:
         if (features is not None) != self.feature_input:
             raise ValueError("features go with a model that takes them (an EAGLE head), and only there")
         d = descriptor or self.dispatch(batch)
+        if self.on_forward is not None:
+            self.on_forward(batch, d)
         n = batch.input_ids.shape[0]
         inputs = (batch.input_ids, batch.positions) + ((features,) if features is not None else ())
         if d.mode is GraphMode.FULL:
@@ -278,3 +284,22 @@ class ModelRunner:
                 hidden = self.model(*inputs)
         self.last_hidden = hidden
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+
+def num_kv_pages(config: EngineConfig, models: list[nn.Module], device: torch.device) -> int:
+    """KV pages for `models` sharing one page table: a fraction of the GPU memory still free after
+    loading, or a fixed budget on a CPU."""
+    # K and V (MLA: the latent alone) of every layer, per token
+    per_token = sum(
+        m.config.num_layers * m.local_kv_heads * (m.config.head_dim + m.config.v_head_dim) for m in models
+    )
+    page_bytes = config.page_size * per_token * config.torch_dtype.itemsize
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        pages = int(free * config.mem_fraction) // page_bytes
+    else:
+        pages = -(-config.cpu_kv_tokens // config.page_size)
+    logger.info(
+        "KV cache: %d pages of %d tokens (%.0f MiB)", pages, config.page_size, pages * page_bytes / 2**20
+    )
+    return max(pages, 2)

@@ -12,13 +12,18 @@ slices any format out of a full checkpoint tensor:
 * `ReplicatedLinear`: every rank holds it all.
 
 With one rank each equals `nn.Linear` bit for bit (the same `F.linear` call on the same weights).
+
+Models take their formats from a `MethodFor` callable, asked once per layer with the layer's HF checkpoint
+module name (None: plain weights). Loaders may hand `weight_loader` a `LazyTensor` in place of a tensor
+(a safetensors slice not read yet): each rank narrows it to its slice, then reads only that.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,24 @@ from tessera.distributed.comm import all_gather, all_reduce, all_reduce_placemen
 from tessera.distributed.state import tp_rank, tp_size
 
 ShardId = str | int | None
+
+
+class LazyTensor(Protocol):
+    """A checkpoint tensor not read yet: narrowing it costs nothing, `materialize` reads what is left."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor: ...
+
+    def materialize(self) -> torch.Tensor: ...
+
+
+Loaded: TypeAlias = torch.Tensor | LazyTensor
+
+
+def materialize(t: Loaded) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) else t.materialize()
 
 
 @dataclass(frozen=True)
@@ -75,6 +98,22 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] -> [T, out] of this rank's slice."""
+
+
+# the weight format of the linear layer whose HF checkpoint module name is given, e.g.
+# "model.layers.0.mlp.down_proj"; None: plain weights. Fused layers are asked under their fused name
+# ("...self_attn.qkv_proj" for q_proj/k_proj/v_proj, "...mlp.gate_up_proj" for gate_proj/up_proj).
+MethodFor: TypeAlias = Callable[[str], LinearMethod | None]
+
+
+def method_at(method_for: MethodFor | None, prefix: str, name: str) -> LinearMethod | None:
+    """The format `method_for` picks for layer `name` of module `prefix` (None: plain weights)."""
+    return None if method_for is None else method_for(child_name(prefix, name))
+
+
+def child_name(prefix: str, name: str) -> str:
+    """A submodule's HF name: "model.layers.0" + "mlp" -> "model.layers.0.mlp"."""
+    return f"{prefix}.{name}" if prefix else name
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -136,7 +175,7 @@ class LinearBase(nn.Module):
         return self.method.apply(self, x, self.bias)
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: ShardId = None) -> None:
         """Copy this rank's slice of the FULL checkpoint tensor `loaded` into `param` — the part
         `shard_id` of a fused layer ("q"/"k"/"v", a gate/up index), or every part at once when None."""
         name, spec = self._name_of(param), shard_spec(param)
@@ -164,9 +203,7 @@ class LinearBase(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)
 
-    def _load(
-        self, name: str, param: torch.Tensor, src: torch.Tensor, spec: ShardSpec, part: _Part | None
-    ) -> None:
+    def _load(self, name: str, param: torch.Tensor, src: Loaded, spec: ShardSpec, part: _Part | None) -> None:
         dst = param
         if spec.output_dim is not None and part is not None:
             dst = _narrow(dst, spec.output_dim, spec.output_pack, part.dst, part.size, f"{name} (parameter)")
@@ -178,9 +215,10 @@ class LinearBase(nn.Module):
                 f"{type(self).__name__}.{name}: this rank's slice of the checkpoint tensor is "
                 f"{tuple(src.shape)}, the parameter holds {tuple(dst.shape)}"
             )
-        dst.copy_(src)
+        dst.copy_(materialize(src))
 
-    def _load_slots(self, name: str, param: torch.Tensor, loaded: torch.Tensor, ids: list[ShardId]) -> None:
+    def _load_slots(self, name: str, param: torch.Tensor, loaded: Loaded, ids: list[ShardId]) -> None:
+        loaded = materialize(loaded)
         if loaded.numel() != 1 or param.numel() != len(self._parts):
             raise ValueError(
                 f"{type(self).__name__}.{name} holds one scalar per fused part ({len(self._parts)}): "
@@ -190,7 +228,7 @@ class LinearBase(nn.Module):
         for sid in ids:
             param.view(-1)[keys.index(sid)].copy_(loaded.reshape(()))
 
-    def _split_fused(self, name: str, loaded: torch.Tensor, spec: ShardSpec) -> list[torch.Tensor]:
+    def _split_fused(self, name: str, loaded: Loaded, spec: ShardSpec) -> list[Loaded]:
         """A checkpoint tensor whose parts are already fused, cut into the full parts."""
         assert spec.output_dim is not None
         full = [self._full_size(sid) for sid in self._parts]
@@ -210,7 +248,7 @@ class LinearBase(nn.Module):
         raise ValueError(f"the tensor passed to weight_loader is no parameter of this {type(self).__name__}")
 
 
-def _narrow(t: torch.Tensor, dim: int, pack: int, start: int, size: int, what: str) -> torch.Tensor:
+def _narrow(t: Loaded, dim: int, pack: int, start: int, size: int, what: str) -> Loaded:
     """Logical elements [start, start + size) along `dim` of a tensor storing `pack` of them per element
     (a partial last element rounds up: the tail block of a block scale)."""
     if start % pack:

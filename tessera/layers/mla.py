@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.distributed.state import tp_size
 from tessera.graphs import get_forward_context, split_op
+from tessera.layers.linear import (
+    ColumnParallelLinear,
+    LinearMethod,
+    MethodFor,
+    ReplicatedLinear,
+    RowParallelLinear,
+    method_at,
+)
 from tessera.layers.norm import RMSNorm
 from tessera.layers.rotary import RotaryEmbedding
 from tessera.model_config import MLAConfig, ModelConfig
@@ -205,25 +214,49 @@ def _mha_triton(q: torch.Tensor, out: torch.Tensor, layer: MLALayer, mla: MLACon
 
 class MLAAttention(nn.Module):
     """DeepSeek-V2/V3 attention, named as HF's: q_proj (or q_a_proj, q_a_layernorm, q_b_proj),
-    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj."""
+    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj. Over TP ranks the heads are split (q_proj /
+    q_b_proj and kv_b_proj by output, o_proj by input); the compressions q_a and kv_a, and so the latent
+    cache, are whole on every rank. `prefix`: the module's HF name, for `method_for`."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        prefix: str = "",
+        method_for: MethodFor | None = None,
+    ) -> None:
         super().__init__()
         assert cfg.mla is not None
-        self.mla, self.layer_id, self.rotary, self.heads = cfg.mla, layer_id, rotary, cfg.num_heads
         mla, h = cfg.mla, cfg.hidden_size
+        self.mla, self.layer_id, self.rotary = mla, layer_id, rotary
+        if cfg.num_heads % tp_size():
+            raise ValueError(f"num_heads={cfg.num_heads} is not divisible by the TP size {tp_size()}")
+        self.heads = cfg.num_heads // tp_size()  # this rank's
+
+        def method(name: str) -> LinearMethod | None:
+            return method_at(method_for, prefix, name)
+
+        q_out = cfg.num_heads * mla.qk_head_dim
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, cfg.num_heads * mla.qk_head_dim, bias=False)
+            self.q_proj = ColumnParallelLinear(h, q_out, bias=False, method=method("q_proj"))
         else:
-            self.q_a_proj = nn.Linear(h, mla.q_lora_rank, bias=False)
+            self.q_a_proj = ReplicatedLinear(h, mla.q_lora_rank, bias=False, method=method("q_a_proj"))
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, cfg.num_heads * mla.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, mla.latent_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(
-            mla.kv_lora_rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False
+            self.q_b_proj = ColumnParallelLinear(
+                mla.q_lora_rank, q_out, bias=False, method=method("q_b_proj")
+            )
+        self.kv_a_proj_with_mqa = ReplicatedLinear(
+            h, mla.latent_dim, bias=False, method=method("kv_a_proj_with_mqa")
         )
-        self.o_proj = nn.Linear(cfg.num_heads * mla.v_head_dim, h, bias=False)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
+        # NOTE: MLA reads kv_b_proj's plain weight as W_UK / W_UV (`absorbed_weights`)
+        self.kv_b_proj = ColumnParallelLinear(
+            mla.kv_lora_rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False,
+            method=method("kv_b_proj"),
+        )  # fmt: skip
+        o_in = cfg.num_heads * mla.v_head_dim
+        self.o_proj = RowParallelLinear(o_in, h, bias=False, method=method("o_proj"))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, L], W_UV [H, v, L]): views of kv_b_proj, the latent's up-projections."""

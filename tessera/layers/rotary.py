@@ -89,8 +89,10 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
         inv, attention = rope_parameters(head_dim, theta, scaling, max_positions)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)  # [P, D/2]
-        self.register_buffer("cos", freqs.cos() * attention, persistent=False)
-        self.register_buffer("sin", freqs.sin() * attention, persistent=False)
+        # NOTE: in the model's dtype (the default one while it is built), as a cast of the model would
+        dtype = torch.get_default_dtype()
+        self.register_buffer("cos", (freqs.cos() * attention).to(dtype), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * attention).to(dtype), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

@@ -14,7 +14,7 @@ from torch import nn
 
 from tessera.distributed.comm import all_gather, all_reduce, all_reduce_placement
 from tessera.distributed.state import tp_rank, tp_size
-from tessera.layers.linear import ShardSpec, set_shard_spec
+from tessera.layers.linear import Loaded, ShardSpec, materialize, set_shard_spec
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,7 +44,7 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0), self.placement)
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: None = None) -> None:
         """Copy this rank's rows of the FULL checkpoint tensor [V, D] into `param`; padding rows zero."""
         if param is not self.weight:
             raise ValueError(
@@ -56,7 +56,7 @@ class VocabParallelEmbedding(nn.Module):
                 f"({self.num_embeddings}, {self.embedding_dim})"
             )
         n = self.num_real_rows
-        param[:n].copy_(loaded[self.vocab_start : self.vocab_start + n])
+        param[:n].copy_(materialize(loaded.narrow(0, self.vocab_start, n)))
         param[n:].zero_()
         self.loaded = True
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from tessera.loader.lazy import LazySlice, safetensors_slice
 from tessera.model_config import ModelConfig
 
 
@@ -34,3 +35,14 @@ def weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 yield name, f.get_tensor(name)
+
+
+def weight_slices(folder: str | Path) -> Iterator[tuple[str, LazySlice]]:
+    """Every tensor as a lazy slice: a TP rank narrows each to its part before anything is read. Each
+    is valid until the next is drawn (its file is closed after its last tensor)."""
+    from safetensors import safe_open
+
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, safetensors_slice(f, name)

@@ -15,28 +15,35 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from tessera.layers.linear import Loaded, MethodFor, ReplicatedLinear, method_at
 from tessera.layers.rotary import RotaryEmbedding
+from tessera.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from tessera.model_config import ModelConfig
-from tessera.models.decoder import CausalLM, DecoderLayer, load_hf_weights
+from tessera.models.decoder import CausalLM, DecoderLayer
+from tessera.models.weights import load_hf_weights
 
 
 class EagleHead(nn.Module):
     feature_input = True  # forward's third input: features [T, hidden] (the model runner passes them)
 
-    def __init__(self, cfg: ModelConfig, fc_bias: bool) -> None:
-        """`fc_bias`: EAGLE's `bias` config flag (absent means True; its Llama-3 heads set false)."""
+    def __init__(self, cfg: ModelConfig, fc_bias: bool, method_for: MethodFor | None = None) -> None:
+        """`fc_bias`: EAGLE's `bias` config flag (absent means True; its Llama-3 heads set false).
+        Built for this TP rank, as its target; `method_for` as `CausalLM`'s, under the head's own
+        checkpoint names ("fc", "layers.0.self_attn.qkv_proj", ...)."""
         super().__init__()
         if cfg.num_layers != 1 or cfg.moe is not None or cfg.mla is not None:
             raise ValueError("an EAGLE head is one dense GQA decoder layer (num_hidden_layers=1)")
         self.config = cfg
-        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=fc_bias)
+        h = cfg.hidden_size  # fc: whole on every rank (its input and output are whole hidden states)
+        self.fc = ReplicatedLinear(2 * h, h, bias=fc_bias, method=method_at(method_for, "", "fc"))
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
-        layer = DecoderLayer(cfg, 0, rotary)
+        layer = DecoderLayer(cfg, 0, rotary, "layers.0", method_for)
         layer.input_layernorm = nn.Identity()  # NOTE: EAGLE trains its first layer without one
         self.layers = nn.ModuleList([layer])
+        self.local_kv_heads: int = layer.self_attn.num_kv_heads  # this rank's, as CausalLM's
         # the target's, set by bind_target
-        self.embed_tokens: nn.Embedding | None = None
-        self.lm_head: nn.Linear | None = None
+        self.embed_tokens: VocabParallelEmbedding | None = None
+        self.lm_head: ParallelLMHead | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, target_hidden: torch.Tensor
@@ -64,16 +71,14 @@ class EagleHead(nn.Module):
         self.embed_tokens = target.model.embed_tokens
         self.lm_head = target.lm_head
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Loaded]]) -> None:
         """Load an EAGLE checkpoint's tensors (`fc.*`, `layers.0.*`, and `embed_tokens.weight` if there),
         before `bind_target`. Raises on an unknown or a missing tensor."""
         if self.lm_head is not None:
             raise RuntimeError("load the head's weights before bind_target")
         load_hf_weights(self, self.config, self._without_embedding(weights))
 
-    def _without_embedding(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _without_embedding(self, weights: Iterable[tuple[str, Loaded]]) -> Iterator[tuple[str, Loaded]]:
         # NOTE: EAGLE-1 checkpoints carry a copy of the target's embedding, frozen in training (1 GB for
         # Llama-3-8B): the target's own serves instead, as in vLLM and SGLang
         shape = (self.config.vocab_size, self.config.hidden_size)

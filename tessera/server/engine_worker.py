@@ -8,9 +8,10 @@ cached_tokens, spec)` per request that advanced: its new tokens (one; with specu
 accepted drafts and the target's own), each one's logprob and, where the request asked for them, its
 most likely alternatives (else `[]`), and `spec` = (verifies, draft tokens accepted) so far. Also
 `("admitted", rids, rejected)` after new requests were queued, and `("failed", rids, message)` when a
-step raised. Detokenization, stop-string cutting of the text, JSON and sockets all stay in the
-HTTP process: a thread there would share the GIL with this loop, and at a few hundred streams the
-HTTP side's per-token work was most of a decode step (tessera bench serve, H200).
+step raised (a tensor-parallel rank that died ends the process as well: `tessera serve` then exits).
+Detokenization, stop-string cutting of the text, JSON and sockets all stay in the HTTP process: a
+thread there would share the GIL with this loop, and at a few hundred streams the HTTP side's per-token
+work was most of a decode step (tessera bench serve, H200).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from tessera.engine.config import EngineConfig
 from tessera.engine.engine import Engine
+from tessera.engine.parallel import WorkerError
 from tessera.engine.sequence import Sequence
 
 logger = logging.getLogger("tessera")
@@ -92,6 +94,8 @@ class _Worker:
             self.seqs.clear()
             self.rids.clear()
             self.sent.clear()
+            if isinstance(exc, WorkerError):  # a TP rank is gone: this engine can run no step again
+                raise
             return
         outputs = []
         for seq in advanced:
@@ -130,5 +134,8 @@ def main(config: EngineConfig, log_level: int, inbox: Connection, outbox: Connec
     # the context length lets the HTTP side refuse a prompt too long to fit before tokenizing it
     ready = {**engine.info(), "max_model_len": engine.model_config.max_position_embeddings}
     outbox.send(("ready", {**ready, "stats": engine.stats()}))
-    with contextlib.suppress(EOFError, BrokenPipeError):  # the HTTP process went away
-        _Worker(engine, inbox, outbox).run()
+    try:
+        with contextlib.suppress(EOFError, BrokenPipeError):  # the HTTP process went away
+            _Worker(engine, inbox, outbox).run()
+    finally:
+        engine.close()  # tensor-parallel workers, if any

@@ -1,0 +1,245 @@
+"""Tensor parallelism for the engine: rank 0 runs the scheduler, every rank runs every forward.
+
+Rank 0 is the engine's own process (the caller's, or the server's engine process). `TensorParallel.start`
+spawns ranks 1..N-1 (or, under torchrun, joins the ranks torchrun started); each builds the same model
+and the same `ModelRunner` (same graph capture sizes, same KV pages: the least any rank can hold), then
+waits in `run_worker`. Before each of rank 0's forwards, `publish` sends the others that forward's
+batch as one int64 message over a gloo group: the `ForwardBatch`'s host arrays (token ids, positions,
+slot mapping, layout rows, page table, logits rows) and its `BatchDescriptor`. Every rank runs the
+forward (the model's collectives pair up); only rank 0 samples. Pages and the prefix cache stay rank
+0's: the workers index their caches by the slots it sends.
+
+Start-up, in the same order on every rank: the process group; `new_group` for the step messages; the
+model; `agree_pages` (an all-reduce: the least pages); the runner (graph capture, with the model's
+collectives); `ready` (a barrier). Then one message per forward, and a stop message at `close`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tessera.distributed import WorkerError, destroy, init_distributed
+from tessera.distributed.workers import Workers
+from tessera.engine.batch import ForwardBatch, upload
+from tessera.engine.config import EngineConfig
+from tessera.engine.model_runner import ModelRunner, num_kv_pages
+from tessera.engine.torchrun import check_parallel, torchrun_config, torchrun_rank
+from tessera.graphs import BatchDescriptor, GraphMode
+from tessera.loader.model_loader import load_model
+
+__all__ = ["TensorParallel", "WorkerError", "run_worker", "serve_torchrun_worker"]
+
+logger = logging.getLogger("tessera")
+START_TIMEOUT_S = 1800.0  # loading and capturing on every rank (a dead rank is named at once regardless)
+# NOTE: the step group's collectives never time out: a worker waits there for its next step however long
+# the engine idles. Rank 0 bounds its own waits by `dist_timeout` instead (Work.wait's timeout).
+IDLE_TIMEOUT = timedelta(days=365)
+_MODES = list(GraphMode)
+# message: [kind, T, B, page-table columns, logits rows, mode, padded tokens, seqs, uniform decode, 0]
+# then the payload; a payload longer than INLINE goes in a second broadcast
+HEADER, INLINE = 10, 8192
+_STOP, _STEP = 0, 1
+
+
+class TensorParallel:
+    """Rank 0's side: the step channel and (when it spawned them) the worker processes."""
+
+    def __init__(self, config: EngineConfig, workers: Workers | None) -> None:
+        self.config, self.workers = config, workers
+        self.timeout_s = config.dist_timeout
+        self.group = _step_group()
+        self._buffer = torch.zeros(HEADER + INLINE, dtype=torch.long)
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.steps = 0
+        self.started = self.closed = False
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> TensorParallel | None:
+        """Join (or spawn, then join) the ranks of `config.tensor_parallel_size`; None with one rank."""
+        n, ep = config.tensor_parallel_size, config.expert_parallel_size
+        if n == 1:
+            return None
+        check_parallel(config)
+        rank = torchrun_rank()
+        if rank not in (None, 0):
+            raise RuntimeError(
+                f"rank {rank} of torchrun builds no engine: ranks > 0 call "
+                "tessera.engine.parallel.serve_torchrun_worker(config)"
+            )
+        backend = _backend(config)
+        if rank == 0:
+            init_distributed(backend=backend, ep=ep, timeout_s=config.dist_timeout)
+            return cls(config, None)
+        workers = Workers.start(run_worker, n, config, backend=backend, ep=ep, timeout_s=config.dist_timeout)
+        logger.info("tensor parallel: %d ranks (%s), workers %s", n, backend, workers.pids)
+        try:
+            return cls(config, workers)
+        except BaseException as exc:
+            error = workers.failure(exc)
+            workers.stop(timeout_s=0)
+            destroy()
+            if error is exc:
+                raise
+            raise error from exc
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes this rank spawned ([] under torchrun)."""
+        return self.workers.pids if self.workers is not None else []
+
+    def agree_pages(self, pages: int) -> int:
+        """The KV pages every rank can hold: the least of what each would allocate."""
+        count = torch.tensor([pages], dtype=torch.long)
+        self._wait(dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group, async_op=True), "KV pages")
+        return int(count.item())
+
+    def ready(self, runner: ModelRunner) -> None:
+        """Every rank has built its runner: from here on each forward of `runner` is published."""
+        self._wait(dist.barrier(group=self.group, async_op=True), "start-up")
+        runner.on_forward = self.publish
+        self.started = True
+
+    def publish(self, batch: ForwardBatch, d: BatchDescriptor) -> None:
+        """Send the other ranks the forward rank 0 is about to run (asynchronously: the last message's
+        sends are waited for first, bounded by `dist_timeout`)."""
+        if self.workers is not None:
+            self.workers.check()  # a dead worker named before anything waits on it
+        self.settle()
+        message = pack(batch, d)
+        if len(message) <= HEADER + INLINE:
+            self._buffer[: len(message)] = torch.from_numpy(message)
+            self._send(self._buffer)
+        else:
+            self._buffer[:HEADER] = torch.from_numpy(message[:HEADER])
+            self._send(self._buffer)
+            self._send(torch.from_numpy(message[HEADER:]))
+        self.steps += 1
+
+    def settle(self) -> None:
+        """Wait until the workers took the last message; `WorkerError` if one died meanwhile."""
+        pending, self._pending = self._pending, []
+        try:
+            for work, _ in pending:
+                work.wait(timedelta(seconds=self.timeout_s))
+        except Exception as exc:
+            raise self.failure(exc) from exc
+
+    def failure(self, exc: BaseException) -> BaseException:
+        """What rank 0 raises for `exc`, met in a forward or a send: the worker to blame where one died."""
+        if not isinstance(exc, RuntimeError | TimeoutError):  # rank 0's own (a missing file, a bad value)
+            return exc
+        if self.workers is not None:
+            error = self.workers.failure(exc)
+            if error is not exc:
+                return error
+        if "timed out" in str(exc).lower():
+            return TimeoutError(f"a tensor-parallel rank did not answer within {self.timeout_s:.0f}s: {exc}")
+        return exc
+
+    def close(self) -> None:
+        """Stop the workers (a stop message, then their exit; those still running after it are ended) and
+        leave the process group."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.started:
+            try:
+                self.settle()
+                self._buffer[:HEADER] = _STOP
+                self._send(self._buffer)
+                self.settle()
+                if self.workers is not None:
+                    self.workers.stop()
+            except Exception as exc:  # a dead worker: the others are ended below
+                logger.warning("tensor parallel: stopping the workers: %s", exc)
+        if self.workers is not None:
+            self.workers.stop(timeout_s=0)
+        destroy()
+
+    def _send(self, tensor: torch.Tensor) -> None:
+        self._pending.append((dist.broadcast(tensor, 0, group=self.group, async_op=True), tensor))
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        if self.workers is not None:
+            self.workers.wait(work, what, START_TIMEOUT_S)
+        else:
+            work.wait()
+
+
+def pack(batch: ForwardBatch, d: BatchDescriptor) -> np.ndarray:
+    """One forward as int64: the header, `host`, the page table, the logits rows."""
+    b, cols = batch.host_pages.shape
+    t = batch.input_ids.shape[0]
+    header = [_STEP, t, b, cols, len(batch.host_logits), _MODES.index(d.mode), d.num_tokens, d.num_seqs,
+              int(d.uniform_decode), 0]  # fmt: skip
+    return np.concatenate(
+        (np.array(header, dtype=np.int64), batch.host, batch.host_pages.ravel(), batch.host_logits)
+    )
+
+
+def unpack(
+    header: np.ndarray, payload: np.ndarray, device: torch.device
+) -> tuple[ForwardBatch, BatchDescriptor]:
+    _, t, b, cols, logits, mode, tokens, seqs, uniform, _ = header.tolist()
+    host_len = 3 * t + 4 * b
+    host = payload[:host_len].copy()
+    table = payload[host_len : host_len + b * cols].reshape(b, cols).copy()
+    batch = upload(host, table, device)
+    batch.select_logits(payload[host_len + b * cols : host_len + b * cols + logits].copy())
+    return batch, BatchDescriptor(_MODES[mode], tokens, seqs, bool(uniform))
+
+
+def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
+    """A rank > 0: build the model and runner as rank 0 does, then run each forward rank 0 sends until
+    it says stop. Torchrun's ranks call it after `init_distributed()` (see `serve_torchrun_worker`)."""
+    group = _step_group()
+    device = config.torch_device
+    model, _, _ = load_model(config.model, config.torch_dtype, device, config.load_format)
+    count = torch.tensor([num_kv_pages(config, [model], device)], dtype=torch.long)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=group)
+    runner = ModelRunner(model, config, num_pages=int(count.item()))
+    dist.barrier(group=group)
+    logger.info("tensor parallel: rank %d of %d ready", rank, world_size)
+    buffer = torch.empty(HEADER + INLINE, dtype=torch.long)
+    while True:
+        dist.broadcast(buffer, 0, group=group)
+        message = buffer.numpy()
+        header = message[:HEADER]
+        if header[0] == _STOP:
+            return
+        _, t, b, cols, logits = header[:5].tolist()
+        size = 3 * t + 4 * b + b * cols + logits
+        if size <= INLINE:
+            payload = message[HEADER : HEADER + size]
+        else:
+            extra = torch.empty(size, dtype=torch.long)
+            dist.broadcast(extra, 0, group=group)
+            payload = extra.numpy()
+        runner.forward(*unpack(header, payload, runner.device))
+
+
+def serve_torchrun_worker(config: EngineConfig) -> None:
+    """`tessera serve|generate` on a torchrun rank > 0: join the ranks, serve rank 0's forwards, leave."""
+    config = torchrun_config(config)
+    rank = torchrun_rank()
+    assert rank is not None and rank > 0
+    init_distributed(backend=_backend(config), ep=config.expert_parallel_size, timeout_s=config.dist_timeout)
+    try:
+        run_worker(rank, config.tensor_parallel_size, config)
+    finally:
+        destroy()
+
+
+def _step_group() -> dist.ProcessGroup:
+    # NOTE: gloo whatever the model's collectives use: the messages are small host arrays, and this group's
+    # waits must not time out while the engine idles
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
+def _backend(config: EngineConfig) -> str:
+    return "nccl" if config.torch_device.type == "cuda" else "gloo"
