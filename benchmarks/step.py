@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=RunnerConfig.extend_cuda_graph_max_tokens,
         help="the graphs variant's limit for full extend graphs (default: the engine's)",
     )
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="which to run (eager is always run: the kernel floor is taken from it)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **VARIANTS,
         "graphs": EngineConfig.create(extend_cuda_graph_max_tokens=args.extend_cuda_graph_max_tokens),
     }
+    variants = {v: c for v, c in variants.items() if v == "eager" or v in args.variants}
     for m in args.models:
         hf = not args.no_hf
         report["models"].append(bench_model(m, args.extend, args.decode, args.num_pages, hf, save, variants))

@@ -6,6 +6,8 @@
 #   5: DeepSeek / MoE GPU tests, `benchmarks.moe_padding`, `benchmarks.step` on their shapes
 #      (5 = 5a: the first two; 5b, 5c: the step bench on DeepSeek-V2-Lite, on Qwen3-30B-A3B)
 #   stage [quant] then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
+#   stage [quant] then models stage: the GPU tests of issues 20-22 and SmolLM2's quant bench
+#   quant: `benchmarks.quant` on the Llama-3-8B config   tp1 BEFORE_DIR: the step bench here and in BEFORE_DIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -58,6 +60,31 @@ case "${1:-}" in
     for s in ngram self-draft-8; do
       step "gsm8k_$s" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --out "$OUT/gsm8k_$s.json"
     done ;;
+  models)  # (carry .wheels/gpu [.wheels/stage/part-ab with `models stage`, within 30 s of `stage`])
+    # issues 20-22's GPU tests: speculative decoding, the quantized and parallel models, and what the
+    # models' move onto the parallel layers touched (engine, DeepSeek/MoE, dtypes, graph runtime)
+    [ "${2:-}" = stage ] && step stage 60 bash scripts/stage-model.sh second
+    step setup 120 bash scripts/gpu-setup.sh
+    step test_spec 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
+    step test_models 330 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant_models_gpu.py \
+      tests/test_distributed_gpu.py tests/test_engine_gpu.py tests/test_deepseek.py tests/test_moe.py \
+      tests/test_dtypes_gpu.py tests/test_graphs_gpu.py
+    step bench_quant_smollm2 120 python3 -m benchmarks.quant --models smollm2 --out "$OUT/quant_smollm2.json" ;;
+  quant)  # (carry .wheels/gpu) issue 21's benchmarks on the Llama-3-8B config, random weights
+    step setup 120 bash scripts/gpu-setup.sh
+    step decode_gemm 120 python3 -m benchmarks.decode_gemm --out "$OUT/decode_gemm.json"
+    step bench_quant 400 python3 -m benchmarks.quant --models llama3-8b --decode 1 8 64 --extend 2048 \
+      --out "$OUT/quant_llama3_8b.json" ;;
+  tp1)  # (carry .wheels/gpu and a snapshot of the commit before, as $2) issue 22: TP 1 no slower
+    step setup 120 bash scripts/gpu-setup.sh
+    cp benchmarks/step.py "$2/benchmarks/step.py"  # the same bench (its --variants) over the old models
+    for round in 1 2; do
+      step "tp1_after_$round" 130 python3 -m benchmarks.step --models smollm2-135m llama3-8b --no-hf \
+        --variants graphs --extend 128 512 --decode 1 32 --out "$OUT/tp1_after_$round.json"
+      (cd "$2" && step "tp1_before_$round" 130 env PYTHONPATH=. python3 -m benchmarks.step \
+        --models smollm2-135m llama3-8b --no-hf --variants graphs --extend 128 512 --decode 1 32 \
+        --out "$OUT/tp1_before_$round.json")
+    done ;;
   3)
     serve serve_smollm2 380 ;;
   gsm8k)
@@ -73,6 +100,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant]|spec" >&2; exit 2 ;;
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant]|spec|models|quant|tp1 DIR" >&2
+     exit 2 ;;
 esac
 cat "$OUT/summary.txt"

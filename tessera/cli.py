@@ -17,6 +17,7 @@ from tessera import __version__
 from tessera.engine.config import (
     DTYPES,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     SPECULATIVE_ALGORITHMS,
     EngineConfig,
     RunnerConfig,
@@ -122,6 +123,13 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--load-format", choices=list(LOAD_FORMATS), default=e.load_format,
                    help="dummy: random weights for the folder's config.json (benchmarks)")  # fmt: skip
+    p.add_argument(
+        "--quantization", default=None, choices=list(QUANTIZATIONS),
+        help="fp8 (per-channel weights, per-token activations), fp8_block (128x128 blocks) or mxfp4: "
+        "quantize an unquantized checkpoint at load; gguf / none: keep a GGUF file's tensors in their blocks "
+        "(the default on a GPU) / dequantize them at load (the default on a CPU). FP8 and MXFP4 checkpoints "
+        "are served in their format without it",
+    )  # fmt: skip
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens of prompt and output together (default: the model's)")  # fmt: skip
     p.add_argument("--chat-template", default=None, metavar="PATH",

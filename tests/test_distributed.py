@@ -5,8 +5,6 @@ ShardSpec slicing quantized formats rely on, rank failures, and TP 1 equal to nn
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -30,6 +28,7 @@ from tessera.distributed import (
     tp_size,
 )
 from tessera.distributed import state as dist_state
+from tessera.distributed.state import as_rank
 from tessera.layers.linear import (
     ColumnParallelLinear,
     LinearMethod,
@@ -48,17 +47,6 @@ from tests.distributed_workers import (
     tp4_checks,
     tp_checks,
 )
-
-
-@contextmanager
-def as_rank(rank: int, tp: int) -> Iterator[None]:
-    """Build layers as rank `rank` of `tp` would, in this process (loading needs no process group)."""
-    previous = dist_state._state
-    dist_state._state = dist_state._State(ParallelConfig(tp=tp), rank, None)
-    try:
-        yield
-    finally:
-        dist_state._state = previous
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,16 @@ order differs (~1e-7 measured); 1e-2 for bfloat16 activations (the output rounds
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from tessera.distributed import ParallelConfig
-from tessera.distributed import state as dist_state
+from tessera.distributed.state import as_rank
 from tessera.graphs import GraphConfig, PiecewiseGraphRunner
+from tessera.layers.expert_format import ExpertShape, ExpertsMethod
 from tessera.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -37,23 +36,12 @@ from tessera.layers.moe import moe_experts
 from tessera.quant import fp8, gguf, mxfp4
 from tessera.quant.config import ONLINE, QuantConfig
 from tessera.quant.methods import Fp8LinearMethod, GGUFLinearMethod, Mxfp4LinearMethod, gguf_blocks
-from tessera.quant.moe_methods import ExpertShape, ExpertsMethod, Fp8ExpertsMethod, Mxfp4ExpertsMethod
+from tessera.quant.moe_methods import Fp8ExpertsMethod, Mxfp4ExpertsMethod
 
 from .conftest import rel_err
 
 FN = torch.float8_e4m3fn
 Tensors = dict[str, torch.Tensor]
-
-
-@contextmanager
-def as_rank(rank: int, tp: int) -> Iterator[None]:
-    """Build layers as rank `rank` of `tp` would, in this process (loading needs no process group)."""
-    previous = dist_state._state
-    dist_state._state = dist_state._State(ParallelConfig(tp=tp), rank, None)
-    try:
-        yield
-    finally:
-        dist_state._state = previous
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:

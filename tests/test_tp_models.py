@@ -6,15 +6,14 @@ equal eager; a rank reads only its slices; missing tensors are named."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tessera.distributed import ParallelConfig, launch
-from tessera.distributed import state as dist_state
+from tessera.distributed import launch
+from tessera.distributed.state import as_rank
 from tessera.loader import hf
 from tessera.loader.lazy import LazySlice
 from tessera.loader.model_loader import build_model, dummy_weights
@@ -22,17 +21,6 @@ from tests.conftest import rel_err
 from tests.tp_model_workers import CONFIGS, MOE, family_logits, llama_logits, write_folder
 
 STATS = "llama/graph_stats"
-
-
-@contextmanager
-def as_rank(rank: int, tp: int, ep: int = 1) -> Iterator[None]:
-    """Build as rank `rank` of `tp` would, in this process (building and loading need no group)."""
-    previous = dist_state._state
-    dist_state._state = dist_state._State(ParallelConfig(tp=tp, ep=ep), rank, None)
-    try:
-        yield
-    finally:
-        dist_state._state = previous
 
 
 def _fused_expert_checkpoint(source: Path, folder: Path) -> None:
@@ -79,7 +67,10 @@ def two_ranks(folders: dict[str, str], checkpoint: str) -> list[dict[str, Any]]:
     return launch(family_logits, 2, folders, checkpoint, backend="gloo", timeout_s=120)
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, *(f"{f}/ep" for f in MOE), "checkpoint", "checkpoint/ep"])
+NAMES = [*CONFIGS, *(f"{f}/ep" for f in MOE), "checkpoint", "checkpoint/ep", "qwen3-moe/mxfp4/ep"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_two_ranks_give_one_ranks_logits(name: str, one_rank: dict[str, Any], two_ranks: list[Any]) -> None:
     ref = one_rank[name]
     assert ref.shape == (4, 250) and ref.abs().sum() > 0
@@ -90,6 +81,7 @@ def test_two_ranks_give_one_ranks_logits(name: str, one_rank: dict[str, Any], tw
 def test_one_rank_ep_and_checkpoint_are_the_dummy_model(one_rank: dict[str, Any]) -> None:
     for family in MOE:  # with one rank "EP" holds every expert: the same model
         assert torch.equal(one_rank[f"{family}/ep"], one_rank[family])
+    assert rel_err(one_rank["qwen3-moe/mxfp4/ep"], one_rank["qwen3-moe"]) > 1e-3  # quantized, and it shows
     assert torch.equal(one_rank["checkpoint"], one_rank["qwen3-moe"])  # the same tensors, read back
 
 

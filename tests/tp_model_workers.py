@@ -70,12 +70,14 @@ def expert_parallel() -> Iterator[None]:
         dist_state._state = previous
 
 
-def build(folder: str, *, ep: bool = False, checkpoint: bool = False) -> CausalLM:
+def build(
+    folder: str, *, ep: bool = False, checkpoint: bool = False, quantization: str | None = None
+) -> CausalLM:
     load = hf_model if checkpoint else dummy_model
     if not ep:
-        return load(Path(folder), torch.float32, "cpu")
+        return load(Path(folder), torch.float32, "cpu", quantization=quantization)
     with expert_parallel():
-        return load(Path(folder), torch.float32, "cpu")
+        return load(Path(folder), torch.float32, "cpu", quantization=quantization)
 
 
 def logits(model: CausalLM, **settings: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -105,6 +107,8 @@ def family_logits(rank: int, world: int, folders: dict[str, str], checkpoint: st
     out["checkpoint"] = logits(build(checkpoint, checkpoint=True))[0]
     out["checkpoint/ep"] = logits(build(checkpoint, ep=True, checkpoint=True))[0]
     out["llama/graphs"], out["llama/graph_stats"] = logits(build(folders["llama"]), **GRAPHS)
+    # MXFP4 experts (weight-only: ranks differ only in float order), spread over the ranks
+    out["qwen3-moe/mxfp4/ep"] = logits(build(folders["qwen3-moe"], ep=True, quantization="mxfp4"))[0]
     return out
 
 

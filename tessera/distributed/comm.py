@@ -8,7 +8,7 @@ eagerly between pieces and writes into a preallocated output.
 Inputs are token-major ([T, ...]). Their padded rows (past the batch's real rows, see
 `tessera::padded_rows`) are zeroed before any collective, so a graph replay's garbage padding never
 enters a reduction; the mask is computed on the device, so it is right on every replay.
-With one rank every function returns its input unchanged and calls no op.
+With one rank and no process group every function returns its input unchanged and calls no op.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def all_reduce_placement() -> Placement:
 
 def all_reduce(x: torch.Tensor, placement: Placement | None = None) -> torch.Tensor:
     """The sum of `x` [T, ...] over the TP ranks, as a new tensor (padded rows zero)."""
-    if tp_size() == 1:
+    if tp_group() is None:
         return x
     if (placement or _placement) == "inside":
         return torch.ops.tessera.all_reduce(x)
@@ -56,7 +56,7 @@ def all_reduce(x: torch.Tensor, placement: Placement | None = None) -> torch.Ten
 
 def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The TP ranks' `x` [T, ...] concatenated along `dim` in rank order (an opaque op)."""
-    if tp_size() == 1:
+    if tp_group() is None:
         return x
     return torch.ops.tessera.all_gather(x, dim % x.dim())
 

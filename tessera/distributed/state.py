@@ -8,6 +8,8 @@ exactly what they were: layers ask `tp_size()` and see 1.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,13 +61,15 @@ def init_distributed(
     ep: int = 1,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     local_rank: int | None = None,
+    group_of_one: bool = False,
 ) -> ParallelConfig:
     """Join the TP process group (one per process). Unset arguments come from torchrun's environment
     (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`/`MASTER_PORT` via `env://`), else a single rank.
 
     `backend` defaults to nccl where CUDA is available and gloo elsewhere; on nccl the process binds to
     GPU `local_rank`. `timeout_s` bounds every collective, so a rank that died turns into an error on the
-    others rather than a hang. World size 1 creates no process group.
+    others rather than a hang. World size 1 creates no process group, unless `group_of_one`: then the
+    collectives run over a group of one rank (the parallel path on one GPU, for its tests).
     """
     global _state
     if _state.group is not None:
@@ -75,7 +79,7 @@ def init_distributed(
     config = ParallelConfig(tp=world_size, ep=ep)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-    if world_size == 1:
+    if world_size == 1 and not group_of_one:
         _state = _State(config, 0, None)
         return config
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -102,6 +106,19 @@ def destroy() -> None:
     if _state.group is not None and dist.is_initialized():
         dist.destroy_process_group()
     _state = _SINGLE
+
+
+@contextmanager
+def as_rank(rank: int, tp: int, ep: int = 1) -> Iterator[None]:
+    """Build layers as rank `rank` of `tp` (experts over `ep`) would, in this process and with no
+    process group: building and loading read only the rank (tests, and tools that reshard weights)."""
+    global _state
+    previous = _state
+    _state = _State(ParallelConfig(tp=tp, ep=ep), rank, None)
+    try:
+        yield
+    finally:
+        _state = previous
 
 
 def parallel_config() -> ParallelConfig:

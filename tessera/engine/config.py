@@ -12,6 +12,9 @@ import torch
 # SGLang's cap on DeepSeek's piecewise capture sizes: MLA's per-size graphs are large
 MLA_GRAPH_MAX_TOKENS = 2048
 LOAD_FORMATS = ("auto", "dummy")
+# --quantization: online FP8 / MXFP4 of an unquantized checkpoint; for a GGUF file "gguf" (kept in its
+# blocks) or "none" (dequantized at load)
+QUANTIZATIONS = ("fp8", "fp8_block", "mxfp4", "gguf", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -158,6 +161,9 @@ class EngineConfig:
     dtype: str | None = None
     device: str | None = None
     load_format: str = "auto"  # dummy: the folder's config.json with random weights (benchmarks)
+    # None: as the checkpoint is (FP8 / MXFP4 checkpoints in their format; GGUF kept quantized on a GPU,
+    # dequantized on a CPU, where its reference kernel would dequantize at every call)
+    quantization: str | None = None
     page_size: int = 16  # tokens per KV page
     mem_fraction: float = 0.8  # of the GPU memory free after loading, for the KV cache
     cpu_kv_tokens: int = 8192  # the KV cache's size on a CPU
@@ -183,6 +189,8 @@ class EngineConfig:
         if self.context_length is not None and self.context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {self.context_length}")
         _check_choice("load format", self.load_format, LOAD_FORMATS)
+        if self.quantization is not None:
+            _check_choice("quantization", self.quantization, QUANTIZATIONS)
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, DTYPES)
         tp, ep = self.tensor_parallel_size, self.expert_parallel_size

@@ -68,7 +68,11 @@ class Engine:
 
     def _build(self, config: EngineConfig) -> None:
         self.model, self.tokenizer, self.model_config = load_model(
-            config.model, config.torch_dtype, self.device, config.load_format
+            config.model,
+            config.torch_dtype,
+            self.device,
+            config.load_format,
+            quantization=config.quantization,
         )
         if config.context_length is not None:
             self.model_config = _with_context_length(self.model_config, config.context_length)

@@ -137,7 +137,11 @@ class ModelRunner:
 
     def _experts_capture_safe(self) -> bool:
         # NOTE: the reference expert loop (no Triton) reads per-expert counts on the host, and
-        # torch._grouped_mm does outside bfloat16 on sm90/sm100; "auto" avoids the latter by itself
+        # torch._grouped_mm does outside bfloat16 on sm90/sm100; "auto" avoids the latter by itself.
+        # A quantized format says for itself (FP8 experts dequantize per expert, counted on the host).
+        experts = [m for m in self.model.modules() if isinstance(m, moe.Experts)]
+        if not all(e.method.capture_safe for e in experts):
+            return False
         if self.config.runner.moe_runner_backend == "grouped_mm":
             return moe.grouped_mm_capture_safe(self.dtype, self.device)
         return moe.CAPTURE_SAFE_ON_CUDA

@@ -199,7 +199,9 @@ def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
     it says stop. Torchrun's ranks call it after `init_distributed()` (see `serve_torchrun_worker`)."""
     group = _step_group()
     device = config.torch_device
-    model, _, _ = load_model(config.model, config.torch_dtype, device, config.load_format)
+    model, _, _ = load_model(
+        config.model, config.torch_dtype, device, config.load_format, quantization=config.quantization
+    )
     count = torch.tensor([num_kv_pages(config, [model], device)], dtype=torch.long)
     dist.all_reduce(count, op=dist.ReduceOp.MIN, group=group)
     runner = ModelRunner(model, config, num_pages=int(count.item()))

@@ -14,8 +14,9 @@ slices any format out of a full checkpoint tensor:
 With one rank each equals `nn.Linear` bit for bit (the same `F.linear` call on the same weights).
 
 Models take their formats from a `MethodFor` callable, asked once per layer with the layer's HF checkpoint
-module name (None: plain weights). Loaders may hand `weight_loader` a `LazyTensor` in place of a tensor
-(a safetensors slice not read yet): each rank narrows it to its slice, then reads only that.
+module name (None: plain weights); MoE experts ask it too, for an `ExpertsMethod`. Loaders may hand
+`weight_loader` a `LazyTensor` in place of a tensor (a safetensors slice not read yet): each rank narrows
+it to its slice, then reads only that.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from torch import nn
 
 from tessera.distributed.comm import all_gather, all_reduce, all_reduce_placement
 from tessera.distributed.state import tp_rank, tp_size
+
+if TYPE_CHECKING:
+    from tessera.layers.expert_format import ExpertsMethod
 
 ShardId = str | int | None
 
@@ -100,15 +104,20 @@ class LinearMethod(ABC):
         """x [T, in] -> [T, out] of this rank's slice."""
 
 
-# the weight format of the linear layer whose HF checkpoint module name is given, e.g.
-# "model.layers.0.mlp.down_proj"; None: plain weights. Fused layers are asked under their fused name
-# ("...self_attn.qkv_proj" for q_proj/k_proj/v_proj, "...mlp.gate_up_proj" for gate_proj/up_proj).
-MethodFor: TypeAlias = Callable[[str], LinearMethod | None]
+# the weight format of the module whose HF checkpoint name is given, e.g. "model.layers.0.mlp.down_proj";
+# None: plain weights. Fused layers are asked under their fused name ("...self_attn.qkv_proj" for
+# q_proj/k_proj/v_proj, "...mlp.gate_up_proj" for gate_proj/up_proj); MoE experts as "...mlp.experts",
+# for an ExpertsMethod (`tessera.quant.config.QuantConfig` is one).
+MethodFor: TypeAlias = "Callable[[str], LinearMethod | ExpertsMethod | None]"
 
 
 def method_at(method_for: MethodFor | None, prefix: str, name: str) -> LinearMethod | None:
-    """The format `method_for` picks for layer `name` of module `prefix` (None: plain weights)."""
-    return None if method_for is None else method_for(child_name(prefix, name))
+    """The format `method_for` picks for linear layer `name` of module `prefix` (None: plain weights)."""
+    full = child_name(prefix, name)
+    method = None if method_for is None else method_for(full)
+    if method is not None and not isinstance(method, LinearMethod):
+        raise TypeError(f"{full} is a linear layer; its format is a {type(method).__name__}")
+    return method
 
 
 def child_name(prefix: str, name: str) -> str:

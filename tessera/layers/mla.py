@@ -39,6 +39,7 @@ from tessera.layers.linear import (
     MethodFor,
     ReplicatedLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
     method_at,
 )
 from tessera.layers.norm import RMSNorm
@@ -250,7 +251,9 @@ class MLAAttention(nn.Module):
             h, mla.latent_dim, bias=False, method=method("kv_a_proj_with_mqa")
         )
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
-        # NOTE: MLA reads kv_b_proj's plain weight as W_UK / W_UV (`absorbed_weights`)
+        # NOTE: MLA reads kv_b_proj's weight as W_UK / W_UV (`absorbed_weights`): a quantized one is
+        # dequantized once after loading (`process_weights_after_loading`), as vLLM and SGLang do
+        self.dtype = torch.get_default_dtype()
         self.kv_b_proj = ColumnParallelLinear(
             mla.kv_lora_rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False,
             method=method("kv_b_proj"),
@@ -258,10 +261,18 @@ class MLAAttention(nn.Module):
         o_in = cfg.num_heads * mla.v_head_dim
         self.o_proj = RowParallelLinear(o_in, h, bias=False, method=method("o_proj"))
 
+    def process_weights_after_loading(self) -> None:
+        """After kv_b_proj's own: a quantized kv_b_proj's weight, dequantized for `absorbed_weights`."""
+        if not isinstance(self.kv_b_proj.method, UnquantizedLinearMethod):
+            weight = self.kv_b_proj.method.dequantize(self.kv_b_proj).to(self.dtype)
+            self.register_buffer("kv_b_weight", weight, persistent=False)
+
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, L], W_UV [H, v, L]): views of kv_b_proj, the latent's up-projections."""
         mla = self.mla
-        w = self.kv_b_proj.weight.view(self.heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
+        plain = isinstance(self.kv_b_proj.method, UnquantizedLinearMethod)
+        w = self.kv_b_proj.weight if plain else self.kv_b_weight
+        w = w.view(self.heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
         return w[:, : mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim :]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

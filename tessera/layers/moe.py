@@ -21,13 +21,12 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tessera.distributed.state import ep_rank, ep_size, tp_rank, tp_size
 from tessera.graphs import opaque_op
+from tessera.layers.expert_format import ExpertShape, ExpertsMethod, expert_loop
 from tessera.layers.grouped_mm_moe import grouped_mm_experts
-from tessera.layers.linear import Loaded, materialize
+from tessera.layers.linear import Loaded
 
 try:
     from tessera.layers import fused_moe
@@ -110,93 +109,83 @@ def grouped_mm_capture_safe(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type != "cuda" or (dtype == torch.bfloat16 and _cutlass_grouped_mm(device))
 
 
+class UnquantizedExpertsMethod(ExpertsMethod):
+    """Experts in the model's dtype, computed by `tessera::moe_experts` with the layer's `backend`."""
+
+    def create_weights(self, layer: nn.Module, shape: ExpertShape, dtype: torch.dtype) -> None:
+        self._register_online(layer, shape, dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.ops.tessera.moe_experts(
+            x, layer.gate_up_proj, layer.down_proj, topk_weights, topk_ids, layer.backend
+        )
+
+    def dequantize(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.gate_up_proj.float(), layer.down_proj.float()
+
+
 class Experts(nn.Module):
     """E SwiGLU experts in HF's fused layout; `forward(x, topk_weights, topk_ids)` -> [T, H], this rank's
     share of the sum over experts (the MoE block all-reduces it, once, with its shared experts').
 
     Over TP ranks, with ep == 1 every rank holds every expert with the intermediate dim split as a dense
     MLP's (gate_up rows [gate_r; up_r], down columns r); with ep == tp rank r holds experts
-    [r*E/ep, (r+1)*E/ep) whole, and choices of other experts are skipped here as padded rows' are."""
+    [r*E/ep, (r+1)*E/ep) whole, and choices of other experts are skipped here as padded rows' are.
+    `method`: the weights' format (`tessera.layers.expert_format`; None: the model's dtype)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, method: ExpertsMethod | None = None
+    ) -> None:
         super().__init__()
-        ep = ep_size()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.num_local_experts = _divide(num_experts, ep, "num_experts", "EP")
-        self.expert_start = ep_rank() * self.num_local_experts
-        split = tp_size() if ep == 1 else 1
-        self.local_intermediate = _divide(intermediate_size, split, "moe intermediate_size", "TP")
-        self.intermediate_start = (tp_rank() if ep == 1 else 0) * self.local_intermediate
-        experts, inter = self.num_local_experts, self.local_intermediate
-        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inter, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(experts, hidden_size, inter))
-        for param in (self.gate_up_proj, self.down_proj):
+        self.expert_shape = ExpertShape.for_rank(num_experts, hidden_size, intermediate_size)
+        self.method = method or UnquantizedExpertsMethod()
+        self.method.create_weights(self, self.expert_shape, torch.get_default_dtype())
+        for param in self.parameters(recurse=False):
             param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         self.backend = "auto"  # one of EXPERT_BACKENDS; the model runner sets it from its config
         self._loaded: set[tuple[str, int | None, int | None]] = set()  # (param, expert, part)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        if self.num_local_experts != self.num_experts:
-            local = topk_ids - self.expert_start
-            topk_ids = local.masked_fill((local < 0) | (local >= self.num_local_experts), -1)
-        return torch.ops.tessera.moe_experts(
-            x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, self.backend
-        )
+        shape = self.expert_shape
+        if shape.num_experts != self.num_experts:  # expert parallelism: this rank's, by local id
+            local = topk_ids - shape.first_expert
+            topk_ids = local.masked_fill((local < 0) | (local >= shape.num_experts), -1)
+        return self.method.apply(self, x, topk_weights, topk_ids)
 
     @torch.no_grad()
     def weight_loader(
         self, param: nn.Parameter, loaded: Loaded, shard_id: tuple[int, int | None] | None = None
     ) -> None:
         """Copy this rank's part of a checkpoint tensor into `param`: HF's fused tensor of every expert
-        ([E, 2I, H] or [E, H, I]) when `shard_id` is None, else expert e's `(e, part)` (part 0/1: its gate
-        or up [I, H]; None: its down [H, I]). Experts of other ranks are skipped, never read."""
-        name = "gate_up_proj" if param is self.gate_up_proj else "down_proj"
-        if param is not getattr(self, name):
+        ([E, 2I, H] or [E, H, I], or the format's own) when `shard_id` is None, else expert e's `(e, part)`
+        (part 0/1: its gate or up; None: its down). Experts of other ranks are skipped, never read."""
+        name = next((n for n, p in self.named_parameters(recurse=False) if p is param), None)
+        if name is None:
             raise ValueError("the tensor passed to weight_loader is no parameter of these experts")
-        if shard_id is None:
-            mine = loaded.narrow(0, self.expert_start, self.num_local_experts)
-            self._load_expert(name, param, mine, None, offset=1)
-            self._loaded.add((name, None, None))
-            return
-        expert, part = shard_id
-        local = expert - self.expert_start
-        if not 0 <= local < self.num_local_experts:
-            return
-        self._load_expert(name, param[local], loaded, part, offset=0)
-        self._loaded.add((name, expert, part))
+        expert, part = shard_id if shard_id is not None else (None, None)
+        if self.method.load(self, name, loaded, expert, part):
+            self._loaded.add((name, expert, part))
 
-    def _load_expert(self, name: str, dst: torch.Tensor, src: Loaded, part: int | None, offset: int) -> None:
-        """dst/src: one expert's (offset 0) or every local expert's (offset 1, a leading expert dim)."""
-        start, inter = self.intermediate_start, self.local_intermediate
-        if name == "down_proj":  # [.., H, I]: this rank's columns
-            _copy(dst, src.narrow(offset + 1, start, inter))
-            return
-        parts = (0, 1) if part is None else (part,)
-        for p in parts:  # [.., 2I, H]: gate rows then up rows, each split on its own
-            piece = src.narrow(offset, start + (self.intermediate_size if part is None and p else 0), inter)
-            _copy(dst.narrow(offset, p * inter, inter), piece)
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
 
     def missing_shards(self) -> list[str]:
         """Parameters some local expert's tensor was not loaded into."""
-        experts = range(self.expert_start, self.expert_start + self.num_local_experts)
+        shape = self.expert_shape
+        experts = range(shape.first_expert, shape.first_expert + shape.num_experts)
         missing = []
-        for name, parts in (("gate_up_proj", (0, 1)), ("down_proj", (None,))):
+        for name, _ in self.named_parameters(recurse=False):
+            parts = (0, 1) if self.expert_specs[name].gate_up else (None,)
             wanted = {(name, e, p) for e in experts for p in parts}
             if (name, None, None) not in self._loaded and not wanted <= self._loaded:
                 missing.append(name)
         return missing
-
-
-def _copy(dst: torch.Tensor, src: Loaded) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(dst.shape)} vs checkpoint {tuple(src.shape)}")
-    dst.copy_(materialize(src))
-
-
-def _divide(n: int, world: int, what: str, kind: str) -> int:
-    if n % world:
-        raise ValueError(f"{what}={n} is not divisible by the {kind} size {world}")
-    return n // world
 
 
 def _experts_fake(
@@ -229,19 +218,4 @@ def moe_experts(
         raise RuntimeError("the triton MoE backend needs Triton and a GPU; use auto or grouped_mm")
     if x.is_cuda and fused_moe is not None:
         return fused_moe.fused_experts(x, gate_up, down, weights, ids)
-    out = torch.zeros_like(x)
-    flat = ids.flatten()
-    # tokens grouped by expert; id -1 (padded rows) sorts first and is cut off, never computed
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat + 1, minlength=gate_up.shape[0] + 1).tolist()
-    start = counts[0]
-    for expert, count in enumerate(counts[1:]):
-        if count == 0:
-            continue
-        picks = order[start : start + count]
-        start += count
-        rows = picks // ids.shape[1]
-        gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[expert])
-        out.index_add_(0, rows, (y * weights.flatten()[picks, None]).to(out.dtype))
-    return out
+    return expert_loop(x, lambda e: (gate_up[e], down[e]), gate_up.shape[0], weights, ids)

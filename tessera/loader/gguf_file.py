@@ -3,7 +3,7 @@ names, tokenizer and chat template from the metadata."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ _ARCH = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-_SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
+_SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -82,43 +82,57 @@ class GGUFFile:
             eos_token_ids=(eos,) if eos is not None else (),
         )
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 tensor) for every tensor, dequantized."""
+    def tensor_types(self) -> dict[str, str]:
+        """HF name -> GGML type name of every tensor (`QuantConfig.from_gguf` takes it)."""
+        return {hf_name(t.name): t.tensor_type.name for t in self.reader.tensors}
+
+    def weights(self, keep_blocks: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for every tensor: dequantized to float32, or where `keep_blocks(name)` says so
+        its stored bytes, uint8 [rows, bytes per row] (a 1-D tensor is one row)."""
         import gguf
 
-        cfg = self.config
         for t in self.reader.tensors:
-            kind = t.tensor_type.name
+            name, kind = hf_name(t.name), t.tensor_type.name
             if kind not in _SUPPORTED_TYPES:
                 raise ValueError(
                     f"{t.name}: GGUF type {kind} not supported (supported: {sorted(_SUPPORTED_TYPES)})"
                 )
+            if keep_blocks is not None and keep_blocks(name):
+                yield name, self._unpermuted(name, torch.from_numpy(_stored_bytes(t)))
+                continue
             array = gguf.quants.dequantize(t.data, t.tensor_type)
             # NOTE: copy: F32/F16 tensors are views of the read-only memory-mapped file.
-            tensor = torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
-            name = hf_name(t.name)
-            # NOTE: llama.cpp's converter interleaves the rotary halves of Q and K rows for Llama-style
-            # checkpoints; undo it so the rotate-half RoPE of HF (and ours) applies.
-            if self.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = unpermute(tensor, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
-            yield name, tensor
+            yield name, self._unpermuted(name, torch.from_numpy(np.array(array, dtype=np.float32, copy=True)))
 
     def raw_tensors(self) -> Iterator[tuple[str, str, torch.Tensor, tuple[int, int]]]:
         """(HF name, GGML type name, the stored bytes uint8 [rows, bytes per row], logical (rows, cols))
         for every tensor, not dequantized (`tessera.quant.gguf.repack` takes them); a 1-D tensor is one
-        row. Q and K of Llama-style checkpoints are un-permuted as in `weights()`: a GGUF row is a whole
-        number of blocks, so moving whole rows of bytes is the same as moving rows of values."""
-        cfg = self.config
+        row."""
         for t in self.reader.tensors:
             cols = int(t.shape[0])  # ggml lists dimensions fastest first: ne0 is the length of a row
             rows = int(np.prod(t.shape[1:], dtype=np.int64))
-            # NOTE: copy: the reader's arrays are views of the read-only memory-mapped file.
-            raw = np.array(t.data, copy=True, order="C").view(np.uint8).reshape(rows, -1)
-            tensor = torch.from_numpy(raw)
             name = hf_name(t.name)
-            if self.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = unpermute(tensor, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
-            yield name, t.tensor_type.name, tensor.contiguous(), (rows, cols)
+            yield (
+                name,
+                t.tensor_type.name,
+                self._unpermuted(name, torch.from_numpy(_stored_bytes(t))),
+                (rows, cols),
+            )
+
+    def _unpermuted(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Q and K rows as HF orders them. NOTE: llama.cpp's converter interleaves the rotary halves of Q
+        and K rows for Llama-style checkpoints; undone so the rotate-half RoPE of HF (and ours) applies.
+        A GGUF row is a whole number of blocks, so moving rows of stored bytes moves rows of values."""
+        if self.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            cfg = self.config
+            tensor = unpermute(tensor, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+        return tensor.contiguous()
+
+
+def _stored_bytes(t: Any) -> np.ndarray:
+    """A reader tensor's bytes as uint8 [rows, bytes per row], copied out of the read-only memory map."""
+    rows = int(np.prod(t.shape[1:], dtype=np.int64))
+    return np.array(t.data, copy=True, order="C").view(np.uint8).reshape(rows, -1)
 
 
 def hf_name(gguf_name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,8 +13,13 @@ from tessera.loader.lazy import LazySlice, safetensors_slice
 from tessera.model_config import ModelConfig
 
 
+def read_json(folder: str | Path) -> dict[str, Any]:
+    """The folder's `config.json` as it is (its `quantization_config` included)."""
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
 def read_config(folder: str | Path) -> ModelConfig:
-    return ModelConfig.from_hf(json.loads((Path(folder) / "config.json").read_text()))
+    return ModelConfig.from_hf(read_json(folder))
 
 
 def weight_files(folder: str | Path) -> list[Path]:

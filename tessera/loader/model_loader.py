@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +19,8 @@ from tessera.loader.tokenizer import Tokenizer
 from tessera.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 from tessera.models.decoder import CausalLM, Loaded, MethodFor
 from tessera.models.manifest import checkpoint_shapes
+from tessera.quant.config import QuantConfig
+from tessera.quant.methods import gguf_blocks
 
 logger = logging.getLogger("tessera")
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,34 +44,38 @@ def load_model(
     device: torch.device,
     load_format: str = "auto",
     *,
-    method_for: MethodFor | None = None,
+    quantization: str | None = None,
 ) -> tuple[CausalLM, Tokenizer, ModelConfig]:
     """The model for this TP rank (its slices of the weights only), its tokenizer and config.
     `load_format="dummy"`: the folder's config.json with seeded random weights (benchmarks of model
-    shapes whose weights are not here); the folder's tokenizer, or the default model's. `method_for`:
-    each linear layer's weight format by its HF module name (`tessera.layers.linear.MethodFor`)."""
+    shapes whose weights are not here); the folder's tokenizer, or the default model's.
+    `quantization`: see `tessera.quant.config.QuantConfig.resolve` (an FP8 or MXFP4 checkpoint is
+    served in its format anyway); a GGUF file keeps its blocks on a GPU or with "gguf" ("none":
+    dequantized, the default on a CPU)."""
     path = default_model_path() if model is None else Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a .gguf file or an HF model folder)")
     if load_format == "dummy":
-        net = dummy_model(path, dtype, device, method_for=method_for)
+        net = dummy_model(path, dtype, device, quantization=quantization)
         return net, _dummy_tokenizer(path), net.config
     if load_format != "auto":
         raise ValueError(f"unknown load format {load_format!r}: auto or dummy")
     if path.suffix == ".gguf":
         f = GGUFFile(path)
-        # NOTE: GGUF tensors come dequantized whole; each rank's weight loaders then keep their slices
-        cfg, weights, tokenizer = f.config, f.weights(), Tokenizer.from_gguf(f.field)
+        quant = _gguf_quant(f, quantization, torch.device(device))
+        cfg, tokenizer = f.config, Tokenizer.from_gguf(f.field)
+        net = _loaded(cfg, _gguf_weights(f, quant), dtype, device, quant)
     else:
-        cfg, weights, tokenizer = hf.read_config(path), hf.weight_slices(path), Tokenizer.from_folder(path)
-    net = _loaded(cfg, weights, dtype, device, method_for)
+        cfg, tokenizer = hf.read_config(path), Tokenizer.from_folder(path)
+        net = hf_model(path, dtype, device, quantization=quantization)
     logger.info(
-        "loaded %s: %d layers, hidden %d, %s on %s",
+        "loaded %s: %d layers, hidden %d, %s on %s%s",
         path.name,
         cfg.num_layers,
         cfg.hidden_size,
         str(dtype).removeprefix("torch."),
         device,
+        _described(net),
     )
     return net, tokenizer, cfg
 
@@ -89,20 +97,26 @@ def build_model(
 
 
 def hf_model(
-    folder: str | Path, dtype: torch.dtype, device: torch.device | str, *, method_for: MethodFor | None = None
+    folder: str | Path, dtype: torch.dtype, device: torch.device | str, *, quantization: str | None = None
 ) -> CausalLM:
-    """An HF folder's model (no tokenizer needed), this rank reading only its slices of the safetensors."""
-    cfg = hf.read_config(folder)
-    return _loaded(cfg, hf.weight_slices(folder), dtype, device, method_for)
+    """An HF folder's model (no tokenizer needed), this rank reading only its slices of the safetensors;
+    quantized as the checkpoint is, or online by `quantization`."""
+    raw = hf.read_json(folder)
+    quant = QuantConfig.resolve(raw, quantization)
+    return _loaded(ModelConfig.from_hf(raw), hf.weight_slices(folder), dtype, device, quant)
 
 
 def dummy_model(
-    folder: Path, dtype: torch.dtype, device: torch.device | str, *, method_for: MethodFor | None = None
+    folder: Path, dtype: torch.dtype, device: torch.device | str, *, quantization: str | None = None
 ) -> CausalLM:
     """The model of `folder`'s config.json with seeded random weights (no tokenizer needed): the same
-    logical model at every TP size, each full tensor drawn from a generator seeded by its name."""
-    cfg = hf.read_config(folder)
-    net = _loaded(cfg, dummy_weights(cfg, torch.device(device)), dtype, device, method_for)
+    logical model at every TP size, each full tensor drawn from a generator seeded by its name. With
+    `quantization`, or a config naming a checkpoint format, the random weights are quantized at load."""
+    raw = hf.read_json(folder)
+    cfg, quant = ModelConfig.from_hf(raw), QuantConfig.resolve(raw, quantization)
+    if quant is not None and quant.checkpoint:  # random weights come unquantized: quantized here
+        quant = replace(quant, checkpoint=False, static_input_scale=False)
+    net = _loaded(cfg, dummy_weights(cfg, torch.device(device)), dtype, device, quant)
     logger.info("dummy weights for %s: %d layers, hidden %d", folder.name, cfg.num_layers, cfg.hidden_size)
     return net
 
@@ -124,6 +138,38 @@ def _loaded(
     net = build_model(cfg, dtype, device, method_for)
     net.load_weights(weights)
     return net.eval()
+
+
+def _gguf_quant(f: GGUFFile, quantization: str | None, device: torch.device) -> QuantConfig | None:
+    """GGUF tensors stay in their blocks on a GPU (kernels dequantize in registers) or with "gguf"; on a
+    CPU, or with "none", they are dequantized once at load (on a CPU the reference kernel would redo it
+    at every call: 4x slower decoding of the embedded model on a 2-core host)."""
+    if quantization not in (None, "gguf", "none"):
+        raise ValueError(
+            f"--quantization {quantization}: a GGUF file is served in its own formats (--quantization "
+            f"applies to safetensors checkpoints; for GGUF: 'gguf' keeps its blocks, 'none' dequantizes)"
+        )
+    if quantization == "none" or (quantization is None and device.type != "cuda"):
+        return None
+    return QuantConfig.from_gguf(f.tensor_types())
+
+
+def _gguf_weights(f: GGUFFile, quant: QuantConfig | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The file's tensors: in their blocks for layers that keep the GGUF format, else dequantized."""
+    if quant is None:
+        yield from f.weights()
+        return
+    for name, tensor in f.weights(keep_blocks=quant.keeps_gguf_blocks):
+        if tensor.dtype == torch.uint8:
+            tensor = gguf_blocks(tensor, quant.gguf_types[name.removesuffix(".weight")])
+        yield name, tensor
+
+
+def _described(net: CausalLM) -> str:
+    """ ", quantized: 210 GGUFLinearMethod" where any layer is."""
+    formats = Counter(type(m.method).__name__ for m in net.modules() if hasattr(m, "method"))
+    quantized = sorted((name, n) for name, n in formats.items() if not name.startswith("Unquantized"))
+    return ", quantized: " + ", ".join(f"{n} {name}" for name, n in quantized) if quantized else ""
 
 
 def _dummy_tokenizer(folder: Path) -> Tokenizer:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.distributed.comm import all_reduce, all_reduce_placement
+from tessera.layers.expert_format import experts_method_at
 from tessera.layers.linear import MethodFor, child_name
 from tessera.layers.moe import Experts, RoutingConfig, route
 from tessera.model_config import ModelConfig
@@ -49,7 +50,8 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(
             cfg.hidden_size, moe.num_experts, correction_bias=moe.scoring == "sigmoid", fp32=moe.router_fp32
         )
-        self.experts = Experts(moe.num_experts, cfg.hidden_size, moe.intermediate_size)
+        method = experts_method_at(method_for, prefix)
+        self.experts = Experts(moe.num_experts, cfg.hidden_size, moe.intermediate_size, method)
         if moe.shared_experts:
             self.shared_experts = GatedMLP(
                 cfg, child_name(prefix, "shared_experts"), method_for,

@@ -9,6 +9,7 @@ routers) are whole on every rank.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -26,25 +27,45 @@ _STACKED = (
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\."
+    r"(weight|weight_scale|weight_scale_inv|input_scale|activation_scale)$"
+)
 _EXPERT_PART = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1, "w2": None, "down_proj": None}
+# a per-expert tensor's suffix -> the fused parameter's (`tessera.layers.expert_format`)
+_EXPERT_SUFFIX = {"weight": "", "weight_scale": "_scale", "weight_scale_inv": "_scale_inv"}
+# other names checkpoints give the same tensor (scales that multiply to dequantize; calibrated input scales)
+_ALIASES = {
+    "weight_scale_inv": "weight_scale",
+    "weight_scale": "weight_scale_inv",
+    "activation_scale": "input_scale",
+}
+# tensors a model may have no parameter for: calibrated activation and KV-cache scales (activations are
+# quantized per token at run time, the KV cache is kept in the model's dtype)
+_OPTIONAL = ("input_scale", "activation_scale", "k_scale", "v_scale")
 
 Shard = ShardId | tuple[int, int | None]
+log = logging.getLogger("tessera")
 
 
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, cfg: ModelConfig, weights: Iterable[tuple[str, Loaded]]) -> None:
-    """Load HF-named tensors into `model`'s parameters (this rank's slices), then let every linear layer
-    repack its weights once (`process_weights_after_loading`). Raises KeyError on a tensor with no
-    parameter and on parameters left unloaded, naming them."""
+    """Load HF-named tensors into `model`'s parameters (this rank's slices), then let every module that
+    has one run its `process_weights_after_loading` once (formats repack or quantize). Raises KeyError on
+    a tensor with no parameter (calibrated activation and KV-cache scales excepted: unused) and on
+    parameters left unloaded, naming them."""
     params = dict(model.named_parameters(remove_duplicate=False))
     plain: set[str] = set()  # parameters without a loader of their own that got their tensor
+    skipped: set[str] = set()
     for name, tensor in weights:
         name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral checkpoints' older module name
         if "rotary_emb" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         target, shard = _target(name, params)
         if target not in params:
+            if name.rsplit(".", 1)[-1] in _OPTIONAL:
+                skipped.add(name.rsplit(".", 1)[-1])
+                continue
             raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
         param = params[target]
         loader = getattr(param, "weight_loader", None)
@@ -56,13 +77,27 @@ def load_hf_weights(model: nn.Module, cfg: ModelConfig, weights: Iterable[tuple[
     missing = _missing(model, plain)
     if missing:
         raise KeyError(f"checkpoint misses {len(missing)} tensors, e.g. {missing[:3]}")
-    for module in model.modules():
-        if isinstance(module, LinearBase):
+    if skipped:
+        log.info("checkpoint tensors not used (dynamic activation scales, KV cache in the model's dtype): %s",
+                 ", ".join(sorted(skipped)))  # fmt: skip
+    # linear layers first: a module's own step may read its layers' final weights (MLA's kv_b_proj)
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    others = [m for m in model.modules() if not isinstance(m, LinearBase)]
+    for module in linears + others:
+        if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
 
 
 def _target(name: str, params: dict[str, nn.Parameter]) -> tuple[str, Shard]:
-    """The parameter a checkpoint tensor loads into, and which part of it."""
+    """The parameter a checkpoint tensor loads into, and which part of it (under an alias of its last
+    name component where the model names it so)."""
+    target, shard = _target_as_named(name, params)
+    head, _, last = target.rpartition(".")
+    alias = f"{head}.{_ALIASES[last]}" if last in _ALIASES else target
+    return (alias, shard) if target not in params and alias in params else (target, shard)
+
+
+def _target_as_named(name: str, params: dict[str, nn.Parameter]) -> tuple[str, Shard]:
     if name in params:  # as it is (MLA's own q_proj, HF's fused expert tensors, norms, ...)
         return name, None
     if ".experts." in name:
@@ -79,9 +114,12 @@ def _expert_target(name: str) -> tuple[str, tuple[int, int | None] | None]:
     match = _EXPERT.match(name)
     if match is None:
         return name, None
-    prefix, expert, kind = match.groups()
+    prefix, expert, kind, suffix = match.groups()
     part = _EXPERT_PART[kind]
-    return f"{prefix}.{'down_proj' if part is None else 'gate_up_proj'}", (int(expert), part)
+    proj = "down_proj" if part is None else "gate_up_proj"
+    if suffix not in _EXPERT_SUFFIX:  # a calibrated input scale: experts quantize activations per token
+        return f"{prefix}.{expert}.{kind}.{suffix}", None
+    return f"{prefix}.{proj}{_EXPERT_SUFFIX[suffix]}", (int(expert), part)
 
 
 def _load_whole(name: str, param: torch.Tensor, tensor: Loaded) -> None:

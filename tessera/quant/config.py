@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tessera.layers.expert_format import ExpertsMethod
 from tessera.layers.linear import LinearMethod
 from tessera.quant import fp8, gguf
 from tessera.quant.methods import Fp8LinearMethod, GGUFLinearMethod, Mxfp4LinearMethod
-from tessera.quant.moe_methods import ExpertsMethod, Fp8ExpertsMethod, Mxfp4ExpertsMethod
+from tessera.quant.moe_methods import Fp8ExpertsMethod, Mxfp4ExpertsMethod
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,10 @@ class QuantConfig:
         ckpt = cls.from_hf(hf_config or {})
         if quantization is None:
             return ckpt
+        if quantization == "none":  # unquantized, as the checkpoint must be
+            if ckpt is not None:
+                raise ValueError(f"--quantization none: the checkpoint's weights are {ckpt.method}")
+            return None
         online = cls.from_flag(quantization)
         if ckpt is None:
             return online
@@ -147,6 +152,10 @@ class QuantConfig:
         static = self.static_input_scale
         return Fp8LinearMethod(self.scheme, checkpoint=self.checkpoint, static_input_scale=static)
 
+    def __call__(self, prefix: str) -> LinearMethod | ExpertsMethod | None:
+        """The format of module `prefix`: the models' `MethodFor` (experts are "...mlp.experts")."""
+        return self.experts_method_for(prefix) if prefix.endswith(".experts") else self.method_for(prefix)
+
     def experts_method_for(self, prefix: str) -> ExpertsMethod | None:
         """The format of the MoE experts under `prefix` (e.g. "model.layers.3.mlp.experts"), or None."""
         if self.method == "gguf" or self._skipped(prefix, [prefix]):
@@ -155,6 +164,16 @@ class QuantConfig:
             return Mxfp4ExpertsMethod(checkpoint=self.checkpoint)
         assert self.scheme is not None
         return Fp8ExpertsMethod(self.scheme, checkpoint=self.checkpoint)
+
+    def keeps_gguf_blocks(self, tensor: str) -> bool:
+        """Whether GGUF tensor `tensor` (HF name, "....q_proj.weight") loads in its stored blocks: its
+        layer (the fused one holding it) keeps the GGUF format."""
+        module = tensor.removesuffix(".weight")
+        if self.method != "gguf" or module == tensor:
+            return False
+        head, _, last = module.rpartition(".")
+        fused = next((f for f, parts in self.packed_modules.items() if last in parts), last)
+        return isinstance(self.method_for(f"{head}.{fused}" if head else fused), GGUFLinearMethod)
 
     def is_ignored(self, name: str) -> bool:
         """Whether module `name` is left unquantized by the checkpoint's own list or by default."""

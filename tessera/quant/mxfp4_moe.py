@@ -13,9 +13,9 @@ Elsewhere the reference loop, which dequantizes only the experts that got tokens
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tessera.graphs import opaque_op
+from tessera.layers.expert_format import expert_loop
 from tessera.quant.mxfp4 import dequantize
 
 try:
@@ -36,23 +36,12 @@ def reference_experts(
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
     """The experts as a loop (per-expert token counts come back to the host: not capturable)."""
-    out = torch.zeros_like(x)
-    flat = topk_ids.flatten()
-    # pairs grouped by expert; id -1 (padded rows) sorts first and is cut off, never computed
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat + 1, minlength=w13_blocks.shape[0] + 1).tolist()
-    start = counts[0]
-    for expert, count in enumerate(counts[1:]):
-        if count == 0:
-            continue
-        picks = order[start : start + count]
-        start += count
-        rows = picks // topk_ids.shape[1]
-        w13 = dequantize(w13_blocks[expert], w13_scales[expert], x.dtype)  # [2I, H]
-        gate, up = F.linear(x[rows], w13).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, dequantize(w2_blocks[expert], w2_scales[expert], x.dtype))
-        out.index_add_(0, rows, (y * topk_weights.flatten()[picks, None]).to(out.dtype))
-    return out
+
+    def weights_of(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # [2I, H], [H, I] in x's dtype
+        w13 = dequantize(w13_blocks[e], w13_scales[e], x.dtype)
+        return w13, dequantize(w2_blocks[e], w2_scales[e], x.dtype)
+
+    return expert_loop(x, weights_of, w13_blocks.shape[0], topk_weights, topk_ids)
 
 
 def triton_experts(
