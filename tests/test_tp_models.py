@@ -1,5 +1,5 @@
 """Every model family on the tensor/expert-parallel layers, on CPU ranks over gloo: logits at TP 2 (and
-EP 2 for the MoE families, TP 4 for Llama's replicated KV heads) equal one rank's, from the same seeded
+EP 2 for the MoE families, TP 4 for every family) equal one rank's, from the same seeded
 dummy weights or a safetensors checkpoint read slice by slice; emulated piecewise graphs on each rank
 equal eager; a rank reads only its slices; missing tensors are named."""
 
@@ -18,7 +18,7 @@ from tessera.loader import hf
 from tessera.loader.lazy import LazySlice
 from tessera.loader.model_loader import build_model, dummy_weights
 from tests.conftest import rel_err
-from tests.tp_model_workers import CONFIGS, MOE, family_logits, llama_logits, write_folder
+from tests.tp_model_workers import CONFIGS, MOE, family_logits, four_rank_logits, write_folder
 
 STATS = "llama/graph_stats"
 
@@ -91,10 +91,11 @@ def test_emulated_piecewise_graphs_on_each_rank_equal_eager(two_ranks: list[dict
         assert out[STATS]["replays"] == {"piecewise": {"16": 1, "8": 1}}  # prefill 12 -> 16, decode 2 -> 8
 
 
-def test_four_ranks_replicate_two_kv_heads(folders: dict[str, str], one_rank: dict[str, Any]) -> None:
-    outs = launch(llama_logits, 4, folders["llama"], backend="gloo", timeout_s=120)
+def test_four_ranks_give_one_ranks_logits(folders: dict[str, str], one_rank: dict[str, Any]) -> None:
+    outs = launch(four_rank_logits, 4, folders, backend="gloo", timeout_s=120)
     for rank, out in enumerate(outs):
-        assert rel_err(out, one_rank["llama"]) < 1e-4, rank
+        for family in CONFIGS:
+            assert rel_err(out[family], one_rank[family]) < 1e-4, (rank, family)
 
 
 def _recording(

@@ -112,7 +112,10 @@ def family_logits(rank: int, world: int, folders: dict[str, str], checkpoint: st
     return out
 
 
-def llama_logits(rank: int, world: int, folder: str) -> torch.Tensor:
-    model = build(folder)
-    assert model.local_kv_heads == 1 and model.model.layers[0].self_attn.qkv_proj.num_kv_head_replicas == 2
-    return logits(model)[0]
+def four_rank_logits(rank: int, world: int, folders: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every family's logits at TP 4: one attention head a rank (Llama's and Qwen3-MoE's two KV heads
+    replicated on two ranks each), MoE experts split four ways, the vocabulary in four slices."""
+    models = {family: build(folder) for family, folder in folders.items()}
+    attn = models["llama"].model.layers[0].self_attn
+    assert models["llama"].local_kv_heads == 1 and attn.qkv_proj.num_kv_head_replicas == 2
+    return {family: logits(model)[0] for family, model in models.items()}
