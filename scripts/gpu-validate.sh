@@ -8,6 +8,7 @@
 #   stage [quant] then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
 #   stage [quant] then models stage: the GPU tests of issues 20-22 and SmolLM2's quant bench
 #   quant: `benchmarks.quant` on the Llama-3-8B config   tp1 BEFORE_DIR: the step bench here and in BEFORE_DIR
+#   stage then tp [N] (N GPUs): the multi-GPU tests and `benchmarks.tp_step`   tp-serve: serving at TP 2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -85,6 +86,15 @@ case "${1:-}" in
         --models smollm2-135m llama3-8b --no-hf --variants graphs --extend 128 512 --decode 1 32 \
         --out "$OUT/tp1_before_$round.json")
     done ;;
+  tp)  # (2 or 4 GPUs; carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage`) issue 23
+    step stage 60 bash scripts/stage-model.sh second
+    step setup 120 bash scripts/gpu-setup.sh
+    step test_tp 420 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_tp_gpu.py tests/test_distributed_gpu.py
+    step bench_tp 420 python3 -m benchmarks.tp_step --tp "${2:-2}" --out "$OUT/tp_step.json" ;;
+  tp-serve)  # (2 GPUs; carry .wheels/gpu) issue 23: 256 concurrent requests at TP 2, none lost
+    step setup 120 bash scripts/gpu-setup.sh
+    step serve_tp2 500 python3 -m tessera bench serve --num-prompts 512 --max-concurrency 256 \
+      --launch="benchmarks/configs/llama3-8b --load-format dummy --tp 2" --out "$OUT/serve_tp2.json" ;;
   3)
     serve serve_smollm2 380 ;;
   gsm8k)
@@ -100,7 +110,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant]|spec|models|quant|tp1 DIR" >&2
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant]|spec|models|quant|tp1 DIR|tp [N]|tp-serve" >&2
      exit 2 ;;
 esac
 cat "$OUT/summary.txt"

@@ -208,6 +208,9 @@ def _parallel_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--dist-timeout", type=float, default=e.dist_timeout,
                    help="seconds a rank may take to answer before it is reported as failed")  # fmt: skip
+    g.add_argument("--all-reduce-placement", choices=["inside", "split"], default=e.all_reduce_placement,
+                   help="the model's all-reduces inside the CUDA graph pieces, or as graph boundaries run "
+                   "eagerly")  # fmt: skip
 
 
 def _speculative_flags(p: argparse.ArgumentParser) -> None:

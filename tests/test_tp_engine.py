@@ -83,10 +83,15 @@ def test_two_ranks_give_the_tokens_of_one(folder: Path) -> None:
     _closed_cleanly(llm)
 
 
-def test_two_ranks_through_the_graphs_with_ngram_verifies(folder: Path) -> None:
+@pytest.mark.parametrize("placement", ["inside", "split"])
+def test_two_ranks_through_the_graphs_with_ngram_verifies(folder: Path, placement: str) -> None:
+    """The all-reduces inside the graph pieces, or as graph boundaries (the worker is told too)."""
     want, _ = _generate(folder, **GRAPHS)
-    got, llm = _generate(folder, **GRAPHS, tensor_parallel_size=2, speculative_algorithm="NGRAM")
+    got, llm = _generate(folder, **GRAPHS, tensor_parallel_size=2, speculative_algorithm="NGRAM",
+                         all_reduce_placement=placement)  # fmt: skip
     assert got == want
+    pieces = llm.runner.graphs.report.num_pieces  # split: each all-reduce is one more graph boundary
+    assert (pieces > CONFIG["num_hidden_layers"] + 1) == (placement == "split"), pieces
     stats = llm.stats()
     assert sum(stats["spec_accepted"]) > 0  # verify batches ran (their logits rows sent to the worker)
     assert not stats["graphs"]["eager_fallbacks"] and stats["graphs"]["padded_tokens"] > 0

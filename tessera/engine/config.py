@@ -175,6 +175,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
     dist_timeout: float = 60.0  # seconds a collective may wait for another rank before it is an error
+    # where the model's all-reduces go: "inside" the graph pieces (NCCL is capturable) or "split" (a
+    # graph boundary, run eagerly: SGLang's fallback); both measurable (benchmarks/tp_step.py)
+    all_reduce_placement: str = "inside"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -201,6 +204,7 @@ class EngineConfig:
                 f"expert_parallel_size (--ep) must be 1 or the tensor parallel size {tp} (experts are spread "
                 f"over the TP ranks), got {ep}"
             )
+        _check_choice("all-reduce placement", self.all_reduce_placement, ("inside", "split"))
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if tp > 1 and self.speculative.algorithm not in (None, "NGRAM"):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tessera.distributed import set_all_reduce_placement
 from tessera.engine.batch import ScheduledBatch
 from tessera.engine.config import EngineConfig
 from tessera.engine.detokenize import output_text
@@ -67,6 +68,7 @@ class Engine:
             raise error from exc
 
     def _build(self, config: EngineConfig) -> None:
+        set_all_reduce_placement(config.all_reduce_placement)  # read by the layers as they are built
         self.model, self.tokenizer, self.model_config = load_model(
             config.model,
             config.torch_dtype,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tessera.distributed import WorkerError, destroy, init_distributed
+from tessera.distributed import WorkerError, destroy, init_distributed, set_all_reduce_placement
 from tessera.distributed.workers import Workers
 from tessera.engine.batch import ForwardBatch, upload
 from tessera.engine.config import EngineConfig
@@ -199,6 +199,7 @@ def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
     it says stop. Torchrun's ranks call it after `init_distributed()` (see `serve_torchrun_worker`)."""
     group = _step_group()
     device = config.torch_device
+    set_all_reduce_placement(config.all_reduce_placement)
     model, _, _ = load_model(
         config.model, config.torch_dtype, device, config.load_format, quantization=config.quantization
     )
