@@ -66,7 +66,7 @@ case "${1:-}" in
     # models' move onto the parallel layers touched (engine, DeepSeek/MoE, dtypes, graph runtime)
     [ "${2:-}" = stage ] && step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
-    step test_spec 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
+    step test_spec 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
     step test_models 330 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant_models_gpu.py \
       tests/test_distributed_gpu.py tests/test_engine_gpu.py tests/test_deepseek.py tests/test_moe.py \
       tests/test_dtypes_gpu.py tests/test_graphs_gpu.py
@@ -76,14 +76,18 @@ case "${1:-}" in
     step decode_gemm 120 python3 -m benchmarks.decode_gemm --out "$OUT/decode_gemm.json"
     step bench_quant 400 python3 -m benchmarks.quant --models llama3-8b --decode 1 8 64 --extend 2048 \
       --out "$OUT/quant_llama3_8b.json" ;;
-  tp1)  # (carry .wheels/gpu and a snapshot of the commit before, as $2) issue 22: TP 1 no slower
+  tp1)  # (carry .wheels/gpu, .snap_before: the commit before, as $2) issues 21-22 without the model
+    # wheel: their GPU tests that need no staged model, then TP 1 no slower than before the models moved
+    # onto the parallel layers (the same step bench, `--variants graphs`, in alternating processes)
     step setup 120 bash scripts/gpu-setup.sh
+    step test_tp1 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant_mxfp4.py \
+      tests/test_distributed_gpu.py tests/test_quant_models_gpu.py -k "not smollm2"
     cp benchmarks/step.py "$2/benchmarks/step.py"  # the same bench (its --variants) over the old models
     for round in 1 2; do
-      step "tp1_after_$round" 130 python3 -m benchmarks.step --models smollm2-135m llama3-8b --no-hf \
+      step "tp1_after_$round" 100 python3 -m benchmarks.step --models smollm2-135m --no-hf \
         --variants graphs --extend 128 512 --decode 1 32 --out "$OUT/tp1_after_$round.json"
-      (cd "$2" && step "tp1_before_$round" 130 env PYTHONPATH=. python3 -m benchmarks.step \
-        --models smollm2-135m llama3-8b --no-hf --variants graphs --extend 128 512 --decode 1 32 \
+      (cd "$2" && step "tp1_before_$round" 100 env PYTHONPATH=. python3 -m benchmarks.step \
+        --models smollm2-135m --no-hf --variants graphs --extend 128 512 --decode 1 32 \
         --out "$OUT/tp1_before_$round.json")
     done ;;
   tp)  # (2 or 4 GPUs; carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage`) issue 23

@@ -126,9 +126,8 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization", default=None, choices=list(QUANTIZATIONS),
         help="fp8 (per-channel weights, per-token activations), fp8_block (128x128 blocks) or mxfp4: "
-        "quantize an unquantized checkpoint at load; gguf / none: keep a GGUF file's tensors in their blocks "
-        "(the default on a GPU) / dequantize them at load (the default on a CPU). FP8 and MXFP4 checkpoints "
-        "are served in their format without it",
+        "quantize an unquantized checkpoint at load; gguf: keep a GGUF file's tensors in their blocks (else "
+        "dequantized at load). FP8 and MXFP4 checkpoints are served in their format without it",
     )  # fmt: skip
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens of prompt and output together (default: the model's)")  # fmt: skip

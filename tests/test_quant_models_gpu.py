@@ -23,6 +23,7 @@ from tests.tp_model_workers import BASE, CONFIGS, logits
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
+VOCAB = 4096
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -30,8 +31,8 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def test_smollm2_gguf_blocks_against_dequantized_bf16() -> None:
-    native, _, _ = load_model(None, torch.bfloat16, CUDA)  # the default on a GPU: Q4_1 / Q8_0 blocks
-    plain, _, _ = load_model(None, torch.bfloat16, CUDA, quantization="none")
+    native, _, _ = load_model(None, torch.bfloat16, CUDA, quantization="gguf")  # Q4_1 / Q8_0 blocks
+    plain, _, _ = load_model(None, torch.bfloat16, CUDA)
     assert len(_quantized(native)) == 4 * native.config.num_layers
     embed = native.model.embed_tokens.weight.nbytes  # bf16 in both (tied to the head)
     ratio = (_weight_bytes(native) - embed) / (_weight_bytes(plain) - embed)
@@ -57,11 +58,16 @@ def test_smollm2_gguf_greedy_text_through_graphs() -> None:
 def test_quantized_models_through_every_graph_kind_equal_eager(
     tmp_path: Path, family: str, quantization: str
 ) -> None:
+    from tokenizers import Tokenizer, models
+
     config = BASE | CONFIGS[family] | {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64,
-                                       "moe_intermediate_size": 128, "vocab_size": 49152}  # fmt: skip
+                                       "moe_intermediate_size": 128, "vocab_size": VOCAB,
+                                       "max_position_embeddings": 1024}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
+    vocab = {f"t{i}": i for i in range(VOCAB)}  # a tokenizer of its own: no model wheel needed
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 49152, (n,), generator=gen).tolist() for n in (1, 5, 17, 40, 100, 300)]
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 5, 17, 40, 100, 300)]
     params = [SamplingParams(max_tokens=12, ignore_eos=True)] * len(prompts)
     settings = dict(load_format="dummy", quantization=quantization, dtype="bfloat16")
     with LLM(str(tmp_path), **settings) as llm:

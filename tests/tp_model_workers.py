@@ -83,8 +83,9 @@ def build(
 def logits(model: CausalLM, **settings: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """Logits [4, vocab] of the batch's last tokens (prefill, then decode), and the runner's graph stats."""
     mc, pages = model.config, 16
-    kv = KVCache.allocate(mc.num_layers, pages, 4, model.local_kv_heads, mc.head_dim, torch.float32, "cpu",
-                          v_head_dim=mc.v_head_dim)  # fmt: skip
+    where = next(model.parameters())  # the KV cache beside the model, in its dtype
+    kv = KVCache.allocate(mc.num_layers, pages, 4, model.local_kv_heads, mc.head_dim, where.dtype,
+                          where.device, v_head_dim=mc.v_head_dim)  # fmt: skip
     config = EngineConfig.create(page_size=4, attention_backend="torch", **settings)
     runner = RunnerDriver(ModelRunner(model, config, num_pages=pages, kv=kv))
     seqs = [Sequence(list(p), SamplingParams()) for p in PROMPTS]

@@ -161,8 +161,8 @@ class EngineConfig:
     dtype: str | None = None
     device: str | None = None
     load_format: str = "auto"  # dummy: the folder's config.json with random weights (benchmarks)
-    # None: as the checkpoint is (FP8 / MXFP4 checkpoints in their format; GGUF kept quantized on a GPU,
-    # dequantized on a CPU, where its reference kernel would dequantize at every call)
+    # None: as the checkpoint is (FP8 / MXFP4 checkpoints in their format); a GGUF file is dequantized at
+    # load unless "gguf" keeps its blocks (loader/model_loader.py: `_gguf_quant` says why)
     quantization: str | None = None
     page_size: int = 16  # tokens per KV page
     mem_fraction: float = 0.8  # of the GPU memory free after loading, for the KV cache

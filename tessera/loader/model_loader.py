@@ -50,8 +50,7 @@ def load_model(
     `load_format="dummy"`: the folder's config.json with seeded random weights (benchmarks of model
     shapes whose weights are not here); the folder's tokenizer, or the default model's.
     `quantization`: see `tessera.quant.config.QuantConfig.resolve` (an FP8 or MXFP4 checkpoint is
-    served in its format anyway); a GGUF file keeps its blocks on a GPU or with "gguf" ("none":
-    dequantized, the default on a CPU)."""
+    served in its format anyway); a GGUF file keeps its blocks with "gguf", else is dequantized at load."""
     path = default_model_path() if model is None else Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a .gguf file or an HF model folder)")
@@ -62,7 +61,7 @@ def load_model(
         raise ValueError(f"unknown load format {load_format!r}: auto or dummy")
     if path.suffix == ".gguf":
         f = GGUFFile(path)
-        quant = _gguf_quant(f, quantization, torch.device(device))
+        quant = _gguf_quant(f, quantization)
         cfg, tokenizer = f.config, Tokenizer.from_gguf(f.field)
         net = _loaded(cfg, _gguf_weights(f, quant), dtype, device, quant)
     else:
@@ -140,18 +139,17 @@ def _loaded(
     return net.eval()
 
 
-def _gguf_quant(f: GGUFFile, quantization: str | None, device: torch.device) -> QuantConfig | None:
-    """GGUF tensors stay in their blocks on a GPU (kernels dequantize in registers) or with "gguf"; on a
-    CPU, or with "none", they are dequantized once at load (on a CPU the reference kernel would redo it
-    at every call: 4x slower decoding of the embedded model on a 2-core host)."""
+def _gguf_quant(f: GGUFFile, quantization: str | None) -> QuantConfig | None:
+    """GGUF tensors stay in their blocks with "gguf"; by default ("none") they are dequantized once at
+    load. NOTE: measured on the embedded 135M model, its blocks cost speed (H100: 0.41-0.63x the bf16
+    step, benchmarks/results/quant_smollm2_h100.json; a CPU's reference kernel dequantizes at every
+    call, 4x slower decoding) for 0.31x the linear weights' memory, which a model this small never needs."""
     if quantization not in (None, "gguf", "none"):
         raise ValueError(
             f"--quantization {quantization}: a GGUF file is served in its own formats (--quantization "
             f"applies to safetensors checkpoints; for GGUF: 'gguf' keeps its blocks, 'none' dequantizes)"
         )
-    if quantization == "none" or (quantization is None and device.type != "cuda"):
-        return None
-    return QuantConfig.from_gguf(f.tensor_types())
+    return QuantConfig.from_gguf(f.tensor_types()) if quantization == "gguf" else None
 
 
 def _gguf_weights(f: GGUFFile, quant: QuantConfig | None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -21,6 +21,8 @@ from tessera.layers.kernel_launch import cdiv, next_pow2
 
 # NOTE: equal to mxfp4.BLOCK_SIZE; not imported from there, which imports this module
 GROUP = 32
+# NOTE: a kernel may read a global only if it is a tl.constexpr (the interpreter allows any: CI missed it)
+KGROUP = tl.constexpr(GROUP)
 # NOTE: Triton's interpreter (3.9) multiplies bfloat16 tiles as their raw uint16 bits; there the kernels
 # upcast both operands to float32 first, which is exact and what the GPU's bf16 MMA accumulates anyway
 _DOT_IN_F32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true")
@@ -41,15 +43,15 @@ def _dequant_tile(Wb, Ws, offs_n, n_ok, kg0, n_groups, stride_bn, stride_sn,
                   GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """W[offs_n, 32*kg0 : 32*(kg0 + GROUPS)] as float32 [BLOCK_N, 32 * GROUPS] (zero where masked)."""
     kg = kg0 + tl.arange(0, GROUPS)
-    byte = tl.arange(0, GROUP // 2)
+    byte = tl.arange(0, KGROUP // 2)
     ok = n_ok[:, None] & (kg[None, :] < n_groups)  # [BLOCK_N, GROUPS]
-    packed = tl.load(Wb + offs_n[:, None, None] * stride_bn + kg[None, :, None] * (GROUP // 2)
+    packed = tl.load(Wb + offs_n[:, None, None] * stride_bn + kg[None, :, None] * (KGROUP // 2)
                      + byte[None, None, :], mask=ok[:, :, None], other=0).to(tl.int32)  # fmt: skip
     # low nibble = even element: join puts it first along the new minor axis
-    codes = tl.reshape(tl.join(packed & 0x0F, packed >> 4), [BLOCK_N, GROUPS, GROUP])
+    codes = tl.reshape(tl.join(packed & 0x0F, packed >> 4), [BLOCK_N, GROUPS, KGROUP])
     s = tl.load(Ws + offs_n[:, None] * stride_sn + kg[None, :], mask=ok, other=0).to(tl.int32)
     scale = (s << 23).to(tl.float32, bitcast=True)
-    return tl.reshape(_e2m1_to_f32(codes) * scale[:, :, None], [BLOCK_N, GROUPS * GROUP])
+    return tl.reshape(_e2m1_to_f32(codes) * scale[:, :, None], [BLOCK_N, GROUPS * KGROUP])
 
 
 @triton.jit
@@ -63,14 +65,14 @@ def _mxfp4_matmul_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, GROUPS * GROUP):
-        offs_k = k0 + tl.arange(0, GROUPS * GROUP)
+    for k0 in range(0, K, GROUPS * KGROUP):
+        offs_k = k0 + tl.arange(0, GROUPS * KGROUP)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)  # fmt: skip
         if DOT_IN_F32:
             x = x.to(tl.float32)
         w = _dequant_tile(
-            Wb, Ws, offs_n, n_ok, k0 // GROUP, K // GROUP, stride_bn, stride_sn, GROUPS, BLOCK_N
+            Wb, Ws, offs_n, n_ok, k0 // KGROUP, K // KGROUP, stride_bn, stride_sn, GROUPS, BLOCK_N
         )
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if HAS_BIAS:
@@ -149,14 +151,14 @@ def _mxfp4_grouped_kernel(
     n_ok = offs_n < N
     wb, ws = Wb + expert * stride_be, Ws + expert * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, GROUPS * GROUP):
-        offs_k = k0 + tl.arange(0, GROUPS * GROUP)
+    for k0 in range(0, K, GROUPS * KGROUP):
+        offs_k = k0 + tl.arange(0, GROUPS * KGROUP)
         a = tl.load(A + rows[:, None] * stride_am + offs_k[None, :],
                     mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)  # fmt: skip
         if DOT_IN_F32:
             a = a.to(tl.float32)
         w = _dequant_tile(
-            wb, ws, offs_n, n_ok, k0 // GROUP, K // GROUP, stride_bn, stride_sn, GROUPS, BLOCK_N
+            wb, ws, offs_n, n_ok, k0 // KGROUP, K // KGROUP, stride_bn, stride_sn, GROUPS, BLOCK_N
         )
         acc += tl.dot(a, tl.trans(w.to(a.dtype)))
     if APPLY_SCALE:
