@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m in args.models:
         hf = not args.no_hf
         report["models"].append(bench_model(m, args.extend, args.decode, args.num_pages, hf, save, variants))
+    gpu = torch.cuda.get_device_name()
     for m in report["models"]:
-        print(f"\n{m['model']} on {report['gpu']}: ms per step (x = ratio to the kernel-time floor)")
+        print(f"\n{m['model']} on {gpu}: ms per step (x = ratio to the kernel-time floor)")
         print(f"  start-up: {m['startup_seconds']}")
         for row in m["cases"]:
             print(_row(row))

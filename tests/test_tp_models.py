@@ -18,7 +18,7 @@ from tessera.loader import hf
 from tessera.loader.lazy import LazySlice
 from tessera.loader.model_loader import build_model, dummy_weights
 from tests.conftest import rel_err
-from tests.tp_model_workers import CONFIGS, MOE, family_logits, four_rank_logits, write_folder
+from tests.tp_model_workers import CONFIGS, MOE, build, family_logits, four_rank_logits, logits, write_folder
 
 STATS = "llama/graph_stats"
 
@@ -141,3 +141,25 @@ def test_missing_and_unknown_tensors_are_named(folders: dict[str, str]) -> None:
         )
     with pytest.raises(KeyError, match="mystery"):
         model.load_weights([("model.layers.0.mlp.mystery.weight", torch.zeros(1))])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-moe"])
+def test_a_group_of_one_runs_the_parallel_path_and_changes_nothing(
+    folders: dict[str, str], one_rank: dict[str, Any], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU twin of tests/test_distributed_gpu.py: a gloo group of one rank sends every layer through
+    its collectives (counted), and the logits stay one rank's."""
+    from tessera.distributed import comm, destroy, init_distributed
+    from tessera.distributed.launch import _free_port
+
+    calls: list[int] = []
+    reduce = comm._reduce_
+    monkeypatch.setattr(comm, "_reduce_", lambda x: (calls.append(x.shape[0]), reduce(x))[1])
+    init_distributed(0, 1, "gloo", f"tcp://127.0.0.1:{_free_port()}", group_of_one=True)
+    try:
+        got = logits(build(folders[family]))[0]
+    finally:
+        destroy()
+    layers = CONFIGS[family].get("num_hidden_layers", 2)
+    assert len(calls) >= 2 * (2 * layers + 1)  # two forwards: embedding, attention and MLP of each layer
+    assert rel_err(got, one_rank[family]) < 1e-6

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.distributed.comm import all_gather, all_reduce, all_reduce_placement
-from tessera.distributed.state import tp_rank, tp_size
+from tessera.distributed.state import tp_group, tp_rank, tp_size
 
 if TYPE_CHECKING:
     from tessera.layers.expert_format import ExpertsMethod
@@ -164,6 +164,9 @@ class LinearBase(nn.Module):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size  # logical, all ranks together
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        # NOTE: one rank and no process group: the plain layer, bit for bit; a process group of one rank
+        # runs the parallel path with its collectives (how the parallel path is tested on one GPU)
+        self.distributed = self.tp_size > 1 or tp_group() is not None
         self._parts, self._in_part = parts, in_part  # in_part: (checkpoint offset, size) of the input
         self.output_sizes = [p.size for p in parts.values()]  # this rank's, per fused part
         self.in_features = in_part[1] if in_part else input_size
@@ -400,7 +403,7 @@ class RowParallelLinear(LinearBase):
         self.placement = all_reduce_placement()  # NOTE: read once, at build: the graphs are cut by it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+        if not self.distributed:
             return self.method.apply(self, x, self.bias)
         if not self.reduce_results:
             return self.method.apply(self, x, self.bias if self.tp_rank == 0 else None)

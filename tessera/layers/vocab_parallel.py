@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.distributed.comm import all_gather, all_reduce, all_reduce_placement
-from tessera.distributed.state import tp_rank, tp_size
+from tessera.distributed.state import tp_group, tp_rank, tp_size
 from tessera.layers.linear import Loaded, ShardSpec, materialize, set_shard_spec
 
 
@@ -24,6 +24,8 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        # one rank and no process group: the plain embedding and head
+        self.distributed = self.tp_size > 1 or tp_group() is not None
         self.padded_num_embeddings = -(-num_embeddings // self.tp_size) * self.tp_size
         self.rows_per_rank = self.padded_num_embeddings // self.tp_size
         self.vocab_start = self.tp_rank * self.rows_per_rank
@@ -36,7 +38,7 @@ class VocabParallelEmbedding(nn.Module):
         self.loaded = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+        if not self.distributed:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
@@ -79,6 +81,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
-        if self.tp_size == 1:
+        if not self.distributed:
             return logits
         return all_gather(logits, dim=-1)[..., : self.num_embeddings]
