@@ -24,7 +24,7 @@ from tessera.engine.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
-from tessera.engine.torchrun import check_parallel, torchrun_config, torchrun_rank
+from tessera.engine.torchrun import check_parallel, torchrun_config, torchrun_rank, torchrun_tp
 
 if TYPE_CHECKING:
     from tessera.engine.llm import RequestOutput
@@ -244,6 +244,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     names = EngineConfig.setting_names()
     settings = {k: v for k, v in vars(args).items() if k in names and k != "model"}
     settings["piecewise_cuda_graph_tokens"] = tuple(args.piecewise_cuda_graph_tokens or ()) or None
+    # NOTE: before the config checks --ep against it: under torchrun `--tp` defaults to the world size
+    settings["tensor_parallel_size"] = torchrun_tp(args.tensor_parallel_size)
     model = _model(args)
     return EngineConfig.create(None if model is None else str(model), **settings)
 

@@ -119,6 +119,30 @@ def test_a_worker_killed_mid_run_is_named_within_the_timeout(folder: Path) -> No
     _closed_cleanly(llm)
 
 
+def test_rank_0_failing_inside_a_forward_ends_the_ranks_at_once(folder: Path) -> None:
+    """The worker waits in that forward's collectives, and a later forward's would pair with them: the
+    engine ends the workers and every later step raises, rather than hanging or serving out of step."""
+    llm = LLM(str(folder), **BASE, tensor_parallel_size=2)
+    assert llm.tp is not None
+    layer = llm.model.model.layers[1]
+    forward, calls = layer.forward, []
+
+    def fail_once(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return forward(*args)
+
+    layer.forward = fail_once
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 0 failed inside a forward .* illegal memory access"):
+        llm.generate(PROMPTS, PARAMS)
+    assert time.monotonic() - start < BASE["dist_timeout"] / 2
+    with pytest.raises(WorkerError, match="rank 0 failed inside a forward"):  # and so does every later step
+        llm.generate(PROMPTS[:1], PARAMS)
+    _closed_cleanly(llm)
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -212,6 +236,9 @@ def test_torchrun_sets_the_tp_size_from_its_world(monkeypatch: pytest.MonkeyPatc
         torchrun.torchrun_config(EngineConfig.create(tensor_parallel_size=4))
     with pytest.raises(RuntimeError, match=r"ranks > 0 call .*serve_torchrun_worker"):
         LLM(tensor_parallel_size=2)
+    # the CLI's flags: `--ep 2` alone, its TP size the world's (the config checks ep against tp)
+    config = engine_config(build_parser().parse_args(["generate", "--prompt", "hi", "--ep", "2"]))
+    assert (config.tensor_parallel_size, config.expert_parallel_size) == (2, 2)
 
 
 def test_a_step_message_carries_the_whole_forward() -> None:

@@ -148,9 +148,12 @@ class Workers:
 
     def _failed(self) -> list[tuple[int, str]]:
         for rank, (proc, reader) in enumerate(zip(self.procs, self.readers, strict=True), start=1):
-            if rank not in self._outcomes and (reader.poll() or not proc.is_alive()):
+            # NOTE: a loop: a rank whose start-up message was not read yet has it first in its pipe
+            while rank not in self._outcomes and (reader.poll() or not proc.is_alive()):
                 outcome = _outcome(proc, reader)
-                if outcome is not None:
+                if outcome is None:
+                    break
+                if outcome[0] != "up":  # its start-up message, which says nothing of how it ended
                     self._outcomes[rank] = outcome
         return [(rank, what) for rank, (status, what, _) in sorted(self._outcomes.items()) if status != "ok"]
 

@@ -21,7 +21,7 @@ from tessera.engine.config import EngineConfig
 from tessera.engine.detokenize import output_text
 from tessera.engine.kv_manager import KVManager
 from tessera.engine.model_runner import ModelRunner, num_kv_pages
-from tessera.engine.parallel import TensorParallel
+from tessera.engine.parallel import TensorParallel, WorkerError
 from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
@@ -223,10 +223,18 @@ class Engine:
     def _run(self, batch: ScheduledBatch) -> torch.Tensor:
         if self.tp is None:
             return self.runner.run(batch)
+        published = self.tp.steps
         try:
-            return self.runner.run(batch)
+            logits = self.runner.run(batch)
+            self.tp.wait_device()
+            return logits
         except Exception as exc:  # a rank that died or stopped answering is named
             error = self.tp.failure(exc)
+            if not isinstance(error, WorkerError) and self.tp.steps > published:
+                # NOTE: rank 0 failed inside a forward the workers run too: they wait in its collectives,
+                # and a later forward's would pair with those (NCCL matches collectives by order alone)
+                error = WorkerError([(0, f"failed inside a forward the other ranks ran: {error!r}")])
+                self.tp.abandon(error)
             if error is exc:
                 raise
             raise error from exc

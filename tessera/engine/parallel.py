@@ -17,6 +17,7 @@ collectives); `ready` (a barrier). Then one message per forward, and a stop mess
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -39,6 +40,7 @@ START_TIMEOUT_S = 1800.0  # loading and capturing on every rank (a dead rank is 
 # NOTE: the step group's collectives never time out: a worker waits there for its next step however long
 # the engine idles. Rank 0 bounds its own waits by `dist_timeout` instead (Work.wait's timeout).
 IDLE_TIMEOUT = timedelta(days=365)
+DEVICE_POLL_S = 50e-6  # how often rank 0 looks whether its forward finished (and its workers live)
 _MODES = list(GraphMode)
 # message: [kind, T, B, page-table columns, logits rows, mode, padded tokens, seqs, uniform decode, 0]
 # then the payload; a payload longer than INLINE goes in a second broadcast
@@ -57,6 +59,7 @@ class TensorParallel:
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.steps = 0
         self.started = self.closed = False
+        self.error: WorkerError | None = None  # why the ranks were abandoned
 
     @classmethod
     def start(cls, config: EngineConfig) -> TensorParallel | None:
@@ -107,6 +110,8 @@ class TensorParallel:
     def publish(self, batch: ForwardBatch, d: BatchDescriptor) -> None:
         """Send the other ranks the forward rank 0 is about to run (asynchronously: the last message's
         sends are waited for first, bounded by `dist_timeout`)."""
+        if self.error is not None:
+            raise self.error
         if self.workers is not None:
             self.workers.check()  # a dead worker named before anything waits on it
         self.settle()
@@ -129,6 +134,21 @@ class TensorParallel:
         except Exception as exc:
             raise self.failure(exc) from exc
 
+    def wait_device(self) -> None:
+        """Wait for the forward rank 0 just queued on its GPU, naming a spawned worker that dies meanwhile:
+        NCCL returns once a collective is queued, so rank 0 would otherwise block in its next sync on a
+        collective waiting for a dead peer until NCCL's watchdog ended the process, unreported."""
+        if self.workers is None or self.config.torch_device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record()
+        deadline = time.monotonic() + self.timeout_s
+        while not done.query():
+            self.workers.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a tensor-parallel forward did not finish within {self.timeout_s:.0f}s")
+            time.sleep(DEVICE_POLL_S)
+
     def failure(self, exc: BaseException) -> BaseException:
         """What rank 0 raises for `exc`, met in a forward or a send: the worker to blame where one died."""
         if not isinstance(exc, RuntimeError | TimeoutError):  # rank 0's own (a missing file, a bad value)
@@ -141,13 +161,22 @@ class TensorParallel:
             return TimeoutError(f"a tensor-parallel rank did not answer within {self.timeout_s:.0f}s: {exc}")
         return exc
 
+    def abandon(self, error: WorkerError) -> None:
+        """End the workers at once (they wait inside a forward rank 0 left) and leave the group; every
+        later forward raises `error`."""
+        self.error = error
+        self._close(stop=False)
+
     def close(self) -> None:
         """Stop the workers (a stop message, then their exit; those still running after it are ended) and
         leave the process group."""
+        self._close(stop=True)
+
+    def _close(self, stop: bool) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.started:
+        if self.started and stop:
             try:
                 self.settle()
                 self._buffer[:HEADER] = _STOP

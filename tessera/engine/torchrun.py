@@ -19,14 +19,20 @@ def torchrun_rank() -> int | None:
     return None
 
 
-def torchrun_config(config: EngineConfig) -> EngineConfig:
-    """Under torchrun the world is the TP size: `--tp` may be left out, or must say the same."""
+def torchrun_tp(tp: int) -> int:
+    """Under torchrun the world is the TP size: `--tp` may be left out (1), or must say the same."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or config.tensor_parallel_size == world:
-        return config
-    if config.tensor_parallel_size != 1:
-        raise ValueError(f"--tp {config.tensor_parallel_size}, but torchrun started {world} ranks")
-    return replace(config, tensor_parallel_size=world)
+    if world == 1 or tp == world:
+        return tp
+    if tp != 1:
+        raise ValueError(f"--tp {tp}, but torchrun started {world} ranks")
+    return world
+
+
+def torchrun_config(config: EngineConfig) -> EngineConfig:
+    """`config` with the TP size torchrun's world implies (see `torchrun_tp`)."""
+    tp = torchrun_tp(config.tensor_parallel_size)
+    return config if tp == config.tensor_parallel_size else replace(config, tensor_parallel_size=tp)
 
 
 def check_parallel(config: EngineConfig) -> None:

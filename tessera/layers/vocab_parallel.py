@@ -58,7 +58,8 @@ class VocabParallelEmbedding(nn.Module):
                 f"({self.num_embeddings}, {self.embedding_dim})"
             )
         n = self.num_real_rows
-        param[:n].copy_(materialize(loaded.narrow(0, self.vocab_start, n)))
+        if n:  # (the last rank of a small vocabulary may hold padding only)
+            param[:n].copy_(materialize(loaded.narrow(0, self.vocab_start, n)))
         param[n:].zero_()
         self.loaded = True
 
