@@ -141,9 +141,9 @@ def _loaded(
 
 def _gguf_quant(f: GGUFFile, quantization: str | None) -> QuantConfig | None:
     """GGUF tensors stay in their blocks with "gguf"; by default ("none") they are dequantized once at
-    load. NOTE: measured on the embedded 135M model, its blocks cost speed (H100: 0.41-0.63x the bf16
-    step, benchmarks/results/quant_smollm2_h100.json; a CPU's reference kernel dequantizes at every
-    call, 4x slower decoding) for 0.31x the linear weights' memory, which a model this small never needs."""
+    load. NOTE: the GGUF files served here are small models, whose steps are bound by kernel latency,
+    not weight reads: their blocks save memory they do not need and cost speed (README, "Quantized
+    weights"; on a CPU the reference kernel dequantizes at every call)."""
     if quantization not in (None, "gguf", "none"):
         raise ValueError(
             f"--quantization {quantization}: a GGUF file is served in its own formats (--quantization "
