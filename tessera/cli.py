@@ -126,8 +126,9 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization", default=None, choices=list(QUANTIZATIONS),
         help="fp8 (per-channel weights, per-token activations), fp8_block (128x128 blocks) or mxfp4: "
-        "quantize an unquantized checkpoint at load; gguf: keep a GGUF file's tensors in their blocks (else "
-        "dequantized at load). FP8 and MXFP4 checkpoints are served in their format without it",
+        "quantize an unquantized checkpoint at load; gguf: keep a GGUF file's tensors in their blocks; none: "
+        "no quantization (a GGUF file dequantized at load, its default). FP8 and MXFP4 checkpoints are "
+        "served in their format without it",
     )  # fmt: skip
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens of prompt and output together (default: the model's)")  # fmt: skip
