@@ -50,7 +50,9 @@ case "${1:-}" in
     step setup 120 bash scripts/gpu-setup.sh
     # `stage quant`: meanwhile the quantized kernels' GPU tests (issue 21)
     [ "${2:-}" = quant ] && step test_quant 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_quant_gguf.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py ;;
+      tests/test_quant_gguf.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
+    # `stage gemm`: meanwhile the decode GEMM bench (issue 21; then `quant nogemm` skips it)
+    [ "${2:-}" = gemm ] && step decode_gemm 120 python3 -m benchmarks.decode_gemm --out "$OUT/decode_gemm.json" ;;
   spec)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage` or `1`) issue 20
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
@@ -66,14 +68,14 @@ case "${1:-}" in
     # models' move onto the parallel layers touched (engine, DeepSeek/MoE, dtypes, graph runtime)
     [ "${2:-}" = stage ] && step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
-    step test_spec 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
     step test_models 330 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant_models_gpu.py \
       tests/test_distributed_gpu.py tests/test_engine_gpu.py tests/test_deepseek.py tests/test_moe.py \
       tests/test_dtypes_gpu.py tests/test_graphs_gpu.py
+    step test_spec 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
     step bench_quant_smollm2 120 python3 -m benchmarks.quant --models smollm2 --out "$OUT/quant_smollm2.json" ;;
   quant)  # (carry .wheels/gpu) issue 21's benchmarks on the Llama-3-8B config, random weights
     step setup 120 bash scripts/gpu-setup.sh
-    step decode_gemm 120 python3 -m benchmarks.decode_gemm --out "$OUT/decode_gemm.json"
+    [ "${2:-}" = nogemm ] || step decode_gemm 120 python3 -m benchmarks.decode_gemm --out "$OUT/decode_gemm.json"
     step bench_quant 400 python3 -m benchmarks.quant --models llama3-8b --decode 1 8 64 --extend 2048 \
       --out "$OUT/quant_llama3_8b.json" ;;
   tp1)  # (carry .wheels/gpu, .snap_before: the commit before, as $2) issues 21-22 without the model
@@ -114,7 +116,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant]|spec|models|quant|tp1 DIR|tp [N]|tp-serve" >&2
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm]|spec|models [stage]|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
      exit 2 ;;
 esac
 cat "$OUT/summary.txt"
