@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -27,6 +31,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _give_back_gpu_memory(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a GPU test, free what it held, so one failure cannot starve every test after it of memory:
+    pytest keeps a failed test's frame (`sys.last_traceback`, for post-mortem debugging) and with it
+    every engine the test built, and the caching allocator keeps what the test freed."""
+    yield
+    if "gpu" not in request.keywords or not torch.cuda.is_available():
+        return
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def assert_greedy_close(got: Sequence[Any], want: Sequence[Any], max_diverged: int = 1) -> None:
+    """Greedy outputs (`RequestOutput`s sampled with `top_logprobs` >= 2) equal token for token, except
+    that up to `max_diverged` sequences may part at a near-tie: where they first differ, each side's token
+    must be among the other side's two most likely, after which the texts legitimately differ. (bf16
+    GEMMs that tile a batch differently round differently; a wrong graph moves far more than a tie.)"""
+    diverged = []
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a.token_ids == b.token_ids:
+            continue
+        at = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y), None)
+        assert at is not None, (i, "one output is a prefix of the other", a.token_ids, b.token_ids)
+        tops_a, tops_b = (dict(o.top_logprobs[at]) for o in (a, b))
+        assert b.token_ids[at] in tops_a and a.token_ids[at] in tops_b, (i, at, tops_a, tops_b)
+        diverged.append((i, at, tops_a, tops_b))
+    assert len(diverged) <= max_diverged, diverged
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

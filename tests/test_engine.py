@@ -84,10 +84,14 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llm: LLM) -> None:
 
 
 def test_stop_strings_logprobs_and_eos(llm: LLM) -> None:
-    out = llm.generate(PROMPT, SamplingParams(max_tokens=20, stop=(".",), logprobs=True))[0]
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=20, stop=(".",), logprobs=True, top_logprobs=3))[0]
     assert out.finish_reason == "stop" and out.text == " Paris"
     assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
     assert all(lp <= 0 for lp in out.logprobs)
+    # greedy: each token is its own most likely alternative, with the same log-probability
+    assert out.top_logprobs is not None and len(out.top_logprobs) == len(out.token_ids)
+    for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True):
+        assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - lp) < 1e-5
     chat = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=64))
     assert chat.finish_reason == "stop" and chat.text  # ended by <|im_end|>, which is not in the text
     assert llm.model_config.eos_token_ids[0] not in chat.token_ids

@@ -44,6 +44,7 @@ class RequestOutput:
     finish_reason: str  # "stop" (EOS, stop token or string) or "length"
     logprobs: list[float] | None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    top_logprobs: list[TopLogprobs] | None = None  # each token's most likely alternatives, if asked
 
 
 class Engine:
@@ -285,6 +286,7 @@ class Engine:
             finish_reason=seq.finish_reason or "length",
             logprobs=seq.output_logprobs[: len(ids)] if seq.params.logprobs else None,
             num_cached_tokens=seq.cached_prompt_tokens or 0,
+            top_logprobs=seq.output_top_logprobs[: len(ids)] if seq.params.top_logprobs else None,
         )
 
 

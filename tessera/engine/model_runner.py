@@ -10,6 +10,7 @@ the same forward context.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -299,6 +300,10 @@ def num_kv_pages(config: EngineConfig, models: list[nn.Module], device: torch.de
     )
     page_bytes = config.page_size * per_token * config.torch_dtype.itemsize
     if device.type == "cuda":
+        # NOTE: what engines dropped earlier in this process still sits in the caching allocator, which
+        # mem_get_info counts as used (and graph captures, in their own pool, cannot reuse)
+        gc.collect()
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         pages = int(free * config.mem_fraction) // page_bytes
     else:
