@@ -85,47 +85,71 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="compare plain decoding with this speculative decoding (both with graphs) instead of graphs "
         "on with graphs off",
     )  # fmt: skip
+    p.add_argument(
+        "--quantization", default=None, metavar="FORMAT",
+        help="compare the checkpoint dequantized to bf16 at load with its weights kept in FORMAT (e.g. "
+        "gguf), both with graphs, instead of graphs on with graphs off",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.speculative and args.quantization:
+        p.error("--speculative and --quantization are two different comparisons: pass one")
     rows = load_questions()
     prompts, labels = few_shot_prompts(rows, args.num_shots)
     if args.num_questions:
         prompts, labels = prompts[: args.num_questions], labels[: args.num_questions]
-    on = LLM(args.model, emulate_graphs_on_cpu=args.emulate_on_cpu)
-    if args.speculative:  # "on": plain decoding; "off": speculative
-        off = LLM(args.model, emulate_graphs_on_cpu=args.emulate_on_cpu, **SPECULATIVE[args.speculative])
-    else:
-        off = LLM(args.model, disable_piecewise_cuda_graph=True, disable_cuda_graph=True)
+    (name_a, name_b), (llm_a, llm_b) = _pair(args)
     results = {
-        name: evaluate(llm, prompts, labels, args.max_tokens) for name, llm in (("on", on), ("off", off))
+        name: evaluate(llm, prompts, labels, args.max_tokens)
+        for name, llm in ((name_a, llm_a), (name_b, llm_b))
     }
-    on_r, off_r = results["on"], results["off"]
-    differ = sum(a != b for a, b in zip(on_r["completions"], off_r["completions"], strict=True))
-    answers_differ = sum(a != b for a, b in zip(on_r["answers"], off_r["answers"], strict=True))
+    a, b = results[name_a], results[name_b]
+    differ = sum(x != y for x, y in zip(a["completions"], b["completions"], strict=True))
+    answers_differ = sum(x != y for x, y in zip(a["answers"], b["answers"], strict=True))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (graphs emulated)"
+    extra: dict[str, Any] = {"quantization": args.quantization} if args.quantization else {}
+    if args.speculative:
+        extra = {"proposer": args.speculative, "spec_accepted": llm_b.stats()["spec_accepted"]}
     report = {
         "benchmark": "gsm8k",
         "device": device,
         "model": str(args.model or "SmolLM2-135M-Instruct Q4_1 (embedded)"),
         "num_shots": args.num_shots,
         "num_questions": len(prompts),
-        "compared": f"plain vs {args.speculative}" if args.speculative else "graphs on vs graphs off",
-        "graphs_on" if not args.speculative else "plain": _public(on_r),
-        "graphs_off" if not args.speculative else "speculative": _public(off_r)
-        | ({"spec_accepted": off.stats()["spec_accepted"]} if args.speculative else {}),
+        "compared": f"{name_a} vs {name_b}",
+        name_a.replace(" ", "_"): _public(a),
+        name_b.replace(" ", "_"): _public(b) | extra,
         "completions_that_differ": differ,
         "answers_that_differ": answers_differ,
     }
     print(f"GSM8K {args.num_shots}-shot, {len(prompts)} questions on {device}")
-    for name in ("on", "off"):
-        r = results[name]
-        cost = f"{r['seconds']:.1f}s, {r['output_tokens']} tokens"
-        label = {"on": "plain", "off": args.speculative}[name] if args.speculative else f"graphs {name}"
-        print(f"  {label:<12}  accuracy {r['accuracy']:.3f}  ({cost})")
+    for name, r in results.items():
+        print(
+            f"  {name:<12}  accuracy {r['accuracy']:.3f}  ({r['seconds']:.1f}s, {r['output_tokens']} tokens)"
+        )
     print(f"  completions that differ between the runs: {differ}; answers: {answers_differ}")
     if args.out:
         write_json(args.out, report)
     return report
+
+
+def _pair(args: argparse.Namespace) -> tuple[tuple[str, str], tuple[LLM, LLM]]:
+    """The two engines compared, and their names in the report."""
+    cpu = {"emulate_graphs_on_cpu": args.emulate_on_cpu}
+    if args.speculative:
+        plain = LLM(args.model, **cpu)
+        return ("plain", "speculative"), (plain, LLM(args.model, **cpu, **SPECULATIVE[args.speculative]))
+    if args.quantization:
+        dequantized = LLM(args.model, **cpu)
+        return ("dequantized", "native"), (
+            dequantized,
+            LLM(args.model, quantization=args.quantization, **cpu),
+        )
+    on = LLM(args.model, **cpu)
+    return ("graphs on", "graphs off"), (
+        on,
+        LLM(args.model, disable_piecewise_cuda_graph=True, disable_cuda_graph=True),
+    )
 
 
 def _public(result: dict[str, Any]) -> dict[str, Any]:

@@ -168,6 +168,19 @@ def test_triton_dense_gemm_matches_dequantize_then_matmul(n: int, k: int, m: int
     assert rel_err(out.cpu(), ref if m == 3 else ref - bias.float()) < DENSE_TOL[dtype]
 
 
+@needs_triton
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (72, 96), (40, 512)])  # 96: a partial tile; 40: rows masked
+def test_triton_dequantize_is_exact(n: int, k: int) -> None:
+    from tessera.quant import mxfp4_kernels
+
+    blocks, scales = _valid_mxfp4(n, k, seed=n + k)
+    scales.clamp_(100, 150)  # within bf16's range, so the bf16 result is exact too
+    ref = dequantize(blocks, scales)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = mxfp4_kernels.dequantize(blocks.to(DEVICE), scales.to(DEVICE), dtype)
+        assert out.dtype == dtype and torch.equal(out.float().cpu(), ref)
+
+
 def _dense_experts(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:

@@ -132,6 +132,35 @@ def mxfp4_matmul(
 
 
 @triton.jit
+def _dequant_kernel(Wb, Ws, Out, N, K, stride_bn, stride_sn, stride_on,
+                    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    """Out[n, k] = W[n, k] for one [BLOCK_N, 32 * GROUPS] tile."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    kg0 = tl.program_id(1) * GROUPS
+    w = _dequant_tile(Wb, Ws, offs_n, n_ok, kg0, K // KGROUP, stride_bn, stride_sn, GROUPS, BLOCK_N)
+    offs_k = kg0 * KGROUP + tl.arange(0, GROUPS * KGROUP)
+    tl.store(Out + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], w.to(Out.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_k[None, :] < K))  # fmt: skip
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` from blocks [N, K/2] and scales [N, K/32] (exact: e2m1 times a power of two
+    fits bf16 and float16 wherever the result is finite)."""
+    n, k = blocks.shape[0], blocks.shape[1] * 2
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    out = torch.empty((n, k), dtype=dtype, device=blocks.device)
+    if n == 0:
+        return out
+    block_n, groups = 32, min(8, next_pow2(k // GROUP))
+    _dequant_kernel[(cdiv(n, block_n), cdiv(k // GROUP, groups))](
+        blocks, scales, out, n, k, blocks.stride(0), scales.stride(0), out.stride(0),
+        BLOCK_N=block_n, GROUPS=groups,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
 def _mxfp4_grouped_kernel(
     A, Wb, Ws, C, pair_of_slot, expert_of_block, scale, n_pairs, N, K,
     stride_am, stride_be, stride_bn, stride_se, stride_sn, stride_cm,
