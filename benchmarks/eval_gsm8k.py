@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-shots", type=int, default=5)
     p.add_argument("--num-questions", type=int, default=None, help="default: all after the shots")
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--dtype", default=None, help="the model's dtype (default: bfloat16 on a GPU)")
     p.add_argument("--emulate-on-cpu", action="store_true", help="CPU: run 'on' through the emulated backend")
     p.add_argument(
         "--speculative", choices=list(SPECULATIVE), default=None,
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "gsm8k",
         "device": device,
         "model": str(args.model or "SmolLM2-135M-Instruct Q4_1 (embedded)"),
+        "dtype": str(llm_a.config.torch_dtype).removeprefix("torch."),
         "num_shots": args.num_shots,
         "num_questions": len(prompts),
         "compared": f"{name_a} vs {name_b}",
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _pair(args: argparse.Namespace) -> tuple[tuple[str, str], tuple[LLM, LLM]]:
     """The two engines compared, and their names in the report."""
-    cpu = {"emulate_graphs_on_cpu": args.emulate_on_cpu}
+    cpu = {"emulate_graphs_on_cpu": args.emulate_on_cpu, "dtype": args.dtype}
     if args.speculative:
         plain = LLM(args.model, **cpu)
         return ("plain", "speculative"), (plain, LLM(args.model, **cpu, **SPECULATIVE[args.speculative]))

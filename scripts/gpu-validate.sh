@@ -73,6 +73,11 @@ case "${1:-}" in
       tests/test_dtypes_gpu.py tests/test_graphs_gpu.py
     step gsm8k_gguf 120 python3 -m benchmarks.eval_gsm8k --quantization gguf --out "$OUT/gsm8k_gguf.json"
     step bench_quant_smollm2 120 python3 -m benchmarks.quant --models smollm2 --out "$OUT/quant_smollm2.json"
+    # speculative vs plain GSM8K answers in float32: are bf16's differences near ties?
+    for s in ngram self-draft-8; do
+      step "gsm8k_${s}_fp32" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --dtype float32 \
+        --out "$OUT/gsm8k_${s}_fp32.json"
+    done
     step test_spec 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py ;;
   quant)  # (carry .wheels/gpu) issue 21's benchmarks on the Llama-3-8B config, random weights
     step setup 120 bash scripts/gpu-setup.sh
