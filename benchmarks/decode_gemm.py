@@ -2,9 +2,21 @@
 at the card's copy bandwidth (GPU).
 
 A decode step streams every weight once through skinny GEMMs (M <= 8 rows). For each Llama-3-8B linear
-shape and M in 1, 4, 8, each format's op (bf16 `F.linear`, `tessera::fp8_linear` per-channel and block,
-`tessera::mxfp4_linear`) is replayed in a CUDA graph (GPU time only) and its weight bytes divided by that
-time, as a fraction of the device-to-device copy bandwidth measured in the same run.
+shape and M in 1, 4, 8, each format's op is timed and its weight bytes divided by that time, as a
+fraction of the device-to-device copy bandwidth measured in the same run. Formats: bf16 `F.linear`, the
+public ops `tessera::fp8_linear` per-channel ("fp8") and block ("fp8_block") and `tessera::mxfp4_linear`
+("mxfp4"), which take `tessera.quant.gemv_kernels` up to its MAX_ROWS rows, and the paths they took
+before it, called directly: "fp8_scaled_mm" (per-token activation quantizer + `torch._scaled_mm`),
+"fp8_block_gemm" (1x128 quantizer + the Triton block GEMM) and "mxfp4_tiled" (the tiled MXFP4 GEMM).
+
+Each op is captured in a CUDA graph that calls it once on each of as many copies of its weight as make
+256 MiB (5x the L2 cache of an H100 / H200), and the replay time is divided by the number of calls. So
+every call reads its weight from HBM (a weight that fits the L2 would otherwise be read from it on every
+replay after the first), and the kernels follow each other as a decode step's do inside its graph.
+
+`--sweep` also times the decode kernels themselves over a grid of `GemvConfig`s (at most 13 per format
+and shape: N and K tiles, split K, warps) for fp8 per-channel, fp8 block and mxfp4, and reports the best
+config per (format, shape, M) next to the default's time.
 """
 
 from __future__ import annotations
@@ -16,28 +28,168 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from triton.errors import TritonError
 
 from benchmarks.common import graph_ms, write_json
 from benchmarks.quant import copy_bandwidth
-from tessera.quant import fp8, mxfp4
+from tessera.quant import fp8, gemv_kernels, mxfp4, mxfp4_kernels
+from tessera.quant.gemv_kernels import GemvConfig
 
 # Llama-3-8B's linear layers (N, K), and its LM head
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # fmt: skip
+ROTATE_BYTES = 256 * 2**20  # weight copies per graph: together 5x the 50 MiB L2 of an H100 / H200
+SMEM_BUDGET = 96 * 2**10  # pipeline stages of a swept config: as many as fit this much shared memory
+Op = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], Any]
 
 
-def ops(n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], Any], int]]:
-    """Each format's GEMM over one random [n, k] weight, and the bytes it reads."""
+def _old_fp8_scaled_mm() -> Op | None:
+    mm = fp8._rowwise_mm(torch.device("cuda"))
+    if mm is None:
+        return None
+    return lambda x, w: fp8._scaled_mm_linear(x, *w, None, mm)
+
+
+def _old_fp8_block_gemm(x: torch.Tensor, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    xq, xs = fp8.quantize_act(x, fp8.BLOCK)
+    return fp8.fp8_kernels.block_gemm(xq, xs, *w, None, x.dtype)
+
+
+def formats(n: int, k: int) -> dict[str, tuple[Op, tuple[torch.Tensor, ...]]]:
+    """Each format's GEMM over one random [n, k] weight: (op(x, weight tensors), weight tensors)."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    q_ch, s_ch = fp8.quantize_weight(w, "per_channel")  # in the platform's fp8 type
-    q_bl, s_bl = fp8.quantize_weight(w, "block")
-    blocks, scales = mxfp4.quantize(w)
-    return {
-        "bf16": (lambda x: F.linear(x, w), w.nbytes),
-        "fp8": (lambda x: fp8.fp8_linear(x, q_ch, s_ch, "per_channel"), q_ch.nbytes + s_ch.nbytes),
-        "fp8_block": (lambda x: fp8.fp8_linear(x, q_bl, s_bl, "block"), q_bl.nbytes + s_bl.nbytes),
-        "mxfp4": (lambda x: mxfp4.mxfp4_linear(x, blocks, scales), blocks.nbytes + scales.nbytes),
+    ch = fp8.quantize_weight(w, "per_channel")  # in the platform's fp8 type
+    bl = fp8.quantize_weight(w, "block")
+    mx = mxfp4.quantize(w)
+    out: dict[str, tuple[Op, tuple[torch.Tensor, ...]]] = {
+        "bf16": (lambda x, t: F.linear(x, *t), (w,)),
+        "fp8": (lambda x, t: fp8.fp8_linear(x, *t, "per_channel"), ch),
+        "fp8_block": (lambda x, t: fp8.fp8_linear(x, *t, "block"), bl),
+        "mxfp4": (lambda x, t: mxfp4.mxfp4_linear(x, *t), mx),
+        "fp8_block_gemm": (_old_fp8_block_gemm, bl),
+        "mxfp4_tiled": (lambda x, t: mxfp4_kernels.mxfp4_matmul(x, *t), mx),
     }
+    scaled_mm = _old_fp8_scaled_mm()
+    if scaled_mm is not None:  # row-wise scaled mm needs SM89+ and a recent build
+        out["fp8_scaled_mm"] = (scaled_mm, ch)
+    return out
+
+
+def _nbytes(weight: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.nbytes for t in weight)
+
+
+def _copies(weight: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """`weight` and clones of it, together at least ROTATE_BYTES."""
+    count = max(1, -(-ROTATE_BYTES // _nbytes(weight)))
+    return [weight] + [tuple(t.clone() for t in weight) for _ in range(count - 1)]
+
+
+def time_op(op: Op, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor, bandwidth: float) -> dict:
+    """{"us": GPU time per call, "of_copy_bandwidth": weight bytes / that time / `bandwidth`} of `op`,
+    called once per weight copy inside one graph (see the module docstring)."""
+    ms = graph_ms(lambda: [op(x, w) for w in copies], iters=20, reps=3) / len(copies)
+    fraction = _nbytes(copies[0]) / (ms / 1e3) / bandwidth
+    return {"us": round(ms * 1e3, 2), "of_copy_bandwidth": round(fraction, 3)}
+
+
+def _stages(block_n: int, block_k: int, weight_bytes: float) -> int:
+    """Pipeline stages of one tile of x (16 rows, bf16) and one of W that fit SMEM_BUDGET, 2 to 6."""
+    stage = 16 * block_k * 2 + block_n * block_k * weight_bytes
+    return int(max(2, min(6, SMEM_BUDGET // stage)))
+
+
+def _splits(n_tiles: int, k_steps: int) -> int:
+    """K splits for about 256 programs (two an SM), each split two K steps at least."""
+    split = 1
+    while n_tiles * split < 256 and k_steps >= 4 * split:
+        split *= 2
+    return split
+
+
+SweepOp = Callable[[torch.Tensor, tuple[torch.Tensor, ...], GemvConfig], Any]
+
+
+def _fp8_gemv(scheme: str) -> SweepOp:
+    """The FP8 decode GEMM as the op calls it: the activation quantizer, then the kernel."""
+
+    def call(x: torch.Tensor, w: tuple[torch.Tensor, ...], cfg: GemvConfig) -> torch.Tensor:
+        xq, xs = fp8.quantize_act(x, fp8.act_group(scheme))
+        return gemv_kernels.fp8_gemv(xq, xs, *w, scheme, x.dtype, config=cfg)
+
+    return call
+
+
+# per swept format: (the gemv call, its default config, the two K tiles swept, weight bytes per value)
+SWEEP: dict[str, tuple[SweepOp, Callable[[int, int], GemvConfig], tuple[int, int], float]] = {
+    "fp8": (_fp8_gemv("per_channel"), lambda n, k: gemv_kernels.fp8_config("per_channel", n, k),
+            (256, 512), 1.0),
+    "fp8_block": (_fp8_gemv("block"), lambda n, k: gemv_kernels.fp8_config("block", n, k), (64, 128), 1.0),
+    "mxfp4": (lambda x, w, cfg: gemv_kernels.mxfp4_gemv(x, *w, config=cfg),
+              gemv_kernels.mxfp4_config, (256, 512), 17 / 32),
+}  # fmt: skip
+
+
+def sweep_configs(fmt: str, n: int, k: int) -> list[GemvConfig]:
+    """The default config first, then N tiles 32 / 64 x the format's two K tiles x (no split; the split
+    that makes ~256 programs, with 4 or 8 warps), with as many stages as fit: at most 13."""
+    _, default, block_ks, weight_bytes = SWEEP[fmt]
+    configs = [default(n, k)]
+    for block_n in (32, 64):
+        for block_k in block_ks:
+            split = _splits(-(-n // block_n), -(-k // block_k))
+            stages = _stages(block_n, block_k, weight_bytes)
+            for s, warps in ((1, 4), (split, 4), (split, 8)):
+                cfg = GemvConfig(block_n, block_k, s, warps, stages)
+                if cfg not in configs:
+                    configs.append(cfg)
+    return configs
+
+
+def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor, bandwidth: float) -> dict:
+    """Every config of `sweep_configs` on one (format, shape, M): the best, the default's, all trials."""
+    call = SWEEP[fmt][0]
+    trials = []
+    for cfg in sweep_configs(fmt, copies[0][0].shape[0], x.shape[1]):
+        try:
+            timing = time_op(lambda x, w, cfg=cfg: call(x, w, cfg), copies, x, bandwidth)
+        except TritonError as e:  # a config this card cannot run (shared memory, registers)
+            timing = {"error": f"{type(e).__name__}: {e}"[:200]}
+        trials.append({**vars(cfg), **timing})
+    best = min((t for t in trials if "us" in t), key=lambda t: t["us"], default=None)
+    return {"best": best, "default": trials[0], "trials": trials}
+
+
+def _row(shape: str, fmt: str, m: int, weight: tuple[torch.Tensor, ...], **fields: Any) -> dict[str, Any]:
+    n, k = SHAPES[shape]
+    return {"shape": shape, "n": n, "k": k, "format": fmt, "m": m, "weight_bytes": _nbytes(weight), **fields}
+
+
+def _print(shape: str, fmt: str, m: int, timing: dict[str, Any], note: str = "") -> None:
+    print(f"  {shape:<8} {fmt:<14} M={m}: {timing.get('us', 0):8.1f} us  "
+          f"{timing.get('of_copy_bandwidth', 0):.2f} of copy bandwidth{note}", flush=True)  # fmt: skip
+
+
+def run_shape(shape: str, rows: list[int], sweep: bool, bandwidth: float) -> tuple[list[dict], list[dict]]:
+    """(the formats' rows, the sweep's cases) of one shape."""
+    n, k = SHAPES[shape]
+    cases, swept = [], []
+    for fmt, (op, weight) in formats(n, k).items():
+        copies = _copies(weight)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            timing = time_op(op, copies, x, bandwidth)
+            cases.append(_row(shape, fmt, m, weight, **timing))
+            _print(shape, fmt, m, timing)
+            if sweep and fmt in SWEEP and m <= gemv_kernels.MAX_ROWS:
+                result = sweep_case(fmt, copies, x, bandwidth)
+                swept.append(_row(shape, fmt, m, weight, **result))
+                best = result["best"] or {}
+                default = result["default"].get("of_copy_bandwidth")
+                _print(shape, f"{fmt} best", m, best, f" (default {default}): {best}")
+        del copies
+        torch.cuda.empty_cache()
+    return cases, swept
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -45,28 +197,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--rows", type=int, nargs="*", default=[1, 4, 8])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--sweep", action="store_true", help="also time the decode kernels over a config grid")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.decode_gemm needs a GPU")
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-    rows = []
+    cases, swept = [], []
     for shape in args.shapes:
-        n, k = SHAPES[shape]
-        for fmt, (op, nbytes) in ops(n, k).items():
-            for m in args.rows:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                ms = graph_ms(lambda op=op, x=x: op(x))
-                fraction = nbytes / (ms / 1e3) / bandwidth
-                rows.append({"shape": shape, "n": n, "k": k, "format": fmt, "m": m, "us": round(ms * 1e3, 2),
-                             "weight_bytes": nbytes, "of_copy_bandwidth": round(fraction, 3)})  # fmt: skip
-                print(
-                    f"  {shape:<8} {fmt:<9} M={m}: {ms * 1e3:8.1f} us  {fraction:.2f} of copy bandwidth",
-                    flush=True,
-                )
-        torch.cuda.empty_cache()
-    report = {"benchmark": "decode_gemm", "copy_bandwidth_bytes_per_s": bandwidth, "cases": rows}
+        shape_cases, shape_swept = run_shape(shape, args.rows, args.sweep, bandwidth)
+        cases += shape_cases
+        swept += shape_swept
+    report = {"benchmark": "decode_gemm", "copy_bandwidth_bytes_per_s": bandwidth,
+              "gemv_max_rows": gemv_kernels.MAX_ROWS, "rotate_bytes": ROTATE_BYTES,
+              "cases": cases}  # fmt: skip
+    if args.sweep:
+        report["sweep"] = swept
     if args.out:
         write_json(args.out, report)
     return report

@@ -17,6 +17,7 @@ MODULES = [
     "tessera.layers.fused_moe",
     "tessera.layers.triton_attention",
     "tessera.quant.fp8_kernels",
+    "tessera.quant.gemv_kernels",
     "tessera.quant.gguf_kernels",
     "tessera.quant.mxfp4_kernels",
 ]

@@ -13,6 +13,10 @@ output. On CUDA the GEMM is `torch._scaled_mm` (row-wise scales) or the Triton b
 where neither applies, the op dequantizes per call and matmuls in float32 — memory holds only the fp8
 weight and its scales either way. ROCm MI300 uses float8_e4m3fnuz (bias 8: the same bits are worth half,
 max 240); `to_fnuz` converts an e4m3fn checkpoint tensor.
+
+Decode-sized calls on CUDA (M <= `gemv_kernels.MAX_ROWS` rows) take the weight-streaming GEMM of
+`tessera.quant.gemv_kernels` (path "gemv") over the same quantized activations, so a row's result is
+the same W8A8 product whatever path its batch size picks (up to the order of the float32 sums).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 from tessera.graphs import is_hip, opaque_op
 
 try:
-    from tessera.quant import fp8_kernels
+    from tessera.quant import fp8_kernels, gemv_kernels
 except ImportError:  # no Triton: the reference path everywhere
-    fp8_kernels = None  # type: ignore[assignment]
+    fp8_kernels = gemv_kernels = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +254,10 @@ def _gemm(
         return _reference_linear(x, qweight, scale, scheme, bias)
     if qweight.dtype != fp8_dtype():
         raise TypeError(f"fp8 weight is {qweight.dtype}, this platform runs {fp8_dtype()}: see for_platform")
+    if gemv_kernels is not None and x.shape[0] <= gemv_kernels.MAX_ROWS:
+        path_counts["gemv"] += 1
+        xq, xs = quantize_act(x, act_group(scheme))
+        return gemv_kernels.fp8_gemv(xq, xs, qweight, scale, scheme, x.dtype, bias)
     if scheme == "block" and fp8_kernels is not None:
         path_counts["triton_block"] += 1
         xq, xs = quantize_act(x, BLOCK)

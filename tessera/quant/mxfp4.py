@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from tessera.graphs import opaque_op
 
 try:
-    from tessera.quant import mxfp4_kernels
+    from tessera.quant import gemv_kernels, mxfp4_kernels
 except ImportError:  # no Triton: dequantize-then-matmul everywhere
-    mxfp4_kernels = None  # type: ignore[assignment]
+    gemv_kernels = mxfp4_kernels = None  # type: ignore[assignment]
 
 BLOCK_SIZE = 32  # values sharing one scale
 E8M0_BIAS = 127
@@ -134,10 +134,15 @@ def _linear_fake(
 def _mxfp4_linear_op(
     x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [M, K] @ W.T (+ bias) -> [M, N] in x's dtype, W [N, K] in MXFP4. CUDA: the Triton GEMM that
-    dequantizes in its K loop. Elsewhere: W dequantized for this call only, so memory keeps 4 bits."""
+    """x [M, K] @ W.T (+ bias) -> [M, N] in x's dtype, W [N, K] in MXFP4. CUDA: up to
+    `gemv_kernels.MAX_ROWS` rows the weight-streaming decode GEMM, which dequantizes in its K loop; more
+    rows, and elsewhere: W dequantized for this call only, so memory keeps 4 bits."""
     if x.is_cuda and mxfp4_kernels is not None:
-        return mxfp4_kernels.mxfp4_matmul(x, blocks, scales, bias)
+        if x.shape[0] <= gemv_kernels.MAX_ROWS:
+            return gemv_kernels.mxfp4_gemv(x, blocks, scales, bias)
+        # NOTE: past decode sizes, one dequantizing pass (a transient copy of W in x's dtype) and cuBLAS
+        # beat the tiled GEMM that decodes in its K loop (`benchmarks.decode_gemm --rows 64 512` times both)
+        return F.linear(x, mxfp4_kernels.dequantize(blocks, scales, x.dtype), bias)
     return F.linear(x, dequantize(blocks, scales, x.dtype), bias)
 
 

@@ -1,0 +1,185 @@
+"""The decode GEMMs of `tessera.quant.gemv_kernels` (FP8 W8A8 in its three scale schemes, MXFP4 W4A16)
+against float64 math on the dequantized weight (and, for FP8, the dequantized activations): partial N
+and K tiles, bias on and off, split K and not, the MXFP4 decode exact for every e2m1 code, padded rows
+that never reach real ones. Triton runs in its
+interpreter here (TRITON_INTERPRET=1, set by conftest without a GPU); on a GPU the same tests run the
+compiled kernels, and the `gpu` ones check the dispatch, Llama-3-8B shapes and graph replays.
+
+Tolerances (relative Frobenius error): the weights are exact in the activations' dtype and products sum
+in float32, so float32 x differs from float64 by summation order (~1e-7; on a GPU TF32 rounds x to 10
+mantissa bits: ~5e-4), while bf16 / fp16 outputs are off by their one rounding (2^-9 / 2^-12 relative,
+up to twice that where the interpreter truncates instead of rounding).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tessera.quant import fp8, mxfp4
+
+from .conftest import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gemv = fp8.gemv_kernels
+pytestmark = pytest.mark.skipif(
+    gemv is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="the Triton kernels need triton, and on a CPU its interpreter (TRITON_INTERPRET=1)",
+)
+TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 8e-3, torch.float16: 2e-3}
+# 3 splits of K = 384 (2 of 256 or 200), the last one short where K = 200; BLOCK_K 64 divides 128
+SPLIT = gemv.GemvConfig(block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2) if gemv else None
+# (dtype of x, with bias, config): the default (no split at these sizes) and the split-K one
+CASES = [(torch.float32, True, None), (torch.bfloat16, False, SPLIT), (torch.float16, True, SPLIT)]
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """Rows from 1e-4 to 1e2 in magnitude, so every row, block and group gets a scale of its own."""
+    return _randn(n, k, seed=seed) * torch.logspace(-4, 2, n)[:, None]
+
+
+def _assert_close(
+    out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> None:
+    """out (`dtype`) against x @ w.T + bias in float64: relative error overall, and each element within
+    TOL of its terms' magnitude |x| @ |w|.T + |bias| (which holds for every row of w whatever its scale,
+    and for sums that cancel)."""
+    ref, size = x.double() @ w.double().T, x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        ref, size = ref + bias.double(), size + bias.double().abs()
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out.cpu(), ref) < tol
+    assert ((out.cpu().double() - ref).abs() <= tol * size).all()
+
+
+def _on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
+
+
+def _activations(m: int, n: int, k: int, dtype: torch.dtype, with_bias: bool) -> tuple:
+    """x [m, k] and bias [n] (or None; as spread as the weight's rows) in `dtype`, on the CPU."""
+    bias = _randn(n, seed=1) * torch.logspace(-4, 2, n) if with_bias else None
+    return _randn(m, k, seed=m).to(dtype), None if bias is None else bias.to(dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k"), [(48, 256), (130, 200)])  # 130, 200: partial 128-blocks and K tiles
+@pytest.mark.parametrize("scheme", fp8.SCHEMES)
+def test_fp8_gemv_matches_float64(scheme: str, n: int, k: int, m: int) -> None:
+    q, scale = fp8.quantize_weight(_weight(n, k, seed=n + k), scheme)
+    w = fp8.dequantize_weight(q, scale, scheme)
+    q, scale = _on_device(q, scale)
+    group = fp8.act_group(scheme)
+    for dtype, with_bias, config in CASES:
+        x, bias = _activations(m, n, k, dtype, with_bias)
+        xq, xs = fp8.quantize_act_reference(x, group)
+        dev_bias = None if bias is None else bias.to(DEVICE)
+        out = gemv.fp8_gemv(*_on_device(xq, xs), q, scale, scheme, dtype, dev_bias, config)
+        _assert_close(out, fp8.dequantize_act(xq, xs, group), w, bias, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k"), [(48, 256), (130, 384)])  # 384: the default's 2nd K step half masked
+def test_mxfp4_gemv_matches_float64(n: int, k: int, m: int) -> None:
+    blocks, scales = mxfp4.quantize(_weight(n, k, seed=n + k))
+    w = mxfp4.dequantize(blocks, scales)
+    blocks, scales = _on_device(blocks, scales)
+    for dtype, with_bias, config in CASES:
+        x, bias = _activations(m, n, k, dtype, with_bias)
+        out = gemv.mxfp4_gemv(x.to(DEVICE), blocks, scales, None if bias is None else bias.to(DEVICE), config)
+        _assert_close(out, x, w, bias, dtype)
+
+
+def test_mxfp4_decode_is_exact_for_every_code() -> None:
+    """Weight row c holds code c in both nibbles of most bytes (other bytes: other codes in each nibble),
+    under scales 2^0, 2^-27 and 2^23; one-hot rows of x read the weights back exactly."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    blocks = (codes | codes << 4)[:, None].repeat(1, 16)
+    blocks[:, 1] = (codes + 3) % 16 << 4 | (codes + 5) % 16
+    scales = torch.tensor([127] * 6 + [100] * 5 + [150] * 5, dtype=torch.uint8)[:, None]
+    out = gemv.mxfp4_gemv(torch.eye(16, 32, device=DEVICE), *_on_device(blocks, scales))
+    assert torch.equal(out.cpu(), mxfp4.dequantize(blocks, scales)[:, :16].T)
+
+
+def _poison(x: torch.Tensor) -> torch.Tensor:
+    bad = x.clone()
+    bad[1], bad[4, 5] = float("nan"), 1e30
+    return bad
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_padded_rows_never_reach_real_rows(fmt: str) -> None:
+    n, k, m = 48, 256, gemv.MAX_ROWS
+    x = _randn(m, k, seed=2).bfloat16().to(DEVICE)
+    if fmt == "fp8":
+        q, scale = _on_device(*fp8.quantize_weight(_weight(n, k, seed=3), "block"))
+
+        def run(x: torch.Tensor) -> torch.Tensor:  # the rows' own activation scales, then the GEMM
+            xq, xs = fp8.quantize_act_reference(x, fp8.BLOCK)
+            return gemv.fp8_gemv(xq, xs, q, scale, "block", x.dtype, config=SPLIT)
+    else:
+        blocks, scales = _on_device(*mxfp4.quantize(_weight(n, k, seed=3)))
+        run = lambda x: gemv.mxfp4_gemv(x, blocks, scales, config=SPLIT)  # noqa: E731
+    clean, poisoned = run(x), run(_poison(x))
+    keep = [i for i in range(m) if i not in (1, 4)]
+    assert torch.equal(poisoned[keep], clean[keep]) and clean.isfinite().all()
+    assert not poisoned[1].isfinite().any()  # the NaN row stays its own problem
+
+
+def test_configs_depend_on_the_shape_and_are_checked() -> None:
+    """Every Llama-3-8B shape gets at least ~2 programs per SM of an H100 (132 SMs) by default."""
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]:
+        configs = [gemv.fp8_config(scheme, n, k) for scheme in ("per_channel", "block")]
+        for cfg in [*configs, gemv.mxfp4_config(n, k)]:
+            assert -(-n // cfg.block_n) * cfg.split_k >= 256, (n, k, cfg)
+    assert gemv.fp8_config("block", 4096, 4096).block_k <= 128
+    xq, xs = _on_device(*fp8.quantize_act_reference(_randn(1, 256, seed=4), fp8.BLOCK))
+    q, scale = _on_device(*fp8.quantize_weight(_weight(48, 256, seed=5), "block"))
+    with pytest.raises(ValueError, match="block_k"):
+        gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16, config=gemv.GemvConfig(32, 256))
+    with pytest.raises(ValueError, match="power of two"):
+        gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16, config=gemv.GemvConfig(48, 64))
+    big_q, big_s = _on_device(*fp8.quantize_act_reference(_randn(17, 256, seed=6), fp8.BLOCK))
+    with pytest.raises(ValueError, match="M <= 16"):
+        gemv.fp8_gemv(big_q, big_s, q, scale, "block", torch.bfloat16)
+
+
+def _llama_case(fmt: str, n: int, k: int) -> tuple:
+    """The op's weight arguments and its float32 reference x -> y."""
+    w = torch.randn(n, k, device="cuda") * 0.02
+    if fmt == "mxfp4":
+        blocks, scales = mxfp4.quantize(w)
+        dense = mxfp4.dequantize(blocks, scales)
+        return (blocks, scales), lambda x: x.float() @ dense.T
+    q, scale = fp8.quantize_weight(w, fmt)
+    return (q, scale, fmt), lambda x: fp8._reference_linear(x.float(), q, scale, fmt, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (4096, 14336), (28672, 4096)])
+@pytest.mark.parametrize("fmt", ["per_channel", "block", "mxfp4"])
+def test_gpu_public_ops_take_the_gemv_path_and_replay_bit_identical(fmt: str, n: int, k: int) -> None:
+    weight, reference = _llama_case(fmt, n, k)
+    op = mxfp4.mxfp4_linear if fmt == "mxfp4" else fp8.fp8_linear
+    for m in (1, 8, gemv.MAX_ROWS):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        before = fp8.path_counts["gemv"]
+        out = op(x, *weight)
+        assert fmt == "mxfp4" or fp8.path_counts["gemv"] == before + 1
+        assert rel_err(out, reference(x)) < TOL[torch.bfloat16]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = op(x, *weight)
+        graph.replay()
+        assert torch.equal(replayed, out)  # split K or not: the same sums in the same order
+    if fmt != "mxfp4":
+        before = fp8.path_counts["gemv"]
+        op(torch.randn(gemv.MAX_ROWS + 1, k, device="cuda").bfloat16(), *weight)
+        assert fp8.path_counts["gemv"] == before  # past MAX_ROWS: the W8A8 GEMMs
