@@ -51,10 +51,12 @@ case "${1:-}" in
     # `stage quant`: meanwhile the quantized kernels' GPU tests (issue 21)
     [ "${2:-}" = quant ] && step test_quant 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_quant_gguf.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
-    # `stage gemm`: meanwhile the decode GEMM bench (issue 21; then `quant nogemm` skips it)
-    # (--rows 64 512: the MXFP4 paths past decode sizes; the sweep: the decode kernels' configurations)
-    [ "${2:-}" = gemm ] && step decode_gemm 150 python3 -m benchmarks.decode_gemm --rows 1 4 8 64 512 \
-      --out "$OUT/decode_gemm.json" && step decode_gemm_sweep 300 python3 -m benchmarks.decode_gemm \
+    # `stage gemm`: the decode GEMMs' tests and bench (--rows 64 512: the MXFP4 paths past decode sizes;
+    # the sweep: the decode kernels' configurations)
+    [ "${2:-}" = gemm ] && step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
+      tests/test_quant_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py \
+      && step decode_gemm 150 python3 -m benchmarks.decode_gemm --rows 1 4 8 64 512 \
+      --out "$OUT/decode_gemm.json" && step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm \
       --rows 1 8 --sweep --out "$OUT/decode_gemm_sweep.json" ;;
   spec)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage` or `1`) issue 20
     step stage 60 bash scripts/stage-model.sh second
