@@ -183,3 +183,24 @@ def test_gpu_public_ops_take_the_gemv_path_and_replay_bit_identical(fmt: str, n:
         before = fp8.path_counts["gemv"]
         op(torch.randn(gemv.MAX_ROWS + 1, k, device="cuda").bfloat16(), *weight)
         assert fp8.path_counts["gemv"] == before  # past MAX_ROWS: the W8A8 GEMMs
+
+
+def test_usable_probes_each_format_once_and_refuses_a_broken_kernel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = torch.device(DEVICE)
+    monkeypatch.setattr(gemv, "_USABLE", {})
+    assert gemv.usable(device, "fp8") and gemv.usable(device, "mxfp4")
+    calls: list[int] = []
+
+    def broken(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(gemv, "_USABLE", {})
+    monkeypatch.setattr(gemv, "mxfp4_gemv", broken)
+    assert not gemv.usable(device, "mxfp4") and not gemv.usable(device, "mxfp4")
+    assert calls == [1] and "no kernel here" in caplog.text  # probed once, the reason logged
+    monkeypatch.setattr(gemv, "_USABLE", {})
+    monkeypatch.setattr(gemv, "mxfp4_gemv", lambda x, b, s: torch.zeros(x.shape[0], b.shape[0]))
+    assert not gemv.usable(device, "mxfp4")  # runs, but wrong

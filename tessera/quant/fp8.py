@@ -166,7 +166,7 @@ def _quantize_act_fake(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
 def quantize_act(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(q fp8 [M, K], scale float32 [M, G]) of x [M, K]: one scale per token (group 0) or per 1 x
     `group` slice of a row (Triton on GPUs, the torch reference elsewhere)."""
-    if x.is_cuda and _triton_fp8(x.device):
+    if x.is_cuda and triton_fp8(x.device):
         return fp8_kernels.quantize_act(x.contiguous(), group, fp8_dtype())
     return quantize_act_reference(x, group)
 
@@ -245,7 +245,7 @@ def _scaled_mm_linear(
 
 
 @functools.cache
-def _triton_fp8(device: torch.device) -> bool:
+def triton_fp8(device: torch.device) -> bool:
     """Whether Triton kernels can hold fp8 values on `device`: ROCm, or CUDA from SM89 (Ada, Hopper) on."""
     return fp8_kernels is not None and (is_hip() or torch.cuda.get_device_capability(device) >= (8, 9))
 
@@ -261,10 +261,14 @@ def _gemm(
         return _reference_linear(x, qweight, scale, scheme, bias)
     if qweight.dtype != fp8_dtype():
         raise TypeError(f"fp8 weight is {qweight.dtype}, this platform runs {fp8_dtype()}: see for_platform")
-    if not _triton_fp8(x.device):
+    if not triton_fp8(x.device):
         path_counts["reference"] += 1
         return _reference_linear(x, qweight, scale, scheme, bias)
-    if gemv_kernels is not None and x.shape[0] <= gemv_kernels.MAX_ROWS:
+    if (
+        gemv_kernels is not None
+        and x.shape[0] <= gemv_kernels.MAX_ROWS
+        and gemv_kernels.usable(x.device, "fp8")
+    ):
         path_counts["gemv"] += 1
         xq, xs = quantize_act(x, act_group(scheme))
         return gemv_kernels.fp8_gemv(xq, xs, qweight, scale, scheme, x.dtype, bias)

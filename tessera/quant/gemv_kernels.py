@@ -32,6 +32,7 @@ compile does not: tests/test_triton_globals.py checks this module).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ import triton.language as tl
 
 from tessera.graphs import is_hip
 from tessera.layers.kernel_launch import cdiv, next_pow2
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # the decode path's row limit: one MMA row tile
 ROWS = tl.constexpr(MAX_ROWS)
@@ -339,3 +342,49 @@ def mxfp4_gemv(
     _check_config(cfg, 32, 1 << 30)
     operands = (blocks.contiguous(), scales.contiguous())
     return _launch(_mxfp4_gemv_kernel, x, operands, n, k, bias, cfg, x.dtype)
+
+
+_USABLE: dict[tuple[torch.device, str], bool] = {}
+# e2m1 code -> value (as in `tessera.quant.mxfp4`, which imports this module)
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def usable(device: torch.device, fmt: str) -> bool:
+    """Whether the decode GEMM of `fmt` ("fp8" or "mxfp4") compiles and agrees with torch on `device`,
+    found once with a tiny GEMM (quantized layers ask right after loading). NOTE: the probe syncs, so a
+    device first asked inside a graph capture answers False and the other GEMMs run."""
+    if (device, fmt) not in _USABLE:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        _USABLE[device, fmt] = _probe(device, fmt)
+    return _USABLE[device, fmt]
+
+
+def _probe_case(fmt: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A tiny GEMM's CPU operands for `fmt`'s decode kernel, and its float32 result."""
+    gen = torch.Generator().manual_seed(0)
+    if fmt == "fp8":
+        fp8_type = torch.float8_e4m3fnuz if is_hip() else torch.float8_e4m3fn
+        xq, wq = (torch.randn(n, 256, generator=gen).to(fp8_type) for n in (3, 48))
+        x_scale, w_scale = torch.rand(3, 1, generator=gen) + 0.5, torch.rand(48, generator=gen) + 0.5
+        return (xq, x_scale, wq, w_scale), (xq.float() * x_scale) @ (wq.float() * w_scale[:, None]).T
+    x = torch.randn(3, 256, generator=gen)
+    blocks = torch.randint(0, 256, (48, 128), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(120, 134, (48, 8), generator=gen, dtype=torch.uint8)
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).view(48, 256).long()  # low nibble first
+    w = torch.tensor(_E2M1)[codes] * torch.exp2(scales.float() - 127).repeat_interleave(32, 1)
+    return (x, blocks, scales), x @ w.T
+
+
+def _probe(device: torch.device, fmt: str) -> bool:
+    operands, want = _probe_case(fmt)
+    args = [t.to(device) for t in operands]
+    try:
+        got = (fp8_gemv(*args, "per_channel", torch.float32) if fmt == "fp8" else mxfp4_gemv(*args)).cpu()
+    except Exception as e:  # a kernel this device cannot compile or run
+        log.warning("the %s decode GEMM is unavailable on %s (%s); the other GEMMs run", fmt, device, e)
+        return False
+    if not ((got - want).norm() / want.norm()).item() < 5e-3:  # TF32 at most (float32 x of MXFP4)
+        log.warning("the %s decode GEMM gives wrong results on %s; the other GEMMs run", fmt, device)
+        return False
+    return True

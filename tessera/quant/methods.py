@@ -131,6 +131,8 @@ class Fp8LinearMethod(LinearMethod):
             layer.quant_scheme = "per_channel"
         qweight, scale = fp8.for_platform(qweight, scale.float())
         swap_to_buffers(layer, drop, qweight=qweight.contiguous(), qscale=scale.contiguous())
+        if qweight.is_cuda and fp8.gemv_kernels is not None and fp8.triton_fp8(qweight.device):
+            fp8.gemv_kernels.usable(qweight.device, "fp8")  # now, before any graph capture asks
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8.fp8_linear(x, layer.qweight, layer.qscale, layer.quant_scheme, bias)
@@ -171,6 +173,8 @@ class Mxfp4LinearMethod(LinearMethod):
             blocks, scales = mxfp4.quantize(layer.weight.data)
             drop = ["weight"]
         swap_to_buffers(layer, drop, qweight=blocks, qscale=scales)
+        if blocks.is_cuda and mxfp4.gemv_kernels is not None:
+            mxfp4.gemv_kernels.usable(blocks.device, "mxfp4")  # now, before any graph capture asks
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return mxfp4.mxfp4_linear(x, layer.qweight, layer.qscale, bias)

@@ -138,7 +138,7 @@ def _mxfp4_linear_op(
     `gemv_kernels.MAX_ROWS` rows the weight-streaming decode GEMM, which dequantizes in its K loop; more
     rows, and elsewhere: W dequantized for this call only, so memory keeps 4 bits."""
     if x.is_cuda and mxfp4_kernels is not None:
-        if x.shape[0] <= gemv_kernels.MAX_ROWS:
+        if x.shape[0] <= gemv_kernels.MAX_ROWS and gemv_kernels.usable(x.device, "mxfp4"):
             return gemv_kernels.mxfp4_gemv(x, blocks, scales, bias)
         # NOTE: past decode sizes, one dequantizing pass (a transient copy of W in x's dtype) and cuBLAS
         # beat the tiled GEMM that decodes in its K loop (`benchmarks.decode_gemm --rows 64 512` times both)
