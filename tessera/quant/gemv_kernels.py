@@ -157,6 +157,16 @@ def _dot(x, w, DOT_IN_F32: tl.constexpr):
     return tl.dot(x, tl.trans(w))
 
 
+@triton.jit
+def _slab(M, N, K, K_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's row, column and K-lane offsets, the rows' and columns' masks, and its K range."""
+    offs_m = tl.arange(0, ROWS)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    return offs_m, offs_n, tl.arange(0, BLOCK_K), offs_m < M, offs_n < N, k_lo, k_hi
+
+
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemv_kernel(
     X, XS, W, S, Bias, Out, M, N, K, K_SPLIT, stride_xm, stride_xsm, stride_wn, stride_sn, stride_om,
@@ -168,12 +178,7 @@ def _fp8_gemv_kernel(
     products are exact in its float32 sums; block scales (1x128 of X, 128x128 of W) multiply each K
     step's product (BLOCK_K divides 128: one scale a row per step), per-token / per-channel ones the sums
     once."""
-    offs_m = tl.arange(0, ROWS)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = offs_m < M, offs_n < N
-    k_lo = tl.program_id(1) * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    offs_m, offs_n, offs_k, m_ok, n_ok, k_lo, k_hi = _slab(M, N, K, K_SPLIT, BLOCK_N, BLOCK_K)
     x_ptrs = X + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
     w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
@@ -231,12 +236,7 @@ def _mxfp4_gemv_kernel(
 ):  # fmt: skip
     """Out[m, n] = sum_k X[m, k] * W[n, k] (+ Bias[n]) over this program's K split, W in MXFP4 (K is a
     multiple of 32, so a masked K step masks whole scale groups)."""
-    offs_m = tl.arange(0, ROWS)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = offs_m < M, offs_n < N
-    k_lo = tl.program_id(1) * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    offs_m, offs_n, offs_k, m_ok, n_ok, k_lo, k_hi = _slab(M, N, K, K_SPLIT, BLOCK_N, BLOCK_K)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
