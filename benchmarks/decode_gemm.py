@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from triton.errors import TritonError
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 from benchmarks.common import graph_ms, write_json
 from benchmarks.quant import copy_bandwidth
@@ -153,7 +154,10 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
     for cfg in sweep_configs(fmt, copies[0][0].shape[0], x.shape[1]):
         try:
             timing = time_op(lambda x, w, cfg=cfg: call(x, w, cfg), copies, x, bandwidth)
-        except TritonError as e:  # a config this card cannot run (shared memory, registers)
+        except (
+            CompilationError,
+            OutOfResources,
+        ) as e:  # a config this card cannot run (shared memory, registers)
             timing = {"error": f"{type(e).__name__}: {e}"[:200]}
         trials.append({**vars(cfg), **timing})
     best = min((t for t in trials if "us" in t), key=lambda t: t["us"], default=None)
