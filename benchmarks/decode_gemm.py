@@ -154,10 +154,7 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
     for cfg in sweep_configs(fmt, copies[0][0].shape[0], x.shape[1]):
         try:
             timing = time_op(lambda x, w, cfg=cfg: call(x, w, cfg), copies, x, bandwidth)
-        except (
-            CompilationError,
-            OutOfResources,
-        ) as e:  # a config this card cannot run (shared memory, registers)
+        except (CompilationError, OutOfResources) as e:  # a config this card cannot run
             timing = {"error": f"{type(e).__name__}: {e}"[:200]}
         trials.append({**vars(cfg), **timing})
     best = min((t for t in trials if "us" in t), key=lambda t: t["us"], default=None)
