@@ -32,7 +32,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from benchmarks.common import graph_ms, write_json
-from benchmarks.quant import copy_bandwidth
+from benchmarks.quant import gpu_bandwidth
 from tessera.quant import fp8, gemv_kernels, mxfp4, mxfp4_kernels
 from tessera.quant.gemv_kernels import GemvConfig
 
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sweep", action="store_true", help="also time the decode kernels over a config grid")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.decode_gemm needs a GPU")
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    bandwidth = gpu_bandwidth("benchmarks.decode_gemm")
     cases, swept = [], []
     for shape in args.shapes:
         shape_cases, shape_swept = run_shape(shape, args.rows, args.sweep, bandwidth)

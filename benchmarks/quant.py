@@ -28,6 +28,15 @@ from tessera.models.decoder import CausalLM
 FORMATS = {"llama3-8b": ["bf16", "fp8", "fp8_block", "mxfp4"], "smollm2": ["none", "gguf"]}
 
 
+def gpu_bandwidth(prog: str) -> float:
+    """The copy bandwidth of this run's GPU (printed), or exit: `prog` needs one."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{prog} needs a GPU")
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    return bandwidth
+
+
 def copy_bandwidth(gib: float = 2.0) -> float:
     """Device-to-device copy bandwidth in bytes/s: each byte read once and written once."""
     n = int(gib * 2**30) // 2
@@ -110,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--extend", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.quant needs a GPU")
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    bandwidth = gpu_bandwidth("benchmarks.quant")
     report: dict[str, Any] = {"benchmark": "quant", "copy_bandwidth_bytes_per_s": bandwidth, "results": []}
     for name in args.models:
         for fmt in FORMATS[name]:
