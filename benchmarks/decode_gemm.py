@@ -16,7 +16,10 @@ replay after the first), and the kernels follow each other as a decode step's do
 
 `--sweep` also times the decode kernels themselves over a grid of `GemvConfig`s (at most 13 per format
 and shape: N and K tiles, split K, warps) for fp8 per-channel, fp8 block and mxfp4, and reports the best
-config per (format, shape, M) next to the default's time.
+config per (format, shape, M) next to the default's time. `--save-configs DIR` writes, for each format
+and shape, the config whose slowest M is closest to that M's best into DIR's table for this card
+(`tessera.quant.gemv_tuned`; the decode GEMMs read it from `tessera/quant/gemv_configs/`, or from the
+folder `TESSERA_GEMV_CONFIGS` names).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from triton.runtime.errors import OutOfResources
 
 from benchmarks.common import graph_ms, write_json
 from benchmarks.quant import gpu_bandwidth
-from tessera.quant import fp8, gemv_kernels, mxfp4, mxfp4_kernels
+from tessera.quant import fp8, gemv_kernels, gemv_tuned, mxfp4, mxfp4_kernels
 from tessera.quant.gemv_kernels import GemvConfig
 
 # Llama-3-8B's linear layers (N, K), and its LM head
@@ -161,6 +164,28 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
     return {"best": best, "default": trials[0], "trials": trials}
 
 
+def pick_configs(swept: list[dict]) -> gemv_tuned.Table:
+    """Per format and shape, the config with the smallest worst ratio, over the swept M, of its time to
+    that M's best time (one config serves every M of a shape)."""
+    groups: dict[tuple[str, int, int], list[dict]] = {}
+    for case in swept:
+        groups.setdefault((case["format"], case["n"], case["k"]), []).append(case)
+    fields = list(GemvConfig.__dataclass_fields__)
+    table: gemv_tuned.Table = {}
+    for (fmt, n, k), cases in groups.items():
+        ratios: dict[tuple[int, ...], list[float]] = {}  # config -> its time / the best, per M
+        for case in cases:
+            timed = [t for t in case["trials"] if "us" in t]
+            for trial in timed:
+                ratio = trial["us"] / min(t["us"] for t in timed)
+                ratios.setdefault(tuple(trial[f] for f in fields), []).append(ratio)
+        everywhere = {cfg: max(r) for cfg, r in ratios.items() if len(r) == len(cases)}
+        if everywhere:
+            best = min(everywhere, key=everywhere.__getitem__)
+            table.setdefault(fmt, {})[gemv_tuned.shape_key(n, k)] = dict(zip(fields, best, strict=True))
+    return table
+
+
 def _row(shape: str, fmt: str, m: int, weight: tuple[torch.Tensor, ...], **fields: Any) -> dict[str, Any]:
     n, k = SHAPES[shape]
     return {"shape": shape, "n": n, "k": k, "format": fmt, "m": m, "weight_bytes": _nbytes(weight), **fields}
@@ -199,8 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rows", type=int, nargs="*", default=[1, 4, 8])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--sweep", action="store_true", help="also time the decode kernels over a config grid")
+    p.add_argument("--save-configs", type=Path, metavar="DIR", help="with --sweep: save the picked configs")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.save_configs and not args.sweep:
+        p.error("--save-configs needs --sweep")
     bandwidth = gpu_bandwidth("benchmarks.decode_gemm")
     cases, swept = [], []
     for shape in args.shapes:
@@ -212,6 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "cases": cases}  # fmt: skip
     if args.sweep:
         report["sweep"] = swept
+        report["picked"] = pick_configs(swept)
+        if args.save_configs:
+            path = gemv_tuned.save(args.save_configs, torch.cuda.get_device_name(), report["picked"])
+            print(f"decode GEMM configs written to {path}")
     if args.out:
         write_json(args.out, report)
     return report

@@ -14,6 +14,9 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# decode GEMM configs tuned on this machine by `stage gemm` (kept while the machine stays warm)
+TUNED=/root/gemv_configs
+[ -d "$TUNED" ] && export TESSERA_GEMV_CONFIGS=$TUNED
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
@@ -51,13 +54,15 @@ case "${1:-}" in
     # `stage quant`: meanwhile the quantized kernels' GPU tests (issue 21)
     [ "${2:-}" = quant ] && step test_quant 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_quant_gguf.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
-    # `stage gemm`: the decode GEMMs' tests and bench (--rows 64 512: the MXFP4 paths past decode sizes;
-    # the sweep: the decode kernels' configurations)
-    [ "${2:-}" = gemm ] && step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
-      tests/test_quant_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py \
-      && step decode_gemm 150 python3 -m benchmarks.decode_gemm --rows 1 4 8 64 512 \
-      --out "$OUT/decode_gemm.json" && step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm \
-      --rows 1 8 --sweep --out "$OUT/decode_gemm_sweep.json" ;;
+    # `stage gemm`: the decode GEMMs' tests, and their configs swept (the sweep also times every format
+    # at M = 1, 8) and saved as this card's table in $TUNED (`quant` and `models` then use it)
+    if [ "${2:-}" = gemm ]; then
+      step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_quant_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
+      step decode_gemm_sweep 300 python3 -m benchmarks.decode_gemm --rows 1 8 --sweep \
+        --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
+      cp "$TUNED"/*.json "$OUT/" 2>/dev/null
+    fi ;;
   spec)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage` or `1`) issue 20
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
@@ -77,16 +82,18 @@ case "${1:-}" in
       tests/test_distributed_gpu.py tests/test_engine_gpu.py tests/test_deepseek.py tests/test_moe.py \
       tests/test_dtypes_gpu.py tests/test_graphs_gpu.py
     step gsm8k_gguf 120 python3 -m benchmarks.eval_gsm8k --quantization gguf --out "$OUT/gsm8k_gguf.json"
-    step bench_quant_smollm2 120 python3 -m benchmarks.quant --models smollm2 --out "$OUT/quant_smollm2.json"
     # speculative vs plain GSM8K answers in float32: are bf16's differences near ties?
     for s in ngram self-draft-8; do
       step "gsm8k_${s}_fp32" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --dtype float32 \
         --out "$OUT/gsm8k_${s}_fp32.json"
     done
+    step bench_quant_smollm2 120 python3 -m benchmarks.quant --models smollm2 --out "$OUT/quant_smollm2.json"
     step test_spec 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py ;;
   quant)  # (carry .wheels/gpu) issue 21's benchmarks on the Llama-3-8B config, random weights
     step setup 120 bash scripts/gpu-setup.sh
-    [ "${2:-}" = nogemm ] || step decode_gemm 120 python3 -m benchmarks.decode_gemm --out "$OUT/decode_gemm.json"
+    # (the MXFP4 path past decode sizes at 64 and 512 rows)
+    [ "${2:-}" = nogemm ] || step decode_gemm 120 python3 -m benchmarks.decode_gemm --rows 1 8 64 512 \
+      --out "$OUT/decode_gemm.json"
     step bench_quant 400 python3 -m benchmarks.quant --models llama3-8b --decode 1 8 64 --extend 2048 \
       --out "$OUT/quant_llama3_8b.json" ;;
   tp1)  # (carry .wheels/gpu, .snap_before: the commit before, as $2) issues 21-22 without the model

@@ -204,3 +204,68 @@ def test_usable_probes_each_format_once_and_refuses_a_broken_kernel(
     monkeypatch.setattr(gemv, "_USABLE", {})
     monkeypatch.setattr(gemv, "mxfp4_gemv", lambda x, b, s: torch.zeros(x.shape[0], b.shape[0]))
     assert not gemv.usable(device, "mxfp4")  # runs, but wrong
+
+
+def test_tuned_tables_round_trip_and_the_env_folder_wins(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera.quant import gemv_tuned
+
+    name = "NVIDIA H100 80GB HBM3"
+    assert gemv_tuned.file_name(name) == "NVIDIA_H100_80GB_HBM3.json"
+    cfg = {"block_n": 32, "block_k": 512, "split_k": 4, "num_warps": 8, "num_stages": 3}
+    env, other = tmp_path / "env", tmp_path / "other"
+    gemv_tuned.save(env, name, {"fp8": {"4096,4096": cfg}})
+    gemv_tuned.save(env, name, {"mxfp4": {"6144,4096": {**cfg, "split_k": 1}}})  # merged, not replaced
+    gemv_tuned.save(other, name, {"fp8": {"4096,4096": {**cfg, "num_warps": 4}}})
+    monkeypatch.setattr(gemv_tuned, "PACKAGED", other)
+    monkeypatch.setenv(gemv_tuned.ENV, str(env))
+    table = gemv_tuned.load(name)
+    assert table["fp8"]["4096,4096"] == cfg and table["mxfp4"]["6144,4096"]["split_k"] == 1
+    monkeypatch.delenv(gemv_tuned.ENV)
+    assert gemv_tuned.load(name)["fp8"]["4096,4096"]["num_warps"] == 4
+    assert gemv_tuned.load("AMD Instinct MI300X") == {}
+
+
+def test_a_tuned_config_reaches_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera.quant import gemv_tuned
+
+    tuned = {"block_n": 32, "block_k": 64, "split_k": 3, "num_warps": 4, "num_stages": 2}
+    asked: list[tuple] = []
+
+    def lookup(device: torch.device, fmt: str, n: int, k: int) -> dict | None:
+        asked.append((fmt, n, k))
+        return tuned if fmt == "mxfp4" else None
+
+    monkeypatch.setattr(gemv_tuned, "lookup", lookup)
+    w = _weight(48, 384, seed=7)
+    x = _randn(2, 384, seed=8)
+    blocks, scales = _on_device(*mxfp4.quantize(w))
+    (xd,) = _on_device(x)
+    want = x.double() @ mxfp4.dequantize(blocks.cpu(), scales.cpu()).double().T
+    assert rel_err(gemv.mxfp4_gemv(xd, blocks, scales), want) < TOL[torch.float32]  # split in 3, as tuned
+    xq, xs = _on_device(*fp8.quantize_act_reference(x, fp8.BLOCK))
+    q, scale = _on_device(*fp8.quantize_weight(w, "block"))
+    gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16)
+    assert asked == [("mxfp4", 48, 384), ("fp8_block", 48, 384)]
+    launched: list = []
+    monkeypatch.setattr(gemv, "_launch", lambda *args, **kw: launched.append(args[6]))
+    gemv.mxfp4_gemv(xd, blocks, scales)
+    gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16)
+    assert launched == [gemv.GemvConfig(**tuned), gemv.fp8_config("block", 48, 384)]
+
+
+def test_the_sweep_picks_the_config_closest_to_each_rows_best() -> None:
+    from benchmarks.decode_gemm import pick_configs
+
+    def fields(block_n: int) -> dict:
+        return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4}
+
+    def trial(block_n: int, us: float | None) -> dict:
+        return {**fields(block_n), **({"us": us} if us is not None else {"error": "OutOfResources"})}
+
+    def case(m: int, times: dict[int, float | None]) -> dict:
+        trials = [trial(bn, us) for bn, us in times.items()]
+        return {"format": "fp8", "n": 4096, "k": 4096, "m": m, "trials": trials}
+
+    # 16 is best at M = 1 but 1.5x the best at M = 8; 32 is within 1.1x at both; 64 failed at M = 8
+    swept = [case(1, {16: 10.0, 32: 11.0, 64: 10.5}), case(8, {16: 30.0, 32: 22.0, 64: None})]
+    assert pick_configs(swept) == {"fp8": {"4096,4096": fields(32)}}

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from tessera.graphs import is_hip
 from tessera.layers.kernel_launch import cdiv, next_pow2
+from tessera.quant import gemv_tuned
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,11 @@ class GemvConfig:
     num_stages: int = 4
 
 
-# NOTE: untuned (written without a GPU; `python -m benchmarks.decode_gemm --sweep` measures the grid).
-# H100 / H200 have 132 SMs. Two programs an SM (~256) with a few tiles in flight each cover the memory
-# latency; fewer programs leave SMs idle, so K is split until N's tiles and the splits make about that
-# many, keeping >= 4 K steps per split so each program's pipeline fills. Wide N tiles (64) halve the
-# re-reads of x (from L2) per weight byte; narrow ones (32) give small N twice the programs.
+# The shape rule for cards and shapes without a tuned entry (`gemv_tuned`). H100 / H200 have 132 SMs.
+# Two programs an SM (~256) with a few tiles in flight each cover the memory latency; fewer programs
+# leave SMs idle, so K is split until N's tiles and the splits make about that many, keeping >= 4 K
+# steps per split so each program's pipeline fills. Wide N tiles (64) halve the re-reads of x (from L2)
+# per weight byte; narrow ones (32) give small N twice the programs.
 _MIN_PROGRAMS = 256
 _MIN_STEPS = 4
 _MAX_SPLIT = 16
@@ -113,6 +114,11 @@ def mxfp4_config(n: int, k: int) -> GemvConfig:
     block_n = _block_n(n)
     split = _split_k(cdiv(n, block_n), cdiv(k, 256))
     return GemvConfig(block_n, 256, split, num_warps=4, num_stages=_stages(4))
+
+
+def _config(device: torch.device, fmt: str, n: int, k: int) -> GemvConfig | None:
+    fields = gemv_tuned.lookup(device, fmt, n, k)
+    return GemvConfig(**fields) if fields is not None else None
 
 
 def _check_config(cfg: GemvConfig, min_k: int, max_k: int) -> None:
@@ -315,10 +321,11 @@ def fp8_gemv(
     """(xq fp8 [M, K] * x_scale).T-scaled rows (M <= MAX_ROWS; x_scale float32 [M, 1] per token, or
     [M, ceil(K/128)] per 1x128 group for "block", as `fp8.quantize_act` gives) @ (qweight fp8 [N, K] *
     scale).T (+ bias) -> [M, N] in `out_dtype`, float32 sums; `scale` float32 as `tessera.quant.fp8`
-    defines it for `scheme`. `config` defaults to `fp8_config`."""
+    defines it for `scheme`. `config` defaults to the card's tuned one, else `fp8_config`."""
     xq = _rows(xq)
     n, k = qweight.shape
-    cfg = config or fp8_config(scheme, n, k)
+    fmt = "fp8_block" if scheme == "block" else "fp8"
+    cfg = config or _config(xq.device, fmt, n, k) or fp8_config(scheme, n, k)
     _check_config(cfg, 16, 128 if scheme == "block" else 1 << 30)
     # per-tensor / per-channel scales are read by position alone: a 1-D view makes their stride 0
     scale = scale.float().contiguous() if scheme == "block" else scale.float().reshape(-1)
@@ -334,11 +341,11 @@ def mxfp4_gemv(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, bf16 / fp16 / fp32) @ W.T (+ bias) -> [M, N] in x's dtype, float32 sums;
-    W [N, K] in MXFP4 as blocks uint8 [N, K/2], scales uint8 [N, K/32]. `config` defaults to
-    `mxfp4_config`."""
+    W [N, K] in MXFP4 as blocks uint8 [N, K/2], scales uint8 [N, K/32]. `config` defaults to the card's
+    tuned one, else `mxfp4_config`."""
     x = _rows(x)
     n, k = blocks.shape[0], blocks.shape[1] * 2
-    cfg = config or mxfp4_config(n, k)
+    cfg = config or _config(x.device, "mxfp4", n, k) or mxfp4_config(n, k)
     _check_config(cfg, 32, 1 << 30)
     operands = (blocks.contiguous(), scales.contiguous())
     return _launch(_mxfp4_gemv_kernel, x, operands, n, k, bias, cfg, x.dtype)
