@@ -68,6 +68,16 @@ class ForwardBatch:
     host: np.ndarray
     host_pages: np.ndarray  # the page table [num_seqs, longest], int64
     host_logits: np.ndarray  # `logits_indices` on the host
+    ids_on_device: bool = False  # `input_ids` came from the device: `host` holds placeholders for them
+
+    def feed_ids(self, ids: torch.Tensor) -> None:
+        """Take the token ids from the device (a previous forward's output) rather than the host, so no
+        one waits for them to reach the host. The host arrays keep placeholders: only this process can
+        run the batch (a tensor-parallel rank 0 publishes the host arrays)."""
+        if ids.shape != self.input_ids.shape:
+            raise ValueError(f"{tuple(ids.shape)} token ids for a batch of {tuple(self.input_ids.shape)}")
+        self.input_ids = ids
+        self.ids_on_device = True
 
     def select_logits(self, rows: np.ndarray) -> None:
         """Logits for these rows (int64) rather than each sequence's last one."""
@@ -148,19 +158,19 @@ def host_rows(rows: list[Row], page_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def upload(host: np.ndarray, table: np.ndarray, device: torch.device) -> ForwardBatch:
-    """The `ForwardBatch` of `host_rows`' arrays on `device`: two host-to-device copies."""
+    """The `ForwardBatch` of `host_rows`' arrays on `device`: two host-to-device copies, which do not
+    block the host."""
     b = table.shape[0]
     t = (host.shape[0] - 4 * b) // 3
     q_len, ctx_len = host[3 * t + 2 * b : 3 * t + 3 * b], host[3 * t + 3 * b :]
     q_lens = q_len.tolist()
     layouts = [SeqLayout(n, end) for n, end in zip(q_lens, ctx_len.tolist(), strict=True)]
-    on_device = torch.from_numpy(host).to(device)
+    on_device = _to_device(host, device)
     input_ids, positions_d, slots_d = on_device[: 3 * t].view(3, t)
     last_d, vectors = on_device[3 * t :].split([b, 3 * b])
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
-    kernel = KernelLayout(
-        torch.from_numpy(table).to(device, torch.int32), q_start_d, q_len_d, ctx_len_d, max(q_lens)
-    )
+    pages = _to_device(table.astype(np.int32), device)
+    kernel = KernelLayout(pages, q_start_d, q_len_d, ctx_len_d, max(q_lens))
     short = sum(n <= SHORT_QUERY_LEN for n in q_lens)
     if SPLIT_MIN_SHORT <= short < b:
         kernel.parts = (_rows(kernel, slice(0, short), q_lens), _rows(kernel, slice(short, b), q_lens))
@@ -174,6 +184,14 @@ def upload(host: np.ndarray, table: np.ndarray, device: torch.device) -> Forward
         host_pages=table,
         host_logits=host[3 * t : 3 * t + b],
     )
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`a` on `device`. NOTE: a copy from pageable memory waits for the GPU to finish its queued work
+    (the copy is staged after it), so every step would wait for the last; a pinned copy is queued, and
+    the caching host allocator keeps its buffer until the GPU has read it."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _rows(k: KernelLayout, rows: slice, q_lens: list[int]) -> KernelLayout:

@@ -169,6 +169,8 @@ class GraphInputs:
         self.inputs.copy_(self._staging, non_blocking=True)
         if self._uploaded is not None:
             self._uploaded.record()
+        if batch is not None and batch.ids_on_device:  # after the upload, over its placeholders
+            self.input_ids[:n].copy_(batch.input_ids)
         if batch is not None:
             self._stage_pages(d, batch)
 

@@ -275,6 +275,8 @@ class ModelRunner:
             raise ValueError("features go with a model that takes them (an EAGLE head), and only there")
         d = descriptor or self.dispatch(batch)
         if self.on_forward is not None:
+            if batch.ids_on_device:
+                raise RuntimeError("a published forward needs its token ids on the host (feed_ids)")
             self.on_forward(batch, d)
         n = batch.input_ids.shape[0]
         inputs = (batch.input_ids, batch.positions) + ((features,) if features is not None else ())

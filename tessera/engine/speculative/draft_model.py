@@ -22,6 +22,7 @@ import torch
 from tessera.engine.batch import Row, build_rows
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
+from tessera.engine.speculative import chain
 
 
 class DraftModelProposer:
@@ -64,21 +65,9 @@ class DraftModelProposer:
         for seq in seqs:
             ran = self.ran(seq, seq.num_cached)
             rows.append((seq.tokens(ran, seq.num_tokens), ran, seq.pages))
-        drafts: list[list[int]] = [[] for _ in seqs]
-        active = list(range(len(seqs)))
-        while rows:
-            batch = build_rows(rows, self.runner.page_size, self.runner.device)
-            tokens = self.runner.forward(batch).argmax(dim=-1).tolist()
-            step_rows: list[Row] = []
-            step_active: list[int] = []
-            for i, token, (ran_tokens, start, pages) in zip(active, tokens, rows, strict=True):
-                drafts[i].append(token)
-                if len(drafts[i]) < rooms[i]:
-                    step_rows.append(([token], start + len(ran_tokens), pages))
-                    step_active.append(i)
-            rows, active = step_rows, step_active
+        drafts = chain.draft(self.runner, rows, rooms)
         if not self.shares_target_cache:
-            for seq, draft in zip(seqs, drafts, strict=True):
+            for seq, tokens in zip(seqs, drafts, strict=True):
                 # all but the last draft went through it
-                self._ran[seq] = (seq.num_tokens + len(draft) - 1, seq.pages)
+                self._ran[seq] = (seq.num_tokens + len(tokens) - 1, seq.pages)
         return drafts

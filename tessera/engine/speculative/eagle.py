@@ -27,6 +27,7 @@ import torch
 from tessera.engine.batch import Row, build_rows
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
+from tessera.engine.speculative import chain
 
 
 @dataclass
@@ -73,7 +74,7 @@ class EagleProposer:
         drafts: list[list[int]] = [[] for _ in seqs]
         rows: list[Row] = []
         feats: list[torch.Tensor] = []
-        active: list[int] = []
+        chained: list[int] = []
         for i, (seq, room) in enumerate(zip(seqs, rooms, strict=True)):
             nxt = self._next.get(seq)
             if nxt is None or nxt.num_cached != seq.num_cached:
@@ -82,19 +83,11 @@ class EagleProposer:
             if room > 1:
                 rows.append(([nxt.token], seq.num_cached, seq.pages))
                 feats.append(nxt.feature)
-                active.append(i)
-        while rows:
-            tokens, outputs = self._step(rows, feats)
-            step_rows: list[Row] = []
-            step_feats: list[torch.Tensor] = []
-            step_active: list[int] = []
-            for j, (i, token, (_, start, pages)) in enumerate(zip(active, tokens, rows, strict=True)):
-                drafts[i].append(token)
-                if len(drafts[i]) < rooms[i]:
-                    step_rows.append(([token], start + 1, pages))
-                    step_feats.append(outputs[j : j + 1])
-                    step_active.append(i)
-            rows, feats, active = step_rows, step_feats, step_active
+                chained.append(i)
+        if rows:
+            more = chain.draft(self.runner, rows, [rooms[i] - 1 for i in chained], torch.cat(feats))
+            for i, tokens in zip(chained, more, strict=True):
+                drafts[i] += tokens
         return drafts
 
     def _step(self, rows: list[Row], feats: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
@@ -104,7 +97,7 @@ class EagleProposer:
         logits = self.runner.forward(batch, features=self._in_batch_order(batch.last_rows, rows, feats))
         hidden = self.runner.last_hidden
         assert hidden is not None
-        outputs = hidden[torch.from_numpy(batch.last_rows).to(hidden.device)]  # a copy: graph memory moves on
+        outputs = hidden[batch.logits_indices]  # a copy: graph memory moves on
         return logits.argmax(dim=-1).tolist(), outputs
 
     @staticmethod

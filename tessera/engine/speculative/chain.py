@@ -1,0 +1,76 @@
+"""Greedy drafting of several tokens a request, chained on the device.
+
+A proposal's draft forwards are known before the first runs, all but their token ids: which requests
+still draft at each step (each has its room), at which positions, into which KV slots. So every step's
+batch is built on the host up front, and each step's token ids (and an EAGLE head's features) are
+gathered on the device from the step before's outputs. The host waits for the GPU once a proposal, for
+all its tokens, instead of once a draft step (a per-step `.tolist()` idled the GPU for the host's
+preparation of the next step, every step).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from tessera.engine.batch import ForwardBatch, Row, build_rows
+from tessera.engine.model_runner import ModelRunner
+
+
+def _plan(rows: list[Row], rooms: list[int], runner: ModelRunner) -> list[tuple[ForwardBatch, list[int]]]:
+    """Each step's batch and the requests (indices into `rows`) in it, in its logits' order."""
+    page_size, device = runner.page_size, runner.device
+    steps = [(build_rows(rows, page_size, device), list(range(len(rows))))]
+    for j in range(1, max(rooms, default=0)):
+        active = [i for i in steps[-1][1] if rooms[i] > j]
+        if not active:
+            break
+        # draft j + 1 of request i takes draft j, at the position after the ones run before
+        step_rows = [([0], rows[i][1] + len(rows[i][0]) + j - 1, rows[i][2]) for i in active]
+        steps.append((build_rows(step_rows, page_size, device), active))
+    return steps
+
+
+def _picks(steps: list[tuple[ForwardBatch, list[int]]], device: torch.device) -> list[torch.Tensor]:
+    """For each step after the first, the rows of the step before that its requests were (one upload)."""
+    host: list[np.ndarray] = []
+    for (_, before), (_, active) in itertools.pairwise(steps):
+        where = {request: row for row, request in enumerate(before)}
+        host.append(np.array([where[i] for i in active], dtype=np.int64))
+    if not host:
+        return []
+    flat = torch.from_numpy(np.concatenate(host))
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    return list(flat.split([len(h) for h in host]))
+
+
+@torch.no_grad()
+def draft(
+    runner: ModelRunner, rows: list[Row], rooms: list[int], features: torch.Tensor | None = None
+) -> list[list[int]]:
+    """`rooms[i]` (>= 1) greedy draft tokens of request i, whose first draft forward is `rows[i]` (its
+    tokens not yet run, the position of the first, its pages) and each later one the draft before.
+    `features`: an EAGLE head's, one a request (its rows are one token each); later steps take the
+    head's output at the row before."""
+    if features is not None and any(len(tokens) != 1 for tokens, _, _ in rows):
+        raise ValueError("a feature per request goes with one-token rows")
+    steps = _plan(rows, rooms, runner)
+    picks = _picks(steps, runner.device)
+    tokens: list[torch.Tensor] = []
+    for j, (batch, _) in enumerate(steps):
+        if j:
+            batch.feed_ids(tokens[-1][picks[j - 1]])
+            features = features[picks[j - 1]] if features is not None else None
+        tokens.append(runner.forward(batch, features=features).argmax(dim=-1))
+        if features is not None:
+            hidden = runner.last_hidden
+            assert hidden is not None
+            features = hidden[batch.logits_indices]  # a copy: graph memory moves on
+    drafted = iter(torch.cat(tokens).tolist())
+    drafts: list[list[int]] = [[] for _ in rows]
+    for _, active in steps:
+        for i in active:
+            drafts[i].append(next(drafted))
+    return drafts
