@@ -18,7 +18,7 @@ replay after the first), and the kernels follow each other as a decode step's do
 and shape: N and K tiles, split K, warps) for fp8 per-channel, fp8 block and mxfp4, and reports the best
 config per (format, shape, M) next to the default's time. `--save-configs DIR` writes, for each format
 and shape, the config whose slowest M is closest to that M's best into DIR's table for this card
-(`tessera.quant.gemv_tuned`; the decode GEMMs read it from `tessera/quant/gemv_configs/`, or from the
+(`tessera.layers.gemv_tuned`; the decode GEMMs read it from `tessera/layers/gemv_configs/`, or from the
 folder `TESSERA_GEMV_CONFIGS` names).
 """
 
@@ -36,7 +36,8 @@ from triton.runtime.errors import OutOfResources
 
 from benchmarks.common import graph_ms, write_json
 from benchmarks.quant import gpu_bandwidth
-from tessera.quant import fp8, gemv_kernels, gemv_tuned, mxfp4, mxfp4_kernels
+from tessera.layers import gemv, gemv_tuned
+from tessera.quant import fp8, gemv_kernels, mxfp4, mxfp4_kernels
 from tessera.quant.gemv_kernels import GemvConfig
 
 # Llama-3-8B's linear layers (N, K), and its LM head
@@ -67,6 +68,7 @@ def formats(n: int, k: int) -> dict[str, tuple[Op, tuple[torch.Tensor, ...]]]:
     mx = mxfp4.quantize(w)
     out: dict[str, tuple[Op, tuple[torch.Tensor, ...]]] = {
         "bf16": (lambda x, t: F.linear(x, *t), (w,)),
+        "bf16_gemv": (lambda x, t: gemv.dense_gemv(x, *t), (w,)),
         "fp8": (lambda x, t: fp8.fp8_linear(x, *t, "per_channel"), ch),
         "fp8_block": (lambda x, t: fp8.fp8_linear(x, *t, "block"), bl),
         "mxfp4": (lambda x, t: mxfp4.mxfp4_linear(x, *t), mx),
@@ -126,6 +128,7 @@ def _fp8_gemv(scheme: str) -> SweepOp:
 
 # per swept format: (the gemv call, its default config, the two K tiles swept, weight bytes per value)
 SWEEP: dict[str, tuple[SweepOp, Callable[[int, int], GemvConfig], tuple[int, int], float]] = {
+    "bf16": (lambda x, w, cfg: gemv.dense_gemv(x, *w, config=cfg), gemv.dense_config, (128, 256), 2.0),
     "fp8": (_fp8_gemv("per_channel"), lambda n, k: gemv_kernels.fp8_config("per_channel", n, k),
             (256, 512), 1.0),
     "fp8_block": (_fp8_gemv("block"), lambda n, k: gemv_kernels.fp8_config("block", n, k), (64, 128), 1.0),
@@ -164,26 +167,37 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
     return {"best": best, "default": trials[0], "trials": trials}
 
 
-def pick_configs(swept: list[dict]) -> gemv_tuned.Table:
+def pick_configs(swept: list[dict], cases: list[dict]) -> gemv_tuned.Table:
     """Per format and shape, the config with the smallest worst ratio, over the swept M, of its time to
-    that M's best time (one config serves every M of a shape)."""
+    that M's best time (one config serves every M of a shape). A dense format's config only where it
+    beat cuBLAS (`F.linear` in `cases`) at every swept M: elsewhere dense layers keep cuBLAS."""
+    cublas = {(c["n"], c["k"], c["m"]): c["us"] for c in cases if c["format"] == "bf16" and "us" in c}
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for case in swept:
         groups.setdefault((case["format"], case["n"], case["k"]), []).append(case)
     fields = list(GemvConfig.__dataclass_fields__)
     table: gemv_tuned.Table = {}
-    for (fmt, n, k), cases in groups.items():
+    for (fmt, n, k), group in groups.items():
         ratios: dict[tuple[int, ...], list[float]] = {}  # config -> its time / the best, per M
-        for case in cases:
+        for case in group:
             timed = [t for t in case["trials"] if "us" in t]
             for trial in timed:
                 ratio = trial["us"] / min(t["us"] for t in timed)
                 ratios.setdefault(tuple(trial[f] for f in fields), []).append(ratio)
-        everywhere = {cfg: max(r) for cfg, r in ratios.items() if len(r) == len(cases)}
-        if everywhere:
-            best = min(everywhere, key=everywhere.__getitem__)
-            table.setdefault(fmt, {})[gemv_tuned.shape_key(n, k)] = dict(zip(fields, best, strict=True))
+        everywhere = {cfg: max(r) for cfg, r in ratios.items() if len(r) == len(group)}
+        if not everywhere:
+            continue
+        best = dict(zip(fields, min(everywhere, key=everywhere.__getitem__), strict=True))
+        if fmt in gemv.DENSE_FORMATS.values() and not all(
+            _time_of(best, c) < cublas.get((n, k, c["m"]), 0.0) for c in group
+        ):
+            continue
+        table.setdefault(fmt, {})[gemv_tuned.shape_key(n, k)] = best
     return table
+
+
+def _time_of(config: dict[str, int], case: dict) -> float:
+    return next(t["us"] for t in case["trials"] if "us" in t and all(t[f] == v for f, v in config.items()))
 
 
 def _row(shape: str, fmt: str, m: int, weight: tuple[torch.Tensor, ...], **fields: Any) -> dict[str, Any]:
@@ -240,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "cases": cases}  # fmt: skip
     if args.sweep:
         report["sweep"] = swept
-        report["picked"] = pick_configs(swept)
+        report["picked"] = pick_configs(swept, cases)
         if args.save_configs:
             path = gemv_tuned.save(args.save_configs, torch.cuda.get_device_name(), report["picked"])
             print(f"decode GEMM configs written to {path}")

@@ -207,7 +207,7 @@ def test_usable_probes_each_format_once_and_refuses_a_broken_kernel(
 
 
 def test_tuned_tables_round_trip_and_the_env_folder_wins(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tessera.quant import gemv_tuned
+    from tessera.layers import gemv_tuned
 
     name = "NVIDIA H100 80GB HBM3"
     assert gemv_tuned.file_name(name) == "NVIDIA_H100_80GB_HBM3.json"
@@ -226,7 +226,7 @@ def test_tuned_tables_round_trip_and_the_env_folder_wins(tmp_path, monkeypatch: 
 
 
 def test_a_tuned_config_reaches_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tessera.quant import gemv_tuned
+    from tessera.layers import gemv_tuned
 
     tuned = {"block_n": 32, "block_k": 64, "split_k": 3, "num_warps": 4, "num_stages": 2}
     asked: list[tuple] = []
@@ -247,7 +247,7 @@ def test_a_tuned_config_reaches_the_launch(monkeypatch: pytest.MonkeyPatch) -> N
     gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16)
     assert asked == [("mxfp4", 48, 384), ("fp8_block", 48, 384)]
     launched: list = []
-    monkeypatch.setattr(gemv, "_launch", lambda *args, **kw: launched.append(args[6]))
+    monkeypatch.setattr(gemv, "launch", lambda *args, **kw: launched.append(args[6]))
     gemv.mxfp4_gemv(xd, blocks, scales)
     gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16)
     assert launched == [gemv.GemvConfig(**tuned), gemv.fp8_config("block", 48, 384)]
@@ -262,10 +262,18 @@ def test_the_sweep_picks_the_config_closest_to_each_rows_best() -> None:
     def trial(block_n: int, us: float | None) -> dict:
         return {**fields(block_n), **({"us": us} if us is not None else {"error": "OutOfResources"})}
 
-    def case(m: int, times: dict[int, float | None]) -> dict:
+    def case(fmt: str, m: int, times: dict[int, float | None]) -> dict:
         trials = [trial(bn, us) for bn, us in times.items()]
-        return {"format": "fp8", "n": 4096, "k": 4096, "m": m, "trials": trials}
+        return {"format": fmt, "n": 4096, "k": 4096, "m": m, "trials": trials}
+
+    def cublas(m: int, us: float) -> dict:
+        return {"format": "bf16", "n": 4096, "k": 4096, "m": m, "us": us}
 
     # 16 is best at M = 1 but 1.5x the best at M = 8; 32 is within 1.1x at both; 64 failed at M = 8
-    swept = [case(1, {16: 10.0, 32: 11.0, 64: 10.5}), case(8, {16: 30.0, 32: 22.0, 64: None})]
-    assert pick_configs(swept) == {"fp8": {"4096,4096": fields(32)}}
+    times = ({16: 10.0, 32: 11.0, 64: 10.5}, {16: 30.0, 32: 22.0, 64: None})
+    for fmt in ("fp8", "bf16"):
+        swept = [case(fmt, 1, times[0]), case(fmt, 8, times[1])]
+        # a dense config is kept only where it beats cuBLAS at every M
+        assert pick_configs(swept, [cublas(1, 12.0), cublas(8, 25.0)]) == {fmt: {"4096,4096": fields(32)}}
+        slower = pick_configs(swept, [cublas(1, 12.0), cublas(8, 21.0)])
+        assert slower == ({} if fmt == "bf16" else {fmt: {"4096,4096": fields(32)}})

@@ -15,6 +15,7 @@ tl = pytest.importorskip("triton.language")
 MODULES = [
     "tessera.layers.fused",
     "tessera.layers.fused_moe",
+    "tessera.layers.gemv",
     "tessera.layers.triton_attention",
     "tessera.quant.fp8_kernels",
     "tessera.quant.gemv_kernels",

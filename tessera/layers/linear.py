@@ -33,6 +33,11 @@ from torch import nn
 from tessera.distributed.comm import all_gather, all_reduce, all_reduce_placement
 from tessera.distributed.state import tp_group, tp_rank, tp_size
 
+try:
+    from tessera.layers import gemv
+except ImportError:  # no Triton (a CPU-only install): F.linear everywhere
+    gemv = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from tessera.layers.expert_format import ExpertsMethod
 
@@ -134,7 +139,14 @@ class UnquantizedLinearMethod(LinearMethod):
         weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         layer.register_parameter("weight", set_shard_spec(weight, ShardSpec(output_dim=0, input_dim=1)))
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # decode-sized calls stream the weight through `gemv` where this card's tuned table says that
+        # beats cuBLAS for its shape; decided here, once, outside any traced or captured forward
+        layer.decode_gemv = gemv is not None and gemv.tuned_for(layer.weight)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if getattr(layer, "decode_gemv", False):
+            return gemv.dense_linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
