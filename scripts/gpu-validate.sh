@@ -58,7 +58,7 @@ case "${1:-}" in
     # at M = 1, 8) and saved as this card's table in $TUNED (`quant` and `models` then use it)
     if [ "${2:-}" = gemm ]; then
       step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_quant_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
+        tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
       step decode_gemm_sweep 300 python3 -m benchmarks.decode_gemm --rows 1 8 --sweep \
         --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
       cp "$TUNED"/*.json "$OUT/" 2>/dev/null
