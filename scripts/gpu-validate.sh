@@ -60,7 +60,7 @@ case "${1:-}" in
       step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
         tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
       step decode_gemm_sweep 300 python3 -m benchmarks.decode_gemm --rows 1 8 --sweep \
-        --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
+        --shapes qkv o gate_up down --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
       cp "$TUNED"/*.json "$OUT/" 2>/dev/null
     fi ;;
   spec)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage` or `1`) issue 20
