@@ -81,14 +81,14 @@ case "${1:-}" in
     step test_models 330 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant_models_gpu.py \
       tests/test_distributed_gpu.py tests/test_engine_gpu.py tests/test_deepseek.py tests/test_moe.py \
       tests/test_dtypes_gpu.py tests/test_graphs_gpu.py
+    step test_spec 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
     step gsm8k_gguf 120 python3 -m benchmarks.eval_gsm8k --quantization gguf --out "$OUT/gsm8k_gguf.json"
     # speculative vs plain GSM8K answers in float32: are bf16's differences near ties?
     for s in ngram self-draft-8; do
       step "gsm8k_${s}_fp32" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --dtype float32 \
         --out "$OUT/gsm8k_${s}_fp32.json"
     done
-    step bench_quant_smollm2 120 python3 -m benchmarks.quant --models smollm2 --out "$OUT/quant_smollm2.json"
-    step test_spec 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py ;;
+    step bench_quant_smollm2 120 python3 -m benchmarks.quant --models smollm2 --out "$OUT/quant_smollm2.json" ;;
   quant)  # (carry .wheels/gpu) issue 21's benchmarks on the Llama-3-8B config, random weights
     step setup 120 bash scripts/gpu-setup.sh
     # (the MXFP4 path past decode sizes at 64 and 512 rows)
