@@ -59,7 +59,7 @@ case "${1:-}" in
     if [ "${2:-}" = gemm ]; then
       step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
         tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
-      step decode_gemm_sweep 300 python3 -m benchmarks.decode_gemm --rows 1 8 --sweep \
+      step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm --rows 1 8 --sweep \
         --shapes qkv o gate_up down --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
       cp "$TUNED"/*.json "$OUT/" 2>/dev/null
     fi ;;
@@ -82,7 +82,8 @@ case "${1:-}" in
       tests/test_distributed_gpu.py tests/test_engine_gpu.py tests/test_deepseek.py tests/test_moe.py \
       tests/test_dtypes_gpu.py tests/test_graphs_gpu.py
     step test_spec 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
-    step gsm8k_gguf 120 python3 -m benchmarks.eval_gsm8k --quantization gguf --out "$OUT/gsm8k_gguf.json"
+    step gsm8k_gguf 120 python3 -m benchmarks.eval_gsm8k --quantization gguf --out "$OUT/gsm8k_gguf.json" ;;
+  models-extra)  # (carry .wheels/gpu, after `models stage`: the model is installed)
     # speculative vs plain GSM8K answers in float32: are bf16's differences near ties?
     for s in ngram self-draft-8; do
       step "gsm8k_${s}_fp32" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --dtype float32 \
@@ -134,7 +135,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm]|spec|models [stage]|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm]|spec|models [stage]|models-extra|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
      exit 2 ;;
 esac
 cat "$OUT/summary.txt"
