@@ -165,11 +165,11 @@ def upload(host: np.ndarray, table: np.ndarray, device: torch.device) -> Forward
     q_len, ctx_len = host[3 * t + 2 * b : 3 * t + 3 * b], host[3 * t + 3 * b :]
     q_lens = q_len.tolist()
     layouts = [SeqLayout(n, end) for n, end in zip(q_lens, ctx_len.tolist(), strict=True)]
-    on_device = _to_device(host, device)
+    on_device = to_device(host, device)
     input_ids, positions_d, slots_d = on_device[: 3 * t].view(3, t)
     last_d, vectors = on_device[3 * t :].split([b, 3 * b])
     q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
-    pages = _to_device(table.astype(np.int32), device)
+    pages = to_device(table.astype(np.int32), device)
     kernel = KernelLayout(pages, q_start_d, q_len_d, ctx_len_d, max(q_lens))
     short = sum(n <= SHORT_QUERY_LEN for n in q_lens)
     if SPLIT_MIN_SHORT <= short < b:
@@ -186,7 +186,7 @@ def upload(host: np.ndarray, table: np.ndarray, device: torch.device) -> Forward
     )
 
 
-def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """`a` on `device`. NOTE: a copy from pageable memory waits for the GPU to finish its queued work
     (the copy is staged after it), so every step would wait for the last; a pinned copy is queued, and
     the caching host allocator keeps its buffer until the GPU has read it."""

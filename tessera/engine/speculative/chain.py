@@ -15,7 +15,7 @@ import itertools
 import numpy as np
 import torch
 
-from tessera.engine.batch import ForwardBatch, Row, build_rows
+from tessera.engine.batch import ForwardBatch, Row, build_rows, to_device
 from tessera.engine.model_runner import ModelRunner
 
 
@@ -41,9 +41,7 @@ def _picks(steps: list[tuple[ForwardBatch, list[int]]], device: torch.device) ->
         host.append(np.array([where[i] for i in active], dtype=np.int64))
     if not host:
         return []
-    flat = torch.from_numpy(np.concatenate(host))
-    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
-    return list(flat.split([len(h) for h in host]))
+    return list(to_device(np.concatenate(host), device).split([len(h) for h in host]))
 
 
 @torch.no_grad()
