@@ -55,11 +55,11 @@ case "${1:-}" in
     [ "${2:-}" = quant ] && step test_quant 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_quant_gguf.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
     # `stage gemm`: the decode GEMMs' tests, and their configs swept (the sweep also times every format
-    # at M = 1, 8) and saved as this card's table in $TUNED (`quant` and `models` then use it)
+    # at M = 1, 16: the ends of the decode path) and saved as this card's table in $TUNED (`quant` and `models` then use it)
     if [ "${2:-}" = gemm ]; then
       step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
         tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
-      step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm --rows 1 8 --sweep \
+      step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm --rows 1 16 --sweep \
         --shapes qkv o gate_up down --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
       cp "$TUNED"/*.json "$OUT/" 2>/dev/null
     fi ;;

@@ -1,5 +1,5 @@
 """Triton GEMMs for decode: a few token rows (M <= MAX_ROWS) against a weight streamed from memory once,
-float32 sums. Here the machinery and the dense (bf16 / fp16 / fp32) weight's kernel and op;
+float32 sums. Here the machinery and the dense (bf16 / fp16) weight's kernel and op;
 `tessera.quant.gemv_kernels` adds FP8 and MXFP4 weights on the same machinery.
 
 A decode step reads every weight once and does almost no arithmetic per byte, so these kernels are
@@ -47,7 +47,8 @@ ROWS = tl.constexpr(MAX_ROWS)
 # NOTE: Triton's interpreter (3.9) multiplies bfloat16 tiles as their raw uint16 bits; there both
 # operands go to float32 first, which is exact and what the GPU's MMA accumulates anyway
 DOT_IN_F32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true")
-DENSE_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# NOTE: no float32: `tl.dot` multiplies float32 tiles in TF32 on NVIDIA, where F.linear stays IEEE
+DENSE_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,8 @@ def dense_config(n: int, k: int) -> GemvConfig:
 def dense_gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
 ) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS) @ weight.T (+ bias) -> [M, N], weight [N, K] in x's dtype, float32 sums.
+    """x [M, K] (M <= MAX_ROWS) @ weight.T (+ bias) -> [M, N], weight [N, K] in x's dtype (bf16 or
+    fp16), float32 sums.
     `config` defaults to the card's tuned one, else `dense_config`."""
     x = rows(x)
     if weight.dtype != x.dtype or x.dtype not in DENSE_FORMATS:
@@ -251,13 +253,14 @@ def tuned_for(weight: torch.Tensor) -> bool:
 
 
 def _dense_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @opaque_op("tessera::dense_linear", fake=_dense_linear_fake)
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, by the decode GEMM at M <= MAX_ROWS: one op for every captured size (a layer calls
-    it only where `tuned_for` its weight)."""
-    if x.shape[0] <= MAX_ROWS:
-        return dense_gemv(x, weight, bias)
+    """`F.linear`, by the decode GEMM where x has at most MAX_ROWS rows: one op for every captured size
+    (a layer calls it only where `tuned_for` its weight)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] <= MAX_ROWS:
+        return dense_gemv(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

@@ -1,6 +1,6 @@
 """Tuned decode-GEMM configs per GPU model, as measured by `python -m benchmarks.decode_gemm --sweep
 --save-configs DIR`: one JSON file a device name (`NVIDIA_H100_80GB_HBM3.json`), mapping a format
-("bf16", "fp16", "fp32", "fp8", "fp8_block", "mxfp4") and a weight shape "N,K" to a `GemvConfig`'s
+("bf16", "fp16", "fp8", "fp8_block", "mxfp4") and a weight shape "N,K" to a `GemvConfig`'s
 fields. Quantized shapes without an entry take the shape rule (`tessera.layers.gemv`); dense ones
 without an entry stay with cuBLAS.
 
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 PACKAGED = Path(__file__).with_name("gemv_configs")
 ENV = "TESSERA_GEMV_CONFIGS"
 Table = dict[str, dict[str, dict[str, int]]]
+# what a sweep found, per format and shape: a config, or None where the shape should have none (a dense
+# weight cuBLAS reads faster), which removes an earlier run's entry
+Found = dict[str, dict[str, dict[str, int] | None]]
 _TABLES: dict[torch.device, Table] = {}
 
 
@@ -62,13 +65,18 @@ def lookup(device: torch.device, fmt: str, n: int, k: int) -> dict[str, int] | N
     return _TABLES[device].get(fmt, {}).get(shape_key(n, k))
 
 
-def save(folder: Path, device_name: str, entries: Table) -> Path:
-    """Merge `entries` into `folder`'s table for `device_name` (new entries win); returns its path."""
+def save(folder: Path, device_name: str, found: Found) -> Path:
+    """Merge what a sweep `found` into `folder`'s table for `device_name` (new entries win, None
+    removes one); returns its path."""
     path = folder / file_name(device_name)
     table: Table = json.loads(path.read_text()) if path.is_file() else {}
-    for fmt, shapes in entries.items():
-        table.setdefault(fmt, {}).update(shapes)
+    for fmt, shapes in found.items():
+        for shape, fields in shapes.items():
+            if fields is None:
+                table.get(fmt, {}).pop(shape, None)
+            else:
+                table.setdefault(fmt, {})[shape] = fields
     folder.mkdir(parents=True, exist_ok=True)
-    ordered = {fmt: dict(sorted(table[fmt].items())) for fmt in sorted(table)}
+    ordered = {fmt: dict(sorted(table[fmt].items())) for fmt in sorted(table) if table[fmt]}
     path.write_text(json.dumps(ordered, indent=1) + "\n")
     return path
