@@ -55,7 +55,8 @@ case "${1:-}" in
     [ "${2:-}" = quant ] && step test_quant 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_quant_gguf.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
     # `stage gemm`: the decode GEMMs' tests, and their configs swept (the sweep also times every format
-    # at M = 1, 16: the ends of the decode path) and saved as this card's table in $TUNED (`quant` and `models` then use it)
+    # at M = 1 and 16, the ends of the decode path) and saved as this card's table in $TUNED (`quant`
+    # and `models` then use it)
     if [ "${2:-}" = gemm ]; then
       step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
         tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
