@@ -31,6 +31,13 @@ serve() {  # serve NAME SECONDS [MODEL FLAGS]: all graphs, decode graphs only, e
     --launch="$model" --launch="$model --disable-piecewise-cuda-graph --extend-cuda-graph-max-tokens 0" \
     --launch="$model --disable-piecewise-cuda-graph --disable-cuda-graph" --out "$OUT/$name.json"
 }
+gemm_steps() {  # the decode GEMMs' tests, and their configs swept and saved as this card's table
+  step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
+  step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm --rows 1 16 --sweep \
+    --shapes qkv o gate_up down --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
+  cp "$TUNED"/*.json "$OUT/" 2>/dev/null
+}
 case "${1:-}" in
   1)  # (carry .wheels/gpu .wheels/stage/part-aa) the graph runtime; stages the model's first half
     bash scripts/stage-model.sh first
@@ -57,13 +64,14 @@ case "${1:-}" in
     # `stage gemm`: the decode GEMMs' tests, and their configs swept (the sweep also times every format
     # at M = 1 and 16, the ends of the decode path) and saved as this card's table in $TUNED (`quant`
     # and `models` then use it)
-    if [ "${2:-}" = gemm ]; then
-      step test_gemv 150 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
-      step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm --rows 1 16 --sweep \
-        --shapes qkv o gate_up down --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
-      cp "$TUNED"/*.json "$OUT/" 2>/dev/null
-    fi ;;
+    [ "${2:-}" = gemm ] && gemm_steps ;;
+  kernels)  # (carry .wheels/gpu; one call, no model) `stage gemm`'s steps, then the GPU tests of issues
+    # 21-22 that need no staged model
+    step setup 120 bash scripts/gpu-setup.sh
+    gemm_steps
+    step test_no_model 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_distributed_gpu.py \
+      tests/test_quant_models_gpu.py tests/test_deepseek.py tests/test_moe.py tests/test_dtypes_gpu.py \
+      tests/test_graphs_gpu.py -k "not smollm2" ;;
   spec)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage` or `1`) issue 20
     step stage 60 bash scripts/stage-model.sh second
     step setup 120 bash scripts/gpu-setup.sh
@@ -136,7 +144,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm]|spec|models [stage]|models-extra|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm]|spec|models [stage]|models-extra|kernels|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
      exit 2 ;;
 esac
 cat "$OUT/summary.txt"
