@@ -36,7 +36,7 @@ gemm_steps() {  # the decode GEMMs' tests, and their configs swept and saved as 
     tests/test_quant_gemv.py tests/test_dense_gemv.py tests/test_quant_fp8.py tests/test_quant_mxfp4.py
   step decode_gemm_sweep 240 python3 -m benchmarks.decode_gemm --rows 1 16 --sweep \
     --shapes qkv o gate_up down --save-configs "$TUNED" --out "$OUT/decode_gemm_sweep.json"
-  cp "$TUNED"/*.json "$OUT/" 2>/dev/null
+  cp "$TUNED"/*.json "$OUT/" 2>/dev/null && export TESSERA_GEMV_CONFIGS=$TUNED
 }
 case "${1:-}" in
   1)  # (carry .wheels/gpu .wheels/stage/part-aa) the graph runtime; stages the model's first half
