@@ -142,6 +142,25 @@ def slab(M, N, K, K_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return offs_m, offs_n, tl.arange(0, BLOCK_K), offs_m < M, offs_n < N, k_lo, k_hi
 
 
+@triton.jit
+def pointers(X, W, offs_m, offs_n, offs_k, k_lo, stride_xm, stride_wn):
+    """The first K step's tile pointers into x [ROWS, BLOCK_K] and a row-major W [BLOCK_N, BLOCK_K]."""
+    x_ptrs = X + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    return x_ptrs, w_ptrs
+
+
+@triton.jit
+def load_step(x_ptrs, w_ptrs, m_ok, n_ok, offs_k, k_left):
+    """One K step's tiles of x and W, zero outside the rows and past `k_left` columns. NOTE: with K and
+    K_SPLIT divisible by 16 (Triton specializes on it) the K mask is constant over 16 elements, so the
+    loads stay 16 bytes wide."""
+    k_ok = (offs_k < k_left)[None, :]
+    x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok, other=0.0)
+    w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0.0)
+    return x, w
+
+
 @triton.jit(do_not_specialize=["M"])
 def _split_sum_kernel(P, Bias, Out, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK: tl.constexpr):  # fmt: skip
@@ -210,13 +229,10 @@ def _dense_gemv_kernel(
 ):  # fmt: skip
     """Out[m, n] = sum_k X[m, k] * W[n, k] (+ Bias[n]) over this program's K split, W in X's dtype."""
     offs_m, offs_n, offs_k, m_ok, n_ok, k_lo, k_hi = slab(M, N, K, K_SPLIT, BLOCK_N, BLOCK_K)
-    x_ptrs = X + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
-    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    x_ptrs, w_ptrs = pointers(X, W, offs_m, offs_n, offs_k, k_lo, stride_xm, stride_wn)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        k_ok = (offs_k < k_hi - k0)[None, :]
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok, other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0.0)
+        x, w = load_step(x_ptrs, w_ptrs, m_ok, n_ok, offs_k, k_hi - k0)
         acc += dot(x, w, DOT_IN_F32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

@@ -32,6 +32,8 @@ from tessera.layers.gemv import (
     config_for,
     dot,
     launch,
+    load_step,
+    pointers,
     rows,
     shape_rule,
     slab,
@@ -75,15 +77,10 @@ def _fp8_gemv_kernel(
     step's product (BLOCK_K divides 128: one scale a row per step), per-token / per-channel ones the sums
     once."""
     offs_m, offs_n, offs_k, m_ok, n_ok, k_lo, k_hi = slab(M, N, K, K_SPLIT, BLOCK_N, BLOCK_K)
-    x_ptrs = X + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
-    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    x_ptrs, w_ptrs = pointers(X, W, offs_m, offs_n, offs_k, k_lo, stride_xm, stride_wn)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        # NOTE: with K and K_SPLIT divisible by 16 (Triton specializes on it) the K mask is constant
-        # over 16 elements, so these still load 16 bytes at a time
-        k_ok = (offs_k < k_hi - k0)[None, :]
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok, other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0.0)
+        x, w = load_step(x_ptrs, w_ptrs, m_ok, n_ok, offs_k, k_hi - k0)
         part = dot(x.to(tl.bfloat16), w.to(tl.bfloat16), DOT_IN_F32)
         if SCHEME == BLOCKWISE:
             xs = tl.load(XS + offs_m * stride_xsm + k0 // FP8_BLOCK, mask=m_ok, other=0.0)
