@@ -44,7 +44,9 @@ from tessera.quant.gemv_kernels import GemvConfig
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}  # fmt: skip
 ROTATE_BYTES = 256 * 2**20  # weight copies per graph: together 5x the 50 MiB L2 of an H100 / H200
-DENSE_MARGIN = 0.95  # a dense decode GEMM is saved where it takes under this much of cuBLAS's time
+MARGIN = 0.95  # a decode GEMM is saved where it takes under this much of its format's other path's time
+# the path each format takes at decode sizes without a table entry (the MXFP4 decode GEMM has none)
+OTHER_PATH = {"bf16": "bf16", "fp8": "fp8_scaled_mm", "fp8_block": "fp8_block_gemm"}
 SMEM_BUDGET = 96 * 2**10  # pipeline stages of a swept config: as many as fit this much shared memory
 Op = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], Any]
 
@@ -170,10 +172,10 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
 
 def pick_configs(swept: list[dict], cases: list[dict]) -> gemv_tuned.Found:
     """Per format and shape, the config with the smallest worst ratio, over the swept M, of its time to
-    that M's best time (one config serves every M of a shape). A dense format's config only where it
-    beat cuBLAS (`F.linear` in `cases`) by DENSE_MARGIN at every swept M; elsewhere None: dense layers
-    keep cuBLAS."""
-    cublas = {(c["n"], c["k"], c["m"]): c["us"] for c in cases if c["format"] == "bf16" and "us" in c}
+    that M's best time (one config serves every M of a shape). Where a format has another path (bf16:
+    cuBLAS; FP8: `_scaled_mm`, the block GEMM), only where the config beat that path's time in `cases` by
+    MARGIN at every swept M; elsewhere None: the format keeps its other path."""
+    other = {(c["format"], c["n"], c["k"], c["m"]): c["us"] for c in cases if "us" in c}
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for case in swept:
         groups.setdefault((case["format"], case["n"], case["k"]), []).append(case)
@@ -190,8 +192,9 @@ def pick_configs(swept: list[dict], cases: list[dict]) -> gemv_tuned.Found:
         if not everywhere:
             continue
         best = dict(zip(fields, min(everywhere, key=everywhere.__getitem__), strict=True))
-        if fmt in gemv.DENSE_FORMATS.values() and not all(
-            _time_of(best, c) < DENSE_MARGIN * cublas.get((n, k, c["m"]), 0.0) for c in group
+        baseline = OTHER_PATH.get(fmt)
+        if baseline is not None and not all(
+            _time_of(best, c) < MARGIN * other.get((baseline, n, k, c["m"]), float("inf")) for c in group
         ):
             best = None
         table.setdefault(fmt, {})[gemv_tuned.shape_key(n, k)] = best

@@ -211,7 +211,9 @@ def test_block_gemm_kernel_matches_the_reference(m: int, k: int) -> None:
     xq, xs = fp8.fp8_kernels.quantize_act(x, 128, q.dtype)
     ref = fp8.dequantize_act(xq, xs, 128) @ fp8.dequantize_weight(q, scale, "block").T + bias
     out = fp8.fp8_kernels.block_gemm(xq, xs, q, scale, bias, torch.float32)
-    assert rel_err(out, ref) < 1e-5  # exact fp8 products, float32 sums in another order
+    # exact fp8 products, float32 sums in another order; on Hopper the FP8 MMA adds within a K step at
+    # less than float32's precision (measured on an H100 at M = 100: 1.2e-4)
+    assert rel_err(out, ref) < (1e-5 if DEVICE == "cpu" else 5e-4)
     out_bf16 = fp8.fp8_kernels.block_gemm(xq, xs, q, scale, None, torch.bfloat16)
     assert rel_err(out_bf16, ref - bias) < 2**-8
     if m > 4:  # rows 1 and 4 poisoned; every other row bit-identical
@@ -240,8 +242,8 @@ def test_gpu_paths_match_the_reference(m: int, scheme: str, n: int, k: int) -> N
     q, scale, w = _gpu_weight(scheme, n, k)
     x = _randn(m, k, seed=22, device="cuda").bfloat16()
     path = "triton_block" if scheme == "block" else "scaled_mm"
-    if m <= fp8.gemv_kernels.MAX_ROWS:
-        path = "gemv"  # decode sizes: the weight-streaming GEMM, over the same quantized activations
+    if m <= fp8.gemv_kernels.MAX_ROWS and fp8.gemv_kernels.fp8_tuned(x.device, scheme, n, k):
+        path = "gemv"  # decode sizes this card's table has: the weight-streaming GEMM
     before = fp8.path_counts[path]
     out = fp8.fp8_linear(x, q, scale, scheme)
     assert fp8.path_counts[path] == before + 1, f"{scheme} did not take the {path} path"

@@ -165,7 +165,17 @@ def _llama_case(fmt: str, n: int, k: int) -> tuple:
 @pytest.mark.gpu
 @pytest.mark.parametrize(("n", "k"), [(4096, 4096), (4096, 14336), (28672, 4096)])
 @pytest.mark.parametrize("fmt", ["per_channel", "block", "mxfp4"])
-def test_gpu_public_ops_take_the_gemv_path_and_replay_bit_identical(fmt: str, n: int, k: int) -> None:
+def test_gpu_public_ops_take_the_gemv_path_and_replay_bit_identical(
+    fmt: str, n: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FP8 decode takes the kernel where the card's table has the shape: here a table of the shape
+    rule's configs (MXFP4 decode takes it without one)."""
+    from tessera.layers import gemv_tuned
+
+    def table(device: torch.device, name: str, n: int, k: int) -> dict[str, int]:
+        return vars(gemv.fp8_config("block" if name == "fp8_block" else "per_channel", n, k))
+
+    monkeypatch.setattr(gemv_tuned, "lookup", table)
     weight, reference = _llama_case(fmt, n, k)
     op = mxfp4.mxfp4_linear if fmt == "mxfp4" else fp8.fp8_linear
     for m in (1, 8, gemv.MAX_ROWS):
@@ -183,6 +193,17 @@ def test_gpu_public_ops_take_the_gemv_path_and_replay_bit_identical(fmt: str, n:
         before = fp8.path_counts["gemv"]
         op(torch.randn(gemv.MAX_ROWS + 1, k, device="cuda").bfloat16(), *weight)
         assert fp8.path_counts["gemv"] == before  # past MAX_ROWS: the W8A8 GEMMs
+
+
+def test_fp8_decode_takes_the_kernel_only_where_the_card_is_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera.layers import gemv_tuned
+
+    monkeypatch.setattr(gemv_tuned, "lookup", lambda device, fmt, n, k: {"block_n": 32, "block_k": 128}
+                        if (fmt, n) == ("fp8_block", 4096) else None)  # fmt: skip
+    device = torch.device(DEVICE)
+    assert gemv.fp8_tuned(device, "block", 4096, 4096)
+    assert not gemv.fp8_tuned(device, "per_channel", 4096, 4096)  # that table has block configs only
+    assert not gemv.fp8_tuned(device, "block", 6144, 4096)
 
 
 def test_usable_probes_each_format_once_and_refuses_a_broken_kernel(
@@ -244,7 +265,8 @@ def test_a_tuned_config_reaches_the_launch(monkeypatch: pytest.MonkeyPatch) -> N
     blocks, scales = _on_device(*mxfp4.quantize(w))
     (xd,) = _on_device(x)
     want = x.double() @ mxfp4.dequantize(blocks.cpu(), scales.cpu()).double().T
-    assert rel_err(gemv.mxfp4_gemv(xd, blocks, scales), want) < TOL[torch.float32]  # split in 3, as tuned
+    got = gemv.mxfp4_gemv(xd, blocks, scales).cpu()
+    assert rel_err(got, want) < TOL[torch.float32]  # split in 3, as tuned
     xq, xs = _on_device(*fp8.quantize_act_reference(x, fp8.BLOCK))
     q, scale = _on_device(*fp8.quantize_weight(w, "block"))
     gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16)

@@ -15,8 +15,11 @@ weight and its scales either way. ROCm MI300 uses float8_e4m3fnuz (bias 8: the s
 max 240); `to_fnuz` converts an e4m3fn checkpoint tensor.
 
 Decode-sized calls on CUDA (M <= `gemv_kernels.MAX_ROWS` rows) take the weight-streaming GEMM of
-`tessera.quant.gemv_kernels` (path "gemv") over the same quantized activations, so a row's result is
-the same W8A8 product whatever path its batch size picks (up to the order of the float32 sums).
+`tessera.quant.gemv_kernels` (path "gemv") over the same quantized activations where this card's tuned
+table has the weight's shape (the sweep saves one only where it beat the GEMMs above; on an H100 the
+untuned kernel read weights at 0.25-0.44 of the copy bandwidth against their 0.31-0.82), so a row's
+result is the same W8A8 product whatever path its batch size picks (up to the order of the float32
+sums).
 """
 
 from __future__ import annotations
@@ -267,6 +270,7 @@ def _gemm(
     if (
         gemv_kernels is not None
         and x.shape[0] <= gemv_kernels.MAX_ROWS
+        and gemv_kernels.fp8_tuned(x.device, scheme, n, k)
         and gemv_kernels.usable(x.device, "fp8")
     ):
         path_counts["gemv"] += 1

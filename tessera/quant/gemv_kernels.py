@@ -49,7 +49,16 @@ PER_TENSOR, PER_CHANNEL, BLOCKWISE = tl.constexpr(0), tl.constexpr(1), tl.conste
 _SCHEME_IDS = {"per_tensor": PER_TENSOR.value, "per_channel": PER_CHANNEL.value, "block": BLOCKWISE.value}
 MX_UNSCALE = tl.constexpr(16384.0)  # 2^14: the float16 decode's values are 2^-14 of e2m1's
 # (MAX_ROWS and GemvConfig are part of this module's interface: its callers read them here)
-__all__ = ["MAX_ROWS", "GemvConfig", "fp8_config", "fp8_gemv", "mxfp4_config", "mxfp4_gemv", "usable"]
+__all__ = [
+    "MAX_ROWS",
+    "GemvConfig",
+    "fp8_config",
+    "fp8_gemv",
+    "fp8_tuned",
+    "mxfp4_config",
+    "mxfp4_gemv",
+    "usable",
+]
 
 
 def fp8_config(scheme: str, n: int, k: int) -> GemvConfig:
@@ -57,6 +66,12 @@ def fp8_config(scheme: str, n: int, k: int) -> GemvConfig:
     does not enter. K steps of 256 bytes a row (a 32x256 tile is 8 KiB, 4 stages in flight); "block"
     steps 128 (its scale group) with 6 stages for about as many bytes in flight."""
     return shape_rule(n, k, 128, 6) if scheme == "block" else shape_rule(n, k, 256, 4)
+
+
+def fp8_tuned(device: torch.device, scheme: str, n: int, k: int) -> bool:
+    """Whether this card's table has an FP8 decode config for [n, k] in `scheme`: FP8 decode takes this
+    kernel only there (the sweep saves one only where it beat `torch._scaled_mm` / the block GEMM)."""
+    return config_for(device, "fp8_block" if scheme == "block" else "fp8", n, k) is not None
 
 
 def mxfp4_config(n: int, k: int) -> GemvConfig:
