@@ -1,13 +1,15 @@
 """`python -m benchmarks.decode_gemm`: how close each format's decode GEMMs come to reading their weights
 at the card's copy bandwidth (GPU).
 
-A decode step streams every weight once through skinny GEMMs (M <= 8 rows). For each Llama-3-8B linear
-shape and M in 1, 4, 8, each format's op is timed and its weight bytes divided by that time, as a
-fraction of the device-to-device copy bandwidth measured in the same run. Formats: bf16 `F.linear`, the
-public ops `tessera::fp8_linear` per-channel ("fp8") and block ("fp8_block") and `tessera::mxfp4_linear`
-("mxfp4"), which take `tessera.quant.gemv_kernels` up to its MAX_ROWS rows, and the paths they took
-before it, called directly: "fp8_scaled_mm" (per-token activation quantizer + `torch._scaled_mm`),
-"fp8_block_gemm" (1x128 quantizer + the Triton block GEMM) and "mxfp4_tiled" (the tiled MXFP4 GEMM).
+A decode step streams every weight once through skinny GEMMs (M <= 16 rows). For each Llama-3-8B linear
+shape and M (`--rows`, default 1, 4, 8), each format's op is timed and its weight bytes divided by that
+time, as a fraction of the device-to-device copy bandwidth measured in the same run. Formats: bf16
+`F.linear` (cuBLAS) and the dense decode GEMM ("bf16_gemv", `tessera.layers.gemv`), the public ops
+`tessera::fp8_linear` per-channel ("fp8") and block ("fp8_block") and `tessera::mxfp4_linear` ("mxfp4"),
+which take `tessera.quant.gemv_kernels` up to its MAX_ROWS rows (FP8 where the card's table has the
+shape), and their other paths, called directly: "fp8_scaled_mm" (per-token activation quantizer +
+`torch._scaled_mm`), "fp8_block_gemm" (1x128 quantizer + the Triton block GEMM) and "mxfp4_tiled" (the
+tiled MXFP4 GEMM).
 
 Each op is captured in a CUDA graph that calls it once on each of as many copies of its weight as make
 256 MiB (5x the L2 cache of an H100 / H200), and the replay time is divided by the number of calls. So
@@ -15,9 +17,10 @@ every call reads its weight from HBM (a weight that fits the L2 would otherwise 
 replay after the first), and the kernels follow each other as a decode step's do inside its graph.
 
 `--sweep` also times the decode kernels themselves over a grid of `GemvConfig`s (at most 13 per format
-and shape: N and K tiles, split K, warps) for fp8 per-channel, fp8 block and mxfp4, and reports the best
-config per (format, shape, M) next to the default's time. `--save-configs DIR` writes, for each format
-and shape, the config whose slowest M is closest to that M's best into DIR's table for this card
+and shape: N and K tiles, split K, warps) for bf16, fp8 per-channel, fp8 block and mxfp4, and reports the
+best config per (format, shape, M) next to the default's time. `--save-configs DIR` writes, for each
+format and shape, the config whose slowest M is closest to that M's best (where it beats the format's
+other path: `pick_configs`) into DIR's table for this card
 (`tessera.layers.gemv_tuned`; the decode GEMMs read it from `tessera/layers/gemv_configs/`, or from the
 folder `TESSERA_GEMV_CONFIGS` names).
 """
