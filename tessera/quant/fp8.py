@@ -16,10 +16,9 @@ max 240); `to_fnuz` converts an e4m3fn checkpoint tensor.
 
 Decode-sized calls on CUDA (M <= `gemv_kernels.MAX_ROWS` rows) take the weight-streaming GEMM of
 `tessera.quant.gemv_kernels` (path "gemv") over the same quantized activations where this card's tuned
-table has the weight's shape (the sweep saves one only where it beat the GEMMs above; on an H100 the
-untuned kernel read weights at 0.25-0.44 of the copy bandwidth against their 0.31-0.82), so a row's
-result is the same W8A8 product whatever path its batch size picks (up to the order of the float32
-sums).
+table has the weight's shape: the sweep saves one only where it beat the GEMMs above, which the untuned
+kernel did not (README, "Quantized weights"). A row's result is the same W8A8 product whatever path its
+batch size picks (up to the order of the float32 sums).
 """
 
 from __future__ import annotations
