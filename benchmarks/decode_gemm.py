@@ -16,13 +16,13 @@ Each op is captured in a CUDA graph that calls it once on each of as many copies
 every call reads its weight from HBM (a weight that fits the L2 would otherwise be read from it on every
 replay after the first), and the kernels follow each other as a decode step's do inside its graph.
 
-`--sweep` also times the decode kernels themselves over a grid of `GemvConfig`s (at most 13 per format
-and shape: N and K tiles, split K, warps) for bf16, fp8 per-channel, fp8 block and mxfp4, and reports the
-best config per (format, shape, M) next to the default's time. `--save-configs DIR` writes, for each
-format and shape, the config whose slowest M is closest to that M's best (where it beats the format's
-other path: `pick_configs`) into DIR's table for this card
-(`tessera.layers.gemv_tuned`; the decode GEMMs read it from `tessera/layers/gemv_configs/`, or from the
-folder `TESSERA_GEMV_CONFIGS` names).
+`--sweep` also times the decode kernels themselves over a grid of `GemvConfig`s (at most 17 per format
+and shape: N and K tiles, split K, warps, FP8's MMA input) for bf16, fp8 per-channel, fp8 block and
+mxfp4, and reports the best config per (format, shape, M) next to the default's time. `--save-configs
+DIR` writes, for each format and shape, the config whose slowest M is closest to that M's best (where it
+beats the format's other path: `pick_configs`) into DIR's table for this card (`tessera.layers.
+gemv_tuned`; the decode GEMMs read it from `tessera/layers/gemv_configs/`, or from the folder
+`TESSERA_GEMV_CONFIGS` names).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
 
 from benchmarks.common import graph_ms, write_json
 from benchmarks.quant import gpu_bandwidth
@@ -145,7 +143,8 @@ SWEEP: dict[str, tuple[SweepOp, Callable[[int, int], GemvConfig], tuple[int, int
 
 def sweep_configs(fmt: str, n: int, k: int) -> list[GemvConfig]:
     """The default config first, then N tiles 32 / 64 x the format's two K tiles x (no split; the split
-    that makes ~256 programs, with 4 or 8 warps), with as many stages as fit: at most 13."""
+    that makes ~256 programs, with 4 or 8 warps), with as many stages as fit: at most 13; FP8 formats
+    also the split one with the fp8 MMA (at most 17)."""
     _, default, block_ks, weight_bytes = SWEEP[fmt]
     configs = [default(n, k)]
     for block_n in (32, 64):
@@ -156,6 +155,8 @@ def sweep_configs(fmt: str, n: int, k: int) -> list[GemvConfig]:
                 cfg = GemvConfig(block_n, block_k, s, warps, stages)
                 if cfg not in configs:
                     configs.append(cfg)
+            if fmt.startswith("fp8"):  # the fp8 tiles straight into the MMA
+                configs.append(GemvConfig(block_n, block_k, split, 4, stages, fp8_mma=True))
     return configs
 
 
@@ -166,7 +167,8 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
     for cfg in sweep_configs(fmt, copies[0][0].shape[0], x.shape[1]):
         try:
             timing = time_op(lambda x, w, cfg=cfg: call(x, w, cfg), copies, x, bandwidth)
-        except (CompilationError, OutOfResources) as e:  # a config this card cannot run
+        except Exception as e:  # a config this card cannot compile or run (CompilationError, out of
+            # resources, an MMA input type its Triton cannot lower): noted, and the sweep goes on
             timing = {"error": f"{type(e).__name__}: {e}"[:200]}
         trials.append({**vars(cfg), **timing})
     best = min((t for t in trials if "us" in t), key=lambda t: t["us"], default=None)

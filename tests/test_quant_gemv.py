@@ -13,6 +13,7 @@ up to twice that where the interpreter truncates instead of rounding).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -77,7 +78,9 @@ def test_fp8_gemv_matches_float64(scheme: str, n: int, k: int, m: int) -> None:
     w = fp8.dequantize_weight(q, scale, scheme)
     q, scale = _on_device(q, scale)
     group = fp8.act_group(scheme)
-    for dtype, with_bias, config in CASES:
+    # and the fp8 tiles straight into the MMA, split along K
+    fp8_mma = (torch.bfloat16, True, dataclasses.replace(SPLIT, fp8_mma=True))
+    for dtype, with_bias, config in [*CASES, fp8_mma]:
         x, bias = _activations(m, n, k, dtype, with_bias)
         xq, xs = fp8.quantize_act_reference(x, group)
         dev_bias = None if bias is None else bias.to(DEVICE)
@@ -146,6 +149,9 @@ def test_configs_depend_on_the_shape_and_are_checked() -> None:
         gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16, config=gemv.GemvConfig(32, 256))
     with pytest.raises(ValueError, match="power of two"):
         gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16, config=gemv.GemvConfig(48, 64))
+    blocks, scales = _on_device(*mxfp4.quantize(_weight(48, 256, seed=5)))
+    with pytest.raises(ValueError, match="fp8_mma"):
+        gemv.mxfp4_gemv(xq.float(), blocks, scales, config=gemv.GemvConfig(32, 64, fp8_mma=True))
     big_q, big_s = _on_device(*fp8.quantize_act_reference(_randn(17, 256, seed=6), fp8.BLOCK))
     with pytest.raises(ValueError, match="M <= 16"):
         gemv.fp8_gemv(big_q, big_s, q, scale, "block", torch.bfloat16)
@@ -282,7 +288,8 @@ def test_the_sweep_picks_the_config_closest_to_each_rows_best() -> None:
     from benchmarks.decode_gemm import pick_configs
 
     def fields(block_n: int) -> dict:
-        return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4}
+        return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4,
+                "fp8_mma": False}  # fmt: skip
 
     def trial(block_n: int, us: float | None) -> dict:
         return {**fields(block_n), **({"us": us} if us is not None else {"error": "OutOfResources"})}

@@ -55,13 +55,15 @@ DENSE_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 class GemvConfig:
     """Tiles and launch options of one decode GEMM. `block_n`, `block_k`: powers of two >= 16 (`tl.dot`'s
     smallest tile); FP8 "block" needs block_k <= 128 (one weight scale per K step), MXFP4 block_k >= 32
-    (whole scale groups). `split_k`: programs along K (fewer run where K has fewer tiles)."""
+    (whole scale groups). `split_k`: programs along K (fewer run where K has fewer tiles). `fp8_mma`
+    (FP8 only): the MMA takes the fp8 tiles as they are, instead of their bfloat16 conversion."""
 
     block_n: int
     block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    fp8_mma: bool = False
 
 
 # The shape rule for cards and shapes without a tuned entry. H100 / H200 have 132 SMs. Two programs an
@@ -90,7 +92,9 @@ def config_for(device: torch.device, fmt: str, n: int, k: int) -> GemvConfig | N
     return GemvConfig(**fields) if fields is not None else None
 
 
-def check_config(cfg: GemvConfig, min_k: int, max_k: int) -> None:
+def check_config(cfg: GemvConfig, min_k: int, max_k: int, fp8: bool = False) -> None:
+    if cfg.fp8_mma and not fp8:
+        raise ValueError("fp8_mma: a config of FP8 weights only")
     for name in ("block_n", "block_k"):
         size = getattr(cfg, name)
         if size < 16 or size != next_pow2(size):

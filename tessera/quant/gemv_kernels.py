@@ -84,19 +84,22 @@ def mxfp4_config(n: int, k: int) -> GemvConfig:
 def _fp8_gemv_kernel(
     X, XS, W, S, Bias, Out, M, N, K, K_SPLIT, stride_xm, stride_xsm, stride_wn, stride_sn, stride_om,
     SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_IN_F32: tl.constexpr, FP8_MMA: tl.constexpr,
 ):  # fmt: skip
     """Out[m, n] = sum_k X[m, k] * xscale(m, k) * W[n, k] * scale(n, k) (+ Bias[n]) over this program's
     K split, X and W fp8. Both go to bfloat16 exactly (e4m3's 3 mantissa bits fit) for an MMA whose
-    products are exact in its float32 sums; block scales (1x128 of X, 128x128 of W) multiply each K
-    step's product (BLOCK_K divides 128: one scale a row per step), per-token / per-channel ones the sums
-    once."""
+    products are exact in its float32 sums, or with FP8_MMA to an fp8 MMA as they are (no conversion in
+    registers; Hopper adds within a K step at less than float32's precision); block scales (1x128 of X,
+    128x128 of W) multiply each K step's product (BLOCK_K divides 128: one scale a row per step),
+    per-token / per-channel ones the sums once."""
     offs_m, offs_n, offs_k, m_ok, n_ok, k_lo, k_hi = slab(M, N, K, K_SPLIT, BLOCK_N, BLOCK_K)
     x_ptrs, w_ptrs = pointers(X, W, offs_m, offs_n, offs_k, k_lo, stride_xm, stride_wn)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x, w = load_step(x_ptrs, w_ptrs, m_ok, n_ok, offs_k, k_hi - k0)
-        part = dot(x.to(tl.bfloat16), w.to(tl.bfloat16), DOT_IN_F32)
+        if not FP8_MMA:
+            x, w = x.to(tl.bfloat16), w.to(tl.bfloat16)
+        part = dot(x, w, DOT_IN_F32)
         if SCHEME == BLOCKWISE:
             xs = tl.load(XS + offs_m * stride_xsm + k0 // FP8_BLOCK, mask=m_ok, other=0.0)
             s = tl.load(S + (offs_n // FP8_BLOCK) * stride_sn + k0 // FP8_BLOCK, mask=n_ok, other=0.0)
@@ -172,11 +175,14 @@ def fp8_gemv(
     n, k = qweight.shape
     fmt = "fp8_block" if scheme == "block" else "fp8"
     cfg = config or config_for(xq.device, fmt, n, k) or fp8_config(scheme, n, k)
-    check_config(cfg, 16, 128 if scheme == "block" else 1 << 30)
+    check_config(cfg, 16, 128 if scheme == "block" else 1 << 30, fp8=True)
     # per-tensor / per-channel scales are read by position alone: a 1-D view makes their stride 0
     scale = scale.float().contiguous() if scheme == "block" else scale.float().reshape(-1)
     operands = (x_scale.contiguous(), qweight.contiguous(), scale)
-    return launch(_fp8_gemv_kernel, xq, operands, n, k, bias, cfg, out_dtype, SCHEME=_SCHEME_IDS[scheme])
+    return launch(
+        _fp8_gemv_kernel, xq, operands, n, k, bias, cfg, out_dtype, SCHEME=_SCHEME_IDS[scheme],
+        FP8_MMA=cfg.fp8_mma,
+    )  # fmt: skip
 
 
 def mxfp4_gemv(
