@@ -131,8 +131,14 @@ class Fp8LinearMethod(LinearMethod):
             layer.quant_scheme = "per_channel"
         qweight, scale = fp8.for_platform(qweight, scale.float())
         swap_to_buffers(layer, drop, qweight=qweight.contiguous(), qscale=scale.contiguous())
-        if qweight.is_cuda and fp8.gemv_kernels is not None and fp8.triton_fp8(qweight.device):
-            fp8.gemv_kernels.usable(qweight.device, "fp8")  # now, before any graph capture asks
+        gemv = fp8.gemv_kernels
+        if (
+            qweight.is_cuda
+            and gemv is not None
+            and fp8.triton_fp8(qweight.device)
+            and gemv.fp8_tuned(qweight.device, layer.quant_scheme, *qweight.shape)
+        ):
+            gemv.usable(qweight.device, "fp8")  # now, before any graph capture asks (tuned shapes only)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8.fp8_linear(x, layer.qweight, layer.qscale, layer.quant_scheme, bias)
