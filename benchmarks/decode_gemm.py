@@ -143,8 +143,8 @@ SWEEP: dict[str, tuple[SweepOp, Callable[[int, int], GemvConfig], tuple[int, int
 
 def sweep_configs(fmt: str, n: int, k: int) -> list[GemvConfig]:
     """The default config first, then N tiles 32 / 64 x the format's two K tiles x (no split; the split
-    that makes ~256 programs, with 4 or 8 warps), with as many stages as fit: at most 13; FP8 formats
-    also the split one with the fp8 MMA (at most 17)."""
+    that makes ~256 programs, with 4 or 8 warps), with as many stages as fit: at most 13; quantized
+    formats also the split one with `native_mma` (at most 17)."""
     _, default, block_ks, weight_bytes = SWEEP[fmt]
     configs = [default(n, k)]
     for block_n in (32, 64):
@@ -155,8 +155,8 @@ def sweep_configs(fmt: str, n: int, k: int) -> list[GemvConfig]:
                 cfg = GemvConfig(block_n, block_k, s, warps, stages)
                 if cfg not in configs:
                     configs.append(cfg)
-            if fmt.startswith("fp8"):  # the fp8 tiles straight into the MMA
-                configs.append(GemvConfig(block_n, block_k, split, 4, stages, fp8_mma=True))
+            if fmt != "bf16":  # the quantized tiles straight into the multiply
+                configs.append(GemvConfig(block_n, block_k, split, 4, stages, native_mma=True))
     return configs
 
 

@@ -79,8 +79,8 @@ def test_fp8_gemv_matches_float64(scheme: str, n: int, k: int, m: int) -> None:
     q, scale = _on_device(q, scale)
     group = fp8.act_group(scheme)
     # and the fp8 tiles straight into the MMA, split along K
-    fp8_mma = (torch.bfloat16, True, dataclasses.replace(SPLIT, fp8_mma=True))
-    for dtype, with_bias, config in [*CASES, fp8_mma]:
+    native_mma = (torch.bfloat16, True, dataclasses.replace(SPLIT, native_mma=True))
+    for dtype, with_bias, config in [*CASES, native_mma]:
         x, bias = _activations(m, n, k, dtype, with_bias)
         xq, xs = fp8.quantize_act_reference(x, group)
         dev_bias = None if bias is None else bias.to(DEVICE)
@@ -94,7 +94,10 @@ def test_mxfp4_gemv_matches_float64(n: int, k: int, m: int) -> None:
     blocks, scales = mxfp4.quantize(_weight(n, k, seed=n + k))
     w = mxfp4.dequantize(blocks, scales)
     blocks, scales = _on_device(blocks, scales)
-    for dtype, with_bias, config in CASES:
+    # and the codes and scales straight into `tl.dot_scaled`, split along K and not
+    native = [(torch.bfloat16, True, dataclasses.replace(SPLIT, native_mma=True)),
+              (torch.float16, False, gemv.GemvConfig(32, 256, native_mma=True))]  # fmt: skip
+    for dtype, with_bias, config in [*CASES, *native]:
         x, bias = _activations(m, n, k, dtype, with_bias)
         out = gemv.mxfp4_gemv(x.to(DEVICE), blocks, scales, None if bias is None else bias.to(DEVICE), config)
         _assert_close(out, x, w, bias, dtype)
@@ -109,6 +112,11 @@ def test_mxfp4_decode_is_exact_for_every_code() -> None:
     scales = torch.tensor([127] * 6 + [100] * 5 + [150] * 5, dtype=torch.uint8)[:, None]
     out = gemv.mxfp4_gemv(torch.eye(16, 32, device=DEVICE), *_on_device(blocks, scales))
     assert torch.equal(out.cpu(), mxfp4.dequantize(blocks, scales)[:, :16].T)
+    # `tl.dot_scaled` in bfloat16, whose 8 exponent bits hold every one of these values too
+    native = gemv.GemvConfig(16, 32, native_mma=True)
+    eye = torch.eye(16, 32, device=DEVICE, dtype=torch.bfloat16)
+    out = gemv.mxfp4_gemv(eye, *_on_device(blocks, scales), config=native)
+    assert torch.equal(out.cpu().float(), mxfp4.dequantize(blocks, scales)[:, :16].T)
 
 
 def _poison(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +125,7 @@ def _poison(x: torch.Tensor) -> torch.Tensor:
     return bad
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4", "mxfp4_native"])
 def test_padded_rows_never_reach_real_rows(fmt: str) -> None:
     n, k, m = 48, 256, gemv.MAX_ROWS
     x = _randn(m, k, seed=2).bfloat16().to(DEVICE)
@@ -129,7 +137,8 @@ def test_padded_rows_never_reach_real_rows(fmt: str) -> None:
             return gemv.fp8_gemv(xq, xs, q, scale, "block", x.dtype, config=SPLIT)
     else:
         blocks, scales = _on_device(*mxfp4.quantize(_weight(n, k, seed=3)))
-        run = lambda x: gemv.mxfp4_gemv(x, blocks, scales, config=SPLIT)  # noqa: E731
+        config = dataclasses.replace(SPLIT, native_mma=fmt == "mxfp4_native")
+        run = lambda x: gemv.mxfp4_gemv(x, blocks, scales, config=config)  # noqa: E731
     clean, poisoned = run(x), run(_poison(x))
     keep = [i for i in range(m) if i not in (1, 4)]
     assert torch.equal(poisoned[keep], clean[keep]) and clean.isfinite().all()
@@ -150,8 +159,8 @@ def test_configs_depend_on_the_shape_and_are_checked() -> None:
     with pytest.raises(ValueError, match="power of two"):
         gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16, config=gemv.GemvConfig(48, 64))
     blocks, scales = _on_device(*mxfp4.quantize(_weight(48, 256, seed=5)))
-    with pytest.raises(ValueError, match="fp8_mma"):
-        gemv.mxfp4_gemv(xq.float(), blocks, scales, config=gemv.GemvConfig(32, 64, fp8_mma=True))
+    with pytest.raises(ValueError, match="native_mma"):
+        gemv.mxfp4_gemv(xq.float(), blocks, scales, config=gemv.GemvConfig(32, 64, native_mma=True))
     big_q, big_s = _on_device(*fp8.quantize_act_reference(_randn(17, 256, seed=6), fp8.BLOCK))
     with pytest.raises(ValueError, match="M <= 16"):
         gemv.fp8_gemv(big_q, big_s, q, scale, "block", torch.bfloat16)
@@ -289,7 +298,7 @@ def test_the_sweep_picks_the_config_closest_to_each_rows_best() -> None:
 
     def fields(block_n: int) -> dict:
         return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4,
-                "fp8_mma": False}  # fmt: skip
+                "native_mma": False}  # fmt: skip
 
     def trial(block_n: int, us: float | None) -> dict:
         return {**fields(block_n), **({"us": us} if us is not None else {"error": "OutOfResources"})}

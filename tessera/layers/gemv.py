@@ -55,15 +55,17 @@ DENSE_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 class GemvConfig:
     """Tiles and launch options of one decode GEMM. `block_n`, `block_k`: powers of two >= 16 (`tl.dot`'s
     smallest tile); FP8 "block" needs block_k <= 128 (one weight scale per K step), MXFP4 block_k >= 32
-    (whole scale groups). `split_k`: programs along K (fewer run where K has fewer tiles). `fp8_mma`
-    (FP8 only): the MMA takes the fp8 tiles as they are, instead of their bfloat16 conversion."""
+    (whole scale groups). `split_k`: programs along K (fewer run where K has fewer tiles). `native_mma`
+    (quantized weights only): the weight tiles go to the multiply as they are, instead of decoded to the
+    activations' dtype in registers: FP8's to an fp8 MMA, MXFP4's codes and scales to `tl.dot_scaled`
+    (Triton's own e2m1 upcast where the card has no MXFP4 MMA, the MMA itself where it has)."""
 
     block_n: int
     block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    fp8_mma: bool = False
+    native_mma: bool = False
 
 
 # The shape rule for cards and shapes without a tuned entry. H100 / H200 have 132 SMs. Two programs an
@@ -92,9 +94,9 @@ def config_for(device: torch.device, fmt: str, n: int, k: int) -> GemvConfig | N
     return GemvConfig(**fields) if fields is not None else None
 
 
-def check_config(cfg: GemvConfig, min_k: int, max_k: int, fp8: bool = False) -> None:
-    if cfg.fp8_mma and not fp8:
-        raise ValueError("fp8_mma: a config of FP8 weights only")
+def check_config(cfg: GemvConfig, min_k: int, max_k: int, quantized: bool = False) -> None:
+    if cfg.native_mma and not quantized:
+        raise ValueError("native_mma: a config of quantized weights only")
     for name in ("block_n", "block_k"):
         size = getattr(cfg, name)
         if size < 16 or size != next_pow2(size):
@@ -188,7 +190,7 @@ def launch(
     bias: torch.Tensor | None,
     cfg: GemvConfig,
     out_dtype: torch.dtype,
-    **constexprs: int,
+    **constexprs: int | str,
 ) -> torch.Tensor:
     """Run `kernel` over (N tiles, K splits) and, where K is split, the partials' sum. `operands`: the
     kernel's tensors after x (scales, weights), whose row strides it takes after x's in the same order."""

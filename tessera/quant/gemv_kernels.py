@@ -2,7 +2,10 @@
 `tessera.layers.gemv` (its docstring has the design: tiles, split K, row independence, tuned configs).
 FP8 is W8A8 as at every other M (the activations arrive quantized by `fp8.quantize_act`, so a row's
 result does not depend on the path its batch size picks); MXFP4 is weight-only (W4A16). Both decode
-each weight tile to the MMA's dtype in registers, inside the K loop.
+each weight tile to the MMA's dtype in registers, inside the K loop, or (`GemvConfig.native_mma`, where
+the card's table says it is faster) hand the tiles over as they are: FP8's to an fp8 MMA, MXFP4's codes
+and scales to `tl.dot_scaled`, whose upcast Triton lowers per target (and to the MXFP4 MMA of cards
+that have one, MI355X's included).
 
 MXFP4 decode: an e2m1 code (sign s, exponent e, mantissa m) is put into float16 bits as s << 15 | em <<
 9: exponent field e, top mantissa bit m. That float16 is 2^-14 times the e2m1 value exactly, e = 0
@@ -17,6 +20,7 @@ compile does not: tests/test_triton_globals.py checks this module).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -48,6 +52,8 @@ MX_GROUP = tl.constexpr(32)
 PER_TENSOR, PER_CHANNEL, BLOCKWISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _SCHEME_IDS = {"per_tensor": PER_TENSOR.value, "per_channel": PER_CHANNEL.value, "block": BLOCKWISE.value}
 MX_UNSCALE = tl.constexpr(16384.0)  # 2^14: the float16 decode's values are 2^-14 of e2m1's
+# `tl.dot_scaled`'s names of the activations' dtypes
+_DOT_SCALED_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # (MAX_ROWS and GemvConfig are part of this module's interface: its callers read them here)
 __all__ = [
     "MAX_ROWS",
@@ -84,11 +90,11 @@ def mxfp4_config(n: int, k: int) -> GemvConfig:
 def _fp8_gemv_kernel(
     X, XS, W, S, Bias, Out, M, N, K, K_SPLIT, stride_xm, stride_xsm, stride_wn, stride_sn, stride_om,
     SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_IN_F32: tl.constexpr, FP8_MMA: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_IN_F32: tl.constexpr, NATIVE_MMA: tl.constexpr,
 ):  # fmt: skip
     """Out[m, n] = sum_k X[m, k] * xscale(m, k) * W[n, k] * scale(n, k) (+ Bias[n]) over this program's
     K split, X and W fp8. Both go to bfloat16 exactly (e4m3's 3 mantissa bits fit) for an MMA whose
-    products are exact in its float32 sums, or with FP8_MMA to an fp8 MMA as they are (no conversion in
+    products are exact in its float32 sums, or with NATIVE_MMA to an fp8 MMA as they are (no conversion in
     registers; Hopper adds within a K step at less than float32's precision); block scales (1x128 of X,
     128x128 of W) multiply each K step's product (BLOCK_K divides 128: one scale a row per step),
     per-token / per-channel ones the sums once."""
@@ -97,7 +103,7 @@ def _fp8_gemv_kernel(
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x, w = load_step(x_ptrs, w_ptrs, m_ok, n_ok, offs_k, k_hi - k0)
-        if not FP8_MMA:
+        if not NATIVE_MMA:
             x, w = x.to(tl.bfloat16), w.to(tl.bfloat16)
         part = dot(x, w, DOT_IN_F32)
         if SCHEME == BLOCKWISE:
@@ -139,21 +145,44 @@ def _mxfp4_tile(Wb, Ws, offs_n, n_ok, k0, k_hi, stride_bn, stride_sn,
     return tl.reshape(values * scale[:, :, None], [BLOCK_N, GROUPS * MX_GROUP])
 
 
+@triton.jit
+def _mxfp4_codes(Wb, Ws, offs_n, n_ok, k0, k_hi, stride_bn, stride_sn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """W[offs_n, k0 : k0 + BLOCK_K] as `tl.dot_scaled` takes a right operand: the codes [BLOCK_K / 2,
+    BLOCK_N] (K packed two to a byte, low nibble first, as stored) and the scales [BLOCK_N, BLOCK_K /
+    32]; zero codes past k_hi (whatever their scale, they are 0)."""
+    rows = offs_n.to(tl.int64)
+    kb = tl.arange(0, BLOCK_K // 2)
+    kg = k0 // MX_GROUP + tl.arange(0, BLOCK_K // MX_GROUP)
+    codes = tl.load(Wb + rows[None, :] * stride_bn + (k0 // 2 + kb)[:, None],
+                    mask=n_ok[None, :] & (2 * kb < k_hi - k0)[:, None], other=0)  # fmt: skip
+    scales = tl.load(Ws + rows[:, None] * stride_sn + kg[None, :],
+                     mask=n_ok[:, None] & (kg * MX_GROUP < k_hi)[None, :], other=0)  # fmt: skip
+    return codes, scales
+
+
 @triton.jit(do_not_specialize=["M"])
 def _mxfp4_gemv_kernel(
     X, Wb, Ws, Bias, Out, M, N, K, K_SPLIT, stride_xm, stride_bn, stride_sn, stride_om,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_IN_F32: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, NATIVE_MMA: tl.constexpr, X_FORMAT: tl.constexpr,
 ):  # fmt: skip
     """Out[m, n] = sum_k X[m, k] * W[n, k] (+ Bias[n]) over this program's K split, W in MXFP4 (K is a
-    multiple of 32, so a masked K step masks whole scale groups)."""
+    multiple of 32, so a masked K step masks whole scale groups): decoded here (`_mxfp4_tile`) or, with
+    NATIVE_MMA, by `tl.dot_scaled` (X in bf16 / fp16, its `X_FORMAT`)."""
     offs_m, offs_n, offs_k, m_ok, n_ok, k_lo, k_hi = slab(M, N, K, K_SPLIT, BLOCK_N, BLOCK_K)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
                     mask=m_ok[:, None] & (offs_k < k_hi - k0)[None, :], other=0.0)  # fmt: skip
-        w = _mxfp4_tile(Wb, Ws, offs_n, n_ok, k0, k_hi, stride_bn, stride_sn, BLOCK_N, BLOCK_K // MX_GROUP)
-        acc += dot(x, w.to(X.dtype.element_ty), DOT_IN_F32)
+        if NATIVE_MMA:
+            codes, scales = _mxfp4_codes(Wb, Ws, offs_n, n_ok, k0, k_hi, stride_bn, stride_sn,
+                                         BLOCK_N, BLOCK_K)  # fmt: skip
+            acc = tl.dot_scaled(x, None, X_FORMAT, codes, scales, "e2m1", acc)
+        else:
+            w = _mxfp4_tile(Wb, Ws, offs_n, n_ok, k0, k_hi, stride_bn, stride_sn,
+                            BLOCK_N, BLOCK_K // MX_GROUP)  # fmt: skip
+            acc += dot(x, w.to(X.dtype.element_ty), DOT_IN_F32)
     store(acc, Out, Bias, offs_n, n_ok, M, N, stride_om, HAS_BIAS, PARTIAL)
 
 
@@ -175,13 +204,13 @@ def fp8_gemv(
     n, k = qweight.shape
     fmt = "fp8_block" if scheme == "block" else "fp8"
     cfg = config or config_for(xq.device, fmt, n, k) or fp8_config(scheme, n, k)
-    check_config(cfg, 16, 128 if scheme == "block" else 1 << 30, fp8=True)
+    check_config(cfg, 16, 128 if scheme == "block" else 1 << 30, quantized=True)
     # per-tensor / per-channel scales are read by position alone: a 1-D view makes their stride 0
     scale = scale.float().contiguous() if scheme == "block" else scale.float().reshape(-1)
     operands = (x_scale.contiguous(), qweight.contiguous(), scale)
     return launch(
         _fp8_gemv_kernel, xq, operands, n, k, bias, cfg, out_dtype, SCHEME=_SCHEME_IDS[scheme],
-        FP8_MMA=cfg.fp8_mma,
+        NATIVE_MMA=cfg.native_mma,
     )  # fmt: skip
 
 
@@ -194,13 +223,21 @@ def mxfp4_gemv(
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, bf16 / fp16 / fp32) @ W.T (+ bias) -> [M, N] in x's dtype, float32 sums;
     W [N, K] in MXFP4 as blocks uint8 [N, K/2], scales uint8 [N, K/32]. `config` defaults to the card's
-    tuned one, else `mxfp4_config`."""
+    tuned one (decoding here where its `native_mma` cannot take float32 x), else `mxfp4_config`."""
     x = rows(x)
     n, k = blocks.shape[0], blocks.shape[1] * 2
+    x_format = _DOT_SCALED_FORMATS.get(x.dtype)
     cfg = config or config_for(x.device, "mxfp4", n, k) or mxfp4_config(n, k)
-    check_config(cfg, 32, 1 << 30)
+    if cfg.native_mma and x_format is None:
+        if config is not None:
+            raise ValueError(f"native_mma: MXFP4 takes bf16 / fp16 activations there, not {x.dtype}")
+        cfg = dataclasses.replace(cfg, native_mma=False)
+    check_config(cfg, 32, 1 << 30, quantized=True)
     operands = (blocks.contiguous(), scales.contiguous())
-    return launch(_mxfp4_gemv_kernel, x, operands, n, k, bias, cfg, x.dtype)
+    return launch(
+        _mxfp4_gemv_kernel, x, operands, n, k, bias, cfg, x.dtype, NATIVE_MMA=cfg.native_mma,
+        X_FORMAT=x_format or "bf16",
+    )  # fmt: skip
 
 
 _USABLE: dict[tuple[torch.device, str], bool] = {}
