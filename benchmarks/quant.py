@@ -52,7 +52,9 @@ def weight_bytes(model: CausalLM) -> dict[str, int]:
                if not n.endswith(("rotary.cos", "rotary.sin"))}  # fmt: skip
     layers = [t for n, t in tensors.items() if ".layers." in n and "norm" not in n and "gate.weight" not in n]
     total = sum(t.nbytes for t in tensors.values())
-    table = 0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.nbytes
+    embedding = model.model.embed_tokens  # its rows as stored: plain, or a GGUF file's blocks
+    own = [*embedding.parameters(recurse=False), *embedding.buffers(recurse=False)]
+    table = 0 if model.config.tie_word_embeddings else sum(t.nbytes for t in own)
     return {"total": total, "streamed": total - table, "layers": sum(t.nbytes for t in layers)}
 
 

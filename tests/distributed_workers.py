@@ -165,6 +165,35 @@ def _vocab_pairs(rank: int, world: int, vocab: int = 101) -> Pairs:
         "embedding": (embed(ids), F.embedding(ids, table)),
         "lm_head": (head(hidden), F.linear(hidden, table * 0.5)),
         "lm_head_tied": (tied(hidden), F.linear(hidden, table)),
+    } | _gguf_vocab_pairs(ids)
+
+
+def _gguf_vocab_pairs(ids: torch.Tensor, vocab: int = 101, dim: int = 64) -> Pairs:
+    """The embedding (Q8_0), a head of its own (Q4_1) and one tied to the embedding, each rank holding
+    its rows in their GGUF blocks (padding rows zero bytes), against the dequantized tables."""
+    import gguf
+
+    from tessera.quant.methods import GGUFVocabMethod, gguf_blocks
+
+    gen = torch.Generator().manual_seed(3)
+    raw, values = {}, {}
+    for t in ("Q8_0", "Q4_1"):
+        blocks = gguf.quants.quantize(
+            torch.randn(vocab, dim, generator=gen).numpy(), gguf.GGMLQuantizationType[t]
+        )
+        raw[t] = torch.from_numpy(blocks)
+        values[t] = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[t]).copy())
+    embed = VocabParallelEmbedding(vocab, dim, method=GGUFVocabMethod("Q8_0"))
+    head, tied = ParallelLMHead(vocab, dim, method=GGUFVocabMethod("Q4_1")), ParallelLMHead(vocab, dim)
+    tied.tie_weights(embed)
+    for layer in (embed, head):
+        layer.weight_loader(layer.weight, gguf_blocks(raw[layer.method.ggml_type], layer.method.ggml_type))
+        layer.process_weights_after_loading()
+    hidden = torch.randn(6, dim, generator=gen)
+    return {
+        "gguf_embedding": (embed(ids), F.embedding(ids, values["Q8_0"])),
+        "gguf_lm_head": (head(hidden), F.linear(hidden, values["Q4_1"])),
+        "gguf_lm_head_tied": (tied(hidden), F.linear(hidden, values["Q8_0"])),
     }
 
 

@@ -72,6 +72,12 @@ def test_vocab_parallel_embedding_and_head_at_tp2(tp2: list[Pairs]) -> None:
     _assert_close(tp2, ["embedding", "lm_head", "lm_head_tied"])  # vocab 101: rank 1 holds a padding row
 
 
+def test_vocab_parallel_tables_in_gguf_blocks_at_tp2(tp2: list[Pairs]) -> None:
+    _assert_close(tp2, ["gguf_embedding", "gguf_lm_head", "gguf_lm_head_tied"])
+    for pairs in tp2:
+        assert torch.equal(*pairs["gguf_embedding"])  # the looked-up rows dequantized: bit for bit
+
+
 def test_all_reduce_inside_and_split_sum_and_zero_padded_rows(tp2: list[Pairs]) -> None:
     names = ["all_reduce_inside", "all_reduce_split", "all_gather_last", "all_gather_rows"]
     _assert_close(tp2, [*names, "all_reduce_inside_padded", "all_reduce_split_padded"])
@@ -110,6 +116,7 @@ def test_packed_format_loads_its_slices_and_computes_at_tp2(tp2: list[Pairs]) ->
 def test_tp4_replicated_kv_heads_and_short_vocab_slice() -> None:
     results = launch(tp4_checks, 4, backend="gloo", timeout_s=120)
     names = ["embedding", "lm_head", "lm_head_tied", "row", "mlp", "merged", "column_gathered"]
+    names += ["gguf_embedding", "gguf_lm_head", "gguf_lm_head_tied"]  # the last rank: 3 padding rows
     _assert_close(results, names + [f"qkv_8_2_{p}" for p in "qkv"])
     k = [r["qkv_8_2_k"][0] for r in results]
     assert torch.equal(k[0], k[1]) and torch.equal(k[2], k[3]) and not torch.equal(k[1], k[2])

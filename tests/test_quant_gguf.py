@@ -1,6 +1,7 @@
 """GGUF weights kept quantized: repack + torch reference against the `gguf` package, the Triton GEMMs
 (TRITON_INTERPRET=1 on a CPU, compiled on a GPU) against dequantize-then-matmul, the op, padding rows,
-and the embedded SmolLM2 file read raw."""
+the embedding and LM head in their blocks (tied, split over emulated TP ranks, compiled), and the
+embedded SmolLM2 file read raw."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.decorators import mark_unbacked
 
+from tessera.distributed.state import as_rank
+from tessera.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from tessera.quant.gguf import FORMATS, GGUFWeight, dequantize, gguf_linear, repack
+from tessera.quant.methods import GGUFVocabMethod, gguf_blocks
 
 from .conftest import needs_triton_on_cpu, rel_err
 
@@ -150,6 +157,126 @@ def test_opcheck(ggml_type: str) -> None:
     w = _weight(ggml_type, 24, 256).to("cpu")
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(10))
     torch.library.opcheck(torch.ops.tessera.gguf_linear.default, (x, list(w.parts), ggml_type))
+
+
+# ------------------------------------------------------------------ the embedding and the LM head
+
+VOCAB, DIM = 101, 256  # 101 rows: TP 2 pads one row, TP 4 three (the last rank holds 23 real ones)
+
+
+def _table(ggml_type: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vocabulary table's file bytes uint8 [VOCAB, bytes per row] and its values, float32 [VOCAB, DIM]."""
+    raw = torch.from_numpy(_raw(ggml_type, VOCAB, DIM, seed).copy())
+    return raw, dequantize(repack(raw, ggml_type, (VOCAB, DIM)))
+
+
+def _in_blocks(layer: VocabParallelEmbedding, raw: torch.Tensor) -> VocabParallelEmbedding:
+    """`layer` loaded from the file's bytes and repacked, as a GGUF model load does."""
+    assert isinstance(layer.method, GGUFVocabMethod)
+    layer.weight_loader(layer.weight, gguf_blocks(raw, layer.method.ggml_type))
+    layer.process_weights_after_loading()
+    return layer
+
+
+def _dense(layer: VocabParallelEmbedding, table: torch.Tensor) -> VocabParallelEmbedding:
+    layer.weight_loader(layer.weight, table)
+    return layer
+
+
+def _own_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    return [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K", "Q6_K"])
+def test_embedding_and_head_in_blocks_equal_the_dequantized_table(ggml_type: str, dtype: torch.dtype) -> None:
+    raw, table = _table(ggml_type)
+    embed = _in_blocks(
+        VocabParallelEmbedding(VOCAB, DIM, dtype=dtype, method=GGUFVocabMethod(ggml_type)), raw
+    )
+    head = _in_blocks(ParallelLMHead(VOCAB, DIM, dtype=dtype, method=GGUFVocabMethod(ggml_type)), raw)
+    tied = ParallelLMHead(VOCAB, DIM, dtype=dtype)  # built plain, as a head absent from the file is
+    tied.tie_weights(embed)
+    assert sum(t.nbytes for t in _own_tensors(embed)) == raw.nbytes and not hasattr(embed, "weight")
+    assert not _own_tensors(tied) and tied.tied_to == (embed,)  # the embedding's blocks, no second copy
+    ids = torch.tensor([0, 7, 50, 7, VOCAB - 1])
+    got = embed(ids)  # only these rows' blocks dequantized: bit for bit the dequantized table's rows
+    assert got.dtype == dtype and torch.equal(got, F.embedding(ids, table).to(dtype))
+    assert embed(ids[:0]).shape == (0, DIM)  # an empty lookup
+    x = torch.randn(3, DIM, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for layer in (head, tied):
+        logits = layer(x)
+        assert logits.shape == (3, VOCAB) and logits.dtype == dtype
+        assert rel_err(logits, x.float() @ table.T) < TOL[dtype]
+        assert torch.equal(layer.dequantize(), table)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K"])
+def test_blocks_split_over_ranks_as_the_dense_rows(ggml_type: str, world: int) -> None:
+    """Each emulated rank (no process group: its collectives pass its own part through) gives what the
+    dense layer of that rank gives: zero rows for the ids of other ranks, zero padding rows, its columns
+    of the logits; the ranks' parts sum and join to the whole table's."""
+    raw, table = _table(ggml_type, seed=1)
+    ids = torch.tensor([0, 25, 26, 50, 51, 77, 78, VOCAB - 1])
+    x = torch.randn(4, DIM, generator=torch.Generator().manual_seed(2))
+    rows, columns = [], []
+    for rank in range(world):
+        with as_rank(rank, world):
+            embed = _in_blocks(VocabParallelEmbedding(VOCAB, DIM, method=GGUFVocabMethod(ggml_type)), raw)
+            dense = _dense(VocabParallelEmbedding(VOCAB, DIM), table)
+            head, dense_head = ParallelLMHead(VOCAB, DIM), ParallelLMHead(VOCAB, DIM)
+        head.tie_weights(embed)
+        dense_head.tie_weights(dense)
+        got = embed(ids)
+        assert torch.equal(got, dense(ids))
+        mine = (ids >= embed.vocab_start) & (ids < embed.vocab_start + embed.rows_per_rank)
+        assert got[~mine].eq(0).all() and got[mine].ne(0).any()
+        assert embed.dequantize()[embed.num_real_rows :].eq(0).all()  # padding: zero bytes, zero values
+        logits = head(x)  # [T, V_r]
+        assert logits.shape == (4, embed.rows_per_rank) and rel_err(logits, dense_head(x)) < 1e-6
+        rows.append(got)
+        columns.append(logits)
+    assert torch.equal(sum(rows), F.embedding(ids, table))
+    joined = torch.cat(columns, dim=-1)
+    assert joined[:, VOCAB:].eq(0).all()  # the padding rows' logits, cut by the gather
+    assert rel_err(joined[:, :VOCAB], x @ table.T) < 1e-6
+
+
+def test_blocks_of_a_dim_the_format_cannot_split_fail_at_build() -> None:
+    with pytest.raises(ValueError, match="embedding dim 96 is not a multiple of the format's 256"):
+        VocabParallelEmbedding(VOCAB, 96, method=GGUFVocabMethod("Q4_K"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # Inductor's
+@pytest.mark.parametrize(("ggml_type", "compiler"), [("Q8_0", None), ("Q6_K", None), ("Q4_K", "inductor")])
+def test_tied_tables_in_blocks_compile_with_the_opaque_head(ggml_type: str, compiler: str | None) -> None:
+    """fullgraph=True (a graph break raises) over an unbacked token count, as the compile strategy's
+    pieces: the lookup traces as torch ops, the head stays one opaque `tessera::gguf_linear`, and the
+    compiled forward equals eager at two sizes of the one graph (Inductor's too)."""
+    raw, _ = _table(ggml_type)
+    embed = _in_blocks(VocabParallelEmbedding(VOCAB, DIM, method=GGUFVocabMethod(ggml_type)), raw)
+    head = ParallelLMHead(VOCAB, DIM)
+    head.tie_weights(embed)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        graphs.append(gm)
+        if compiler is None:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    model = nn.Sequential(embed, head)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for n in (9, 3):
+        ids = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n))
+        mark_unbacked(ids, 0)
+        assert torch.equal(compiled(ids), model(ids))
+    assert len(graphs) == 1
+    calls = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert calls.count(torch.ops.tessera.gguf_linear) == 1  # (Dynamo records the overload packet)
 
 
 def _model_path():

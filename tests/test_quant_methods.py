@@ -35,7 +35,13 @@ from tessera.layers.linear import (
 from tessera.layers.moe import moe_experts
 from tessera.quant import fp8, gguf, mxfp4
 from tessera.quant.config import ONLINE, QuantConfig
-from tessera.quant.methods import Fp8LinearMethod, GGUFLinearMethod, Mxfp4LinearMethod, gguf_blocks
+from tessera.quant.methods import (
+    Fp8LinearMethod,
+    GGUFLinearMethod,
+    GGUFVocabMethod,
+    Mxfp4LinearMethod,
+    gguf_blocks,
+)
 from tessera.quant.moe_methods import Fp8ExpertsMethod, Mxfp4ExpertsMethod
 
 from .conftest import rel_err
@@ -483,6 +489,23 @@ def test_gguf_types_pick_a_method_per_layer() -> None:
     assert cfg.method_for(f"{layer}.mlp.down_proj") is None  # Q5_K: no kernels, dequantized
     assert cfg.method_for("model.layers.1.mlp.down_proj") is None  # F16
     assert cfg.method_for("lm_head") is None and cfg.experts_method_for("model.layers.0.mlp.experts") is None
+
+
+@pytest.mark.parametrize(("embedding", "head"), [("Q8_0", None), ("Q4_K", "Q6_K"), ("F16", "Q5_K")])
+def test_gguf_vocabulary_tables_keep_their_blocks_where_their_type_has_kernels(
+    embedding: str, head: str | None
+) -> None:
+    """A head absent from the file (tied) and F16 or kernel-less types are plain rows; fp8 never
+    touches the tables."""
+    types = {"model.embed_tokens.weight": embedding} | ({"lm_head.weight": head} if head else {})
+    cfg = QuantConfig.from_gguf(types)
+    for name, t in (("model.embed_tokens", embedding), ("lm_head", head)):
+        method = cfg(name)
+        assert (method is None) == (t not in gguf.FORMATS), name
+        assert method is None or (isinstance(method, GGUFVocabMethod) and method.ggml_type == t)
+        assert cfg.keeps_gguf_blocks(f"{name}.weight") == (method is not None)
+        assert cfg.method_for(name) is None  # no LinearMethod: the tables are no linear layers
+    assert QuantConfig.from_flag("fp8")("model.embed_tokens") is None
 
 
 # ---------------------------------------------------------------------------------------- experts

@@ -2,8 +2,9 @@
 MXFP4) equals the same model run with its weights replaced by the quantized ones dequantized; FP8 and
 MXFP4 checkpoints in the HF layout (per-tensor and 128x128 block scales, per-expert and fused expert
 tensors) load and match their dequantized weights; the embedded GGUF model served in its Q4_1/Q8_0
-blocks matches the dequantized model and holds a third of its linear weights' bytes; a quantized model
-runs in the engine, padded through emulated piecewise graphs."""
+blocks, its embedding and tied head included, matches the dequantized model (logits, greedy tokens) and
+holds the file's bytes; a quantized model runs in the engine, padded through emulated piecewise
+graphs."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tessera.layers.moe import Experts, UnquantizedExpertsMethod
 from tessera.loader.model_loader import build_model, dummy_model, hf_model, load_model
 from tessera.models.decoder import CausalLM
 from tessera.quant import fp8, mxfp4
+from tessera.quant.methods import GGUFVocabMethod
 from tests.conftest import rel_err
 from tests.runner_driver import make_runner
 from tests.tp_model_workers import BASE, CONFIGS, logits, write_folder
@@ -311,16 +313,58 @@ def test_gguf_blocks_match_the_dequantized_model(smollm2: tuple[CausalLM, Causal
 def test_gguf_linear_weights_stay_in_their_blocks(smollm2: tuple[CausalLM, CausalLM]) -> None:
     native, plain = smollm2
 
-    def linear_bytes(model: nn.Module) -> int:
-        blocks = sum(t.nbytes for n, t in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("gguf_"))
-        plain = sum(
-            p.nbytes for n, p in model.named_parameters() if "layers." in n and n.endswith("proj.weight")
-        )
-        return blocks + plain
+    def linear_bytes(model: nn.Module) -> int:  # the decoder layers' (the embedding's blocks aside)
+        layers = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if "layers." in n]
+        blocks = sum(t.nbytes for n, t in layers if n.rsplit(".", 1)[-1].startswith("gguf_"))
+        return blocks + sum(t.nbytes for n, t in layers if n.endswith("proj.weight"))
 
     ratio = linear_bytes(native) / linear_bytes(plain)
     # Q4_1: 20 bytes per 32 weights against float32's 128 (bfloat16's 64: 0.3125)
     assert ratio < 20 / 128 * 1.05, ratio
+
+
+# token_embd.weight: Q8_0, 49152 x 576 values at 34 bytes a block of 32
+SMOLLM2_EMBEDDING_BYTES = 30_081_024
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
+def test_gguf_embedding_and_tied_head_stay_in_their_q8_0_blocks(smollm2: tuple[CausalLM, CausalLM]) -> None:
+    native, plain = smollm2
+    embed, head = native.model.embed_tokens, native.lm_head
+    assert isinstance(embed.method, GGUFVocabMethod) and embed.method.ggml_type == "Q8_0"
+    assert sum(t.nbytes for t in _own_tensors(embed)) == SMOLLM2_EMBEDDING_BYTES  # the file's bytes
+    assert head.tied_to == (embed,) and not _own_tensors(head)  # the tied head reads the same blocks
+    ids = torch.tensor([0, 504, 3575, 49151])
+    assert torch.equal(embed(ids), plain.model.embed_tokens(ids))
+    assert torch.equal(embed.dequantize(), plain.model.embed_tokens.weight)
+
+    def weights(model: nn.Module) -> list[torch.Tensor]:  # (not the rotary tables)
+        named = [*model.named_parameters(), *model.named_buffers()]
+        return [t for n, t in named if not n.endswith(("rotary.cos", "rotary.sin"))]
+
+    # against the dequantized model's values held in bf16: the file's own size, 0.359x (0.457x while the
+    # embedding was dequantized)
+    ratio = sum(t.nbytes for t in weights(native)) / (2 * sum(t.numel() for t in weights(plain)))
+    assert ratio <= 0.37, ratio
+
+
+def _greedy(model: CausalLM, prompt: list[int], steps: int) -> list[int]:
+    runner = make_runner(model, num_pages=8, page_size=4, attention_backend="torch")
+    seq = Sequence(list(prompt), SamplingParams())
+    out = runner.run([(seq, len(prompt))])
+    for _ in range(steps):
+        seq.output_token_ids.append(int(out[0].argmax()))
+        out = runner.run([(seq, 1)])
+    return seq.output_token_ids
+
+
+def test_gguf_blocks_decode_the_dequantized_model_s_greedy_tokens(smollm2: tuple[CausalLM, CausalLM]) -> None:
+    native, plain = smollm2
+    prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    assert _greedy(native, prompt, 6) == _greedy(plain, prompt, 6)
 
 
 def test_quantized_model_in_the_engine_through_padded_graphs(folders: dict[str, Path]) -> None:

@@ -34,9 +34,12 @@ def test_smollm2_gguf_blocks_against_dequantized_bf16() -> None:
     native, _, _ = load_model(None, torch.bfloat16, CUDA, quantization="gguf")  # Q4_1 / Q8_0 blocks
     plain, _, _ = load_model(None, torch.bfloat16, CUDA)
     assert len(_quantized(native)) == 4 * native.config.num_layers
-    embed = native.model.embed_tokens.weight.nbytes  # bf16 in both (tied to the head)
-    ratio = (_weight_bytes(native) - embed) / (_weight_bytes(plain) - embed)
-    assert ratio < 0.35, ratio  # Q4_1: 20 bytes per 32 weights, 0.3125x bf16's (rotary tables aside)
+    embed = native.model.embed_tokens  # tied to the head: one table in Q8_0 blocks, the file's bytes
+    assert sum(t.nbytes for t in embed.buffers(recurse=False)) == 30_081_024
+    ratio = _weight_bytes(native) / _weight_bytes(plain)
+    # the file's size: Q4_1 layers (20 bytes per 32 weights, 0.3125x bf16's) and the Q8_0 table (34 per 32),
+    # 0.359x in all; 0.361x with the rotary tables both hold (measured on a CPU)
+    assert ratio < 0.37, ratio
     got, want = logits(native)[0], logits(plain)[0]
     assert rel_err(got, want) < 2e-2  # the same weights; bf16 rounding of the GEMMs' outputs differs
 

@@ -14,9 +14,10 @@ slices any format out of a full checkpoint tensor:
 With one rank each equals `nn.Linear` bit for bit (the same `F.linear` call on the same weights).
 
 Models take their formats from a `MethodFor` callable, asked once per layer with the layer's HF checkpoint
-module name (None: plain weights); MoE experts ask it too, for an `ExpertsMethod`. Loaders may hand
-`weight_loader` a `LazyTensor` in place of a tensor (a safetensors slice not read yet): each rank narrows
-it to its slice, then reads only that.
+module name (None: plain weights); MoE experts ask it too, for an `ExpertsMethod`, and the embedding and
+the head for a `VocabMethod` (`tessera.layers.vocab_parallel`). Loaders may hand `weight_loader` a
+`LazyTensor` in place of a tensor (a safetensors slice not read yet): each rank narrows it to its slice,
+then reads only that.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ except ImportError:  # no Triton (a CPU-only install): F.linear everywhere
 
 if TYPE_CHECKING:
     from tessera.layers.expert_format import ExpertsMethod
+    from tessera.layers.vocab_parallel import VocabMethod
 
 ShardId = str | int | None
 
@@ -112,8 +114,9 @@ class LinearMethod(ABC):
 # the weight format of the module whose HF checkpoint name is given, e.g. "model.layers.0.mlp.down_proj";
 # None: plain weights. Fused layers are asked under their fused name ("...self_attn.qkv_proj" for
 # q_proj/k_proj/v_proj, "...mlp.gate_up_proj" for gate_proj/up_proj); MoE experts as "...mlp.experts",
-# for an ExpertsMethod (`tessera.quant.config.QuantConfig` is one).
-MethodFor: TypeAlias = "Callable[[str], LinearMethod | ExpertsMethod | None]"
+# for an ExpertsMethod; the embedding and the head as "model.embed_tokens" and "lm_head", for a
+# VocabMethod (`tessera.quant.config.QuantConfig` is one).
+MethodFor: TypeAlias = "Callable[[str], LinearMethod | ExpertsMethod | VocabMethod | None]"
 
 
 def method_at(method_for: MethodFor | None, prefix: str, name: str) -> LinearMethod | None:

@@ -8,7 +8,8 @@ the forward context. Q/K/V and gate/up projections are fused: one GEMM each inst
 Every layer is built for this TP rank (`tessera.distributed`): attention heads split over the ranks (KV
 heads replicated where fewer than ranks), MLPs split along their intermediate dim, the vocabulary split
 between the embedding's and the head's ranks. With one rank each is the plain layer. `method_for` picks
-each linear layer's weight format by its HF module name (see `tessera.layers.linear.MethodFor`).
+each linear layer's weight format by its HF module name (see `tessera.layers.linear.MethodFor`), and the
+embedding's and the head's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tessera.layers.linear import Loaded, MethodFor, QKVParallelLinear, RowParal
 from tessera.layers.mla import MLAAttention
 from tessera.layers.norm import RMSNorm
 from tessera.layers.rotary import RotaryEmbedding
-from tessera.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from tessera.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding, vocab_method_at
 from tessera.model_config import ModelConfig
 from tessera.models.mlp import GatedMLP
 from tessera.models.moe_block import SparseMoeBlock
@@ -117,7 +118,8 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, method_for: MethodFor | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        embed = vocab_method_at(method_for, "model.embed_tokens")
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, method=embed)
         rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
         rotary = RotaryEmbedding(
             rope_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling, interleaved=bool(cfg.mla)
@@ -137,11 +139,13 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, method_for: MethodFor | None = None) -> None:
         """Built for this TP rank; `method_for`: each linear layer's weight format by its HF module name
-        (None: plain weights everywhere). The embedding, the head and MoE routers stay plain."""
+        (None: plain weights everywhere), and the embedding's and the head's (a GGUF file's blocks; a
+        tied head takes the embedding's). MoE routers stay plain."""
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, method_for)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        head = vocab_method_at(method_for, "lm_head")
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, method=head)
         if cfg.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
         # KV heads this rank's attention caches per layer (MLA: the one latent)

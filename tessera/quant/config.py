@@ -8,10 +8,10 @@
 Checkpoint formats: `quant_method` "fp8" (per-tensor scales, or 128x128 blocks with `weight_block_size`;
 activation scheme "dynamic", or "static" whose calibrated input scales are loaded but not used: see
 `Fp8LinearMethod`) and "mxfp4" (gpt-oss: only the experts are MXFP4, as HF quantizes them).
-Online (`--quantization`, from a bf16/f32 checkpoint): see `ONLINE`. Never quantized: the embeddings,
-the LM head (neither takes a LinearMethod), MoE routers, and what the checkpoint lists in
-`modules_to_not_convert` / `ignored_layers` (HF's matching: a regex from the start up to a module
-boundary, or a dotted suffix).
+Online (`--quantization`, from a bf16/f32 checkpoint): see `ONLINE`. Never quantized: the embeddings and
+the LM head (neither takes a LinearMethod; only a GGUF file's keep their stored blocks, see
+`vocab_method_for`), MoE routers, and what the checkpoint lists in `modules_to_not_convert` /
+`ignored_layers` (HF's matching: a regex from the start up to a module boundary, or a dotted suffix).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Any
 
 from tessera.layers.expert_format import ExpertsMethod
 from tessera.layers.linear import LinearMethod
+from tessera.layers.vocab_parallel import VocabMethod
 from tessera.quant import fp8, gguf
-from tessera.quant.methods import Fp8LinearMethod, GGUFLinearMethod, Mxfp4LinearMethod
+from tessera.quant.methods import Fp8LinearMethod, GGUFLinearMethod, GGUFVocabMethod, Mxfp4LinearMethod
 from tessera.quant.moe_methods import Fp8ExpertsMethod, Mxfp4ExpertsMethod
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ PACKED_MODULES: dict[str, tuple[str, ...]] = {
 }
 # last name components never quantized: tables, the head, routers (tiny, and routing wants precision)
 ALWAYS_UNQUANTIZED = ("embed_tokens", "lm_head", "gate", "router", "shared_expert_gate")
+# last name components of the vocabulary tables: asked for a VocabMethod, not a LinearMethod
+VOCAB_TABLES = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,23 @@ class QuantConfig:
         static = self.static_input_scale
         return Fp8LinearMethod(self.scheme, checkpoint=self.checkpoint, static_input_scale=static)
 
-    def __call__(self, prefix: str) -> LinearMethod | ExpertsMethod | None:
-        """The format of module `prefix`: the models' `MethodFor` (experts are "...mlp.experts")."""
-        return self.experts_method_for(prefix) if prefix.endswith(".experts") else self.method_for(prefix)
+    def __call__(self, prefix: str) -> LinearMethod | ExpertsMethod | VocabMethod | None:
+        """The format of module `prefix`: the models' `MethodFor` (experts are "...mlp.experts", the
+        vocabulary tables "model.embed_tokens" and "lm_head")."""
+        if prefix.endswith(".experts"):
+            return self.experts_method_for(prefix)
+        if prefix.rpartition(".")[2] in VOCAB_TABLES:
+            return self.vocab_method_for(prefix)
+        return self.method_for(prefix)
+
+    def vocab_method_for(self, prefix: str) -> VocabMethod | None:
+        """The format of the embedding or LM head `prefix` ("model.embed_tokens", "lm_head"): a GGUF
+        file's blocks where its type has kernels (Q8_0, Q4_K, ...); otherwise plain rows in the model's
+        dtype (F16/F32/BF16 tensors, a tied head absent from the file, every other method)."""
+        if self.method != "gguf":
+            return None
+        method = self._gguf_method(prefix, [prefix])
+        return None if method is None else GGUFVocabMethod(method.ggml_type)
 
     def experts_method_for(self, prefix: str) -> ExpertsMethod | None:
         """The format of the MoE experts under `prefix` (e.g. "model.layers.3.mlp.experts"), or None."""
@@ -166,14 +183,14 @@ class QuantConfig:
         return Fp8ExpertsMethod(self.scheme, checkpoint=self.checkpoint)
 
     def keeps_gguf_blocks(self, tensor: str) -> bool:
-        """Whether GGUF tensor `tensor` (HF name, "....q_proj.weight") loads in its stored blocks: its
-        layer (the fused one holding it) keeps the GGUF format."""
+        """Whether GGUF tensor `tensor` (HF name, "....q_proj.weight", "model.embed_tokens.weight") loads
+        in its stored blocks: its layer (the fused one holding it) keeps the GGUF format."""
         module = tensor.removesuffix(".weight")
         if self.method != "gguf" or module == tensor:
             return False
         head, _, last = module.rpartition(".")
         fused = next((f for f, parts in self.packed_modules.items() if last in parts), last)
-        return isinstance(self.method_for(f"{head}.{fused}" if head else fused), GGUFLinearMethod)
+        return isinstance(self(f"{head}.{fused}" if head else fused), GGUFLinearMethod | GGUFVocabMethod)
 
     def is_ignored(self, name: str) -> bool:
         """Whether module `name` is left unquantized by the checkpoint's own list or by default."""

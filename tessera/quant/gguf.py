@@ -125,14 +125,18 @@ def repack(raw: torch.Tensor, ggml_type: str, shape: tuple[int, int]) -> GGUFWei
 
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """uint8 [N, K/2] -> values uint8 [N, K]: byte i of each run of `group` gives values i and i + group."""
-    runs = qs.view(qs.shape[0], -1, 1, group)
-    return torch.cat([runs & 15, runs >> 4], dim=2).reshape(qs.shape[0], -1)
+    n, b = qs.shape  # NOTE: no -1 in the views here: a lookup of no rows (n = 0) must work too
+    runs = qs.view(n, b // group, 1, group)
+    # NOTE: shifts broadcast, not a cat of the two halves: Inductor mis-strides that cat where n is unbacked
+    # (a lookup of embedding rows inside a compiled piece)
+    shifts = torch.arange(0, 8, 4, dtype=torch.uint8, device=qs.device).view(1, 1, 2, 1)
+    return ((runs >> shifts) & 15).reshape(n, 2 * b)
 
 
 def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K's 12 bytes per block -> (scales, mins) uint8 [N, blocks, 8]: sub-blocks 0-3 keep 6 bits of
     bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7 take 4 bits of bytes 8-11 and the spare top 2."""
-    a, b, c = scales.view(scales.shape[0], -1, 3, 4).unbind(2)
+    a, b, c = scales.view(scales.shape[0], scales.shape[1] // 12, 3, 4).unbind(2)
     sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=-1)
     mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
     return sc, mn
@@ -140,8 +144,11 @@ def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q6_k_values(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
     """Q6_K's 6-bit values minus 32, int16 [N, K]."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qh.device).view(1, 1, 4, 1)
-    high = ((qh.view(qh.shape[0], -1, 1, 32) >> shifts) & 3).reshape(qh.shape[0], -1)
+    # NOTE: arange, not torch.tensor([0, 2, 4, 6]): a lookup of embedding rows runs this inside captured
+    # graphs, where a host-to-device copy is not allowed
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=qh.device).view(1, 1, 4, 1)
+    n, b = qh.shape
+    high = ((qh.view(n, b // 32, 1, 32) >> shifts) & 3).reshape(n, 4 * b)
     return (_nibbles(ql, 64) | (high << 4)).to(torch.int16) - 32
 
 
@@ -149,11 +156,12 @@ def dequantize(w: GGUFWeight, dtype: torch.dtype = torch.float32) -> torch.Tenso
     """W [N, K] in `dtype`; in float32 bit-identical to `gguf.quants.dequantize` of the file's bytes (same
     float32 operations in the same order)."""
     n, k = w.shape
+    blocks = k // w.format.block  # (not -1 in the views: a weight of no rows is valid)
     p = w.parts
     if w.ggml_type == "Q8_0":
-        out = p[0].float().view(n, -1, 32) * p[1].float()[..., None]
+        out = p[0].float().view(n, blocks, 32) * p[1].float()[..., None]
     elif w.ggml_type in ("Q4_0", "Q4_1"):
-        q = _nibbles(p[0], 16).view(n, -1, 32)
+        q = _nibbles(p[0], 16).view(n, blocks, 32)
         if w.ggml_type == "Q4_0":
             out = p[1].float()[..., None] * (q.to(torch.int16) - 8).float()
         else:
@@ -162,10 +170,10 @@ def dequantize(w: GGUFWeight, dtype: torch.dtype = torch.float32) -> torch.Tenso
         sc, mn = _k_scales(p[3])
         scale = (p[1].float()[..., None] * sc.float())[..., None]  # [N, blocks, 8, 1]
         shift = (p[2].float()[..., None] * mn.float())[..., None]
-        out = scale * _nibbles(p[0], 32).view(n, -1, 8, 32).float() - shift
+        out = scale * _nibbles(p[0], 32).view(n, blocks, 8, 32).float() - shift
     else:  # Q6_K
-        scale = (p[3].float()[..., None] * p[2].float().view(n, -1, 16))[..., None]  # [N, blocks, 16, 1]
-        out = scale * _q6_k_values(p[0], p[1]).view(n, -1, 16, 16).float()
+        scale = (p[3].float()[..., None] * p[2].float().view(n, blocks, 16))[..., None]  # [N, blocks, 16, 1]
+        out = scale * _q6_k_values(p[0], p[1]).view(n, blocks, 16, 16).float()
     return out.reshape(n, k).to(dtype)
 
 

@@ -1,4 +1,5 @@
-"""Quantized weight formats as `LinearMethod`s: FP8 (W8A8), MXFP4 and GGUF (weight-only).
+"""Quantized weight formats as `LinearMethod`s: FP8 (W8A8), MXFP4 and GGUF (weight-only); GGUF also as a
+`VocabMethod`, for the embedding and the LM head.
 
 Each method registers the checkpoint's own tensors, named as the checkpoint names them, with a
 `ShardSpec`, so `LinearBase.weight_loader` slices them for any parallel layer at any TP size; once
@@ -15,6 +16,7 @@ fused parts: such a layer fails when it is built, naming the sizes.
 | Fp8 / Mxfp4 online      | weight [N, K] in the model dtype, quantized once           | qweight, qscale     |
 | Mxfp4 ckpt              | weight_blocks u8 [N, K/32, 16], weight_scales u8 [N, K/32] | qweight, qscale     |
 | GGUF                    | weight u8 [N, K/B, block bytes] (`gguf_blocks(raw)`)       | gguf_<part>         |
+| GGUF embedding / head   | weight u8 [V_r, D/B, block bytes], this rank's rows        | gguf_<part>         |
 
 NOTE: build quantized models in their dtype and move them with `.to(device)` only: `Module.to(dtype)`
 casts every floating-point tensor, fp8 weights and float32 scales included.
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from tessera.layers.linear import LinearMethod, ShardSpec, set_shard_spec
+from tessera.layers.vocab_parallel import VocabMethod
 from tessera.quant import fp8, gguf, mxfp4
 
 log = logging.getLogger(__name__)
@@ -216,20 +219,73 @@ class GGUFLinearMethod(LinearMethod):
         register(layer, "weight", raw, ShardSpec(0, 1, 1, fmt.block))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        raw = layer.weight.data
-        w = gguf.repack(raw.reshape(raw.shape[0], -1), self.ggml_type, (raw.shape[0], layer.in_features))
-        parts = {f"gguf_{name}": t for name, t in zip(self.format.parts, w.parts, strict=True)}
-        swap_to_buffers(layer, ["weight"], **parts)
-
-    def _parts(self, layer: nn.Module) -> list[torch.Tensor]:
-        return [getattr(layer, f"gguf_{name}") for name in self.format.parts]
+        _repack_gguf(layer, self.format, layer.in_features)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        k = layer.in_features
-        y = torch.ops.tessera.gguf_linear(x.reshape(-1, k), self._parts(layer), self.ggml_type)
-        y = y.view(*x.shape[:-1], y.shape[-1])
+        y = _gguf_matmul(x, _gguf_parts(layer, self.format), self.ggml_type, layer.in_features)
         return y if bias is None else y + bias
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
-        parts = tuple(self._parts(layer))
-        return gguf.dequantize(gguf.GGUFWeight(self.ggml_type, (parts[0].shape[0], layer.in_features), parts))
+        return gguf.dequantize(_gguf_weight(layer, self.format, layer.in_features))
+
+
+class GGUFVocabMethod(VocabMethod):
+    """An embedding or LM head in a GGUF file's blocks. Blocks run along the embedding dim, so each row is
+    its own blocks and this rank's rows of the file's bytes are a GGUF weight of their own: loaded raw
+    ([V_r, D/B, block bytes], padding rows zero bytes: zero scales, zero values), repacked once like a
+    linear layer's (`gguf.repack`). A lookup gathers only the asked rows' parts and dequantizes them (no
+    dense table ever exists, on any device); the head multiplies with `tessera::gguf_linear`, opaque in
+    the graph pieces as every GGUF linear layer's."""
+
+    def __init__(self, ggml_type: str) -> None:
+        if ggml_type not in gguf.FORMATS:
+            raise ValueError(f"GGUF type {ggml_type!r} has no kernels (supported: {sorted(gguf.FORMATS)})")
+        self.ggml_type = ggml_type
+        self.format = gguf.FORMATS[ggml_type]
+
+    def create_weights(self, layer: nn.Module, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        fmt = self.format
+        if dim % fmt.block:
+            raise ValueError(
+                f"GGUF {fmt.name} {type(layer).__name__}: embedding dim {dim} is not a multiple of the "
+                f"format's {fmt.block}-wide block"
+            )
+        return torch.empty(rows, dim // fmt.block, fmt.block_bytes, dtype=torch.uint8)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        _repack_gguf(layer, self.format, layer.embedding_dim)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        rows = tuple(p.index_select(0, ids) for p in _gguf_parts(layer, self.format))  # [T, ...] each
+        w = gguf.GGUFWeight(self.ggml_type, (ids.shape[0], layer.embedding_dim), rows)
+        return gguf.dequantize(w, layer.dtype)  # [T, D]
+
+    def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return _gguf_matmul(hidden, _gguf_parts(layer, self.format), self.ggml_type, layer.embedding_dim)
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        return gguf.dequantize(_gguf_weight(layer, self.format, layer.embedding_dim))
+
+
+def _repack_gguf(layer: nn.Module, fmt: gguf.GGUFFormat, k: int) -> None:
+    """`layer.weight`, raw blocks [N, K/B, block bytes], swapped for the repacked parts `gguf_<part>`."""
+    raw = layer.weight.data
+    w = gguf.repack(raw.reshape(raw.shape[0], -1), fmt.name, (raw.shape[0], k))
+    parts = {f"gguf_{name}": t for name, t in zip(fmt.parts, w.parts, strict=True)}
+    swap_to_buffers(layer, ["weight"], **parts)
+
+
+def _gguf_parts(layer: nn.Module, fmt: gguf.GGUFFormat) -> list[torch.Tensor]:
+    return [getattr(layer, f"gguf_{name}") for name in fmt.parts]
+
+
+def _gguf_weight(layer: nn.Module, fmt: gguf.GGUFFormat, k: int) -> gguf.GGUFWeight:
+    parts = tuple(_gguf_parts(layer, fmt))
+    return gguf.GGUFWeight(fmt.name, (parts[0].shape[0], k), parts)
+
+
+def _gguf_matmul(x: torch.Tensor, parts: list[torch.Tensor], ggml_type: str, k: int) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] (`tessera::gguf_linear`, the parts passed as they are: no
+    `GGUFWeight` is built inside a traced forward)."""
+    y = torch.ops.tessera.gguf_linear(x.reshape(-1, k), parts, ggml_type)
+    return y.view(*x.shape[:-1], y.shape[-1])
