@@ -16,6 +16,7 @@ Workloads (default SmolLM2-135M-Instruct, chat-templated, greedy; `--model bench
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.out:
                     write_json(args.out, report)
         del llm
+        gc.collect()  # the engine's reference cycles hold its weights and KV cache until collected
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

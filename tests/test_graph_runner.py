@@ -374,3 +374,20 @@ def test_compiled_replays_call_split_ops_as_bound_at_capture() -> None:
     runner(torch.randn(40, 8))  # oversize: eager
     assert BINDS["bound_calls"] == 4 and BINDS["plain_calls"] == 5
     assert BINDS["binds"] == len(SIZES)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@torch.no_grad()
+def test_a_dropped_runner_frees_its_model(strategy: str) -> None:
+    """Nothing a runner hands to Dynamo (kept per code object and per backend for the process's life)
+    may keep its model, and through it the weights and KV cache, alive once the runner is dropped."""
+    import gc
+    import weakref
+
+    model = tiny_model()
+    runner = _runner(model, strategy)
+    runner(ids(7))
+    dead = weakref.ref(model), weakref.ref(runner.strategy)
+    del model, runner
+    gc.collect()
+    assert [ref() for ref in dead] == [None, None]

@@ -5,6 +5,7 @@ the server both drive it."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import weakref
@@ -69,6 +70,11 @@ class Engine:
             raise error from exc
 
     def _build(self, config: EngineConfig) -> None:
+        if self.device.type == "cuda":
+            # NOTE: an engine dropped earlier in this process holds its weights and KV cache through
+            # reference cycles until the collector runs, and the allocator's cache keeps what it frees
+            gc.collect()
+            torch.cuda.empty_cache()
         set_all_reduce_placement(config.all_reduce_placement)  # read by the layers as they are built
         self.model, self.tokenizer, self.model_config = load_model(
             config.model,

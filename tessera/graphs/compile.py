@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_leaves
 
 from tessera.graphs import ops
+from tessera.graphs.config import GraphConfig
+from tessera.graphs.platform import GraphBackend
 from tessera.graphs.stats import RECOMPILE, UNCAPTURED
 from tessera.graphs.strategy import CaptureStrategy, Inputs
 
@@ -42,7 +45,7 @@ class _Entry:
 class Piece:
     """One graph piece: general-shape code plus one captured graph per token count."""
 
-    def __init__(self, index: int, general: Callable[..., Any], owner: CompileStrategy):
+    def __init__(self, index: int, general: Callable[..., Any], owner: _Shared):
         self.index = index
         self.general = general
         self.owner = owner
@@ -58,14 +61,14 @@ class Piece:
         if entry is None:
             if not owner.capturing:
                 # NOTE: capture after start-up is refused: it would fragment the shared pool.
-                owner._fallback = UNCAPTURED
+                owner.fallback = UNCAPTURED
                 return self.general(*args)
             return self._capture(size, args)
         if self.scalars_of(args) != entry.scalars:
             # NOTE: a graph bakes in the scalars it was captured with (Dynamo may have turned a
             # changed float attribute into an input). Later pieces cannot replay over outputs that
             # general code wrote elsewhere, so the rest of this forward runs general too.
-            owner._fallback, owner.graph_size = RECOMPILE, None
+            owner.fallback, owner.graph_size = RECOMPILE, None
             return self.general(*args)
         for i, static in entry.volatile:
             static.copy_(args[i])
@@ -121,9 +124,7 @@ class _SplitCall:
     held outputs and the static inputs, so their addresses hold, and the op's per-call host work
     (pointers, strides, launch keys: ~25 µs of a paged attention launch) is done once."""
 
-    def __init__(
-        self, split: ops.SplitOp, node: torch.fx.Node, placeholders: list[str], owner: CompileStrategy
-    ):
+    def __init__(self, split: ops.SplitOp, node: torch.fx.Node, placeholders: list[str], owner: _Shared):
         self.split, self.owner = split, owner
         self.__name__ = split.name.replace("::", "_")
         self.bound: dict[int, Callable[[], None]] = {}
@@ -160,62 +161,29 @@ class _SplitCall:
         return all(a.data_ptr() in stable for a in op_args if isinstance(a, torch.Tensor))
 
 
-class CompileStrategy(CaptureStrategy):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+class _Shared:
+    """What the compiled code reaches: the state its pieces and split calls share with the strategy.
+
+    NOTE: Dynamo keeps a function's compiled entries on its code object, out of the garbage collector's
+    sight, and every backend it was given in a module-level dict for the life of the process. Neither
+    may reach the strategy, whose forward holds the model and with it the KV cache: a cycle through the
+    code object is never collected, and a dropped engine would keep its memory until the process ends.
+    """
+
+    def __init__(self, backend: GraphBackend, config: GraphConfig) -> None:
+        self.backend, self.config = backend, config
         self.graph_size: int | None = None
         self.capturing = False
+        self.started = False
+        self.fallback: str | None = None
+        self.location = "start-up"
+        self.stable: set[int] = set()  # data pointers a graph may read without a copy
         self.pieces: list[Piece] = []
         self.splits: list[str] = []
-        self._started = False
-        self.stable: set[int] = set()  # data pointers a graph may read without a copy
-        if isinstance(self.forward, torch.nn.Module):
-            tensors = [*self.forward.parameters(), *self.forward.buffers()]
-            self.stable.update(t.data_ptr() for t in tensors)
-        self._compiled = torch.compile(_own_code(self.forward), fullgraph=True, backend=self._backend)
 
-    @property
-    def num_pieces(self) -> int:
-        return len(self.pieces)
-
-    def prepare(self, inputs: Inputs) -> None:
-        for x in inputs:
-            # NOTE: unbacked, not merely dynamic: a backed size has a hint, and Inductor installs
-            # guards from hints (seen: `96 <= s0` after compiling at 96), so every smaller size
-            # recompiled the whole forward and shadowed the graphs captured before it.
-            mark_unbacked(x, 0)
-        self.location = f"the Dynamo compile at {inputs[0].shape[0]} tokens"
-        self._call(None, inputs)
-
-    def capture(self, size: int, inputs: Inputs) -> Any:
-        self.stable.update(x.data_ptr() for x in inputs)
-        self.capturing = True
-        try:
-            return self._call(size, inputs)
-        finally:
-            self.capturing = False
-
-    def replay(self, size: int, inputs: Inputs) -> Any:
-        try:
-            return self._call(size, inputs)
-        except (TorchDynamoException, FailOnRecompileLimitHit) as exc:
-            # NOTE: Dynamo refuses before running any compiled code, so nothing ran twice.
-            logger.warning("Dynamo failed after start-up (%s); running eagerly", type(exc).__name__)
-            self._fallback = RECOMPILE
-            return self.forward(*inputs)
-
-    def finish_startup(self) -> None:
-        self._started = True
-
-    def _call(self, size: int | None, inputs: Inputs) -> Any:
-        self.graph_size = size
-        try:
-            return self._compiled(*inputs)
-        finally:
-            self.graph_size = None
-
-    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        if self._started:
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """The Dynamo backend."""
+        if self.started:
             logger.warning("Dynamo recompiled after start-up; this graph runs without CUDA graphs")
             return self._general_after_recompile(gm)
         split_gm, piece_names, splits = split_at_split_ops(gm)
@@ -237,10 +205,91 @@ class CompileStrategy(CaptureStrategy):
 
     def _general_after_recompile(self, gm: torch.fx.GraphModule) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
-            self._fallback = RECOMPILE
+            self.fallback = RECOMPILE
             return gm(*args)
 
         return run
+
+
+class _WeakBackend:
+    """The backend handed to Dynamo (which keeps it for the process's life): `_Shared.compile` through a
+    weak reference, so that what Dynamo keeps does not keep the pieces' graphs and outputs."""
+
+    def __init__(self, shared: _Shared) -> None:
+        self._shared = weakref.ref(shared)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        shared = self._shared()
+        if shared is None:
+            raise RuntimeError("a dropped graph runner's compiled forward was called")
+        return shared.compile(gm, example_inputs)
+
+
+class CompileStrategy(CaptureStrategy):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shared = shared = _Shared(self.backend, self.config)
+        if isinstance(self.forward, torch.nn.Module):
+            tensors = [*self.forward.parameters(), *self.forward.buffers()]
+            shared.stable.update(t.data_ptr() for t in tensors)
+        self._compiled = torch.compile(_own_code(self.forward), fullgraph=True, backend=_WeakBackend(shared))
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.shared.pieces)
+
+    @property
+    def pieces(self) -> list[Piece]:
+        return self.shared.pieces
+
+    @property
+    def splits(self) -> list[str]:
+        return self.shared.splits
+
+    def where(self) -> str:
+        return self.shared.location
+
+    def take_fallback(self) -> str | None:
+        reason, self.shared.fallback = self.shared.fallback, None
+        return reason
+
+    def prepare(self, inputs: Inputs) -> None:
+        for x in inputs:
+            # NOTE: unbacked, not merely dynamic: a backed size has a hint, and Inductor installs
+            # guards from hints (seen: `96 <= s0` after compiling at 96), so every smaller size
+            # recompiled the whole forward and shadowed the graphs captured before it.
+            mark_unbacked(x, 0)
+        self.shared.location = f"the Dynamo compile at {inputs[0].shape[0]} tokens"
+        self._call(None, inputs)
+
+    def capture(self, size: int, inputs: Inputs) -> Any:
+        shared = self.shared
+        shared.stable.update(x.data_ptr() for x in inputs)
+        shared.capturing = True
+        try:
+            return self._call(size, inputs)
+        finally:
+            shared.capturing = False
+
+    def replay(self, size: int, inputs: Inputs) -> Any:
+        try:
+            return self._call(size, inputs)
+        except (TorchDynamoException, FailOnRecompileLimitHit) as exc:
+            # NOTE: Dynamo refuses before running any compiled code, so nothing ran twice.
+            logger.warning("Dynamo failed after start-up (%s); running eagerly", type(exc).__name__)
+            self.shared.fallback = RECOMPILE
+            return self.forward(*inputs)
+
+    def finish_startup(self) -> None:
+        self.shared.started = True
+
+    def _call(self, size: int | None, inputs: Inputs) -> Any:
+        shared = self.shared
+        shared.graph_size = size
+        try:
+            return self._compiled(*inputs)
+        finally:
+            shared.graph_size = None
 
 
 def _own_code(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -291,7 +340,7 @@ def split_at_split_ops(
     return split_gm, piece_names, [(f"submod_{i}", split) for i, split, _ in splits]
 
 
-def _direct_call(sub: torch.fx.GraphModule, split: ops.SplitOp, owner: CompileStrategy) -> _SplitCall | None:
+def _direct_call(sub: torch.fx.GraphModule, split: ops.SplitOp, owner: _Shared) -> _SplitCall | None:
     placeholders = [n.name for n in sub.graph.nodes if n.op == "placeholder"]
     (node,) = [n for n in sub.graph.nodes if n.op == "call_function"]
     if node.kwargs:

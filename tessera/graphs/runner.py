@@ -175,7 +175,7 @@ class PiecewiseGraphRunner:
                 yield
         except Exception as exc:
             raise CaptureError(
-                f"capturing piecewise graphs failed in {strategy.location} "
+                f"capturing piecewise graphs failed in {strategy.where()} "
                 f"({type(exc).__name__}: {exc}). To run without piecewise graphs, "
                 f"{self.config.disable_hint}."
             ) from exc
