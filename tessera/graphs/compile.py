@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._dynamo.decorators import mark_unbacked
+from torch._dynamo.eval_frame import remove_from_cache
 from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_leaves
@@ -232,7 +233,11 @@ class CompileStrategy(CaptureStrategy):
         if isinstance(self.forward, torch.nn.Module):
             tensors = [*self.forward.parameters(), *self.forward.buffers()]
             shared.stable.update(t.data_ptr() for t in tensors)
-        self._compiled = torch.compile(_own_code(self.forward), fullgraph=True, backend=_WeakBackend(shared))
+        entry = _own_code(self.forward)
+        self._compiled = torch.compile(entry, fullgraph=True, backend=_WeakBackend(shared))
+        # NOTE: Dynamo's C side keeps the code object, and on it the compiled graphs, their pieces and the
+        # attention launches bound to the KV cache, after the strategy is gone: they are dropped with it.
+        weakref.finalize(self, remove_from_cache, entry.__code__)
 
     @property
     def num_pieces(self) -> int:
