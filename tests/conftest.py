@@ -52,7 +52,8 @@ def _give_back_gpu_memory() -> Iterator[None]:
     torch.cuda.empty_cache()
     kept = torch.cuda.memory_allocated() - held
     if kept > 2**30:
-        warnings.warn(f"{kept / 2**30:.1f} GiB of GPU memory still held after the test", ResourceWarning)
+        message = f"{kept / 2**30:.1f} GiB of GPU memory still held after the test"
+        warnings.warn(message, ResourceWarning, stacklevel=1)  # pytest names the test
 
 
 def assert_greedy_close(got: Sequence[Any], want: Sequence[Any], max_diverged: int = 1) -> None:
