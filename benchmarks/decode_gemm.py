@@ -17,17 +17,19 @@ every call reads its weight from HBM (a weight that fits the L2 would otherwise 
 replay after the first), and the kernels follow each other as a decode step's do inside its graph.
 
 `--sweep` also times the decode kernels themselves over a grid of `GemvConfig`s (at most 17 per format
-and shape: N and K tiles, split K, warps, FP8's MMA input) for bf16, fp8 per-channel, fp8 block and
-mxfp4, and reports the best config per (format, shape, M) next to the default's time. `--save-configs
-DIR` writes, for each format and shape, the config whose slowest M is closest to that M's best (where it
-beats the format's other path: `pick_configs`) into DIR's table for this card (`tessera.layers.
-gemv_tuned`; the decode GEMMs read it from `tessera/layers/gemv_configs/`, or from the folder
-`TESSERA_GEMV_CONFIGS` names).
+and shape: N and K tiles, split K, warps, FP8's MMA input; MXFP4 at M = 1 also up to 18 of its one-row
+FMA kernel) for bf16, fp8 per-channel, fp8 block and mxfp4, and reports the best config per (format,
+shape, M) next to the default's time. `--save-configs DIR` writes, for each format and shape, the config
+whose slowest M is closest to that M's best (where it beats the format's other path: `pick_configs`)
+into DIR's table for this card (`tessera.layers.gemv_tuned`; the decode GEMMs read it from
+`tessera/layers/gemv_configs/`, or from the folder `TESSERA_GEMV_CONFIGS` names). MXFP4's M = 1 is
+picked and saved apart, as "mxfp4_m1": the config its one-row calls read.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,8 @@ ROTATE_BYTES = 256 * 2**20  # weight copies per graph: together 5x the 50 MiB L2
 MARGIN = 0.95  # a decode GEMM is saved where it takes under this much of its format's other path's time
 # the path each format takes at decode sizes without a table entry (the MXFP4 decode GEMM has none)
 OTHER_PATH = {"bf16": "bf16", "fp8": "fp8_scaled_mm", "fp8_block": "fp8_block_gemm"}
+# formats whose one-row calls read a table entry of their own (`gemv_kernels.mxfp4_gemv`)
+ONE_ROW = {"mxfp4": "mxfp4_m1"}
 SMEM_BUDGET = 96 * 2**10  # pipeline stages of a swept config: as many as fit this much shared memory
 Op = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], Any]
 
@@ -109,10 +113,10 @@ def _stages(block_n: int, block_k: int, weight_bytes: float) -> int:
     return int(max(2, min(6, SMEM_BUDGET // stage)))
 
 
-def _splits(n_tiles: int, k_steps: int) -> int:
-    """K splits for about 256 programs (two an SM), each split two K steps at least."""
+def _splits(n_tiles: int, k_steps: int, programs: int = 256) -> int:
+    """K splits for about `programs` programs (256: two an SM), each split two K steps at least."""
     split = 1
-    while n_tiles * split < 256 and k_steps >= 4 * split:
+    while n_tiles * split < programs and k_steps >= 4 * split:
         split *= 2
     return split
 
@@ -141,12 +145,14 @@ SWEEP: dict[str, tuple[SweepOp, Callable[[int, int], GemvConfig], tuple[int, int
 }  # fmt: skip
 
 
-def sweep_configs(fmt: str, n: int, k: int) -> list[GemvConfig]:
+def sweep_configs(fmt: str, n: int, k: int, m: int) -> list[GemvConfig]:
     """The default config first, then N tiles 32 / 64 x the format's two K tiles x (no split; the split
     that makes ~256 programs, with 4 or 8 warps), with as many stages as fit: at most 13; quantized
-    formats also the split one with `native_mma` (at most 17)."""
+    formats also the split one with `native_mma` (at most 17). MXFP4 at M = 1 also `_fma_configs` (at
+    most 35); elsewhere `fma` is off in every config (the MMA kernel runs them all, the default too)."""
     _, default, block_ks, weight_bytes = SWEEP[fmt]
-    configs = [default(n, k)]
+    one_row = m == 1 and fmt in ONE_ROW
+    configs = [default(n, k) if one_row else dataclasses.replace(default(n, k), fma=False)]
     for block_n in (32, 64):
         for block_k in block_ks:
             split = _splits(-(-n // block_n), -(-k // block_k))
@@ -157,6 +163,24 @@ def sweep_configs(fmt: str, n: int, k: int) -> list[GemvConfig]:
                     configs.append(cfg)
             if fmt != "bf16":  # the quantized tiles straight into the multiply
                 configs.append(GemvConfig(block_n, block_k, split, 4, stages, native_mma=True))
+    if one_row:
+        configs += [cfg for cfg in _fma_configs(n, k) if cfg not in configs]
+    return configs
+
+
+def _fma_configs(n: int, k: int) -> list[GemvConfig]:
+    """The one-row MXFP4 kernel's grid: N tiles 32 / 64 / 128 x K tiles 256 / 512 x (the split for ~256
+    programs with 4 or 8 warps; the split for ~512 with 4 warps: more programs an SM to cover the
+    loads' latency). 4 stages, as the default (its loads feed no MMA): at most 18."""
+    configs = []
+    for block_n in (32, 64, 128):
+        for block_k in (256, 512):
+            n_tiles, k_steps = -(-n // block_n), -(-k // block_k)
+            split, more = _splits(n_tiles, k_steps), _splits(n_tiles, k_steps, 512)
+            for s, warps in ((split, 4), (split, 8), (more, 4)):
+                cfg = GemvConfig(block_n, block_k, s, warps, 4, fma=True)
+                if cfg not in configs:
+                    configs.append(cfg)
     return configs
 
 
@@ -164,7 +188,7 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
     """Every config of `sweep_configs` on one (format, shape, M): the best, the default's, all trials."""
     call = SWEEP[fmt][0]
     trials = []
-    for cfg in sweep_configs(fmt, copies[0][0].shape[0], x.shape[1]):
+    for cfg in sweep_configs(fmt, copies[0][0].shape[0], x.shape[1], x.shape[0]):
         try:
             timing = time_op(lambda x, w, cfg=cfg: call(x, w, cfg), copies, x, bandwidth)
         except Exception as e:  # a config this card cannot compile or run (CompilationError, out of
@@ -176,14 +200,17 @@ def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor
 
 
 def pick_configs(swept: list[dict], cases: list[dict]) -> gemv_tuned.Found:
-    """Per format and shape, the config with the smallest worst ratio, over the swept M, of its time to
-    that M's best time (one config serves every M of a shape). Where a format has another path (bf16:
-    cuBLAS; FP8: `_scaled_mm`, the block GEMM), only where the config beat that path's time in `cases` by
-    MARGIN at every swept M; elsewhere None: the format keeps its other path."""
+    """Per table format and shape, the config with the smallest worst ratio, over the swept M, of its
+    time to that M's best time (one config serves every M of a shape); a format of ONE_ROW has M = 1
+    picked apart, under its one-row name (the fastest config there, the one-row kernel's or an MMA one),
+    and its other M under its own. Where a format has another path (bf16: cuBLAS; FP8: `_scaled_mm`, the
+    block GEMM), only where the config beat that path's time in `cases` by MARGIN at every swept M;
+    elsewhere None: the format keeps its other path."""
     other = {(c["format"], c["n"], c["k"], c["m"]): c["us"] for c in cases if "us" in c}
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for case in swept:
-        groups.setdefault((case["format"], case["n"], case["k"]), []).append(case)
+        fmt = ONE_ROW.get(case["format"], case["format"]) if case["m"] == 1 else case["format"]
+        groups.setdefault((fmt, case["n"], case["k"]), []).append(case)
     fields = list(GemvConfig.__dataclass_fields__)
     table: gemv_tuned.Found = {}
     for (fmt, n, k), group in groups.items():

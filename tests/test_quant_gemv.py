@@ -1,7 +1,8 @@
 """The decode GEMMs of `tessera.quant.gemv_kernels` (FP8 W8A8 in its three scale schemes, MXFP4 W4A16)
 against float64 math on the dequantized weight (and, for FP8, the dequantized activations): partial N
-and K tiles, bias on and off, split K and not, the MXFP4 decode exact for every e2m1 code, padded rows
-that never reach real ones. Triton runs in its
+and K tiles, bias on and off, split K and not, the MXFP4 decode exact for every e2m1 code (in the MMA
+kernels and in the one-row FMA kernel, which one row of x takes), padded rows that never reach real
+ones. Triton runs in its
 interpreter here (TRITON_INTERPRET=1, set by conftest without a GPU); on a GPU the same tests run the
 compiled kernels, and the `gpu` ones check the dispatch, Llama-3-8B shapes and graph replays.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -119,6 +121,88 @@ def test_mxfp4_decode_is_exact_for_every_code() -> None:
     assert torch.equal(out.cpu().float(), mxfp4.dequantize(blocks, scales)[:, :16].T)
 
 
+def _launched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, gemv.GemvConfig]]:
+    """The (kernel name, config) of every launch from here on; the launches still run."""
+    launched: list[tuple[str, gemv.GemvConfig]] = []
+    launch = gemv.launch
+
+    def record(kernel: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        launched.append((kernel.__name__, args[5]))
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(gemv, "launch", record)
+    return launched
+
+
+ROW_KERNEL, MMA_KERNEL = "_mxfp4_row_kernel", "_mxfp4_gemv_kernel"
+
+
+@pytest.mark.parametrize(("n", "k"), [(48, 256), (130, 384)])
+def test_mxfp4_one_row_kernel_matches_float64(n: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row of x: the FMA kernel by default (no split at these sizes) and with `fma` configs: split K
+    in 3 (2 where K = 256), N tiles of 16 and 32 (130 rows: a partial one), K steps of 64 to 256 (of 32:
+    `test_mxfp4_one_row_decode_is_exact_for_every_code`)."""
+    blocks, scales = mxfp4.quantize(_weight(n, k, seed=n + k))
+    w = mxfp4.dequantize(blocks, scales)
+    blocks, scales = _on_device(blocks, scales)
+    split = dataclasses.replace(SPLIT, fma=True)
+    cases = [(torch.float32, True, None), (torch.bfloat16, False, split), (torch.float16, True, split),
+             (torch.bfloat16, True, gemv.GemvConfig(16, 128, fma=True))]  # fmt: skip
+    launched = _launched(monkeypatch)
+    for dtype, with_bias, config in cases:
+        x, bias = _activations(1, n, k, dtype, with_bias)
+        out = gemv.mxfp4_gemv(x.to(DEVICE), blocks, scales, None if bias is None else bias.to(DEVICE), config)
+        _assert_close(out, x, w, bias, dtype)
+    assert [name for name, _ in launched] == [ROW_KERNEL] * len(cases)
+    assert launched[0][1] == gemv.mxfp4_config(n, k) and launched[0][1].split_k == 1
+
+
+def test_mxfp4_one_row_decode_is_exact_for_every_code() -> None:
+    """`test_mxfp4_decode_is_exact_for_every_code`'s weight, plus two all-zero blocks (scales 2^0 and
+    e8m0 0), read back one column at a time by one-hot rows of x through the FMA kernel."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    blocks = torch.cat([(codes | codes << 4)[:, None].repeat(1, 16), torch.zeros(2, 16, dtype=torch.uint8)])
+    blocks[:16, 1] = (codes + 3) % 16 << 4 | (codes + 5) % 16
+    scales = torch.tensor([127] * 6 + [100] * 5 + [150] * 5 + [127, 0], dtype=torch.uint8)[:, None]
+    want = mxfp4.dequantize(blocks, scales)
+    dev_blocks, dev_scales = _on_device(blocks, scales)
+    for config in (None, gemv.GemvConfig(16, 32, fma=True)):
+        got = torch.cat([gemv.mxfp4_gemv(row[None], dev_blocks, dev_scales, config=config).cpu()
+                         for row in torch.eye(32, device=DEVICE)])  # fmt: skip
+        assert torch.equal(got, want.T)
+
+
+def test_mxfp4_dispatch_by_rows_and_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row takes the FMA kernel where its config says `fma` (the default does; a card's table entry
+    "mxfp4_m1" decides where there is one), more rows the MMA kernel with the config's tiles (the table's
+    "mxfp4"), `fma` or not; only MXFP4 takes `fma`."""
+    from tessera.layers import gemv_tuned
+
+    blocks, scales = _on_device(*mxfp4.quantize(_weight(48, 256, seed=9)))
+    x = _randn(2, 256, seed=10).bfloat16().to(DEVICE)
+    fma, mma = gemv.GemvConfig(16, 64, 2, fma=True), gemv.GemvConfig(32, 128)
+    launched = _launched(monkeypatch)
+    for rows, config in [(1, None), (2, None), (1, fma), (2, fma), (1, mma)]:
+        gemv.mxfp4_gemv(x[:rows], blocks, scales, config=config)
+    kernels = [name for name, _ in launched if name != "_split_sum_kernel"]
+    assert kernels == [ROW_KERNEL, MMA_KERNEL, ROW_KERNEL, MMA_KERNEL, MMA_KERNEL]
+    tables = {"mxfp4_m1": vars(fma), "mxfp4": vars(mma)}
+    asked: list[str] = []
+    monkeypatch.setattr(gemv_tuned, "lookup", lambda d, fmt, n, k: asked.append(fmt) or tables.get(fmt))
+    launched.clear()
+    gemv.mxfp4_gemv(x[:1], blocks, scales)
+    gemv.mxfp4_gemv(x, blocks, scales)
+    assert asked == ["mxfp4_m1", "mxfp4"] and launched == [(ROW_KERNEL, fma), (MMA_KERNEL, mma)]
+    tables["mxfp4_m1"] = vars(mma)  # where the sweep found an MMA config fastest at one row
+    launched.clear()
+    gemv.mxfp4_gemv(x[:1], blocks, scales)
+    assert launched == [(MMA_KERNEL, mma)]
+    xq, xs = _on_device(*fp8.quantize_act_reference(_randn(1, 256, seed=4), fp8.BLOCK))
+    q, scale = _on_device(*fp8.quantize_weight(_weight(48, 256, seed=5), "block"))
+    with pytest.raises(ValueError, match="fma"):
+        gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16, config=gemv.GemvConfig(32, 128, fma=True))
+
+
 def _poison(x: torch.Tensor) -> torch.Tensor:
     bad = x.clone()
     bad[1], bad[4, 5] = float("nan"), 1e30
@@ -184,10 +268,12 @@ def test_gpu_public_ops_take_the_gemv_path_and_replay_bit_identical(
     fmt: str, n: int, k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """FP8 decode takes the kernel where the card's table has the shape: here a table of the shape
-    rule's configs (MXFP4 decode takes it without one)."""
+    rule's configs (MXFP4 decode takes it without one: its defaults, the FMA kernel at one row)."""
     from tessera.layers import gemv_tuned
 
-    def table(device: torch.device, name: str, n: int, k: int) -> dict[str, int]:
+    def table(device: torch.device, name: str, n: int, k: int) -> dict[str, int] | None:
+        if name.startswith("mxfp4"):
+            return None
         return vars(gemv.fp8_config("block" if name == "fp8_block" else "per_channel", n, k))
 
     monkeypatch.setattr(gemv_tuned, "lookup", table)
@@ -298,7 +384,7 @@ def test_the_sweep_picks_the_config_closest_to_each_rows_best() -> None:
 
     def fields(block_n: int) -> dict:
         return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4,
-                "native_mma": False}  # fmt: skip
+                "native_mma": False, "fma": False}  # fmt: skip
 
     def trial(block_n: int, us: float | None) -> dict:
         return {**fields(block_n), **({"us": us} if us is not None else {"error": "OutOfResources"})}
@@ -319,3 +405,32 @@ def test_the_sweep_picks_the_config_closest_to_each_rows_best() -> None:
         # (22 is under 21 / 0.95: not a clear win)
         slower = pick_configs(swept, [cublas(1, 12.0), cublas(8, 23.0)])
         assert slower == {fmt: {"4096,4096": None if fmt == "bf16" else fields(32)}}
+
+
+def test_the_sweep_picks_mxfp4_one_row_configs_apart() -> None:
+    """MXFP4 sweeps its one-row kernel at M = 1 only; M = 1's pick ("mxfp4_m1": the fastest there, of
+    either kernel) and the other M's ("mxfp4": the MMA configs) are made and saved apart."""
+    from benchmarks.decode_gemm import pick_configs, sweep_configs
+
+    one, more = sweep_configs("mxfp4", 4096, 14336, 1), sweep_configs("mxfp4", 4096, 14336, 4)
+    assert one[0] == gemv.mxfp4_config(4096, 14336) and one[0].fma
+    assert not any(cfg.fma for cfg in more) and more[0] == dataclasses.replace(one[0], fma=False)
+    assert [cfg for cfg in one if not cfg.fma] == more[1:] and len(one) <= 35
+    assert not any(cfg.fma for cfg in sweep_configs("fp8", 4096, 14336, 1))
+
+    def trial(cfg: gemv.GemvConfig, us: float) -> dict:
+        return {**vars(cfg), "us": us}
+
+    def case(m: int, trials: list[dict]) -> dict:
+        return {"format": "mxfp4", "n": 4096, "k": 14336, "m": m, "trials": trials}
+
+    fma, mma = gemv.GemvConfig(64, 512, 2, fma=True), gemv.GemvConfig(64, 256, 4)
+    other = gemv.GemvConfig(32, 64)
+    # M = 1: the FMA kernel by far; M = 4 and 8: `mma` within 1.03x of the best at both
+    swept = [case(1, [trial(mma, 40.0), trial(other, 45.0), trial(fma, 20.0)]),
+             case(4, [trial(mma, 41.0), trial(other, 50.0)]),
+             case(8, [trial(mma, 44.0), trial(other, 43.0)])]  # fmt: skip
+    picked = pick_configs(swept, [])
+    assert picked == {"mxfp4_m1": {"4096,14336": vars(fma)}, "mxfp4": {"4096,14336": vars(mma)}}
+    swept[0]["trials"][-1]["us"] = 60.0  # the MMA kernel at one row, where it wins there
+    assert pick_configs(swept, [])["mxfp4_m1"] == {"4096,14336": vars(mma)}

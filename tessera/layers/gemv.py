@@ -9,7 +9,8 @@ built to stream W at the memory's bandwidth:
   weight in [BLOCK_N, BLOCK_K] tiles, contiguous along K (wide, coalesced loads, pipelined `num_stages`
   deep), turns each tile into the MMA's dtype in registers and feeds it to `tl.dot` against the rows of
   x padded to ROWS = 16 (the smallest M tile of an MMA: every M <= 16 costs the same, and the tensor
-  cores make the multiply free next to the loads);
+  cores make the multiply free next to the loads); MXFP4 at one row (`GemvConfig.fma`) multiplies in
+  registers instead (`tessera.quant.gemv_kernels`);
 * split K only where N alone gives too few programs to keep the SMs streaming: each split writes its
   float32 partial sums to [SPLIT_K, M, N] and a second kernel adds them in split order (no atomics, so
   a CUDA-graph replay gives the bits an eager call gives);
@@ -58,7 +59,9 @@ class GemvConfig:
     (whole scale groups). `split_k`: programs along K (fewer run where K has fewer tiles). `native_mma`
     (quantized weights only): the weight tiles go to the multiply as they are, instead of decoded to the
     activations' dtype in registers: FP8's to an fp8 MMA, MXFP4's codes and scales to `tl.dot_scaled`
-    (Triton's own e2m1 upcast where the card has no MXFP4 MMA, the MMA itself where it has)."""
+    (Triton's own e2m1 upcast where the card has no MXFP4 MMA, the MMA itself where it has). `fma`
+    (MXFP4 only): one row of x takes CUDA-core FMAs in registers, no MMA, with these tiles; more rows take
+    the MMA kernel (the other fields) as if it were off."""
 
     block_n: int
     block_k: int
@@ -66,6 +69,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 4
     native_mma: bool = False
+    fma: bool = False
 
 
 # The shape rule for cards and shapes without a tuned entry. H100 / H200 have 132 SMs. Two programs an
@@ -94,9 +98,15 @@ def config_for(device: torch.device, fmt: str, n: int, k: int) -> GemvConfig | N
     return GemvConfig(**fields) if fields is not None else None
 
 
-def check_config(cfg: GemvConfig, min_k: int, max_k: int, quantized: bool = False) -> None:
+def check_config(
+    cfg: GemvConfig, min_k: int, max_k: int, quantized: bool = False, has_fma: bool = False
+) -> None:
+    """Raise ValueError where `cfg` does not fit a format taking block_k in [min_k, max_k], of quantized
+    weights or not, with a one-row FMA kernel (`has_fma`) or not."""
     if cfg.native_mma and not quantized:
         raise ValueError("native_mma: a config of quantized weights only")
+    if cfg.fma and not has_fma:
+        raise ValueError("fma: a config of MXFP4 weights only")
     for name in ("block_n", "block_k"):
         size = getattr(cfg, name)
         if size < 16 or size != next_pow2(size):
@@ -114,10 +124,11 @@ def _k_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
 
 
 @triton.jit
-def store(acc, Out, Bias, offs_n, n_ok, M, N, stride_om, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    """acc [ROWS, BLOCK_N] to Out: float32 partials at split program_id(1) of [SPLIT_K, M, N], or the
-    output rows (plus bias, in Out's dtype)."""
-    offs_m = tl.arange(0, ROWS)
+def store(acc, Out, Bias, offs_n, n_ok, M, N, stride_om, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+          TILE_M: tl.constexpr = ROWS):  # fmt: skip
+    """acc [TILE_M, BLOCK_N] (rows 0 .. TILE_M - 1 of x) to Out: float32 partials at split program_id(1)
+    of [SPLIT_K, M, N], or the output rows (plus bias, in Out's dtype)."""
+    offs_m = tl.arange(0, TILE_M)
     ok = (offs_m < M)[:, None] & n_ok[None, :]
     if PARTIAL:
         base = Out + tl.program_id(1).to(tl.int64) * M * N

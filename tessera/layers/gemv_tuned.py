@@ -1,8 +1,9 @@
 """Tuned decode-GEMM configs per GPU model, as measured by `python -m benchmarks.decode_gemm --sweep
 --save-configs DIR`: one JSON file a device name (`NVIDIA_H100_80GB_HBM3.json`), mapping a format
-("bf16", "fp16", "fp8", "fp8_block", "mxfp4") and a weight shape "N,K" to a `GemvConfig`'s
-fields. Quantized shapes without an entry take the shape rule (`tessera.layers.gemv`); dense ones
-without an entry stay with cuBLAS.
+("bf16", "fp16", "fp8", "fp8_block", "mxfp4"; "mxfp4_m1": MXFP4 at one row of x, whose best kernel
+and tiles differ from more rows') and a weight shape "N,K" to a `GemvConfig`'s fields. Quantized
+shapes without an entry take the shape rule (`tessera.layers.gemv`); dense ones without an entry stay
+with cuBLAS.
 
 Files are read from `TESSERA_GEMV_CONFIGS` (a folder, searched first: a tuning run's own output) and
 this package's `gemv_configs/`. A device's table is read once, on its first decode GEMM (a dict lookup

@@ -7,10 +7,17 @@ the card's table says it is faster) hand the tiles over as they are: FP8's to an
 and scales to `tl.dot_scaled`, whose upcast Triton lowers per target (and to the MXFP4 MMA of cards
 that have one, MI355X's included).
 
+MXFP4 at one row of x (`GemvConfig.fma`, the untuned default there) takes no MMA at all: a weight decoded
+for an MMA (here, or in `tl.dot_scaled`'s upcast on cards without an MXFP4 MMA) goes through shared
+memory into the operand layout, about 4 bytes of shared-memory traffic per 0.5-byte weight (those
+kernels read W at 0.18 to 0.26 of an H100's copy bandwidth), while one row's dot products are CUDA-core
+FMAs on the weights in the registers they were loaded and decoded in.
+
 MXFP4 decode: an e2m1 code (sign s, exponent e, mantissa m) is put into float16 bits as s << 15 | em <<
 9: exponent field e, top mantissa bit m. That float16 is 2^-14 times the e2m1 value exactly, e = 0
 included (float16's subnormals 0 and 2^-15 are e2m1's 0 and 0.5 over 2^14), so the decode is two shifts
-and two masks per nibble, no select; the 2^14 goes into each group's scale. (Multiplied into the sums
+and two masks per nibble (per two in the one-row kernel, one in each half of an int32), no select; the
+2^14 goes into each group's scale. (Multiplied into the sums
 at the end instead, it would leave W / 2^14 in the MMA's input dtype: subnormal in float16 for weights
 below 1, inexact for blocks of scale under 2^-9; the tests' float16 case catches that.)
 
@@ -52,6 +59,8 @@ MX_GROUP = tl.constexpr(32)
 PER_TENSOR, PER_CHANNEL, BLOCKWISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _SCHEME_IDS = {"per_tensor": PER_TENSOR.value, "per_channel": PER_CHANNEL.value, "block": BLOCKWISE.value}
 MX_UNSCALE = tl.constexpr(16384.0)  # 2^14: the float16 decode's values are 2^-14 of e2m1's
+# the float16 sign bits and exponent-mantissa bits of both halves of an int32 (0x80008000 as int32)
+MX_SIGNS2, MX_EM2 = tl.constexpr(-0x7FFF8000), tl.constexpr(0x0E000E00)
 # `tl.dot_scaled`'s names of the activations' dtypes
 _DOT_SCALED_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # (MAX_ROWS and GemvConfig are part of this module's interface: its callers read them here)
@@ -82,8 +91,9 @@ def fp8_tuned(device: torch.device, scheme: str, n: int, k: int) -> bool:
 
 def mxfp4_config(n: int, k: int) -> GemvConfig:
     """The default config for MXFP4 weights [n, k]: K steps of 256 values (128 bytes a row plus 8 scale
-    bytes); the decoded tile [64, 256] is 128 values a thread in 4 warps, about what fits in registers."""
-    return shape_rule(n, k, 256, 4)
+    bytes); the decoded tile [64, 256] is 128 values a thread in 4 warps, about what fits in registers.
+    `fma`: one row takes the FMA kernel with these tiles (a [64, 256] step is 64 bytes a thread)."""
+    return dataclasses.replace(shape_rule(n, k, 256, 4), fma=True)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -186,6 +196,67 @@ def _mxfp4_gemv_kernel(
     store(acc, Out, Bias, offs_n, n_ok, M, N, stride_om, HAS_BIAS, PARTIAL)
 
 
+@triton.jit
+def _nibble_halves(words, NIBBLE: tl.constexpr):
+    """Float16 bits of nibble NIBBLE (0 .. 3) of each 16-bit half of int32 `words`, in that half. A half
+    holds two bytes, four e2m1 codes (low nibble first), this one at bits 4 NIBBLE .. 4 NIBBLE + 3: its
+    sign goes to bit 15, its exponent and mantissa to bits 9 .. 11 (the float16 of `_mxfp4_tile`: 2^-14
+    of the e2m1 value). A shift carries bits across the halves only into bits the masks clear."""
+    if NIBBLE == 3:
+        return (words & MX_SIGNS2) | ((words >> 3) & MX_EM2)
+    return ((words << (12 - 4 * NIBBLE)) & MX_SIGNS2) | ((words << (9 - 4 * NIBBLE)) & MX_EM2)
+
+
+@triton.jit
+def _f16_half(bits, HIGH: tl.constexpr):
+    """float32 of the float16 in the low (or HIGH) 16 bits of int32 `bits`."""
+    if HIGH:
+        bits = bits >> 16
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _mxfp4_row_kernel(
+    X, Wq, Ws, Bias, Out, M, N, K, K_SPLIT, stride_xm, stride_qn, stride_sn, stride_om,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_IN_F32: tl.constexpr,
+):  # fmt: skip
+    """Out[0, n] = sum_k X[0, k] * W[n, k] (+ Bias[n]) over this program's K split, for x of one row (M =
+    1) and W in MXFP4 (K a multiple of 32), by CUDA-core FMAs in float32 on the weights where they were
+    loaded: no MMA, so no layout conversion of W (DOT_IN_F32, which `launch` passes every kernel, is
+    unused). `Wq`: the codes as int32 [N, K/8], four bytes (eight codes) a word, as stored.
+
+    A K step loads W as [BLOCK_N, groups, 4] words (a scale group of a row: 16 contiguous bytes, which
+    Triton's layout gives one thread as one vectorized load) and decodes two codes per integer op: word w
+    of a group holds its elements 8w .. 8w + 3 in its low half and 8w + 4 .. 8w + 7 in its high half, both
+    turned into float16 bits at once (`_nibble_halves`; a float32 conversion reads either half as it is).
+    A group's 32 products with x are summed in float32 FMAs (within the thread holding it) and the sum
+    scaled once, by the group's 2^(s - 127) * 2^14 (a power of two: exact, but where float32 under- or
+    overflows; an inf scale, s > 240, makes the sum inf or NaN where the tile decode's 0 * inf makes it
+    NaN). A program keeps [BLOCK_N, groups] float32 sums, added along K once at the end."""
+    _, offs_n, _, _, n_ok, k_lo, k_hi = slab(M, N, K, K_SPLIT, BLOCK_N, BLOCK_K)
+    rows = offs_n[:, None].to(tl.int64)
+    w4 = tl.arange(0, MX_GROUP // 8)  # a group's words
+    acc = tl.zeros([BLOCK_N, BLOCK_K // MX_GROUP], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kg = k0 // MX_GROUP + tl.arange(0, BLOCK_K // MX_GROUP)
+        g_ok = kg * MX_GROUP < k_hi
+        ok = n_ok[:, None] & g_ok[None, :]  # [BLOCK_N, groups]
+        word = kg[None, :, None] * (MX_GROUP // 8) + w4[None, None, :]
+        words = tl.load(Wq + rows[:, :, None] * stride_qn + word, mask=ok[:, :, None], other=0)
+        x_at = X + kg[:, None] * MX_GROUP + 8 * w4[None, :]  # [groups, words]: each word's element 0
+        part = tl.zeros([BLOCK_N, BLOCK_K // MX_GROUP, MX_GROUP // 8], dtype=tl.float32)
+        for i in tl.static_range(4):
+            bits = _nibble_halves(words, i)
+            x_lo = tl.load(x_at + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(x_at + 4 + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            part += _f16_half(bits, False) * x_lo[None, :, :]
+            part += _f16_half(bits, True) * x_hi[None, :, :]
+        s = tl.load(Ws + rows * stride_sn + kg[None, :], mask=ok, other=0).to(tl.int32)
+        acc += tl.sum(part, 2) * ((s << 23).to(tl.float32, bitcast=True) * MX_UNSCALE)
+    store(tl.sum(acc, 1)[None, :], Out, Bias, offs_n, n_ok, M, N, stride_om, HAS_BIAS, PARTIAL, 1)
+
+
 def fp8_gemv(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -223,17 +294,24 @@ def mxfp4_gemv(
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, bf16 / fp16 / fp32) @ W.T (+ bias) -> [M, N] in x's dtype, float32 sums;
     W [N, K] in MXFP4 as blocks uint8 [N, K/2], scales uint8 [N, K/32]. `config` defaults to the card's
-    tuned one (decoding here where its `native_mma` cannot take float32 x), else `mxfp4_config`."""
+    tuned one, "mxfp4_m1" for one row and "mxfp4" for more (decoding here where its `native_mma` cannot
+    take float32 x), else `mxfp4_config`. One row with `config.fma` takes the FMA kernel, else the MMA
+    one."""
     x = rows(x)
     n, k = blocks.shape[0], blocks.shape[1] * 2
+    one_row = x.shape[0] == 1
+    cfg = config or config_for(x.device, "mxfp4_m1" if one_row else "mxfp4", n, k) or mxfp4_config(n, k)
+    check_config(cfg, 32, 1 << 30, quantized=True, has_fma=True)
+    operands = (blocks.contiguous(), scales.contiguous())
+    if cfg.fma and one_row:
+        # int32 words of codes: a byte offset that is not a multiple of 4 takes a copy
+        codes = operands[0] if operands[0].storage_offset() % 4 == 0 else operands[0].clone()
+        return launch(_mxfp4_row_kernel, x, (codes.view(torch.int32), operands[1]), n, k, bias, cfg, x.dtype)
     x_format = _DOT_SCALED_FORMATS.get(x.dtype)
-    cfg = config or config_for(x.device, "mxfp4", n, k) or mxfp4_config(n, k)
     if cfg.native_mma and x_format is None:
         if config is not None:
             raise ValueError(f"native_mma: MXFP4 takes bf16 / fp16 activations there, not {x.dtype}")
         cfg = dataclasses.replace(cfg, native_mma=False)
-    check_config(cfg, 32, 1 << 30, quantized=True)
-    operands = (blocks.contiguous(), scales.contiguous())
     return launch(
         _mxfp4_gemv_kernel, x, operands, n, k, bias, cfg, x.dtype, NATIVE_MMA=cfg.native_mma,
         X_FORMAT=x_format or "bf16",
@@ -276,7 +354,11 @@ def _probe(device: torch.device, fmt: str) -> bool:
     operands, want = _probe_case(fmt)
     args = [t.to(device) for t in operands]
     try:
-        got = (fp8_gemv(*args, "per_channel", torch.float32) if fmt == "fp8" else mxfp4_gemv(*args)).cpu()
+        if fmt == "fp8":
+            got = fp8_gemv(*args, "per_channel", torch.float32).cpu()
+        else:  # several rows (the MMA kernel) and one (by default the FMA kernel)
+            got = torch.cat([mxfp4_gemv(*args).cpu(), mxfp4_gemv(args[0][:1], *args[1:]).cpu()])
+            want = torch.cat([want, want[:1]])
     except Exception as e:  # a kernel this device cannot compile or run
         log.warning("the %s decode GEMM is unavailable on %s (%s); the other GEMMs run", fmt, device, e)
         return False
