@@ -4,6 +4,9 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers for the CPU suite: CI's machine has 2 cores (tests/conftest.py gives each worker
+# its share of them for torch's threads)
+TEST_WORKERS ?= 2
 
 .PHONY: setup generate demo test test-gpu lint bench-graphs clean
 
@@ -32,7 +35,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check tessera tests benchmarks examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu

@@ -17,6 +17,23 @@ if not torch.cuda.is_available():
 
 import pytest
 
+
+def _share_cores_between_xdist_workers() -> None:
+    """Under pytest-xdist (`-n N`), give each worker its share of the cores for torch's intra-op threads,
+    and the processes it spawns (engine processes, CLIs, distributed ranks) the same through
+    OMP_NUM_THREADS. NOTE: torch's default, one thread per core in every process, puts N x cores
+    threads on the cores; an OpenMP barrier then waits for a peer that is descheduled, and the tiny ops
+    of these tests ran 10-30x slower on a 2-core machine whenever another process was busy."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 1:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_share_cores_between_xdist_workers()
+
 # Triton runs CPU tensors only in its interpreter, turned on above only where there is no GPU: the CPU
 # engine tests with the triton backend run in CI and are skipped on a GPU machine (its GPU tests cover it).
 needs_triton_on_cpu = pytest.mark.skipif(

@@ -3,6 +3,7 @@ TP rank (`tessera.distributed`), which loads only its slices of the weights."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections import Counter
@@ -174,4 +175,12 @@ def _dummy_tokenizer(folder: Path) -> Tokenizer:
     if (folder / "tokenizer.json").exists():
         return Tokenizer.from_folder(folder)
     logger.info("%s has no tokenizer.json: using the default model's tokenizer", folder)
-    return Tokenizer.from_gguf(GGUFFile(default_model_path()).field)
+    return _gguf_tokenizer(default_model_path())
+
+
+@functools.cache
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer in a GGUF file's metadata, read once a process. NOTE: reading the metadata (the
+    default model's 49k tokens and merges) takes ~4 s, and every dummy-weight folder without a tokenizer
+    borrows it, a draft model's too; a Tokenizer is never changed in place, so one serves them all."""
+    return Tokenizer.from_gguf(GGUFFile(path).field)
