@@ -304,7 +304,7 @@ def _own_code(forward: Callable[..., Any]) -> Callable[..., Any]:
     class, and with inlined nn.Modules the guards do not pin the instance. Runners over the same class
     would then share one cache: they exhaust the recompile limit, and once a runner is freed its
     backend's id can be reused, letting a new runner replay a dead runner's graphs. A private code
-    object gives each runner a private cache that dies with it.
+    object gives each runner a private cache, which its strategy empties when it is collected.
     """
 
     def entry(*inputs: Any) -> Any:
