@@ -16,7 +16,6 @@ Workloads (default SmolLM2-135M-Instruct, chat-templated, greedy; `--model bench
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import tempfile
 import time
@@ -132,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(_line(row), flush=True)
                 if args.out:
                     write_json(args.out, report)
-        del llm
-        gc.collect()  # the engine's reference cycles hold its weights and KV cache until collected
+        del llm  # (the next engine collects its reference cycles before it loads)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
