@@ -5,6 +5,7 @@ eager runner."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,42 @@ def test_token_ids_fed_from_the_device_replace_the_hosts_in_full_graphs() -> Non
             batch.feed_ids(ids[:1])
     stats = runner.graph_stats()["replays"]
     assert stats["full-extend"] == {"8": 2} and stats["full-decode"] == {"2": 2}, stats
+
+
+
+@needs_triton_on_cpu
+def test_an_eagle_heads_features_are_staged_into_its_full_graphs(tmp_path: Path) -> None:
+    """A model with a third input (an EAGLE head's features) replays extend and decode graphs that read
+    each batch's features: its logits equal an eager runner's, and other features give other logits."""
+    from tessera.loader.eagle import load_eagle_head
+    from tessera.testing.eagle_checkpoint import save_random_eagle_head
+
+    _, target = hf_and_ours("LlamaForCausalLM")
+    save_random_eagle_head(tmp_path, target.config, seed=4)
+    head = load_eagle_head(tmp_path, target, torch.float32, "cpu")
+    graphs = make_runner(head, num_pages=32, page_size=4, attention_backend="triton",
+                         emulate_graphs_on_cpu=True, cuda_graph_max_bs=2, piecewise_cuda_graph_tokens=(8,),
+                         extend_cuda_graph_max_tokens=8, extend_cuda_graph_max_seqs=2)  # fmt: skip
+    eager = make_runner(head, num_pages=32, page_size=4, attention_backend="triton")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (4, 3)]
+    hidden = target.config.hidden_size
+    features = [torch.randn(n, hidden, generator=gen) for n in (7, 2)]  # an extend of 4 + 3, a decode of 2
+    logits: dict[str, list[torch.Tensor]] = {}
+    for name, runner in (("graphs", graphs), ("eager", eager)):
+        a, b = (_seq(p) for p in prompts)
+        logits[name] = []
+        for work, feats in zip(([(a, 4), (b, 3)], [(a, 1), (b, 1)]), features, strict=True):
+            if work[0][1] == 1:
+                a.output_token_ids.append(17)
+                b.output_token_ids.append(29)
+            batch = runner.batch(work)
+            batch.features = feats
+            logits[name].append(runner.runner.forward(batch))
+            for seq, n in work:
+                seq.num_cached += n
+    for got, want in zip(logits["graphs"], logits["eager"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert graphs.graph_stats()["replays"] == {"full-extend": {"8": 1}, "full-decode": {"2": 1}}
+    batch.features = features[1] + 1  # the decode again (same slots), other features
+    assert not torch.allclose(graphs.runner.forward(batch), logits["graphs"][1], rtol=1e-2, atol=1e-2)

@@ -274,3 +274,23 @@ def _reference_hidden(ref: Any, ids: torch.Tensor, feature: torch.Tensor) -> tor
         x, attention_mask=causal, position_ids=positions, position_embeddings=ref.rotary(x, positions)
     )
     return out[0]
+
+
+def test_eagle_gathers_first_drafts_from_several_observe_forwards_in_request_order() -> None:
+    """Requests last observed in different steps: their first drafts and features come back in the
+    order asked for, whole when one forward holds exactly them."""
+    from types import SimpleNamespace
+
+    from tessera.engine.speculative.eagle import EagleProposer, _Next, _Observed
+
+    proposer = EagleProposer(SimpleNamespace(device=torch.device("cpu")))  # type: ignore[arg-type]
+    old = _Observed(torch.tensor([10, 11, 12]), torch.arange(6.0).view(3, 2))
+    new = _Observed(torch.tensor([20, 21]), 10 + torch.arange(4.0).view(2, 2))
+    nexts = [_Next(5, new, 1), _Next(5, old, 2), _Next(5, new, 0), _Next(5, old, 0)]
+    tokens, feats = proposer._gather(nexts)
+    assert tokens.tolist() == [21, 12, 20, 10]
+    assert feats.tolist() == [[12.0, 13.0], [4.0, 5.0], [10.0, 11.0], [0.0, 1.0]]
+    tokens, _ = proposer._gather([_Next(5, new, 0), _Next(5, new, 1)])
+    assert tokens is new.tokens
+    tokens, feats = proposer._gather([_Next(5, old, 1)])
+    assert tokens.tolist() == [11] and feats.tolist() == [[2.0, 3.0]]

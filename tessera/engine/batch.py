@@ -69,6 +69,8 @@ class ForwardBatch:
     host_pages: np.ndarray  # the page table [num_seqs, longest], int64
     host_logits: np.ndarray  # `logits_indices` on the host
     ids_on_device: bool = False  # `input_ids` came from the device: `host` holds placeholders for them
+    # the third input of a model that takes one (an EAGLE head's features [T, hidden]), on the device
+    features: torch.Tensor | None = None
 
     def feed_ids(self, ids: torch.Tensor) -> None:
         """Take the token ids from the device (a previous forward's output) rather than the host, so no

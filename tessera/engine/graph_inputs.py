@@ -109,6 +109,11 @@ class GraphInputs:
         self._host_layout = host[layout_at:].view(np.int32)
         self._host_tokens[2] = DUMMY_SLOT
         self._uploaded = torch.cuda.Event() if cuda else None
+        # a model's third input (an EAGLE head's features), copied in on the device
+        self.features: torch.Tensor | None = None
+        if getattr(model, "feature_input", False):
+            param = next(model.parameters())
+            self.features = torch.zeros(max_t, model.config.hidden_size, dtype=param.dtype, device=device)
 
     @property
     def descriptors(self) -> list[BatchDescriptor]:
@@ -131,7 +136,8 @@ class GraphInputs:
         t = d.num_tokens
         ctx = ForwardContext(t, t, self._metadata(d), self.layers, num_real=self.num_real)
         with forward_context(ctx):
-            return self.model(self.input_ids[:t], self.positions[:t])
+            inputs = (self.input_ids[:t], self.positions[:t])
+            return self.model(*inputs, *(() if self.features is None else (self.features[:t],)))
 
     def _metadata(self, d: BatchDescriptor) -> AttentionMetadata:
         q_start, q_len, ctx_len = self.layout[: 3 * d.num_seqs].view(3, d.num_seqs)
@@ -171,6 +177,10 @@ class GraphInputs:
             self._uploaded.record()
         if batch is not None and batch.ids_on_device:  # after the upload, over its placeholders
             self.input_ids[:n].copy_(batch.input_ids)
+        if batch is not None and self.features is not None:
+            # NOTE: padded rows keep an earlier batch's features: finite, and read by no real row
+            assert batch.features is not None
+            self.features[:n].copy_(batch.features)
         if batch is not None:
             self._stage_pages(d, batch)
 
@@ -187,5 +197,6 @@ class GraphInputs:
         """Padded rows' token ids and positions taken from real rows in a random order (they must stay
         valid indices); the slot mapping keeps them in the dummy slot."""
         picks = torch.randint(0, n, (d.num_tokens - n,), device=self.inputs.device)
-        for row in (self.input_ids, self.positions):
+        rows = (self.input_ids, self.positions) + (() if self.features is None else (self.features,))
+        for row in rows:
             row[n : d.num_tokens] = row[:n][picks]

@@ -151,7 +151,7 @@ class ModelRunner:
         return not self.config.runner.disable_piecewise_cuda_graph
 
     def _full_wanted(self) -> bool:
-        if self.config.runner.disable_cuda_graph or self.feature_input:  # (full graphs stage no features)
+        if self.config.runner.disable_cuda_graph:
             return False
         if self.attention_backend != "triton":
             logger.warning("full CUDA graphs need --attention-backend triton; running without them")
@@ -261,22 +261,17 @@ class ModelRunner:
         return BatchDescriptor(GraphMode.EAGER, n)
 
     @torch.no_grad()
-    def forward(
-        self,
-        batch: ForwardBatch,
-        descriptor: BatchDescriptor | None = None,
-        features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, descriptor: BatchDescriptor | None = None) -> torch.Tensor:
         """Logits of `batch.logits_indices` for one forward run as `descriptor` (default: `dispatch`);
-        the hidden states of every row stay in `last_hidden` until the next forward. `features`: the
-        third input of a model that takes one. Leaves the sequences as they were (a benchmark can replay
-        the same batch)."""
+        the hidden states of every row stay in `last_hidden` until the next forward. Leaves the sequences
+        as they were (a benchmark can replay the same batch)."""
+        features = batch.features
         if (features is not None) != self.feature_input:
             raise ValueError("features go with a model that takes them (an EAGLE head), and only there")
         d = descriptor or self.dispatch(batch)
         if self.on_forward is not None:
-            if batch.ids_on_device:
-                raise RuntimeError("a published forward needs its token ids on the host (feed_ids)")
+            if batch.ids_on_device or features is not None:
+                raise RuntimeError("a published forward has its inputs on the host (no feed_ids, features)")
             self.on_forward(batch, d)
         n = batch.input_ids.shape[0]
         inputs = (batch.input_ids, batch.positions) + ((features,) if features is not None else ())

@@ -11,6 +11,8 @@ preparation of the next step, every step).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,14 +46,36 @@ def _picks(steps: list[tuple[ForwardBatch, list[int]]], device: torch.device) ->
     return list(to_device(np.concatenate(host), device).split([len(h) for h in host]))
 
 
+@dataclass
+class Chain:
+    """A launched chain: each step's batch with the requests in it, and its draft tokens on the device."""
+
+    steps: list[tuple[ForwardBatch, list[int]]]
+    tokens: list[torch.Tensor]
+
+    def drafts(self, host: Iterator[int], num_rows: int) -> list[list[int]]:
+        """Each request's drafts from `host`, the tokens of every step in order (`torch.cat(tokens)`
+        on the host)."""
+        drafts: list[list[int]] = [[] for _ in range(num_rows)]
+        for _, active in self.steps:
+            for i in active:
+                drafts[i].append(next(host))
+        return drafts
+
+
 @torch.no_grad()
-def draft(
-    runner: ModelRunner, rows: list[Row], rooms: list[int], features: torch.Tensor | None = None
-) -> list[list[int]]:
-    """`rooms[i]` (>= 1) greedy draft tokens of request i, whose first draft forward is `rows[i]` (its
-    tokens not yet run, the position of the first, its pages) and each later one the draft before.
-    `features`: an EAGLE head's, one a request (its rows are one token each); later steps take the
-    head's output at the row before."""
+def launch(
+    runner: ModelRunner,
+    rows: list[Row],
+    rooms: list[int],
+    features: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+) -> Chain:
+    """Queue the forwards that draft `rooms[i]` (>= 1) greedy tokens for request i, whose first draft
+    forward is `rows[i]` (its tokens not yet run, the position of the first, its pages) and each later
+    one the draft before; nothing waits for the device. `features`: an EAGLE head's, one a request (its
+    rows are one token each); later steps take the head's output at the row before. `ids`: the first
+    step's token ids on the device (the rows' own are then placeholders)."""
     if features is not None and any(len(tokens) != 1 for tokens, _, _ in rows):
         raise ValueError("a feature per request goes with one-token rows")
     steps = _plan(rows, rooms, runner)
@@ -61,14 +85,20 @@ def draft(
         if j:
             batch.feed_ids(tokens[-1][picks[j - 1]])
             features = features[picks[j - 1]] if features is not None else None
-        tokens.append(runner.forward(batch, features=features).argmax(dim=-1))
+        elif ids is not None:
+            batch.feed_ids(ids)
+        batch.features = features
+        tokens.append(runner.forward(batch).argmax(dim=-1))
         if features is not None:
             hidden = runner.last_hidden
             assert hidden is not None
             features = hidden[batch.logits_indices]  # a copy: graph memory moves on
-    drafted = iter(torch.cat(tokens).tolist())
-    drafts: list[list[int]] = [[] for _ in rows]
-    for _, active in steps:
-        for i in active:
-            drafts[i].append(next(drafted))
-    return drafts
+    return Chain(steps, tokens)
+
+
+def draft(
+    runner: ModelRunner, rows: list[Row], rooms: list[int], features: torch.Tensor | None = None
+) -> list[list[int]]:
+    """`launch`'s drafts on the host: one wait for the device, for all of them."""
+    chain = launch(runner, rows, rooms, features)
+    return chain.drafts(iter(torch.cat(chain.tokens).tolist()), len(rows))

@@ -24,20 +24,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tessera.engine.batch import Row, build_rows
+from tessera.engine.batch import Row, build_rows, to_device
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
-from tessera.engine.speculative import chain
+from tessera.engine.speculative.chain import launch
+
+
+@dataclass(eq=False)
+class _Observed:
+    """One `observe` forward's outputs at each request's last row, left on the device: the request's
+    first draft token and the feature of the draft step after it."""
+
+    tokens: torch.Tensor  # [n]
+    features: torch.Tensor  # [n, hidden]
 
 
 @dataclass
 class _Next:
-    """What the head's row at a request's last cached position gave: its first draft and the feature of
-    the draft step after it, valid while the request's cached length is `num_cached`."""
+    """Where a request's first draft is (row `row` of `observed`), valid while the request's cached
+    length is `num_cached`."""
 
     num_cached: int
-    token: int
-    feature: torch.Tensor  # [1, hidden]
+    observed: _Observed
+    row: int
 
 
 class EagleProposer:
@@ -65,40 +74,72 @@ class EagleProposer:
             seqs.append(seq)
         if not rows:
             return
-        tokens, outputs = self._step(rows, feats)
+        observed = self._step(rows, feats)  # NOTE: not waited for: `propose` chains on from the device
         for j, seq in enumerate(seqs):
-            self._next[seq] = _Next(seq.num_cached, tokens[j], outputs[j : j + 1])
+            self._next[seq] = _Next(seq.num_cached, observed, j)
 
     @torch.no_grad()
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[list[int]]:
-        drafts: list[list[int]] = [[] for _ in seqs]
-        rows: list[Row] = []
-        feats: list[torch.Tensor] = []
-        chained: list[int] = []
-        for i, (seq, room) in enumerate(zip(seqs, rooms, strict=True)):
+        have: list[int] = []  # the requests the head has run the last position of, and where
+        nexts: list[_Next] = []
+        for i, seq in enumerate(seqs):
             nxt = self._next.get(seq)
-            if nxt is None or nxt.num_cached != seq.num_cached:
-                continue  # the head has not run this request's last position: no draft this step
-            drafts[i].append(nxt.token)
-            if room > 1:
-                rows.append(([nxt.token], seq.num_cached, seq.pages))
-                feats.append(nxt.feature)
-                chained.append(i)
-        if rows:
-            more = chain.draft(self.runner, rows, [rooms[i] - 1 for i in chained], torch.cat(feats))
-            for i, tokens in zip(chained, more, strict=True):
-                drafts[i] += tokens
+            if nxt is not None and nxt.num_cached == seq.num_cached:
+                have.append(i)
+                nexts.append(nxt)
+        drafts: list[list[int]] = [[] for _ in seqs]
+        if not have:
+            return drafts  # no draft this step for requests the head has not caught up on
+        first, feats = self._gather(nexts)
+        chained = [k for k, i in enumerate(have) if rooms[i] > 1]
+        tokens = [first]
+        if chained:
+            if len(chained) < len(have):
+                pick = to_device(np.array(chained, dtype=np.int64), self.runner.device)
+                ids, feats = first[pick], feats[pick]
+            else:
+                ids = first
+            # each chained request's first draft runs at its next position (placeholders: `ids` on device)
+            rows = [([0], seqs[have[k]].num_cached, seqs[have[k]].pages) for k in chained]
+            chain = launch(self.runner, rows, [rooms[have[k]] - 1 for k in chained], feats, ids)
+            tokens += chain.tokens
+        host = iter(torch.cat(tokens).tolist())  # the one wait for the device, for every draft
+        for i in have:
+            drafts[i].append(next(host))
+        if chained:
+            for k, more in zip(chained, chain.drafts(host, len(chained)), strict=True):
+                drafts[have[k]] += more
         return drafts
 
-    def _step(self, rows: list[Row], feats: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    def _gather(self, nexts: list[_Next]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first draft tokens [n] and features [n, hidden] of `nexts`, on the device (one gather
+        from each observe forward they come from: usually the last one alone, taken whole)."""
+        sources = {id(nx.observed): nx.observed for nx in nexts}
+        tokens, feats = [], []
+        for observed in sources.values():
+            rows = [nx.row for nx in nexts if nx.observed is observed]
+            if len(sources) == 1 and rows == list(range(len(observed.tokens))):
+                return observed.tokens, observed.features
+            pick = to_device(np.array(rows, dtype=np.int64), self.runner.device)
+            tokens.append(observed.tokens[pick])
+            feats.append(observed.features[pick])
+        if len(sources) == 1:
+            return tokens[0], feats[0]
+        # requests from several observe forwards: back to `nexts`' order
+        order = [k for observed in sources.values() for k, nx in enumerate(nexts) if nx.observed is observed]
+        back = to_device(np.argsort(np.array(order)), self.runner.device)
+        return torch.cat(tokens)[back], torch.cat(feats)[back]
+
+    def _step(self, rows: list[Row], feats: list[torch.Tensor]) -> _Observed:
         """One head forward -> each row's next token and the head's output at its last position (the
         feature of its next step), in `rows`' order."""
         batch = build_rows(rows, self.runner.page_size, self.runner.device)
-        logits = self.runner.forward(batch, features=self._in_batch_order(batch.last_rows, rows, feats))
+        batch.features = self._in_batch_order(batch.last_rows, rows, feats)
+        logits = self.runner.forward(batch)
         hidden = self.runner.last_hidden
         assert hidden is not None
-        outputs = hidden[batch.logits_indices]  # a copy: graph memory moves on
-        return logits.argmax(dim=-1).tolist(), outputs
+        # (`hidden[...]` is a copy: graph memory moves on)
+        return _Observed(logits.argmax(dim=-1), hidden[batch.logits_indices])
 
     @staticmethod
     def _in_batch_order(last_rows: np.ndarray, rows: list[Row], feats: list[torch.Tensor]) -> torch.Tensor:
