@@ -134,7 +134,6 @@ def test_token_ids_fed_from_the_device_replace_the_hosts_in_full_graphs() -> Non
     assert stats["full-extend"] == {"8": 2} and stats["full-decode"] == {"2": 2}, stats
 
 
-
 @needs_triton_on_cpu
 def test_an_eagle_heads_features_are_staged_into_its_full_graphs(tmp_path: Path) -> None:
     """A model with a third input (an EAGLE head's features) replays extend and decode graphs that read
