@@ -8,7 +8,8 @@ completions differ from plain decoding's (greedy; bfloat16 batches of another sh
 differently, so this is counted, not asserted).
 
 Workloads (default SmolLM2-135M-Instruct, chat-templated, greedy; `--model benchmarks/configs/llama3-8b
---load-format dummy --proposers plain eagle-random` measures EAGLE's overhead on Llama-3-8B's shapes):
+--load-format dummy --proposers plain eagle-random eagle-random-k1 eagle-random-hot32k` measures EAGLE's
+overhead on Llama-3-8B's shapes, at K = 3, K = 1, and K = 3 over a hot vocabulary):
 - repeat: "repeat this text" over GSM8K questions, an output that copies its input (NGRAM's case);
 - gsm8k: GSM8K questions answered step by step.
 """
@@ -40,6 +41,10 @@ PROPOSERS: dict[str, dict[str, Any]] = {
     # a seeded random EAGLE head for the target (no public head is here): acceptance ~0, so this
     # measures what speculation costs
     "eagle-random": {"speculative_algorithm": "EAGLE", "speculative_num_steps": 3},
+    "eagle-random-k1": {"speculative_algorithm": "EAGLE", "speculative_num_steps": 1},
+    # drafting from a hot vocabulary of 32,768 tokens (FR-Spec's size; with a random head which ones
+    # changes nothing of the cost): a quarter of Llama-3's lm_head read a draft step
+    "eagle-random-hot32k": {"speculative_algorithm": "EAGLE", "speculative_num_steps": 3, "hot_vocab": 32768},
 }  # fmt: skip
 
 
@@ -106,9 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     plain: dict[tuple[str, int], dict[str, Any]] = {}
     for name in ["plain", *[n for n in args.proposers if n != "plain"]]:
         t = time.perf_counter()
-        spec = PROPOSERS[name]
+        spec = dict(PROPOSERS[name])
         if spec.get("speculative_algorithm") == "EAGLE":
-            spec = spec | {"speculative_draft_model_path": _random_head(args.model)}
+            head = _random_head(args.model)
+            spec["speculative_draft_model_path"] = str(head)
+            if "hot_vocab" in spec:
+                torch.save(torch.arange(spec.pop("hot_vocab")), head / "token_map.pt")
+                spec["speculative_token_map"] = str(head / "token_map.pt")
         llm = LLM(args.model, load_format=args.load_format, **spec)
         startup = time.perf_counter() - t
         for workload in args.workloads:
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
 
 
-def _random_head(model: str | None) -> str:
+def _random_head(model: str | None) -> Path:
     from tessera.loader.model_loader import default_model_path
     from tessera.testing.eagle_checkpoint import save_random_eagle_head
 
@@ -148,7 +157,7 @@ def _random_head(model: str | None) -> str:
         target = json.loads((Path(model) / "config.json").read_text())
     folder = Path(tempfile.mkdtemp(prefix="eagle-head-"))
     save_random_eagle_head(folder, target, seed=0)
-    return str(folder)
+    return folder
 
 
 def _line(r: dict[str, Any]) -> str:

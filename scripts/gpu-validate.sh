@@ -77,8 +77,9 @@ case "${1:-}" in
     step setup 120 bash scripts/gpu-setup.sh
     step test_spec 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
     step bench_spec 200 python3 -m benchmarks.speculative --out "$OUT/speculative.json"
-    step bench_eagle 150 python3 -m benchmarks.speculative --model benchmarks/configs/llama3-8b \
-      --load-format dummy --proposers plain eagle-random --workloads gsm8k --out "$OUT/speculative_eagle.json"
+    step bench_eagle 240 python3 -m benchmarks.speculative --model benchmarks/configs/llama3-8b \
+      --load-format dummy --proposers plain eagle-random eagle-random-k1 eagle-random-hot32k \
+      --workloads gsm8k --out "$OUT/speculative_eagle.json"
     for s in ngram self-draft-8; do
       step "gsm8k_$s" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --out "$OUT/gsm8k_$s.json"
     done ;;

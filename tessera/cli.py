@@ -233,6 +233,11 @@ def _speculative_flags(p: argparse.ArgumentParser) -> None:
         "--speculative-draft-layers", type=int, default=None, metavar="L",
         help="STANDALONE: draft with the target's own first L layers (no extra weights)",
     )  # fmt: skip
+    g.add_argument(
+        "--speculative-token-map", default=None, metavar="PATH",
+        help="EAGLE: draft from these tokens only, a torch.save'd 1-D tensor of ids (e.g. the 32k most "
+        "frequent: FR-Spec's freq_32768.pt); the head's LM head keeps only their rows",
+    )  # fmt: skip
     g.add_argument("--speculative-ngram-min-match-window-size", type=int,
                    default=spec.speculative_ngram_min_match_window_size)  # fmt: skip
     g.add_argument("--speculative-ngram-max-match-window-size", type=int,

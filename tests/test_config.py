@@ -57,6 +57,8 @@ def test_derived_values_follow_what_they_derive_from() -> None:
             "not both",
         ),
         ({"speculative_algorithm": "EAGLE"}, "EAGLE needs"),
+        ({"speculative_algorithm": "NGRAM", "speculative_token_map": "m.pt"}, "token-map is EAGLE's"),
+        ({"speculative_token_map": "m.pt"}, "speculative-token-map need --speculative-algorithm"),
         ({"speculative_algorithm": "NGRAM", "speculative_num_steps": 0}, "steps must be in"),
         (
             {

@@ -149,3 +149,42 @@ def test_pytorch_model_bin_loads_like_safetensors(tmp_path: Path) -> None:
     from_bin = load_eagle_head(bin_folder, target, torch.float32, "cpu")
     for (name, a), (_, b) in zip(head.state_dict().items(), from_bin.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_hot_vocabulary_keeps_its_rows_of_the_head_in_its_order(tmp_path: Path) -> None:
+    """With a token map the head's logits are the full head's columns of those tokens, in the map's
+    order, and the target's own head is untouched."""
+    target, head, _ = _setup(tmp_path, fc_bias=False, with_embedding=False)
+    torch.manual_seed(4)
+    hidden = torch.randn(3, head.config.hidden_size)
+    full = head.compute_logits(hidden)
+    hot = torch.randperm(head.config.vocab_size)[:40]
+    torch.save(hot, tmp_path / "map.pt")
+    mapped = load_eagle_head(tmp_path, target, torch.float32, "cpu", token_map=tmp_path / "map.pt")
+    assert torch.equal(mapped.draft_vocab, hot)
+    assert rel_err(mapped.compute_logits(hidden), full[:, hot]) < 1e-6
+    assert mapped.lm_head is target.lm_head and target.lm_head(hidden).shape == full.shape
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        (torch.tensor([[1, 2]]), "2-D"),
+        (torch.tensor([1.0, 2.0]), "float"),
+        (torch.tensor([], dtype=torch.long), "non-empty"),
+        (torch.tensor([3, 5, 3]), "ids repeat"),
+        (torch.tensor([0, 256]), r"in \[0, 256\)"),
+        ([1, 2, 3], "list"),
+    ],
+)
+def test_a_bad_token_map_is_refused(tmp_path: Path, saved: object, message: str) -> None:
+    from tessera.loader.eagle import load_token_map
+
+    torch.save(saved, tmp_path / "map.pt")
+    with pytest.raises(ValueError, match=message):
+        load_token_map(tmp_path / "map.pt", vocab_size=256)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_token_map(tmp_path / "absent.pt", vocab_size=256)
+    (tmp_path / "text.pt").write_text("not a tensor")
+    with pytest.raises(ValueError, match=r"not a tensor saved with torch\.save"):
+        load_token_map(tmp_path / "text.pt", vocab_size=256)

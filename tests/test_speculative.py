@@ -225,6 +225,33 @@ def test_eagle_keeps_greedy_output_and_replays_its_head_in_graphs(
     assert sum(head_graphs["replays"]["piecewise"].values()) > 0 and not head_graphs["eager_fallbacks"]
 
 
+def test_eagle_with_a_token_map_drafts_from_it_alone_and_keeps_greedy_output(
+    plain: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    folder, spec = _eagle(tmp_path)
+    hot = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(6))[:2048]
+    torch.save(hot, tmp_path / "hot.pt")
+    llm = LLM(
+        str(folder),
+        **SETTINGS,
+        **spec,
+        speculative_num_steps=3,
+        speculative_token_map=str(tmp_path / "hot.pt"),
+    )
+    drafted: list[int] = []
+    propose = llm.proposer.propose  # type: ignore[union-attr]
+
+    def recording(seqs: list[Any], rooms: list[int]) -> list[list[int]]:
+        drafts = propose(seqs, rooms)
+        drafted.extend(t for d in drafts for t in d)
+        return drafts
+
+    llm.proposer.propose = recording  # type: ignore[union-attr,method-assign]
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == plain["llama"]
+    _no_leak(llm)
+    assert len(drafted) > 30 and set(drafted) <= set(hot.tolist())
+
+
 def test_eagle_drafts_are_the_heads_chain_over_the_targets_features(tmp_path: Path) -> None:
     """Each proposal equals a dense recomputation: the target's features of every position so far (one
     prefill), the head over them, then its own chain — so the engine hands the head the right features

@@ -90,13 +90,15 @@ class SpeculativeConfig:
     target forward verifies them all. NGRAM: the continuation of the longest recent n-gram match in the
     request's own tokens. STANDALONE: a draft model sharing the target's vocabulary, loaded from
     `draft_model_path`, or the target's own first `draft_layers` layers (self-speculation, no extra
-    weights). EAGLE: a one-layer head over the target's hidden states, from `draft_model_path`."""
+    weights). EAGLE: a one-layer head over the target's hidden states, from `draft_model_path`,
+    drafting from the token ids of `token_map` only if one is given (a hot vocabulary)."""
 
     speculative_algorithm: str | None = None
     speculative_num_steps: int | None = None  # default: DEFAULT_SPECULATIVE_STEPS
     speculative_num_draft_tokens: int | None = None  # default: num_steps + 1
     speculative_draft_model_path: str | None = None
     speculative_draft_layers: int | None = None
+    speculative_token_map: str | None = None
     speculative_ngram_min_match_window_size: int = 1
     speculative_ngram_max_match_window_size: int = 12
 
@@ -104,7 +106,8 @@ class SpeculativeConfig:
         algo, path, layers = self.algorithm, self.speculative_draft_model_path, self.speculative_draft_layers
         if algo is None:
             given = [f for f in ("speculative_num_steps", "speculative_num_draft_tokens",
-                                 "speculative_draft_model_path", "speculative_draft_layers")
+                                 "speculative_draft_model_path", "speculative_draft_layers",
+                                 "speculative_token_map")
                      if getattr(self, f) is not None]  # fmt: skip
             if given:
                 flags = ", ".join("--" + f.replace("_", "-") for f in given)
@@ -130,6 +133,8 @@ class SpeculativeConfig:
             )
         if algo == "EAGLE" and (path is None or layers is not None):
             raise ValueError("EAGLE needs --speculative-draft-model-path (the head) and no draft layers")
+        if self.speculative_token_map is not None and algo != "EAGLE":
+            raise ValueError("--speculative-token-map is EAGLE's (the head's hot vocabulary)")
         if layers is not None and layers < 1:
             raise ValueError(f"--speculative-draft-layers must be >= 1, got {layers}")
         lo, hi = self.speculative_ngram_min_match_window_size, self.speculative_ngram_max_match_window_size

@@ -113,7 +113,9 @@ class Engine:
 
             path = spec.speculative_draft_model_path
             assert path is not None
-            return load_eagle_head(path, self.model, config.torch_dtype, self.device)
+            return load_eagle_head(
+                path, self.model, config.torch_dtype, self.device, spec.speculative_token_map
+            )
         if spec.algorithm != "STANDALONE":
             return None
         if spec.speculative_draft_layers is not None:

@@ -110,11 +110,15 @@ class VocabParallelEmbedding(nn.Module):
         self.loaded = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._lookup(self, input_ids)
+
+    def _lookup(self, table: VocabParallelEmbedding, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] of `table` (this layer or the one it shares rows with), whole: [T, D]."""
         if not self.distributed:
-            return self.method.embedding(self, input_ids)
-        local = input_ids - self.vocab_start
+            return self.method.embedding(table, ids)
+        local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
-        out = self.method.embedding(self, local.masked_fill(outside, 0))  # [T, D]
+        out = self.method.embedding(table, local.masked_fill(outside, 0))  # [T, D]
         return all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0), self.placement)
 
     @torch.no_grad()
@@ -177,6 +181,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         if not self.distributed:
             return logits
         return all_gather(logits, dim=-1)[..., : self.num_embeddings]
+
+    def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The head's rows of `token_ids` [n] -> [n, D] in the model's dtype, whole on every rank (a
+        draft head over part of the vocabulary copies them)."""
+        return self._lookup(self._table(), token_ids)
 
     def process_weights_after_loading(self) -> None:
         if not self.tied_to:  # a tied head's rows are its embedding's, which repacks them

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tessera.layers.linear import Loaded, MethodFor, ReplicatedLinear, method_at
@@ -44,6 +45,9 @@ class EagleHead(nn.Module):
         # the target's, set by bind_target
         self.embed_tokens: VocabParallelEmbedding | None = None
         self.lm_head: ParallelLMHead | None = None
+        # a hot vocabulary (`restrict_vocab`): the token ids drafted from, and the head's rows of them
+        self.draft_vocab: torch.Tensor | None = None
+        self.draft_head: torch.Tensor | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, target_hidden: torch.Tensor
@@ -57,8 +61,22 @@ class EagleHead(nn.Module):
         return out + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [T, V] over the vocabulary, or [T, len(draft_vocab)] over a hot one (column j is
+        token `draft_vocab[j]`)."""
         assert self.lm_head is not None, "bind_target first"
+        if self.draft_head is not None:
+            return F.linear(hidden, self.draft_head).float()
         return self.lm_head(hidden).float()
+
+    def restrict_vocab(self, token_ids: torch.Tensor) -> None:
+        """Draft from `token_ids` only (distinct ids of the target's vocabulary, e.g. its most frequent
+        32k: FR-Spec's hot vocabulary, SGLang's --speculative-token-map): the head's logits cost
+        len(token_ids) rows of the lm_head instead of all of them. A copy of those rows is kept; the
+        target verifies whatever is drafted, so only the acceptance rate depends on the choice."""
+        assert self.lm_head is not None, "bind_target first"
+        ids = token_ids.to(device=next(self.parameters()).device, dtype=torch.long)
+        self.draft_vocab = ids
+        self.draft_head = self.lm_head.rows(ids)
 
     def bind_target(self, target: CausalLM) -> None:
         """Use the target's embedding and lm_head (shared, not copied)."""

@@ -46,6 +46,14 @@ def _picks(steps: list[tuple[ForwardBatch, list[int]]], device: torch.device) ->
     return list(to_device(np.concatenate(host), device).split([len(h) for h in host]))
 
 
+def greedy(runner: ModelRunner, logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token: the argmax, through the model's hot vocabulary if it drafts from
+    one (an EAGLE head's `draft_vocab`)."""
+    best = logits.argmax(dim=-1)
+    vocab = getattr(runner.model, "draft_vocab", None)
+    return best if vocab is None else vocab[best]
+
+
 @dataclass
 class Chain:
     """A launched chain: each step's batch with the requests in it, and its draft tokens on the device."""
@@ -88,7 +96,7 @@ def launch(
         elif ids is not None:
             batch.feed_ids(ids)
         batch.features = features
-        tokens.append(runner.forward(batch).argmax(dim=-1))
+        tokens.append(greedy(runner, runner.forward(batch)))
         if features is not None:
             hidden = runner.last_hidden
             assert hidden is not None

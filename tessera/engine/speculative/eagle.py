@@ -27,7 +27,7 @@ import torch
 from tessera.engine.batch import Row, build_rows, to_device
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
-from tessera.engine.speculative.chain import launch
+from tessera.engine.speculative.chain import greedy, launch
 
 
 @dataclass(eq=False)
@@ -139,7 +139,7 @@ class EagleProposer:
         hidden = self.runner.last_hidden
         assert hidden is not None
         # (`hidden[...]` is a copy: graph memory moves on)
-        return _Observed(logits.argmax(dim=-1), hidden[batch.logits_indices])
+        return _Observed(greedy(self.runner, logits), hidden[batch.logits_indices])
 
     @staticmethod
     def _in_batch_order(last_rows: np.ndarray, rows: list[Row], feats: list[torch.Tensor]) -> torch.Tensor:
