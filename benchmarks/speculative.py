@@ -61,7 +61,8 @@ def prompts(llm: LLM, workload: str, n: int) -> list[list[int]]:
 def run(llm: LLM, ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
     """All of `ids` together; per-request first-token and finish times from the step loop."""
     params = SamplingParams(max_tokens=max_tokens)
-    before = list(llm.stats()["spec_accepted"])
+    stats = llm.stats()
+    before, steps_before, seconds_before = list(stats["spec_accepted"]), stats["steps"], stats["step_seconds"]
     seqs = [llm.add(p, params) for p in ids]
     first: dict[int, float] = {}
     done: dict[int, float] = {}
@@ -80,8 +81,10 @@ def run(llm: LLM, ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
         for s in seqs
         if len(s.output_token_ids) > 1
     ]
-    accepted = [a - b for a, b in zip(llm.stats()["spec_accepted"], before, strict=True)]
+    stats = llm.stats()
+    accepted = [a - b for a, b in zip(stats["spec_accepted"], before, strict=True)]
     verifies = sum(accepted)
+    steps = stats["steps"] - steps_before
     return {
         "decode_tok_s": decoded / span if span > 0 else 0.0,
         "mean_tpot_ms": 1e3 * sum(tpot) / max(len(tpot), 1),
@@ -90,6 +93,13 @@ def run(llm: LLM, ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
         "acceptance_length": (verifies + sum(k * n for k, n in enumerate(accepted))) / verifies
         if verifies
         else None,
+        # the host's milliseconds a step by phase (`Engine.step`): propose includes waiting for the
+        # draft chain, sample waiting for the target's forward
+        "steps": steps,
+        "step_ms": {
+            k: round(1e3 * (v - seconds_before[k]) / max(steps, 1), 3)
+            for k, v in stats["step_seconds"].items()
+        },
         "outputs": [list(s.output_token_ids) for s in seqs],
     }
 
