@@ -14,13 +14,16 @@ from tessera.engine.speculative.ngram import NgramProposer
 
 def _reference(tokens: list[int], k: int, min_match: int, max_match: int) -> list[int]:
     """The definition, tried in the obvious order: the longest suffix (min_match..max_match tokens) that
-    occurs earlier, and up to k tokens after its latest earlier occurrence."""
+    occurs earlier, and up to k tokens after its latest earlier occurrence with k tokens after it, or
+    after its latest earlier occurrence if none has."""
     n = len(tokens)
     for length in range(min(max_match, n - 1), min_match - 1, -1):
         suffix = tokens[n - length :]
-        for end in range(n - 2, length - 2, -1):  # latest first; an occurrence ends before the last token
-            if tokens[end - length + 1 : end + 1] == suffix:
-                return tokens[end + 1 : end + 1 + k]
+        # latest first; an occurrence ends before the last token
+        ends = [e for e in range(n - 2, length - 2, -1) if tokens[e - length + 1 : e + 1] == suffix]
+        if ends:
+            end = next((e for e in ends if n - 1 - e >= k), ends[0])
+            return tokens[end + 1 : end + 1 + k]
     return []
 
 
@@ -47,6 +50,13 @@ def test_max_match_caps_the_compared_length() -> None:
     tokens = [1, 2, 3, 7, 9, 2, 3, 8, 1, 2, 3]  # "1 2 3" then 7; later "2 3" then 8
     assert NgramProposer(max_match=3).draft(tokens, 1) == [7]
     assert NgramProposer(max_match=2).draft(tokens, 1) == [8]  # both match 2 tokens: the later
+
+
+def test_among_equal_matches_the_latest_that_fills_the_room_wins() -> None:
+    tokens = [1, 2, 3, 4, 5, 6, 1, 2, 3, 1, 2]  # "1 2" then 3 4 5 6 ..., later "1 2" then 3 and the end
+    assert NgramProposer().draft(tokens, 2) == [3, 1]  # the later one has 2 tokens after it
+    assert NgramProposer().draft(tokens, 4) == [3, 4, 5, 6]  # only the earlier one has 4
+    assert NgramProposer().draft([1, 2, 3, 1, 2, 9, 1, 2], 9) == [9, 1, 2]  # none has 9: the latest
 
 
 def test_at_most_k_tokens_and_fewer_near_the_end() -> None:
