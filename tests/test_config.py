@@ -104,3 +104,6 @@ def test_speculative_settings_in_sglangs_spelling() -> None:
     assert (spec.algorithm, spec.num_steps) == ("STANDALONE", 4)  # 5 tokens verified: 4 drafts + 1
     assert EngineConfig().speculative.num_steps == 0
     assert EngineConfig.create(speculative_algorithm="ngram").speculative.num_steps == 3
+    eagle = _flags("--speculative-algorithm", "EAGLE", "--speculative-draft-model-path", "head",
+                   "--speculative-token-map", "hot.pt").speculative  # fmt: skip
+    assert (eagle.speculative_draft_model_path, eagle.speculative_token_map) == ("head", "hot.pt")
