@@ -91,8 +91,7 @@ class NgramProposer:
         if best < self.min_match:
             return []
         # NOTE: the latest match that fills the room: in a copied text the latest is often the copy's
-        # own last tokens, with too few after them (K = 8 on SmolLM2 copying a text: 3.04 tokens a
-        # verify against 2.89 with the latest match alone)
+        # own last tokens, with too few after them to use a long room (docs/gpu.md, fifteenth session)
         longest = ends[length == best]
         full = longest[longest + k <= last]
         end = int(full[-1] if full.size else longest[-1])
