@@ -9,8 +9,8 @@ that have one, MI355X's included).
 
 MXFP4 at one row of x (`GemvConfig.fma`, the untuned default there) takes no MMA at all: a weight decoded
 for an MMA (here, or in `tl.dot_scaled`'s upcast on cards without an MXFP4 MMA) goes through shared
-memory into the operand layout, about 4 bytes of shared-memory traffic per 0.5-byte weight (those
-kernels read W at 0.18 to 0.26 of an H100's copy bandwidth), while one row's dot products are CUDA-core
+memory into the operand layout, about 4 bytes of shared-memory traffic per 0.5-byte weight (what bounds
+those kernels' bandwidth: docs/gpu.md, fourteenth session), while one row's dot products are CUDA-core
 FMAs on the weights in the registers they were loaded and decoded in.
 
 MXFP4 decode: an e2m1 code (sign s, exponent e, mantissa m) is put into float16 bits as s << 15 | em <<
