@@ -5,7 +5,7 @@
 #   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
 #   5: DeepSeek / MoE GPU tests, `benchmarks.moe_padding`, `benchmarks.step` on their shapes
 #      (5 = 5a: the first two; 5b, 5c: the step bench on DeepSeek-V2-Lite, on Qwen3-30B-A3B)
-#   stage [quant] then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
+#   stage [quant|gemm|mxfp4] then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
 #   stage [quant] then models stage: the GPU tests of issues 20-22 and SmolLM2's quant bench
 #   quant: `benchmarks.quant` on the Llama-3-8B config   tp1 BEFORE_DIR: the step bench here and in BEFORE_DIR
 #   stage then tp [N] (N GPUs): the multi-GPU tests and `benchmarks.tp_step`   tp-serve: serving at TP 2
@@ -64,7 +64,15 @@ case "${1:-}" in
     # `stage gemm`: the decode GEMMs' tests, and their configs swept (the sweep also times every format
     # at M = 1 and 16, the ends of the decode path) and saved as this card's table in $TUNED (`quant`
     # and `models` then use it)
-    [ "${2:-}" = gemm ] && gemm_steps ;;
+    [ "${2:-}" = gemm ] && gemm_steps
+    # `stage mxfp4`: the decode GEMMs' tests (the one-row MXFP4 kernel's included), then MXFP4 against
+    # bf16 at decode batch 1 and 8 on the Llama-3-8B config (issue 21's >= 1.5x target), untuned
+    if [ "${2:-}" = mxfp4 ]; then
+      step test_gemv 150 python3 -m pytest -q -p no:cacheprovider tests/test_quant_gemv.py \
+        tests/test_dense_gemv.py tests/test_quant_mxfp4.py
+      step bench_mxfp4 240 python3 -m benchmarks.quant --models llama3-8b --formats bf16 mxfp4 \
+        --decode 1 8 --extend --out "$OUT/quant_mxfp4.json"
+    fi ;;
   kernels)  # (carry .wheels/gpu; one call, no model) `stage gemm`'s steps, then the GPU tests of issues
     # 21-22 that need no staged model
     step setup 120 bash scripts/gpu-setup.sh
@@ -150,7 +158,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm]|spec|models [stage]|models-extra|kernels|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm|mxfp4]|spec|models [stage]|models-extra|kernels|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
      exit 2 ;;
 esac
 cat "$OUT/summary.txt"
