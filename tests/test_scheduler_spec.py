@@ -102,3 +102,25 @@ def test_the_histogram_counts_what_requests_kept_and_a_stop_mid_chain_cuts_it() 
     assert b.output_token_ids[-2:] == [21, STOP] and b.finish_reason == "stop"
     assert s.spec_accepted == [0, 0, 2, 0]  # a kept 2 drafts, b 2 (the stop token its last)
     assert b.pages == [] and len(a.pages) == 2  # b released; a's rejected room trimmed
+
+
+def test_drafts_on_the_device_hold_placeholders_until_the_verify_brings_them() -> None:
+    import torch
+
+    from tessera.engine.speculative import DRAFT_PLACEHOLDER, DeviceDrafts
+
+    s = _scheduler(64)
+    a, b, c = _decoding(s, 4, 8, 2)
+    batch = s.schedule()
+    drafts = DeviceDrafts([2, 0, 3], torch.tensor([11, 12, 31, 32, 33]))
+    s.attach_drafts(batch, drafts)
+    assert batch.device_drafts is drafts and drafts.seqs == [a, b, c]
+    assert batch.work == [(a, 3), (b, 1), (c, 4)]
+    assert a.draft_token_ids == [DRAFT_PLACEHOLDER] * 2 and not b.draft_token_ids
+    drafts.resolve(drafts.tokens.tolist())
+    assert (a.draft_token_ids, b.draft_token_ids, c.draft_token_ids) == ([11, 12], [], [31, 32, 33])
+    _verify(s, batch, {a: [11, 99]})
+    assert a.output_token_ids[-2:] == [11, 99]
+    batch = s.schedule()
+    s.attach_drafts(batch, DeviceDrafts([0, 0, 0], torch.tensor([], dtype=torch.long)))
+    assert not batch.verifies and batch.device_drafts is None

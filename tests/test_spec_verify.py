@@ -13,7 +13,7 @@ import torch
 
 from tessera.engine.sampling import SamplingParams, Verified, probabilities, sample_batch
 from tessera.engine.sequence import Sequence
-from tessera.engine.speculative import verify
+from tessera.engine.speculative import DRAFT_PLACEHOLDER, DeviceDrafts, verify
 from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 
@@ -304,3 +304,18 @@ def test_a_banned_draft_is_never_accepted_even_when_likely() -> None:
         seq.output_token_ids = [7, 8]
     emitted = [v.tokens for v in verify_batch(rows.repeat(len(seqs), 1), seqs, _stops())]
     assert sum(t[0] == EOS for t in emitted) > 0.8 * len(seqs)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(repetition_penalty=1.3)])
+def test_drafts_still_on_the_device_verify_as_drafts_on_the_host(params: SamplingParams) -> None:
+    """Greedy: they come back with the choices; with penalties (which read them), before."""
+    logits = _logits(2 * (K + 1), seed=5)
+    best = logits.argmax(-1).tolist()
+    host = [_with_wrong(best[: K + 1], 1), _with_wrong(best[K + 1 :], None)]
+    want = verify_batch(logits, [_seq(params, d) for d in host], None)
+    seqs = [_seq(params, [DRAFT_PLACEHOLDER] * K) for _ in host]
+    got = verify_batch(logits, seqs, None, DeviceDrafts([K, K], torch.tensor(host[0] + host[1]), seqs))
+    assert [s.draft_token_ids for s in seqs] == host
+    assert [(v.tokens, v.logprobs) for v in got] == [(v.tokens, v.logprobs) for v in want]
+    if params.plain:  # (penalties change the target's choices)
+        assert len(got[0].tokens) == 2 and len(got[1].tokens) == K + 1

@@ -14,6 +14,7 @@ import torch
 
 from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
+from tessera.engine.speculative import DeviceDrafts
 
 # vocabulary of the embedded model's tokenizer, which a dummy-weight folder without one borrows
 VOCAB = 49152
@@ -241,9 +242,9 @@ def test_eagle_with_a_token_map_drafts_from_it_alone_and_keeps_greedy_output(
     drafted: list[int] = []
     propose = llm.proposer.propose  # type: ignore[union-attr]
 
-    def recording(seqs: list[Any], rooms: list[int]) -> list[list[int]]:
+    def recording(seqs: list[Any], rooms: list[int]) -> Any:
         drafts = propose(seqs, rooms)
-        drafted.extend(t for d in drafts for t in d)
+        drafted.extend(t for d in _on_host(drafts) for t in d)
         return drafts
 
     llm.proposer.propose = recording  # type: ignore[union-attr,method-assign]
@@ -265,9 +266,9 @@ def test_eagle_drafts_are_the_heads_chain_over_the_targets_features(tmp_path: Pa
     proposals: list[tuple[list[int], list[int]]] = []
     propose = llm.proposer.propose  # type: ignore[union-attr]
 
-    def recording(seqs: list[Any], rooms: list[int]) -> list[list[int]]:
+    def recording(seqs: list[Any], rooms: list[int]) -> Any:
         drafts = propose(seqs, rooms)
-        proposals.extend((list(s.token_ids), d) for s, d in zip(seqs, drafts, strict=True) if d)
+        proposals.extend((list(s.token_ids), d) for s, d in zip(seqs, _on_host(drafts), strict=True) if d)
         return drafts
 
     llm.proposer.propose = recording  # type: ignore[union-attr,method-assign]
@@ -289,6 +290,10 @@ def test_eagle_drafts_are_the_heads_chain_over_the_targets_features(tmp_path: Pa
             ids = torch.cat((ids, torch.tensor(want[-1:])))
             features = torch.cat((features, hidden[-1:]))
         assert drafts == want
+
+
+def _on_host(drafts: list[list[int]] | DeviceDrafts) -> list[list[int]]:
+    return drafts.on_host() if isinstance(drafts, DeviceDrafts) else drafts
 
 
 @torch.no_grad()
@@ -321,3 +326,16 @@ def test_eagle_gathers_first_drafts_from_several_observe_forwards_in_request_ord
     assert tokens is new.tokens
     tokens, feats = proposer._gather([_Next(5, old, 1)])
     assert tokens.tolist() == [11] and feats.tolist() == [[2.0, 3.0]]
+
+
+def test_drafts_left_on_the_device_come_back_request_by_request() -> None:
+    """A chain's tokens, step by step over the requests still drafting, laid out request by request;
+    untouched where they are in that order already."""
+    from tessera.engine.speculative.chain import request_major
+
+    steps = [torch.tensor([10, 20, 30]), torch.tensor([11, 31]), torch.tensor([32])]
+    drafts = request_major(steps, [[0, 1, 2], [0, 2], [2]], 4)
+    assert drafts.counts == [2, 1, 3, 0]
+    assert drafts.on_host() == [[10, 11], [20], [30, 31, 32], []]
+    one = torch.tensor([5, 6, 7])
+    assert request_major([one], [[0, 1, 2]], 3).tokens is one

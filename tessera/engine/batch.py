@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tessera.engine.sequence import Sequence
+from tessera.engine.speculative import DeviceDrafts
 from tessera.layers.attention_metadata import SHORT_QUERY_LEN, AttentionMetadata, KernelLayout, SeqLayout
 
 # A mixed batch's attention runs as two launches (short sequences, long ones) once it holds this many
@@ -32,6 +33,7 @@ class ScheduledBatch:
     # the decodes with room, in the order `Scheduler.attach_drafts` takes drafts for them
     draft_room: dict[int, int] = field(default_factory=dict)
     verifies: bool = False  # some decode got draft tokens (set by `Scheduler.attach_drafts`)
+    device_drafts: DeviceDrafts | None = None  # the verifies' drafts, if they are on the device
 
     @classmethod
     def of(cls, work: list[tuple[Sequence, int]], draft_room: dict[int, int] | None = None) -> ScheduledBatch:
@@ -79,6 +81,12 @@ class ForwardBatch:
         if ids.shape != self.input_ids.shape:
             raise ValueError(f"{tuple(ids.shape)} token ids for a batch of {tuple(self.input_ids.shape)}")
         self.input_ids = ids
+        self.ids_on_device = True
+
+    def feed_at(self, rows: np.ndarray, ids: torch.Tensor) -> None:
+        """`feed_ids` for some rows (int64) alone: a verify's drafts, left on the device by their
+        proposer, over the host's placeholders."""
+        self.input_ids[to_device(rows, self.input_ids.device)] = ids
         self.ids_on_device = True
 
     def select_logits(self, rows: np.ndarray) -> None:

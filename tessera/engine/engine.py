@@ -26,7 +26,7 @@ from tessera.engine.parallel import TensorParallel, WorkerError
 from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
-from tessera.engine.speculative import Proposer
+from tessera.engine.speculative import DeviceDrafts, Proposer
 from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
@@ -98,9 +98,9 @@ class Engine:
         spec = config.speculative
         self.scheduler = Scheduler(config.scheduler, kv, stops, lookahead=spec.num_steps)
         self.proposer = self._proposer(pages)
-        # Host seconds of every step, by phase: schedule; propose (drafting); forward (building the
-        # batch and launching its work, asynchronous on a GPU); sample (which waits for the GPU to
-        # finish); update.
+        # Host seconds of every step, by phase: schedule; propose (drafting: a model's draft forwards
+        # are launched, not waited for); forward (building the batch and launching its work,
+        # asynchronous on a GPU); sample (which waits for the GPU to finish); update.
         self.steps = 0
         self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
 
@@ -207,14 +207,16 @@ class Engine:
         t1 = clock()
         proposer = self.proposer
         if proposer is not None and batch.draft_room:
-            rooms = list(batch.draft_room.values())
-            self.scheduler.attach_drafts(batch, proposer.propose(batch.proposal_seqs, rooms))
+            drafts = proposer.propose(batch.proposal_seqs, list(batch.draft_room.values()))
+            if self.tp is not None and isinstance(drafts, DeviceDrafts):
+                drafts = drafts.on_host()  # the other ranks take the forward's token ids from the host
+            self.scheduler.attach_drafts(batch, drafts)
         t2 = clock()
         starts = [seq.num_cached for seq, _ in batch.work] if proposer is not None else []
         logits = self._run(batch)
         t3 = clock()
         if batch.verifies:
-            verified = verify_batch(logits, batch.samplers, self.scheduler.stops)
+            verified = verify_batch(logits, batch.samplers, self.scheduler.stops, batch.device_drafts)
             t4 = clock()
             advanced = self.scheduler.postprocess_verified(batch, verified)
         else:

@@ -239,13 +239,13 @@ class ModelRunner:
         forward_batch = self.last_batch = build_batch(batch.work, self.page_size, self.device)
         rows = batch.sample_rows
         if batch.verifies:  # every verified position's logits: the last 1 + K rows of each verify
-            counts = np.array(batch.logits_rows, dtype=np.int64)
-            last = forward_batch.last_rows[rows]
-            first = np.repeat(last - counts + 1, counts)
-            offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            forward_batch.select_logits(first + offset)
+            forward_batch.select_logits(_last_rows(forward_batch, rows, batch.logits_rows))
         elif len(rows) < len(batch.work):
             forward_batch.select_logits(forward_batch.last_rows[rows])
+        drafts = batch.device_drafts
+        if drafts is not None:  # each verify's drafts: its last rows but one
+            draft_rows = _last_rows(forward_batch, list(batch.draft_room), drafts.counts)
+            forward_batch.feed_at(draft_rows, drafts.tokens)
         return self.forward(forward_batch)
 
     def dispatch(self, batch: ForwardBatch) -> BatchDescriptor:
@@ -286,6 +286,13 @@ class ModelRunner:
                 hidden = self.model(*inputs)
         self.last_hidden = hidden
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+
+def _last_rows(batch: ForwardBatch, seqs: list[int], counts: list[int]) -> np.ndarray:
+    """The last `counts[j]` rows of the `seqs[j]`-th sequence of `batch`, for each j, in that order."""
+    n = np.array(counts, dtype=np.int64)
+    first = np.repeat(batch.last_rows[seqs] - n + 1, n)
+    return first + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
 
 
 def num_kv_pages(config: EngineConfig, models: list[nn.Module], device: torch.device) -> int:

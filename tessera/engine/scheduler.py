@@ -29,6 +29,7 @@ from tessera.engine.config import SchedulerConfig
 from tessera.engine.kv_manager import KVManager
 from tessera.engine.sampling import TopLogprobs, Verified
 from tessera.engine.sequence import Sequence
+from tessera.engine.speculative import DRAFT_PLACEHOLDER, DeviceDrafts
 from tessera.engine.stopping import StopChecker
 
 logger = logging.getLogger("tessera")
@@ -99,17 +100,23 @@ class Scheduler:
         self._trim_draft_room(batch)
         return advanced
 
-    def attach_drafts(self, batch: ScheduledBatch, drafts: list[list[int]]) -> None:
+    def attach_drafts(self, batch: ScheduledBatch, drafts: list[list[int]] | DeviceDrafts) -> None:
         """Give the decodes of `batch` that have draft room (in `batch.draft_room`'s order) their draft
-        tokens, at most their room each: those decodes become verifies."""
-        for (i, room), tokens in zip(batch.draft_room.items(), drafts, strict=True):
+        tokens, at most their room each: those decodes become verifies. Drafts on the device leave
+        placeholders in the sequences until the verify brings them to the host (`DeviceDrafts`)."""
+        device, host = (drafts, None) if isinstance(drafts, DeviceDrafts) else (None, drafts)
+        counts = device.counts if device is not None else [len(tokens) for tokens in drafts]
+        for k, ((i, room), count) in enumerate(zip(batch.draft_room.items(), counts, strict=True)):
             seq, n = batch.work[i]
-            if len(tokens) > room:
-                raise ValueError(f"{len(tokens)} drafts for sequence {seq.id}, room for {room}")
-            if tokens:
-                seq.draft_token_ids = list(tokens)
-                batch.work[i] = (seq, n + len(tokens))
+            if count > room:
+                raise ValueError(f"{count} drafts for sequence {seq.id}, room for {room}")
+            if count:
+                seq.draft_token_ids = list(host[k]) if host is not None else [DRAFT_PLACEHOLDER] * count
+                batch.work[i] = (seq, n + count)
                 batch.verifies = True
+        if device is not None and batch.verifies:
+            device.seqs = batch.proposal_seqs
+            batch.device_drafts = device
 
     def postprocess_verified(self, batch: ScheduledBatch, verified: list[Verified]) -> list[Sequence]:
         """`postprocess` for a batch with verifies: each sampling sequence takes its tokens in order (the

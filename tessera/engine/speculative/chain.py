@@ -3,15 +3,15 @@
 A proposal's draft forwards are known before the first runs, all but their token ids: which requests
 still draft at each step (each has its room), at which positions, into which KV slots. So every step's
 batch is built on the host up front, and each step's token ids (and an EAGLE head's features) are
-gathered on the device from the step before's outputs. The host waits for the GPU once a proposal, for
-all its tokens, instead of once a draft step (a per-step `.tolist()` idled the GPU for the host's
-preparation of the next step, every step).
+gathered on the device from the step before's outputs. The drafts stay there (`DeviceDrafts`): the
+verify forward reads them from the device and the host waits for none of them before launching it (a
+per-step `.tolist()` idled the GPU for the host's preparation of the next step, every step; one a
+proposal, for the preparation of the verify).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from tessera.engine.batch import ForwardBatch, Row, build_rows, to_device
 from tessera.engine.model_runner import ModelRunner
+from tessera.engine.speculative import DeviceDrafts
 
 
 def _plan(rows: list[Row], rooms: list[int], runner: ModelRunner) -> list[tuple[ForwardBatch, list[int]]]:
@@ -61,14 +62,25 @@ class Chain:
     steps: list[tuple[ForwardBatch, list[int]]]
     tokens: list[torch.Tensor]
 
-    def drafts(self, host: Iterator[int], num_rows: int) -> list[list[int]]:
-        """Each request's drafts from `host`, the tokens of every step in order (`torch.cat(tokens)`
-        on the host)."""
-        drafts: list[list[int]] = [[] for _ in range(num_rows)]
-        for _, active in self.steps:
-            for i in active:
-                drafts[i].append(next(host))
-        return drafts
+    def device_drafts(self, num_rows: int) -> DeviceDrafts:
+        """Each request's drafts, request-major, on the device."""
+        return request_major(self.tokens, [active for _, active in self.steps], num_rows)
+
+
+def request_major(tokens: list[torch.Tensor], actives: list[list[int]], num_rows: int) -> DeviceDrafts:
+    """The drafts of steps whose tokens are `tokens[j]`, one for each request (of `num_rows`) in
+    `actives[j]`, in that order, laid out request by request (one gather on the device, none where the
+    steps' order is that already: one request, or one step)."""
+    where: list[list[int]] = [[] for _ in range(num_rows)]
+    at = itertools.count()
+    for active in actives:
+        for i in active:
+            where[i].append(next(at))
+    flat = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
+    index = np.fromiter(itertools.chain.from_iterable(where), dtype=np.int64, count=flat.shape[0])
+    if not np.array_equal(index, np.arange(index.size)):
+        flat = flat[to_device(index, flat.device)]
+    return DeviceDrafts([len(w) for w in where], flat)
 
 
 @torch.no_grad()
@@ -102,11 +114,3 @@ def launch(
             assert hidden is not None
             features = hidden[batch.logits_indices]  # a copy: graph memory moves on
     return Chain(steps, tokens)
-
-
-def draft(
-    runner: ModelRunner, rows: list[Row], rooms: list[int], features: torch.Tensor | None = None
-) -> list[list[int]]:
-    """`launch`'s drafts on the host: one wait for the device, for all of them."""
-    chain = launch(runner, rows, rooms, features)
-    return chain.drafts(iter(torch.cat(chain.tokens).tolist()), len(rows))

@@ -22,7 +22,7 @@ import torch
 from tessera.engine.batch import Row, build_rows
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
-from tessera.engine.speculative import chain
+from tessera.engine.speculative import DeviceDrafts, chain
 
 
 class DraftModelProposer:
@@ -60,14 +60,14 @@ class DraftModelProposer:
             self.runner.forward(build_rows(rows, self.runner.page_size, self.runner.device))
 
     @torch.no_grad()
-    def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[list[int]]:
+    def propose(self, seqs: list[Sequence], rooms: list[int]) -> DeviceDrafts:
         rows: list[Row] = []
         for seq in seqs:
             ran = self.ran(seq, seq.num_cached)
             rows.append((seq.tokens(ran, seq.num_tokens), ran, seq.pages))
-        drafts = chain.draft(self.runner, rows, rooms)
+        drafts = chain.launch(self.runner, rows, rooms).device_drafts(len(rows))
         if not self.shares_target_cache:
-            for seq, tokens in zip(seqs, drafts, strict=True):
+            for seq, n in zip(seqs, drafts.counts, strict=True):
                 # all but the last draft went through it
-                self._ran[seq] = (seq.num_tokens + len(tokens) - 1, seq.pages)
+                self._ran[seq] = (seq.num_tokens + n - 1, seq.pages)
         return drafts

@@ -27,7 +27,8 @@ import torch
 from tessera.engine.batch import Row, build_rows, to_device
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
-from tessera.engine.speculative.chain import greedy, launch
+from tessera.engine.speculative import DeviceDrafts
+from tessera.engine.speculative.chain import greedy, launch, request_major
 
 
 @dataclass(eq=False)
@@ -79,7 +80,7 @@ class EagleProposer:
             self._next[seq] = _Next(seq.num_cached, observed, j)
 
     @torch.no_grad()
-    def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[list[int]]:
+    def propose(self, seqs: list[Sequence], rooms: list[int]) -> DeviceDrafts | list[list[int]]:
         have: list[int] = []  # the requests the head has run the last position of, and where
         nexts: list[_Next] = []
         for i, seq in enumerate(seqs):
@@ -87,29 +88,24 @@ class EagleProposer:
             if nxt is not None and nxt.num_cached == seq.num_cached:
                 have.append(i)
                 nexts.append(nxt)
-        drafts: list[list[int]] = [[] for _ in seqs]
         if not have:
-            return drafts  # no draft this step for requests the head has not caught up on
+            return [[] for _ in seqs]  # no draft this step for requests the head has not caught up on
         first, feats = self._gather(nexts)
-        chained = [k for k, i in enumerate(have) if rooms[i] > 1]
-        tokens = [first]
+        tokens, actives = [first], [have]
+        chained = [i for i in have if rooms[i] > 1]
         if chained:
             if len(chained) < len(have):
-                pick = to_device(np.array(chained, dtype=np.int64), self.runner.device)
+                keep = [k for k, i in enumerate(have) if rooms[i] > 1]
+                pick = to_device(np.array(keep, dtype=np.int64), self.runner.device)
                 ids, feats = first[pick], feats[pick]
             else:
                 ids = first
             # each chained request's first draft runs at its next position (placeholders: `ids` on device)
-            rows = [([0], seqs[have[k]].num_cached, seqs[have[k]].pages) for k in chained]
-            chain = launch(self.runner, rows, [rooms[have[k]] - 1 for k in chained], feats, ids)
+            rows = [([0], seqs[i].num_cached, seqs[i].pages) for i in chained]
+            chain = launch(self.runner, rows, [rooms[i] - 1 for i in chained], feats, ids)
             tokens += chain.tokens
-        host = iter(torch.cat(tokens).tolist())  # the one wait for the device, for every draft
-        for i in have:
-            drafts[i].append(next(host))
-        if chained:
-            for k, more in zip(chained, chain.drafts(host, len(chained)), strict=True):
-                drafts[have[k]] += more
-        return drafts
+            actives += [[chained[k] for k in active] for _, active in chain.steps]
+        return request_major(tokens, actives, len(seqs))
 
     def _gather(self, nexts: list[_Next]) -> tuple[torch.Tensor, torch.Tensor]:
         """The first draft tokens [n] and features [n, hidden] of `nexts`, on the device (one gather

@@ -29,16 +29,27 @@ from tessera.engine.sampling import (
     top_logprobs,
 )
 from tessera.engine.sequence import Sequence
+from tessera.engine.speculative import DeviceDrafts
 from tessera.engine.stopping import StopChecker
 
 
-def verify_batch(logits: torch.Tensor, seqs: list[Sequence], stops: StopChecker | None) -> list[Verified]:
+def verify_batch(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    stops: StopChecker | None,
+    drafts: DeviceDrafts | None = None,
+) -> list[Verified]:
     """Each sampling sequence's tokens from its rows of `logits` [sum(1 + drafts), V] (float32): one row
-    for a plain decode or prefill end, 1 + K for a verify of K drafts, in `seqs`' order."""
+    for a plain decode or prefill end, 1 + K for a verify of K drafts, in `seqs`' order. `drafts`: the
+    verifies' drafts if they are still on the device (the sequences hold placeholders): they come to the
+    host with the choices, in one copy, and are written into the sequences."""
     counts = [1 + len(s.draft_token_ids) for s in seqs]
     banned = [stops.banned(s) if stops is not None else () for s in seqs]
     all_logprobs = torch.log_softmax(logits, dim=-1)
     simple = all(s.params.plain and not ban for s, ban in zip(seqs, banned, strict=True))
+    if drafts is not None and not simple:  # penalties read them
+        drafts.resolve(drafts.tokens.tolist())
+        drafts = None
     if simple:  # greedy, no penalty, no ban within the window: one argmax for the whole batch
         choices = torch.argmax(logits, dim=-1)
     else:
@@ -48,17 +59,21 @@ def verify_batch(logits: torch.Tensor, seqs: list[Sequence], stops: StopChecker 
             choices[start : start + n] = _choose(logits[start : start + n], seq, stops)
             start += n
     chosen_logprobs = all_logprobs.gather(1, choices[:, None])[:, 0]
-    both = torch.stack((choices.to(torch.float64), chosen_logprobs.to(torch.float64))).tolist()
-    tokens, logprobs = [int(t) for t in both[0]], both[1]
+    parts = [choices, chosen_logprobs] + ([drafts.tokens] if drafts is not None else [])
+    host = torch.cat([p.to(torch.float64) for p in parts]).tolist()  # (float64: ids stay exact)
+    rows = logits.shape[0]
+    tokens, logprobs = [int(t) for t in host[:rows]], host[rows : 2 * rows]
+    if drafts is not None:
+        drafts.resolve([int(t) for t in host[2 * rows :]])
     out: list[Verified] = []
     start = 0
     for seq, n in zip(seqs, counts, strict=True):
-        drafts = seq.draft_token_ids
+        proposed = seq.draft_token_ids
         a = 0
-        while a < n - 1 and tokens[start + a] == drafts[a]:
+        while a < n - 1 and tokens[start + a] == proposed[a]:
             a += 1
-        rows = range(start, start + a + 1)
-        out.append(Verified([tokens[r] for r in rows], [logprobs[r] for r in rows], [()] * (a + 1)))
+        kept = range(start, start + a + 1)
+        out.append(Verified([tokens[r] for r in kept], [logprobs[r] for r in kept], [()] * (a + 1)))
         start += n
     _fill_top_logprobs(out, seqs, counts, all_logprobs)
     return out
