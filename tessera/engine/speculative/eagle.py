@@ -60,22 +60,21 @@ class EagleProposer:
         hidden, forward = target.last_hidden, target.last_batch
         assert hidden is not None and forward is not None
         rows: list[Row] = []
-        feats: list[torch.Tensor] = []
+        firsts: list[int] = []  # the target's row of each head row's first position
         seqs: list[Sequence] = []
         for (seq, n), start, last in zip(work, starts, forward.last_rows.tolist(), strict=True):
             if seq.finished:
                 self._next.pop(seq, None)
                 continue
-            keep = min(n, seq.num_cached - start)  # a verify's rejected drafts are past num_cached
-            if keep <= 0:
+            if seq.num_cached <= start:  # nothing kept (a verify's rejected drafts are past num_cached)
                 continue
             # positions start .. num_cached - 1, each with the token after it
             rows.append((seq.tokens(start + 1, seq.num_cached + 1), start, seq.pages))
-            feats.append(hidden[last - n + 1 : last - n + 1 + keep])
+            firsts.append(last - n + 1)
             seqs.append(seq)
         if not rows:
             return
-        observed = self._step(rows, feats)  # NOTE: not waited for: `propose` chains on from the device
+        observed = self._step(rows, hidden, firsts)  # NOTE: not waited for: `propose` chains on from it
         for j, seq in enumerate(seqs):
             self._next[seq] = _Next(seq.num_cached, observed, j)
 
@@ -126,21 +125,19 @@ class EagleProposer:
         back = to_device(np.argsort(np.array(order)), self.runner.device)
         return torch.cat(tokens)[back], torch.cat(feats)[back]
 
-    def _step(self, rows: list[Row], feats: list[torch.Tensor]) -> _Observed:
-        """One head forward -> each row's next token and the head's output at its last position (the
-        feature of its next step), in `rows`' order."""
+    def _step(self, rows: list[Row], hidden: torch.Tensor, firsts: list[int]) -> _Observed:
+        """One head forward of `rows`, row j's features the target's `hidden` from row `firsts[j]` on ->
+        each row's next token and the head's output at its last position (the feature of its next
+        step), in `rows`' order."""
         batch = build_rows(rows, self.runner.page_size, self.runner.device)
-        batch.features = self._in_batch_order(batch.last_rows, rows, feats)
+        # the features laid out as `build_rows` laid out the tokens (short rows first): one gather
+        n = np.fromiter((len(tokens) for tokens, _, _ in rows), dtype=np.int64, count=len(rows))
+        offset = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        source = np.empty(n.sum(), dtype=np.int64)
+        source[np.repeat(batch.last_rows - n + 1, n) + offset] = np.repeat(np.array(firsts), n) + offset
+        batch.features = hidden[to_device(source, hidden.device)]
         logits = self.runner.forward(batch)
-        hidden = self.runner.last_hidden
-        assert hidden is not None
-        # (`hidden[...]` is a copy: graph memory moves on)
-        return _Observed(greedy(self.runner, logits), hidden[batch.logits_indices])
-
-    @staticmethod
-    def _in_batch_order(last_rows: np.ndarray, rows: list[Row], feats: list[torch.Tensor]) -> torch.Tensor:
-        """The features of `rows` laid out as `build_rows` laid out their tokens (short rows first)."""
-        out = feats[0].new_empty(sum(len(r[0]) for r in rows), feats[0].shape[-1])
-        for (tokens, _, _), f, last in zip(rows, feats, last_rows.tolist(), strict=True):
-            out[last - len(tokens) + 1 : last + 1] = f
-        return out
+        out = self.runner.last_hidden
+        assert out is not None
+        # (`out[...]` is a copy: graph memory moves on)
+        return _Observed(greedy(self.runner, logits), out[batch.logits_indices])
