@@ -52,6 +52,10 @@ MARGIN = 0.95  # a decode GEMM is saved where it takes under this much of its fo
 OTHER_PATH = {"bf16": "bf16", "fp8": "fp8_scaled_mm", "fp8_block": "fp8_block_gemm"}
 # formats whose one-row calls read a table entry of their own (`gemv_kernels.mxfp4_gemv`)
 ONE_ROW = {"mxfp4": "mxfp4_m1"}
+# a swept config whose result is this far from the default config's (relative, Frobenius) computes
+# something else: bf16 outputs and float32 sums in another order differ by ~1e-3, FP8 MMAs that add
+# within a K step below float32's precision by less than 1e-2
+WRONG_ERR = 3e-2
 SMEM_BUDGET = 96 * 2**10  # pipeline stages of a swept config: as many as fit this much shared memory
 Op = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], Any]
 
@@ -185,18 +189,30 @@ def _fma_configs(n: int, k: int) -> list[GemvConfig]:
 
 
 def sweep_case(fmt: str, copies: list[tuple[torch.Tensor, ...]], x: torch.Tensor, bandwidth: float) -> dict:
-    """Every config of `sweep_configs` on one (format, shape, M): the best, the default's, all trials."""
+    """Every config of `sweep_configs` on one (format, shape, M): the best, the default's, all trials. A
+    config is timed only where its result agrees with the default config's (within WRONG_ERR): a fast
+    config that computes something else must never reach the table."""
     call = SWEEP[fmt][0]
+    configs = sweep_configs(fmt, copies[0][0].shape[0], x.shape[1], x.shape[0])
+    ref = call(x, copies[0], configs[0]).float()
     trials = []
-    for cfg in sweep_configs(fmt, copies[0][0].shape[0], x.shape[1], x.shape[0]):
+    for cfg in configs:
         try:
-            timing = time_op(lambda x, w, cfg=cfg: call(x, w, cfg), copies, x, bandwidth)
+            err = _rel_err(call(x, copies[0], cfg).float(), ref)
+            if not err <= WRONG_ERR:  # (NaN too)
+                timing: dict[str, Any] = {"error": f"wrong result: relative error {err:.3g} to the default's"}
+            else:
+                timing = time_op(lambda x, w, cfg=cfg: call(x, w, cfg), copies, x, bandwidth)
         except Exception as e:  # a config this card cannot compile or run (CompilationError, out of
             # resources, an MMA input type its Triton cannot lower): noted, and the sweep goes on
             timing = {"error": f"{type(e).__name__}: {e}"[:200]}
         trials.append({**vars(cfg), **timing})
     best = min((t for t in trials if "us" in t), key=lambda t: t["us"], default=None)
     return {"best": best, "default": trials[0], "trials": trials}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def pick_configs(swept: list[dict], cases: list[dict]) -> gemv_tuned.Found:

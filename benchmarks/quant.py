@@ -69,8 +69,10 @@ def load(name: str, fmt: str) -> CausalLM:
 def bench(name: str, fmt: str, decode: list[int], extend: list[int], bandwidth: float) -> dict[str, Any]:
     model = load(name, fmt)
     sizes = weight_bytes(model)
-    config = EngineConfig.create(cuda_graph_max_bs=max(decode))
-    runner = ModelRunner(model, config, num_pages=(max(decode) * 300 + max(extend)) // 16 + 64)
+    config = EngineConfig.create(cuda_graph_max_bs=max(decode, default=1))
+    runner = ModelRunner(
+        model, config, num_pages=(max(decode, default=1) * 300 + max(extend, default=0)) // 16 + 64
+    )
     kv = page_manager(runner)
     for cache in runner.kv.k + runner.kv.v:
         cache.normal_()

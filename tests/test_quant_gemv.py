@@ -434,3 +434,32 @@ def test_the_sweep_picks_mxfp4_one_row_configs_apart() -> None:
     assert picked == {"mxfp4_m1": {"4096,14336": vars(fma)}, "mxfp4": {"4096,14336": vars(mma)}}
     swept[0]["trials"][-1]["us"] = 60.0  # the MMA kernel at one row, where it wins there
     assert pick_configs(swept, [])["mxfp4_m1"] == {"4096,14336": vars(mma)}
+
+
+def test_the_sweep_times_only_configs_that_compute_the_right_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config whose result differs from the default config's (here: N tiles of 64 without a split
+    scale it, 8 warps over 4 splits give NaN) is noted as wrong and never timed, so it is never picked."""
+    import benchmarks.decode_gemm as sweep
+
+    def call(x: torch.Tensor, w: tuple[torch.Tensor, ...], cfg: gemv.GemvConfig) -> torch.Tensor:
+        out = x @ w[0].T
+        if cfg.split_k == 4 and cfg.num_warps == 8:
+            return out * float("nan")
+        wrong = cfg.block_n == 64 and cfg.split_k == 1
+        return out * (1.1 if wrong else 1.0) + 1e-4 * cfg.num_warps  # (rounding-sized: still right)
+
+    timed: list[torch.Tensor] = []
+    monkeypatch.setitem(sweep.SWEEP, "bf16", (call, *sweep.SWEEP["bf16"][1:]))
+    monkeypatch.setattr(sweep, "time_op", lambda op, copies, x, bw: timed.append(x) or {"us": 1.0})
+    w = torch.randn(4096, 4096) * 0.02
+    result = sweep.sweep_case("bf16", [(w,)], torch.randn(8, 4096), 1.0)
+    trials = result["trials"]
+    wrong = [
+        t
+        for t in trials
+        if (t["block_n"], t["split_k"]) == (64, 1) or (t["split_k"], t["num_warps"]) == (4, 8)
+    ]
+    right = [t for t in trials if t not in wrong]
+    assert wrong and right and len(timed) == len(right)
+    assert all(t["error"].startswith("wrong result") and "us" not in t for t in wrong)
+    assert all("us" in t for t in right) and result["best"] in right
