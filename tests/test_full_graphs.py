@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tessera.engine.graph_inputs import full_graph_descriptors
+from tessera.engine.speculative import DRAFT_PLACEHOLDER
 from tessera.graphs import BatchDescriptor, GraphMode, PaddingLeakError
 
 from .conftest import needs_triton_on_cpu
@@ -107,31 +109,38 @@ def test_poisoned_padding_catches_an_op_that_mixes_rows() -> None:
 
 @needs_triton_on_cpu
 def test_token_ids_fed_from_the_device_replace_the_hosts_in_full_graphs() -> None:
-    """A draft chain's batches carry placeholder ids on the host and the real ones on the device
-    (`ForwardBatch.feed_ids`): through a decode graph and an extend graph they give the logits of the
-    same batch with the ids on the host."""
+    """A draft chain's or a verify's batch carries placeholder ids on the host and the real ones on the
+    device (`ForwardBatch.feed_ids`, `feed_at`): through a decode graph and an extend graph it gives the
+    logits of the same batch with the ids on the host, and a smaller batch after it in the same graph
+    pads over the rows that held its placeholders with valid token ids."""
     _, ours = hf_and_ours("LlamaForCausalLM")
     runner = make_runner(ours, num_pages=32, page_size=4, attention_backend="triton",
                          emulate_graphs_on_cpu=True, cuda_graph_max_bs=2, piecewise_cuda_graph_tokens=(8,),
                          extend_cuda_graph_max_tokens=8, extend_cuda_graph_max_seqs=2)  # fmt: skip
     gen = torch.Generator().manual_seed(2)
     a, b = (_seq(torch.randint(0, 256, (n,), generator=gen).tolist()) for n in (6, 3))
-    runner.run([(a, 6), (b, 3)])  # their prompts cached; next, one extend of 2 + 1 and one decode of 2
-    a.output_token_ids += [17, 23]
+    runner.run([(a, 6), (b, 3)])  # their prompts cached; next, extends of 4 + 1 and 2 + 1, and a decode
+    a.output_token_ids += [17, 23, 31, 37]
     b.output_token_ids += [29]
-    for work in ([(a, 2), (b, 1)], [(a, 1), (b, 1)]):
+    for work in ([(a, 4), (b, 1)], [(a, 2), (b, 1)], [(a, 1), (b, 1)]):
         batch = runner.batch(work)
         want = runner.runner.forward(batch)
         ids = batch.input_ids.clone()
-        batch.input_ids.zero_()  # the device copy of the host's ids; the host's themselves:
-        batch.host[: ids.shape[0]] = 0
-        batch.feed_ids(ids)
+        batch.input_ids.fill_(DRAFT_PLACEHOLDER)  # the device copy of the host's ids; the host's themselves:
+        batch.host[: ids.shape[0]] = DRAFT_PLACEHOLDER
+        if work[0][1] == 2:  # some rows alone, as a verify's drafts are
+            rows = np.array([1, 2], dtype=np.int64)
+            batch.input_ids.copy_(ids)
+            batch.input_ids[rows] = DRAFT_PLACEHOLDER
+            batch.feed_at(rows, ids[rows])
+        else:
+            batch.feed_ids(ids)
         got = runner.runner.forward(batch)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         with pytest.raises(ValueError, match="token ids for a batch"):
             batch.feed_ids(ids[:1])
     stats = runner.graph_stats()["replays"]
-    assert stats["full-extend"] == {"8": 2} and stats["full-decode"] == {"2": 2}, stats
+    assert stats["full-extend"] == {"8": 4} and stats["full-decode"] == {"2": 2}, stats
 
 
 @needs_triton_on_cpu

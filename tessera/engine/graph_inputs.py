@@ -158,7 +158,11 @@ class GraphInputs:
             n, s = batch.input_ids.shape[0], len(batch.metadata.seqs)
             host = batch.host  # ids, positions, slots [n each]; logits rows, q_start, q_len, ctx_len [s each]
             tokens[:, :n] = host[: 3 * n].reshape(3, n)
-        tokens[2, n:t] = DUMMY_SLOT  # padded tokens write their K/V there only
+        # padded tokens: token 0 at position 0, writing their K/V in the dummy slot only. NOTE: set on
+        # every stage, since a batch whose ids came from the device (`ForwardBatch.feed_ids`) leaves
+        # placeholders (not token ids) in its rows here, and a later, smaller batch pads over them.
+        tokens[:2, n:t] = 0
+        tokens[2, n:t] = DUMMY_SLOT
         self._host_num_real[0] = n if batch is not None else t  # the real rows (capture: as if all were)
         rows = self._host_layout[: 3 * d.num_seqs].reshape(3, d.num_seqs)
         rows[:] = 0
