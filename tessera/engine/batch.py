@@ -92,7 +92,7 @@ class ForwardBatch:
     def select_logits(self, rows: np.ndarray) -> None:
         """Logits for these rows (int64) rather than each sequence's last one."""
         self.host_logits = rows
-        self.logits_indices = torch.from_numpy(rows).to(self.input_ids.device)
+        self.logits_indices = to_device(rows, self.input_ids.device)  # (pinned: no wait for the GPU)
 
     @property
     def last_rows(self) -> np.ndarray:
