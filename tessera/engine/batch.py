@@ -13,6 +13,7 @@ import torch
 from tessera.engine.sequence import Sequence
 from tessera.engine.speculative import DeviceDrafts
 from tessera.layers.attention_metadata import SHORT_QUERY_LEN, AttentionMetadata, KernelLayout, SeqLayout
+from tessera.layers.host_copy import to_device
 
 # A mixed batch's attention runs as two launches (short sequences, long ones) once it holds this many
 # short sequences: in one launch each short sequence costs a block of 64 query rows per head, one row of
@@ -194,14 +195,6 @@ def upload(host: np.ndarray, table: np.ndarray, device: torch.device) -> Forward
         host_pages=table,
         host_logits=host[3 * t : 3 * t + b],
     )
-
-
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """`a` on `device`. NOTE: a copy from pageable memory waits for the GPU to finish its queued work
-    (the copy is staged after it), so every step would wait for the last; a pinned copy is queued, and
-    the caching host allocator keeps its buffer until the GPU has read it."""
-    t = torch.from_numpy(a)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _rows(k: KernelLayout, rows: slice, q_lens: list[int]) -> KernelLayout:

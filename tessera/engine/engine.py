@@ -26,7 +26,7 @@ from tessera.engine.parallel import TensorParallel, WorkerError
 from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
-from tessera.engine.speculative import DeviceDrafts, Proposer
+from tessera.engine.speculative import Proposer
 from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
@@ -207,10 +207,8 @@ class Engine:
         t1 = clock()
         proposer = self.proposer
         if proposer is not None and batch.draft_room:
-            drafts = proposer.propose(batch.proposal_seqs, list(batch.draft_room.values()))
-            if self.tp is not None and isinstance(drafts, DeviceDrafts):
-                drafts = drafts.on_host()  # the other ranks take the forward's token ids from the host
-            self.scheduler.attach_drafts(batch, drafts)
+            rooms = list(batch.draft_room.values())
+            self.scheduler.attach_drafts(batch, proposer.propose(batch.proposal_seqs, rooms))
         t2 = clock()
         starts = [seq.num_cached for seq, _ in batch.work] if proposer is not None else []
         logits = self._run(batch)

@@ -27,12 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tessera.distributed.state import tp_size
 from tessera.graphs import get_forward_context, split_op
+from tessera.layers.host_copy import to_device
 from tessera.layers.linear import (
     ColumnParallelLinear,
     LinearMethod,
@@ -98,7 +100,7 @@ def _path_layouts(meta: Any, layer: MLALayer) -> tuple[PathLayout | None, PathLa
     def pick(rows: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
         if len(rows) == len(meta.seqs):
             return list(tensors)
-        index = torch.tensor(rows, device=kl.q_len.device)
+        index = to_device(np.array(rows, dtype=np.int64), kl.q_len.device)
         return [t.index_select(0, index) for t in tensors]
 
     mqa = None
@@ -111,7 +113,7 @@ def _path_layouts(meta: Any, layer: MLALayer) -> tuple[PathLayout | None, PathLa
     lengths = [meta.seqs[i].context_len for i in extend]
     device = ctx_len.device
     # each sequence's context, in position order: row -> cache slot through its page table
-    counts = torch.tensor(lengths, device=device)
+    counts = to_device(np.array(lengths, dtype=np.int64), device)
     row_of = torch.repeat_interleave(torch.arange(len(extend), device=device), counts)
     firsts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(int(sum(lengths)), device=device) - firsts[row_of]

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tessera.engine.batch import ForwardBatch, Row, build_rows, to_device
+from tessera.engine.batch import ForwardBatch, Row, build_rows
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.speculative import DeviceDrafts
+from tessera.layers.host_copy import to_device
 
 
 def _plan(rows: list[Row], rooms: list[int], runner: ModelRunner) -> list[tuple[ForwardBatch, list[int]]]:

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tessera.engine.batch import Row, build_rows, to_device
+from tessera.engine.batch import Row, build_rows
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
 from tessera.engine.speculative import DeviceDrafts
 from tessera.engine.speculative.chain import greedy, launch, request_major
+from tessera.layers.host_copy import to_device
 
 
 @dataclass(eq=False)
