@@ -5,7 +5,7 @@
 #   3: `tessera bench serve` on SmolLM2   4: the same on Llama-3-8B   gsm8k: GSM8K, graphs on/off
 #   5: DeepSeek / MoE GPU tests, `benchmarks.moe_padding`, `benchmarks.step` on their shapes
 #      (5 = 5a: the first two; 5b, 5c: the step bench on DeepSeek-V2-Lite, on Qwen3-30B-A3B)
-#   stage [quant|gemm|mxfp4] then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
+#   stage [quant|gemm|mxfp4|spec] then spec: speculative decoding's GPU tests, `benchmarks.speculative`, GSM8K plain vs speculative
 #   stage [quant] then models stage: the GPU tests of issues 20-22 and SmolLM2's quant bench
 #   quant: `benchmarks.quant` on the Llama-3-8B config   tp1 BEFORE_DIR: the step bench here and in BEFORE_DIR
 #   stage then tp [N] (N GPUs): the multi-GPU tests and `benchmarks.tp_step`   tp-serve: serving at TP 2
@@ -65,6 +65,10 @@ case "${1:-}" in
     # at M = 1 and 16, the ends of the decode path) and saved as this card's table in $TUNED (`quant`
     # and `models` then use it)
     [ "${2:-}" = gemm ] && gemm_steps
+    # `stage spec`: meanwhile speculative decoding's GPU test that needs no model (a random Llama drafting
+    # on the device for itself and with random EAGLE heads, through full graphs)
+    [ "${2:-}" = spec ] && step test_spec_no_model 200 python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_speculative_gpu.py -k without_the_model
     # `stage mxfp4`: the decode GEMMs' tests (the one-row MXFP4 kernel's included), then MXFP4 against
     # bf16 at decode batch 1 and 8 on the Llama-3-8B config (issue 21's >= 1.5x target), untuned
     if [ "${2:-}" = mxfp4 ]; then
@@ -158,7 +162,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm|mxfp4]|spec|models [stage]|models-extra|kernels|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm|mxfp4|spec]|spec|models [stage]|models-extra|kernels|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
      exit 2 ;;
 esac
 cat "$OUT/summary.txt"
