@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,16 @@ def test_a_sequence_without_its_pages_is_refused() -> None:
     seq.pages = [1]  # 16 tokens' worth of 4-token pages would be 5
     with pytest.raises(ValueError, match="holds 1 KV pages, 5 needed"):
         build_batch([(seq, 20)], 4, torch.device("cpu"))
+
+
+def test_ids_fed_on_the_device_leave_the_hosts_as_they_were() -> None:
+    """A batch's device tensors are copies of its host arrays on every device, the CPU included: ids fed
+    on the device (a verify's drafts) never reach `host`, as on a GPU, where a read of a placeholder on
+    the host cannot be hidden by shared memory."""
+    pool = PagePool(8)
+    seq = Sequence([5, 6, 7], SamplingParams())
+    seq.pages = pool.allocate(1)
+    batch = build_batch([(seq, 3)], 4, torch.device("cpu"))
+    batch.feed_at(np.array([1, 2], dtype=np.int64), torch.tensor([40, 41]))
+    assert batch.input_ids.tolist() == [5, 40, 41] and batch.ids_on_device
+    assert batch.host[:3].tolist() == [5, 6, 7]
