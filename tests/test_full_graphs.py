@@ -125,15 +125,15 @@ def test_token_ids_fed_from_the_device_replace_the_hosts_in_full_graphs() -> Non
     for work in ([(a, 4), (b, 1)], [(a, 2), (b, 1)], [(a, 1), (b, 1)]):
         batch = runner.batch(work)
         want = runner.runner.forward(batch)
+        assert not batch.uploaded  # the replay staged its host arrays alone
         ids = batch.input_ids.clone()
-        batch.input_ids.fill_(DRAFT_PLACEHOLDER)  # the device copy of the host's ids; the host's themselves:
-        batch.host[: ids.shape[0]] = DRAFT_PLACEHOLDER
-        if work[0][1] == 2:  # some rows alone, as a verify's drafts are
+        batch.input_ids.fill_(DRAFT_PLACEHOLDER)  # the batch's device copy of the host's ids: not read
+        if work[0][1] == 2:  # some rows alone, as a verify's drafts are: the host holds the others
             rows = np.array([1, 2], dtype=np.int64)
-            batch.input_ids.copy_(ids)
-            batch.input_ids[rows] = DRAFT_PLACEHOLDER
+            batch.host[rows] = DRAFT_PLACEHOLDER
             batch.feed_at(rows, ids[rows])
         else:
+            batch.host[: ids.shape[0]] = DRAFT_PLACEHOLDER
             batch.feed_ids(ids)
         got = runner.runner.forward(batch)
         torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -59,47 +59,117 @@ class ScheduledBatch:
         return len(self.work)
 
 
-@dataclass
 class ForwardBatch:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_seqs] row of each sequence's last new token
-    seqs: list[Sequence]
-    # the batch on the host, int64: token ids, positions, slot mapping [T each], then logits rows,
-    # q_start, q_len, ctx_len [num_seqs each] — what a full graph's replay stages for its one upload
-    host: np.ndarray
-    host_pages: np.ndarray  # the page table [num_seqs, longest], int64
-    host_logits: np.ndarray  # `logits_indices` on the host
-    ids_on_device: bool = False  # `input_ids` came from the device: `host` holds placeholders for them
-    # the third input of a model that takes one (an EAGLE head's features [T, hidden]), on the device
-    features: torch.Tensor | None = None
+    """One forward's inputs. Built on the host (`host_rows`' arrays); its device tensors (token ids,
+    positions, attention metadata, logits rows) are uploaded the first time something reads them, so a
+    batch that runs as a full graph, which stages the host arrays into its own buffers with one copy,
+    never uploads them (a slow host spent ~10 us a torch call, against a decode step of a few ms)."""
+
+    def __init__(self, host: np.ndarray, host_pages: np.ndarray, device: torch.device) -> None:
+        # the batch on the host, int64: token ids, positions, slot mapping [T each], then logits rows,
+        # q_start, q_len, ctx_len [num_seqs each] — what a full graph's replay stages for its one upload
+        self.host = host
+        self.host_pages = host_pages  # the page table [num_seqs, longest], int64
+        self.device = device
+        self.num_seqs = b = host_pages.shape[0]
+        self.num_tokens = t = (host.shape[0] - 4 * b) // 3
+        self.q_lens: list[int] = host[3 * t + 2 * b : 3 * t + 3 * b].tolist()
+        self.max_q_len = max(self.q_lens)
+        self.host_logits: np.ndarray = host[3 * t : 3 * t + b]  # the rows that get logits, on the host
+        self.seqs: list[Sequence] = []
+        self.ids_on_device = False  # the token ids came from the device: `host` holds placeholders
+        # the third input of a model that takes one (an EAGLE head's features [T, hidden]), on the device
+        self.features: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None  # token ids fed from the device
+        self._uploaded: _OnDevice | None = None
+        self._selected = False  # `select_logits` chose the logits rows
+        self._logits: torch.Tensor | None = None  # the logits rows on the device, once read
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [T]
+        return self._ids if self._ids is not None else self._upload().input_ids
+
+    @property
+    def positions(self) -> torch.Tensor:  # [T]
+        return self._upload().positions
+
+    @property
+    def metadata(self) -> AttentionMetadata:
+        return self._upload().metadata
+
+    @property
+    def logits_indices(self) -> torch.Tensor:
+        """The rows that get logits [num_seqs, or as selected], on the device."""
+        if self._logits is None and self._selected:
+            self._logits = to_device(self.host_logits, self.device)
+        return self._logits if self._logits is not None else self._upload().last_rows
 
     def feed_ids(self, ids: torch.Tensor) -> None:
         """Take the token ids from the device (a previous forward's output) rather than the host, so no
         one waits for them to reach the host. The host arrays keep placeholders: only this process can
         run the batch (a tensor-parallel rank 0 publishes the host arrays)."""
-        if ids.shape != self.input_ids.shape:
-            raise ValueError(f"{tuple(ids.shape)} token ids for a batch of {tuple(self.input_ids.shape)}")
-        self.input_ids = ids
+        if ids.shape != (self.num_tokens,):
+            raise ValueError(f"{tuple(ids.shape)} token ids for a batch of {self.num_tokens} tokens")
+        self._ids = ids
         self.ids_on_device = True
 
     def feed_at(self, rows: np.ndarray, ids: torch.Tensor) -> None:
         """`feed_ids` for some rows (int64) alone: a verify's drafts, left on the device by their
         proposer, over the host's placeholders."""
-        self.input_ids[to_device(rows, self.input_ids.device)] = ids
+        if self._ids is None:  # the host's ids alone, not the whole batch: a full graph needs no more
+            self._ids = to_device(self.host[: self.num_tokens], self.device)
+        self._ids[to_device(rows, self.device)] = ids
         self.ids_on_device = True
 
     def select_logits(self, rows: np.ndarray) -> None:
         """Logits for these rows (int64) rather than each sequence's last one."""
         self.host_logits = rows
-        self.logits_indices = to_device(rows, self.input_ids.device)  # (pinned: no wait for the GPU)
+        self._selected = True
+        self._logits = None
 
     @property
     def last_rows(self) -> np.ndarray:
         """The row of each sequence's last new token, in the order the batch was built from."""
-        t = self.input_ids.shape[0]
-        return self.host[3 * t : 3 * t + len(self.metadata.seqs)]
+        t = self.num_tokens
+        return self.host[3 * t : 3 * t + self.num_seqs]
+
+    @property
+    def uploaded(self) -> bool:
+        """Whether the batch's tensors went to the device (a full graph's replay needs none of them)."""
+        return self._uploaded is not None
+
+    def _upload(self) -> _OnDevice:
+        """The batch's tensors on the device: two host-to-device copies, which do not block the host."""
+        if self._uploaded is None:
+            self._uploaded = _OnDevice.of(self)
+        return self._uploaded
+
+
+@dataclass
+class _OnDevice:
+    """A `ForwardBatch`'s tensors on the device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    last_rows: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: ForwardBatch) -> _OnDevice:
+        host, t, b, q_lens = batch.host, batch.num_tokens, batch.num_seqs, batch.q_lens
+        ctx_len = host[3 * t + 3 * b :].tolist()
+        layouts = [SeqLayout(n, end) for n, end in zip(q_lens, ctx_len, strict=True)]
+        on_device = to_device(host, batch.device)
+        input_ids, positions, slots = on_device[: 3 * t].view(3, t)
+        last, vectors = on_device[3 * t :].split([b, 3 * b])
+        q_start, q_len, ctx = vectors.to(torch.int32).split(b)
+        pages = to_device(batch.host_pages.astype(np.int32), batch.device)
+        kernel = KernelLayout(pages, q_start, q_len, ctx, batch.max_q_len)
+        short = sum(n <= SHORT_QUERY_LEN for n in q_lens)
+        if SPLIT_MIN_SHORT <= short < b:
+            kernel.parts = (_rows(kernel, slice(0, short), q_lens), _rows(kernel, slice(short, b), q_lens))
+        metadata = AttentionMetadata(slot_mapping=slots, kernel=kernel, seqs=layouts)
+        return cls(input_ids, positions, metadata, last)
 
 
 def build_batch(work: list[tuple[Sequence, int]], page_size: int, device: torch.device) -> ForwardBatch:
@@ -125,7 +195,7 @@ Row = tuple[list[int], int, list[int]]
 def build_rows(rows: list[Row], page_size: int, device: torch.device) -> ForwardBatch:
     """The forward of `rows` (each row's pages cover its new tokens already); the logits rows are each
     row's last token, in `rows`' order. A draft model's forwards are built here directly."""
-    return upload(*host_rows(rows, page_size), device)
+    return ForwardBatch(*host_rows(rows, page_size), device)
 
 
 def host_rows(rows: list[Row], page_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,35 +236,6 @@ def host_rows(rows: list[Row], page_size: int) -> tuple[np.ndarray, np.ndarray]:
     slot_mapping = table[owner, pos // page_size] * page_size + pos % page_size
     parts = (np.array(ids, dtype=np.int64), pos, slot_mapping, np.array(last, dtype=np.int64), q_start, q_len)
     return np.concatenate((*parts, ctx_len)), table
-
-
-def upload(host: np.ndarray, table: np.ndarray, device: torch.device) -> ForwardBatch:
-    """The `ForwardBatch` of `host_rows`' arrays on `device`: two host-to-device copies, which do not
-    block the host."""
-    b = table.shape[0]
-    t = (host.shape[0] - 4 * b) // 3
-    q_len, ctx_len = host[3 * t + 2 * b : 3 * t + 3 * b], host[3 * t + 3 * b :]
-    q_lens = q_len.tolist()
-    layouts = [SeqLayout(n, end) for n, end in zip(q_lens, ctx_len.tolist(), strict=True)]
-    on_device = to_device(host, device)
-    input_ids, positions_d, slots_d = on_device[: 3 * t].view(3, t)
-    last_d, vectors = on_device[3 * t :].split([b, 3 * b])
-    q_start_d, q_len_d, ctx_len_d = vectors.to(torch.int32).split(b)
-    pages = to_device(table.astype(np.int32), device)
-    kernel = KernelLayout(pages, q_start_d, q_len_d, ctx_len_d, max(q_lens))
-    short = sum(n <= SHORT_QUERY_LEN for n in q_lens)
-    if SPLIT_MIN_SHORT <= short < b:
-        kernel.parts = (_rows(kernel, slice(0, short), q_lens), _rows(kernel, slice(short, b), q_lens))
-    return ForwardBatch(
-        input_ids=input_ids,
-        positions=positions_d,
-        metadata=AttentionMetadata(slot_mapping=slots_d, kernel=kernel, seqs=layouts),
-        logits_indices=last_d,
-        seqs=[],
-        host=host,
-        host_pages=table,
-        host_logits=host[3 * t : 3 * t + b],
-    )
 
 
 def _rows(k: KernelLayout, rows: slice, q_lens: list[int]) -> KernelLayout:

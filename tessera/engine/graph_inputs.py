@@ -84,16 +84,23 @@ class GraphInputs:
         self._decode_sizes = [d.num_tokens for d in self.decode]
         max_t = max(d.num_tokens for d in descriptors)
         max_s = max(d.num_seqs for d in descriptors)
-        # NOTE: every per-step input but the page table lives in one int64 buffer — token ids,
-        # positions, slot mapping (max_t each), the count of real tokens, and the int32 layout rows
-        # q_start, q_len, ctx_len of a descriptor (its first 3 * seqs entries) in the bytes after them.
-        # A replay fills its pinned twin on the host and uploads it with one copy: on a slow host each
-        # torch call of a step's preparation cost 25-35 us, against a step of ~1 ms on the GPU.
-        layout_at = 3 * max_t + 1  # int64 index where the int32 layout rows begin
-        self.inputs = torch.zeros(layout_at + -(-3 * max_s // 2), dtype=torch.long, device=device)
+        # NOTE: every per-step input lives in one int64 buffer — token ids, positions, slot mapping (max_t
+        # each), the count of real tokens, the rows that get logits (max_t), then the int32 layout rows
+        # q_start, q_len, ctx_len of a descriptor (its first 3 * seqs entries) and the page-table block
+        # [seqs, longest] of a batch in the bytes after them. A replay fills its pinned twin on the host
+        # and uploads the part in use with one copy; the block is then copied into the page table. On a
+        # slow host each torch call of a step's preparation cost 10-35 us, against a step of ~1 ms on
+        # the GPU.
+        self._logits_at = 3 * max_t + 1
+        layout_at = 4 * max_t + 1  # int64 index where the int32 rows begin
+        self._pages_at = 2 * layout_at + 3 * max_s  # int32 index where the page-table block begins
+        int32s = self._pages_at + max_s * max_pages_per_seq
+        self.inputs = torch.zeros(-(-int32s // 2), dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.inputs[: 3 * max_t].view(3, max_t)
         self.num_real = self.inputs[3 * max_t]  # 0-dim view: in-graph padded-row masks read it
-        self.layout = self.inputs[layout_at:].view(torch.int32)[: 3 * max_s]
+        self.logits_rows = self.inputs[self._logits_at : layout_at]
+        self.layout = self.inputs.view(torch.int32)[2 * layout_at : self._pages_at]
+        self._page_block = self.inputs.view(torch.int32)[self._pages_at :]
         self.page_table = torch.full(
             (max_s, max_pages_per_seq), DUMMY_SLOT // page_size, dtype=torch.int32, device=device
         )
@@ -102,11 +109,14 @@ class GraphInputs:
         # from refilling it before the last replay's upload has read it.
         cuda = device.type == "cuda"
         self._staging = torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=cuda)
-        # the same views of its host side: token rows [3, max_t], the real-token count, the layout
+        # the same views of its host side: token rows [3, max_t], the real-token count, logits rows,
+        # the layout, the page-table block
         host = self._staging.numpy()
         self._host_tokens = host[: 3 * max_t].reshape(3, max_t)
         self._host_num_real = host[3 * max_t : 3 * max_t + 1]
-        self._host_layout = host[layout_at:].view(np.int32)
+        self._host_logits = host[self._logits_at : layout_at]
+        self._host_layout = host.view(np.int32)[2 * layout_at : self._pages_at]
+        self._host_pages = host.view(np.int32)[self._pages_at :]
         self._host_tokens[2] = DUMMY_SLOT
         self._uploaded = torch.cuda.Event() if cuda else None
         # a model's third input (an EAGLE head's features), copied in on the device
@@ -121,8 +131,8 @@ class GraphInputs:
 
     def select(self, batch: ForwardBatch) -> BatchDescriptor | None:
         """The smallest captured descriptor that takes `batch`, or None."""
-        n, seqs = batch.input_ids.shape[0], len(batch.metadata.seqs)
-        if batch.metadata.kernel.max_q_len == 1:
+        n, seqs = batch.num_tokens, batch.num_seqs
+        if batch.max_q_len == 1:
             i = bisect.bisect_left(self._decode_sizes, n)
             if i < len(self.decode):
                 return self.decode[i]
@@ -149,24 +159,25 @@ class GraphInputs:
 
     def stage(self, d: BatchDescriptor, batch: ForwardBatch | None) -> None:
         """Write `batch`'s inputs (None: all padding, for capture) for `d` into the buffers — padded
-        tokens in the dummy slot, the layout's padding rows — with one upload, and its page table."""
+        tokens in the dummy slot, the layout's padding rows, its page table — with one upload."""
         if self._uploaded is not None:
             self._uploaded.synchronize()
         tokens, t = self._host_tokens, d.num_tokens
         n = s = 0
         if batch is not None:
-            n, s = batch.input_ids.shape[0], len(batch.metadata.seqs)
+            n, s = batch.num_tokens, batch.num_seqs
             host = batch.host  # ids, positions, slots [n each]; logits rows, q_start, q_len, ctx_len [s each]
             tokens[:, :n] = host[: 3 * n].reshape(3, n)
+            self._host_logits[: len(batch.host_logits)] = batch.host_logits
         # padded tokens: token 0 at position 0, writing their K/V in the dummy slot only. NOTE: set on
         # every stage, since a batch whose ids came from the device (`ForwardBatch.feed_ids`) leaves
         # placeholders (not token ids) in its rows here, and a later, smaller batch pads over them.
         tokens[:2, n:t] = 0
         tokens[2, n:t] = DUMMY_SLOT
         self._host_num_real[0] = n if batch is not None else t  # the real rows (capture: as if all were)
-        rows = self._host_layout[: 3 * d.num_seqs].reshape(3, d.num_seqs)
-        rows[:] = 0
-        q_len, ctx_len = rows[1], rows[2]
+        layout = self._host_layout[: 3 * d.num_seqs].reshape(3, d.num_seqs)
+        layout[:] = 0
+        q_len, ctx_len = layout[1], layout[2]
         if batch is not None:
             q_len[:s] = host[3 * n + 2 * s : 3 * n + 3 * s]
             ctx_len[:s] = host[3 * n + 3 * s : 3 * n + 4 * s]
@@ -175,27 +186,35 @@ class GraphInputs:
             q_len[s:] = ctx_len[s:] = 1
         elif pad > 0:  # one sequence of all padded tokens; the rows after it run nothing
             q_len[s] = ctx_len[s] = pad
-        rows[0] = np.cumsum(q_len) - q_len  # q_start
-        self.inputs.copy_(self._staging, non_blocking=True)
+        layout[0] = np.cumsum(q_len) - q_len  # q_start
+        rows, cols = self._stage_pages(d, batch)
+        end = -(-(self._pages_at + rows * cols) // 2)  # the int64s in use
+        self.inputs[:end].copy_(self._staging[:end], non_blocking=True)
         if self._uploaded is not None:
             self._uploaded.record()
+        if rows:
+            self.page_table[:rows, :cols].copy_(self._page_block[: rows * cols].view(rows, cols))
         if batch is not None and batch.ids_on_device:  # after the upload, over its placeholders
             self.input_ids[:n].copy_(batch.input_ids)
         if batch is not None and self.features is not None:
             # NOTE: padded rows keep an earlier batch's features: finite, and read by no real row
             assert batch.features is not None
             self.features[:n].copy_(batch.features)
-        if batch is not None:
-            self._stage_pages(d, batch)
 
-    def _stage_pages(self, d: BatchDescriptor, batch: ForwardBatch) -> None:
-        table = batch.metadata.kernel.page_table
-        s = table.shape[0]
-        self.page_table[:s, : table.shape[1]].copy_(table)
-        if d.uniform_decode and s < d.num_seqs:
-            # padded decode rows read one cached token through it where the K/V are not passed (MLA);
-            # an extend graph's padding sequence has no cached prefix and reads no page
-            self.page_table[s : d.num_seqs].fill_(DUMMY_SLOT // self.page_size)
+    def _stage_pages(self, d: BatchDescriptor, batch: ForwardBatch | None) -> tuple[int, int]:
+        """Stage `batch`'s page table as a contiguous block (and a padded decode graph's rows after it,
+        which read one cached token through it where the K/V are not passed: MLA); its shape, (0, 0)
+        for capture (the table keeps its dummy pages). An extend graph's padding sequence has no cached
+        prefix and reads no page."""
+        if batch is None:
+            return 0, 0
+        table = batch.host_pages
+        s, cols = table.shape
+        rows = d.num_seqs if d.uniform_decode else s
+        block = self._host_pages[: rows * cols].reshape(rows, cols)
+        block[:s] = table
+        block[s:] = DUMMY_SLOT // self.page_size
+        return rows, cols
 
     def poison(self, d: BatchDescriptor, n: int) -> None:
         """Padded rows' token ids and positions taken from real rows in a random order (they must stay

@@ -66,6 +66,7 @@ class ModelRunner:
         # a model whose forward takes a third input, features [T, hidden] (an EAGLE head)
         self.feature_input: bool = getattr(model, "feature_input", False)
         self.last_hidden: torch.Tensor | None = None  # the last forward's hidden states [T, hidden]
+        self.last_logits_hidden: torch.Tensor | None = None  # ... at the rows that got logits
         self.last_batch: ForwardBatch | None = None  # the last `run`'s batch
         # with tensor parallelism, called with each forward before it runs: rank 0 sends the other ranks
         # the batch, which run the same forward (tessera/engine/parallel.py)
@@ -251,7 +252,7 @@ class ModelRunner:
     def dispatch(self, batch: ForwardBatch) -> BatchDescriptor:
         """What `batch` runs as: the smallest full graph that takes it, else the piecewise graphs of its
         padded size, else eagerly."""
-        n = batch.input_ids.shape[0]
+        n = batch.num_tokens
         if self.graph_inputs is not None:
             descriptor = self.graph_inputs.select(batch)
             if descriptor is not None:
@@ -263,8 +264,9 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, descriptor: BatchDescriptor | None = None) -> torch.Tensor:
         """Logits of `batch.logits_indices` for one forward run as `descriptor` (default: `dispatch`);
-        the hidden states of every row stay in `last_hidden` until the next forward. Leaves the sequences
-        as they were (a benchmark can replay the same batch)."""
+        the hidden states of every row stay in `last_hidden` until the next forward, those of the rows
+        that got logits in `last_logits_hidden` (a copy). Leaves the sequences as they were (a benchmark
+        can replay the same batch)."""
         features = batch.features
         if (features is not None) != self.feature_input:
             raise ValueError("features go with a model that takes them (an EAGLE head), and only there")
@@ -273,19 +275,24 @@ class ModelRunner:
             if batch.ids_on_device or features is not None:
                 raise RuntimeError("a published forward has its inputs on the host (no feed_ids, features)")
             self.on_forward(batch, d)
-        n = batch.input_ids.shape[0]
-        inputs = (batch.input_ids, batch.positions) + ((features,) if features is not None else ())
+        n = batch.num_tokens
         if d.mode is GraphMode.FULL:
-            assert self.full_graphs is not None
+            assert self.full_graphs is not None and self.graph_inputs is not None
             hidden = self.full_graphs.run(d, batch, n)
-        elif self.graphs is not None:
-            hidden = self.graphs.run(d, *inputs, metadata=batch.metadata)
+            # the logits rows were staged with the batch: nothing of it is uploaded
+            rows = self.graph_inputs.logits_rows[: len(batch.host_logits)]
         else:
-            self.stats.record_fallback(DISABLED, n)
-            with forward_context(ForwardContext(n, n, batch.metadata, self.layers)):
-                hidden = self.model(*inputs)
+            inputs = (batch.input_ids, batch.positions) + ((features,) if features is not None else ())
+            if self.graphs is not None:
+                hidden = self.graphs.run(d, *inputs, metadata=batch.metadata)
+            else:
+                self.stats.record_fallback(DISABLED, n)
+                with forward_context(ForwardContext(n, n, batch.metadata, self.layers)):
+                    hidden = self.model(*inputs)
+            rows = batch.logits_indices
         self.last_hidden = hidden
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        self.last_logits_hidden = selected = hidden[rows]
+        return self.model.compute_logits(selected)
 
 
 def _last_rows(batch: ForwardBatch, seqs: list[int], counts: list[int]) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from tessera.distributed import WorkerError, destroy, init_distributed, set_all_reduce_placement
 from tessera.distributed.workers import Workers
-from tessera.engine.batch import ForwardBatch, upload
+from tessera.engine.batch import ForwardBatch
 from tessera.engine.config import EngineConfig
 from tessera.engine.model_runner import ModelRunner, num_kv_pages
 from tessera.engine.torchrun import check_parallel, torchrun_config, torchrun_rank
@@ -203,7 +203,7 @@ class TensorParallel:
 def pack(batch: ForwardBatch, d: BatchDescriptor) -> np.ndarray:
     """One forward as int64: the header, `host`, the page table, the logits rows."""
     b, cols = batch.host_pages.shape
-    t = batch.input_ids.shape[0]
+    t = batch.num_tokens
     header = [_STEP, t, b, cols, len(batch.host_logits), _MODES.index(d.mode), d.num_tokens, d.num_seqs,
               int(d.uniform_decode), 0]  # fmt: skip
     return np.concatenate(
@@ -218,7 +218,7 @@ def unpack(
     host_len = 3 * t + 4 * b
     host = payload[:host_len].copy()
     table = payload[host_len : host_len + b * cols].reshape(b, cols).copy()
-    batch = upload(host, table, device)
+    batch = ForwardBatch(host, table, device)
     batch.select_logits(payload[host_len + b * cols : host_len + b * cols + logits].copy())
     return batch, BatchDescriptor(_MODES[mode], tokens, seqs, bool(uniform))
 

@@ -111,7 +111,5 @@ def launch(
         batch.features = features
         tokens.append(greedy(runner, runner.forward(batch)))
         if features is not None:
-            hidden = runner.last_hidden
-            assert hidden is not None
-            features = hidden[batch.logits_indices]  # a copy: graph memory moves on
+            features = runner.last_logits_hidden  # a copy: graph memory moves on
     return Chain(steps, tokens)

@@ -138,7 +138,6 @@ class EagleProposer:
         source[np.repeat(batch.last_rows - n + 1, n) + offset] = np.repeat(np.array(firsts), n) + offset
         batch.features = hidden[to_device(source, hidden.device)]
         logits = self.runner.forward(batch)
-        out = self.runner.last_hidden
+        out = self.runner.last_logits_hidden  # (a copy: graph memory moves on)
         assert out is not None
-        # (`out[...]` is a copy: graph memory moves on)
-        return _Observed(greedy(self.runner, logits), out[batch.logits_indices])
+        return _Observed(greedy(self.runner, logits), out)
