@@ -1,7 +1,8 @@
 """Tensor parallelism in the engine, on CPU over gloo: `LLM(..., tensor_parallel_size=2)` runs a worker
 process beside the caller (rank 0) and gives the same greedy tokens as one rank, eagerly and through the
-emulated graphs (with n-gram speculation's verify batches); a worker that dies is named within the
-timeout; bad settings are refused up front; close() leaves no worker process and no page behind."""
+emulated graphs (with n-gram speculation's verify batches, and a draft model's or EAGLE head's forwards
+on every rank); a worker that dies is named within the timeout; bad settings are refused up front;
+close() leaves no worker process and no page behind."""
 
 from __future__ import annotations
 
@@ -98,6 +99,26 @@ def test_two_ranks_through_the_graphs_with_ngram_verifies(folder: Path, placemen
     _closed_cleanly(llm)
 
 
+@pytest.mark.parametrize("drafter", ["first-layer", "eagle"])
+def test_two_ranks_draft_with_a_model_on_both(folder: Path, drafter: str, tmp_path: Path) -> None:
+    """A draft's forwards run on both ranks too (the target's first layer, or a random EAGLE head): the
+    drafted token ids and the head's features reach the worker from rank 0's device. The tokens equal
+    one rank's with the same drafts, and plain decoding's."""
+    from tessera.testing.eagle_checkpoint import save_random_eagle_head
+
+    spec: dict[str, Any] = {"speculative_algorithm": "STANDALONE", "speculative_draft_layers": 1}
+    if drafter == "eagle":
+        head = save_random_eagle_head(tmp_path, CONFIG)
+        spec = {"speculative_algorithm": "EAGLE", "speculative_draft_model_path": str(head)}
+    plain, _ = _generate(folder, **GRAPHS)
+    want, one = _generate(folder, **GRAPHS, **spec, speculative_num_steps=3)
+    got, llm = _generate(folder, **GRAPHS, **spec, speculative_num_steps=3, tensor_parallel_size=2)
+    assert got == want == plain
+    assert llm.tp is not None and llm.tp.steps > llm.steps  # the draft's forwards went to the worker too
+    assert llm.stats()["spec_accepted"] == one.stats()["spec_accepted"]
+    _closed_cleanly(llm)
+
+
 def test_a_worker_killed_mid_run_is_named_within_the_timeout(folder: Path) -> None:
     llm = LLM(str(folder), **BASE, tensor_parallel_size=2)
     assert llm.tp is not None
@@ -185,18 +206,6 @@ def test_the_server_engine_exits_when_a_worker_dies(folder: Path) -> None:
         ),
         ({"expert_parallel_size": 2}, "must be 1 or the tensor parallel size 1"),
         ({"dist_timeout": 0}, "dist_timeout"),
-        (
-            {"tensor_parallel_size": 2, "speculative_algorithm": "STANDALONE", "speculative_draft_layers": 1},
-            "a draft model or EAGLE head runs on one rank only",
-        ),
-        (
-            {
-                "tensor_parallel_size": 2,
-                "speculative_algorithm": "EAGLE",
-                "speculative_draft_model_path": "h",
-            },
-            "NGRAM, which needs no model, works with tensor parallelism",
-        ),
     ],
 )
 def test_bad_parallel_settings_are_refused_up_front(settings: dict[str, Any], message: str) -> None:

@@ -212,12 +212,6 @@ class EngineConfig:
         _check_choice("all-reduce placement", self.all_reduce_placement, ("inside", "split"))
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if tp > 1 and self.speculative.algorithm not in (None, "NGRAM"):
-            raise ValueError(
-                f"--speculative-algorithm {self.speculative.algorithm} with --tp {tp}: a draft model or "
-                "EAGLE head runs on one rank only for now (NGRAM, which needs no model, works with tensor "
-                "parallelism)"
-            )
 
     @classmethod
     def create(cls, model: str | None = None, **settings: Any) -> EngineConfig:

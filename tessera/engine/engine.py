@@ -9,12 +9,12 @@ import gc
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from torch import nn
 
 from tessera.distributed import set_all_reduce_placement
 from tessera.engine.batch import ScheduledBatch
@@ -27,12 +27,14 @@ from tessera.engine.sampling import SamplingParams, TopLogprobs, sample_batch
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
 from tessera.engine.speculative import Proposer
+from tessera.engine.speculative.build import cached_models, draft_runner, load_draft
 from tessera.engine.speculative.verify import verify_batch
 from tessera.engine.stopping import StopChecker
 from tessera.loader.model_loader import load_model
 from tessera.model_config import ModelConfig
 
 logger = logging.getLogger("tessera")
+T = TypeVar("T")
 STEP_PHASES = ("schedule", "propose", "forward", "sample", "update")
 
 
@@ -87,55 +89,26 @@ class Engine:
             self.model_config = _with_context_length(self.model_config, config.context_length)
         if config.chat_template is not None:
             self.tokenizer = self.tokenizer.with_chat_template(Path(config.chat_template).read_text())
-        self.draft_model = self._draft_model()
+        self.draft_model = load_draft(config, self.model, self.model_config.max_position_embeddings)
         pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages=pages)
+        # NOTE: built before the ranks are ready, as every rank builds it: its capture runs collectives
+        self.draft_runner = draft_runner(config, self.draft_model, self.runner)
         if self.tp is not None:
-            self.tp.ready(self.runner)
+            self.tp.ready(self.runner, self.draft_runner)
         kv = KVManager(pages, config.page_size, prefix_cache=not config.scheduler.disable_radix_cache)
         mc = self.model_config
         stops = StopChecker(self.tokenizer, mc.eos_token_ids, mc.max_position_embeddings)
         spec = config.speculative
         self.scheduler = Scheduler(config.scheduler, kv, stops, lookahead=spec.num_steps)
-        self.proposer = self._proposer(pages)
+        self.proposer = self._proposer()
         # Host seconds of every step, by phase: schedule; propose (drafting: a model's draft forwards
         # are launched, not waited for); forward (building the batch and launching its work,
         # asynchronous on a GPU); sample (which waits for the GPU to finish); update.
         self.steps = 0
         self.step_seconds = dict.fromkeys(STEP_PHASES, 0.0)
 
-    def _draft_model(self) -> nn.Module | None:
-        """STANDALONE's draft: the target's own first layers, or a model sharing its vocabulary; EAGLE's
-        head, over the target's embedding and lm_head."""
-        spec, config = self.config.speculative, self.config
-        if spec.algorithm == "EAGLE":
-            from tessera.loader.eagle import load_eagle_head
-
-            path = spec.speculative_draft_model_path
-            assert path is not None
-            return load_eagle_head(
-                path, self.model, config.torch_dtype, self.device, spec.speculative_token_map
-            )
-        if spec.algorithm != "STANDALONE":
-            return None
-        if spec.speculative_draft_layers is not None:
-            return self.model.first_layers(spec.speculative_draft_layers)
-        path = spec.speculative_draft_model_path
-        draft, _, draft_config = load_model(path, config.torch_dtype, self.device, config.load_format)
-        if draft_config.vocab_size != self.model_config.vocab_size:
-            raise ValueError(
-                f"the draft model {path} has a vocabulary of {draft_config.vocab_size} tokens, the target "
-                f"{self.model_config.vocab_size}: a draft must share the target's vocabulary"
-            )
-        if draft_config.max_position_embeddings < self.model_config.max_position_embeddings:
-            raise ValueError(
-                f"the draft model {path} takes {draft_config.max_position_embeddings} tokens of context, "
-                f"the target {self.model_config.max_position_embeddings}: pass --context-length "
-                f"{draft_config.max_position_embeddings} (or less) to serve both"
-            )
-        return draft
-
-    def _proposer(self, pages: int) -> Proposer | None:
+    def _proposer(self) -> Proposer | None:
         spec = self.config.speculative
         if spec.algorithm == "NGRAM":
             from tessera.engine.speculative.ngram import NgramProposer
@@ -143,28 +116,23 @@ class Engine:
             return NgramProposer(
                 spec.speculative_ngram_min_match_window_size, spec.speculative_ngram_max_match_window_size
             )
+        runner = self.draft_runner
+        if runner is None:
+            return None
         if spec.algorithm == "EAGLE":
             from tessera.engine.speculative.eagle import EagleProposer
 
-            assert self.draft_model is not None
-            return EagleProposer(ModelRunner(self.draft_model, self.config, num_pages=pages, verifies=False))
-        if self.draft_model is not None:
-            from tessera.engine.speculative.draft_model import DraftModelProposer
+            return EagleProposer(runner)
+        from tessera.engine.speculative.draft_model import DraftModelProposer
 
-            layers = spec.speculative_draft_layers  # the target's own first layers share its cache
-            kv = self.runner.kv
-            shared_kv = replace(kv, k=kv.k[:layers], v=kv.v[:layers]) if layers is not None else None
-            runner = ModelRunner(self.draft_model, self.config, num_pages=pages, kv=shared_kv, verifies=False)
-            return DraftModelProposer(runner, shares_target_cache=layers is not None)
-        return None
+        return DraftModelProposer(runner, shares_target_cache=spec.speculative_draft_layers is not None)
 
     def _num_pages(self) -> int:
         """KV pages: a fraction of the GPU memory still free after loading, or a fixed budget on CPU; with
         tensor parallelism the least any rank has room for."""
-        models = [self.model]
-        if self.draft_model is not None and self.config.speculative.speculative_draft_layers is None:
-            models.append(self.draft_model)  # a separate draft: its own cache, the same pages
-        pages = num_kv_pages(self.config, models, self.device)
+        pages = num_kv_pages(
+            self.config, cached_models(self.config, self.model, self.draft_model), self.device
+        )
         return pages if self.tp is None else self.tp.agree_pages(pages)
 
     def close(self) -> None:
@@ -208,7 +176,7 @@ class Engine:
         proposer = self.proposer
         if proposer is not None and batch.draft_room:
             rooms = list(batch.draft_room.values())
-            self.scheduler.attach_drafts(batch, proposer.propose(batch.proposal_seqs, rooms))
+            self.scheduler.attach_drafts(batch, self._on_ranks(proposer.propose, batch.proposal_seqs, rooms))
         t2 = clock()
         starts = [seq.num_cached for seq, _ in batch.work] if proposer is not None else []
         logits = self._run(batch)
@@ -222,7 +190,7 @@ class Engine:
             t4 = clock()
             advanced = self.scheduler.postprocess(batch, tokens, logprobs, tops)
         if proposer is not None:  # a draft model or head follows what the target kept
-            proposer.observe(batch.work, starts, self.runner)
+            self._on_ranks(proposer.observe, batch.work, starts, self.runner)
         self.steps += 1
         times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
         for phase, elapsed in zip(STEP_PHASES, times, strict=True):
@@ -232,12 +200,24 @@ class Engine:
     def _run(self, batch: ScheduledBatch) -> torch.Tensor:
         if self.tp is None:
             return self.runner.run(batch)
+        tp = self.tp
+
+        def run() -> torch.Tensor:
+            logits = self.runner.run(batch)
+            tp.wait_device()
+            return logits
+
+        return self._on_ranks(run)
+
+    def _on_ranks(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)`, whose forwards every tensor-parallel rank runs: a rank that died or stopped
+        answering meanwhile is named."""
+        if self.tp is None:
+            return work(*args)
         published = self.tp.steps
         try:
-            logits = self.runner.run(batch)
-            self.tp.wait_device()
-            return logits
-        except Exception as exc:  # a rank that died or stopped answering is named
+            return work(*args)
+        except Exception as exc:
             error = self.tp.failure(exc)
             if not isinstance(error, WorkerError) and self.tp.steps > published:
                 # NOTE: rank 0 failed inside a forward the workers run too: they wait in its collectives,

@@ -5,17 +5,22 @@ spawns ranks 1..N-1 (or, under torchrun, joins the ranks torchrun started); each
 and the same `ModelRunner` (same graph capture sizes, same KV pages: the least any rank can hold), then
 waits in `run_worker`. Before each of rank 0's forwards, `publish` sends the others that forward's
 batch as one int64 message over a gloo group: the `ForwardBatch`'s host arrays (token ids, positions,
-slot mapping, layout rows, page table, logits rows) and its `BatchDescriptor`. Every rank runs the
-forward (the model's collectives pair up); only rank 0 samples. Pages and the prefix cache stay rank
-0's: the workers index their caches by the slots it sends.
+slot mapping, layout rows, page table, logits rows), its `BatchDescriptor`, and which runner runs it
+(the target's, or a draft's: speculative decoding's draft model or EAGLE head). Inputs that are on
+rank 0's device — token ids drafted there, an EAGLE head's features — follow as broadcasts over the
+model's own group, so they never go through the host. Every rank runs the forward (the model's
+collectives pair up); only rank 0 samples and drafts. Pages and the prefix cache stay rank 0's: the
+workers index their caches by the slots it sends.
 
 Start-up, in the same order on every rank: the process group; `new_group` for the step messages; the
-model; `agree_pages` (an all-reduce: the least pages); the runner (graph capture, with the model's
-collectives); `ready` (a barrier). Then one message per forward, and a stop message at `close`.
+model and the draft, if any; `agree_pages` (an all-reduce: the least pages); the runners (graph
+capture, with the model's collectives); `ready` (a barrier). Then one message per forward, and a stop
+message at `close`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from datetime import timedelta
@@ -24,11 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tessera.distributed import WorkerError, destroy, init_distributed, set_all_reduce_placement
+from tessera.distributed import WorkerError, destroy, init_distributed, set_all_reduce_placement, tp_group
 from tessera.distributed.workers import Workers
 from tessera.engine.batch import ForwardBatch
 from tessera.engine.config import EngineConfig
 from tessera.engine.model_runner import ModelRunner, num_kv_pages
+from tessera.engine.speculative.build import cached_models, draft_runner, load_draft
 from tessera.engine.torchrun import check_parallel, torchrun_config, torchrun_rank
 from tessera.graphs import BatchDescriptor, GraphMode
 from tessera.loader.model_loader import load_model
@@ -42,10 +48,12 @@ START_TIMEOUT_S = 1800.0  # loading and capturing on every rank (a dead rank is 
 IDLE_TIMEOUT = timedelta(days=365)
 DEVICE_POLL_S = 50e-6  # how often rank 0 looks whether its forward finished (and its workers live)
 _MODES = list(GraphMode)
-# message: [kind, T, B, page-table columns, logits rows, mode, padded tokens, seqs, uniform decode, 0]
+# message: [kind, T, B, page-table columns, logits rows, mode, padded tokens, seqs, uniform decode, flags]
 # then the payload; a payload longer than INLINE goes in a second broadcast
 HEADER, INLINE = 10, 8192
 _STOP, _STEP = 0, 1
+# flags: the draft's runner runs it; its token ids, its features follow from rank 0's device
+_DRAFT, _IDS, _FEATURES = 1, 2, 4
 
 
 class TensorParallel:
@@ -101,21 +109,26 @@ class TensorParallel:
         self._wait(dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group, async_op=True), "KV pages")
         return int(count.item())
 
-    def ready(self, runner: ModelRunner) -> None:
-        """Every rank has built its runner: from here on each forward of `runner` is published."""
+    def ready(self, runner: ModelRunner, draft: ModelRunner | None = None) -> None:
+        """Every rank has built its runners: from here on each forward of `runner` (the target's) and
+        of `draft` (a draft's, if any) is published."""
         self._wait(dist.barrier(group=self.group, async_op=True), "start-up")
         runner.on_forward = self.publish
+        if draft is not None:
+            draft.on_forward = functools.partial(self.publish, draft=True)
         self.started = True
 
-    def publish(self, batch: ForwardBatch, d: BatchDescriptor) -> None:
-        """Send the other ranks the forward rank 0 is about to run (asynchronously: the last message's
-        sends are waited for first, bounded by `dist_timeout`)."""
+    def publish(self, batch: ForwardBatch, d: BatchDescriptor, draft: bool = False) -> None:
+        """Send the other ranks the forward rank 0 is about to run, of the target or (`draft`) the
+        draft's runner: the host message asynchronously (the last message's sends are waited for first,
+        bounded by `dist_timeout`), then the inputs on the device as broadcasts queued on it."""
         if self.error is not None:
             raise self.error
         if self.workers is not None:
             self.workers.check()  # a dead worker named before anything waits on it
         self.settle()
-        message = pack(batch, d)
+        flags = _DRAFT * draft | _IDS * batch.ids_on_device | _FEATURES * (batch.features is not None)
+        message = pack(batch, d, flags)
         if len(message) <= HEADER + INLINE:
             self._buffer[: len(message)] = torch.from_numpy(message)
             self._send(self._buffer)
@@ -123,6 +136,10 @@ class TensorParallel:
             self._buffer[:HEADER] = torch.from_numpy(message[:HEADER])
             self._send(self._buffer)
             self._send(torch.from_numpy(message[HEADER:]))
+        if batch.ids_on_device:
+            dist.broadcast(batch.input_ids.contiguous(), 0, group=tp_group())
+        if batch.features is not None:
+            dist.broadcast(batch.features.contiguous(), 0, group=tp_group())
         self.steps += 1
 
     def settle(self) -> None:
@@ -200,12 +217,12 @@ class TensorParallel:
             work.wait()
 
 
-def pack(batch: ForwardBatch, d: BatchDescriptor) -> np.ndarray:
+def pack(batch: ForwardBatch, d: BatchDescriptor, flags: int = 0) -> np.ndarray:
     """One forward as int64: the header, `host`, the page table, the logits rows."""
     b, cols = batch.host_pages.shape
     t = batch.num_tokens
     header = [_STEP, t, b, cols, len(batch.host_logits), _MODES.index(d.mode), d.num_tokens, d.num_seqs,
-              int(d.uniform_decode), 0]  # fmt: skip
+              int(d.uniform_decode), flags]  # fmt: skip
     return np.concatenate(
         (np.array(header, dtype=np.int64), batch.host, batch.host_pages.ravel(), batch.host_logits)
     )
@@ -229,12 +246,16 @@ def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
     group = _step_group()
     device = config.torch_device
     set_all_reduce_placement(config.all_reduce_placement)
-    model, _, _ = load_model(
+    model, _, model_config = load_model(
         config.model, config.torch_dtype, device, config.load_format, quantization=config.quantization
     )
-    count = torch.tensor([num_kv_pages(config, [model], device)], dtype=torch.long)
+    draft = load_draft(config, model, config.context_length or model_config.max_position_embeddings)
+    count = torch.tensor(
+        [num_kv_pages(config, cached_models(config, model, draft), device)], dtype=torch.long
+    )
     dist.all_reduce(count, op=dist.ReduceOp.MIN, group=group)
     runner = ModelRunner(model, config, num_pages=int(count.item()))
+    runners = [runner, draft_runner(config, draft, runner)]
     dist.barrier(group=group)
     logger.info("tensor parallel: rank %d of %d ready", rank, world_size)
     buffer = torch.empty(HEADER + INLINE, dtype=torch.long)
@@ -252,7 +273,24 @@ def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
             extra = torch.empty(size, dtype=torch.long)
             dist.broadcast(extra, 0, group=group)
             payload = extra.numpy()
-        runner.forward(*unpack(header, payload, runner.device))
+        batch, d = unpack(header, payload, runner.device)
+        _forward(runners, batch, d, int(header[9]))
+
+
+def _forward(runners: list[ModelRunner | None], batch: ForwardBatch, d: BatchDescriptor, flags: int) -> None:
+    """A worker's side of a published forward: its device inputs from rank 0, then the forward."""
+    runner = runners[flags & _DRAFT]
+    assert runner is not None, "rank 0 sent a draft's forward to a worker with no draft"
+    t = batch.num_tokens
+    if flags & _IDS:
+        ids = torch.empty(t, dtype=torch.long, device=runner.device)
+        dist.broadcast(ids, 0, group=tp_group())
+        batch.feed_ids(ids)
+    if flags & _FEATURES:
+        features = torch.empty(t, runner.model_config.hidden_size, dtype=runner.dtype, device=runner.device)
+        dist.broadcast(features, 0, group=tp_group())
+        batch.features = features
+    runner.forward(batch, d)
 
 
 def serve_torchrun_worker(config: EngineConfig) -> None:
