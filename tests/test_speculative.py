@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,6 +227,47 @@ def test_eagle_keeps_greedy_output_and_replays_its_head_in_graphs(
     assert sum(head_graphs["replays"]["piecewise"].values()) > 0 and not head_graphs["eager_fallbacks"]
 
 
+def test_eagle_drafts_accepted_in_a_loop_keep_greedy_output(
+    plain: dict[str, list[list[int]]], tmp_path: Path
+) -> None:
+    """A head whose output is the target's feature (its fc passes the feature through, its layer adds
+    nothing) drafts the target's last choice again: accepted wherever the target repeats a token, as
+    the random target does in a loop. Verifies then keep drafts, and the head goes on from the row
+    past them, picked on the device before the verify's tokens reach the host."""
+    from safetensors.torch import load_file, save_file
+
+    folder, spec = _eagle(tmp_path)
+    path = Path(spec["speculative_draft_model_path"]) / "model.safetensors"
+    weights = load_file(path)
+    h = BASE["hidden_size"]
+    weights["fc.weight"] = torch.cat((torch.zeros(h, h), torch.eye(h)), dim=1)
+    for name in ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
+        weights[name] = torch.zeros_like(weights[name])
+    save_file(weights, path)
+    llm = LLM(str(folder), **SETTINGS, **spec, speculative_num_steps=3)
+    proposer = llm.proposer
+    observe, checked = proposer.observe, []  # type: ignore[union-attr]
+
+    def checking(work: list[Any], starts: list[int], target: Any) -> None:
+        # the head's output is its feature: where each request drafts from next must be the target's
+        # hidden state at the request's last kept position
+        observe(work, starts, target)
+        forward = target.last_batch
+        for (seq, n), start, last in zip(work, starts, forward.last_rows.tolist(), strict=True):
+            nxt = proposer._next.get(seq)  # type: ignore[union-attr]
+            if nxt is not None and nxt.num_cached == seq.num_cached and seq.num_cached > start:
+                row = last - n + 1 + (seq.num_cached - 1 - start)
+                torch.testing.assert_close(nxt.observed.features[nxt.row], target.last_hidden[row])
+                checked.append(n)
+
+    proposer.observe = checking  # type: ignore[union-attr,method-assign]
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == plain["llama"]
+    _no_leak(llm)
+    accepted = llm.stats()["spec_accepted"]
+    assert accepted[3] >= 2 and accepted[0] > 0, accepted  # whole chains kept, and chains cut
+    assert len(checked) > 20 and 4 in checked  # verifies (1 + 3 rows) among them
+
+
 def test_eagle_with_a_token_map_drafts_from_it_alone_and_keeps_greedy_output(
     plain: dict[str, list[list[int]]], tmp_path: Path
 ) -> None:
@@ -339,3 +381,29 @@ def test_drafts_left_on_the_device_come_back_request_by_request() -> None:
     assert drafts.on_host() == [[10, 11], [20], [30, 31, 32], []]
     one = torch.tensor([5, 6, 7])
     assert request_major([one], [[0, 1, 2]], 3).tokens is one
+
+
+def test_eagle_drafts_next_from_the_last_row_the_verify_keeps() -> None:
+    """The head's row each request drafts from, picked on the device before the verify's tokens reach
+    the host: a verify's first row plus its accepted drafts (those equal to the target's choice at the
+    row before, up to the first that is not), a plain decode's or prefill end's last row."""
+    from types import SimpleNamespace
+
+    from tessera.engine.speculative.eagle import _kept_rows
+
+    # rows: a prefill chunk ending at 3 (samples), a verify of 3 drafts at 4..7, a decode at 8, a verify
+    # of 2 drafts at 9..11, a verify of 3 drafts at 12..15
+    ids = torch.tensor([5, 6, 7, 8, 30, 31, 32, 33, 40, 50, 51, 52, 60, 61, 62, 63])
+    forward = SimpleNamespace(
+        host_logits=np.array([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]), input_ids=ids
+    )
+    batch = SimpleNamespace(logits_rows=[1, 4, 1, 3, 4])
+    # the target's choice at each logits row: the first verify agrees with drafts 31 and 32, not 33; the
+    # second with both; the third with none
+    choices = torch.tensor([9, 31, 32, 99, 98, 41, 51, 52, 53, 0, 62, 63, 64])
+    # (indices into the logits rows: the requests' first are 0, 1, 5, 6, 9)
+    assert _kept_rows(batch, forward, choices).tolist() == [0, 1 + 2, 5, 6 + 2, 9]  # type: ignore[arg-type]
+    # no verify at all: each request's one row
+    plain = SimpleNamespace(host_logits=np.array([2, 5]), input_ids=ids)
+    kept = _kept_rows(SimpleNamespace(logits_rows=[1, 1]), plain, torch.tensor([1, 2]))  # type: ignore[arg-type]
+    assert kept.tolist() == [0, 1]

@@ -5,6 +5,7 @@ the server both drive it."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -181,15 +182,23 @@ class Engine:
         starts = [seq.num_cached for seq, _ in batch.work] if proposer is not None else []
         logits = self._run(batch)
         t3 = clock()
+        # called with the target's choices on the device, before the host waits for them: an EAGLE head
+        # queues its forward over the target's rows there
+        follow = (
+            None
+            if proposer is None
+            else functools.partial(self._on_ranks, proposer.follow, batch, self.runner)
+        )
         if batch.verifies:
-            verified = verify_batch(logits, batch.samplers, self.scheduler.stops, batch.device_drafts)
+            stops = self.scheduler.stops
+            verified = verify_batch(logits, batch.samplers, stops, batch.device_drafts, follow)
             t4 = clock()
             advanced = self.scheduler.postprocess_verified(batch, verified)
         else:
-            tokens, logprobs, tops = self._sample(logits, batch.samplers)
+            tokens, logprobs, tops = self._sample(logits, batch.samplers, follow)
             t4 = clock()
             advanced = self.scheduler.postprocess(batch, tokens, logprobs, tops)
-        if proposer is not None:  # a draft model or head follows what the target kept
+        if proposer is not None:  # a proposer keeps up with what the target kept
             self._on_ranks(proposer.observe, batch.work, starts, self.runner)
         self.steps += 1
         times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
@@ -229,15 +238,18 @@ class Engine:
             raise error from exc
 
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence]
+        self, logits: torch.Tensor, seqs: list[Sequence], before_copy: Callable[[torch.Tensor], None] | None
     ) -> tuple[list[int], list[float], list[TopLogprobs]]:
         if not seqs:
+            if before_copy is not None:
+                before_copy(logits.new_empty(0, dtype=torch.long))
             return [], [], []
         stops = self.scheduler.stops
         assert stops is not None
         histories = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
         banned = [stops.banned(s) for s in seqs]
-        return sample_batch(logits, [s.params for s in seqs], [s.rng() for s in seqs], histories, banned)
+        params, rngs = [s.params for s in seqs], [s.rng() for s in seqs]
+        return sample_batch(logits, params, rngs, histories, banned, before_copy)
 
     def stats(self) -> dict[str, Any]:
         """What an operator watches: requests, KV pages, graph counters, step timings (the server's

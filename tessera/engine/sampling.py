@@ -4,6 +4,7 @@ alternatives' log-probabilities (OpenAI's top_logprobs)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -104,11 +105,13 @@ def sample_batch(
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,
     banned: list[tuple[int, ...]] | None = None,
+    before_copy: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[list[int], list[float], list[TopLogprobs]]:
     """A token for every row of logits [B, V], its log-probability under the model (before any
     penalty), and the `top_logprobs` most likely alternatives of the rows that ask for them (`()` for
     the others). `histories`: each row's (prompt, output) token ids, needed by rows with penalties;
-    `banned`: token ids a row may not take now (EOS and stop tokens before `min_tokens`).
+    `banned`: token ids a row may not take now (EOS and stop tokens before `min_tokens`);
+    `before_copy`: called with the tokens on the device before the host waits for them.
 
     Greedy rows take one batched argmax; only rows that sample or are penalized run their own code.
     Everything stays on the device until the one copy back at the end: a per-row `.item()` costs a sync
@@ -129,6 +132,8 @@ def sample_batch(
         if ban:
             row = row.float().index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
         tokens[i] = row.argmax() if p.greedy else sample_row(row, p, gen)
+    if before_copy is not None:
+        before_copy(tokens)
     all_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
     logprobs = all_logprobs.gather(1, tokens[:, None])[:, 0]
     both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()

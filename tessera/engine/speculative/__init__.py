@@ -11,6 +11,7 @@ import torch
 from tessera.engine.sequence import Sequence
 
 if TYPE_CHECKING:
+    from tessera.engine.batch import ScheduledBatch
     from tessera.engine.model_runner import ModelRunner
 
 # what a verify's draft positions hold on the host while their tokens are on the device (`DeviceDrafts`):
@@ -54,6 +55,13 @@ class Proposer(Protocol):
         """Draft tokens for each sequence, at most its room (fewer, or none, where it has no good guess):
         on the host, or left on the device where a model drafted them. A proposer reads the sequences
         and never changes them."""
+        ...
+
+    def follow(self, batch: ScheduledBatch, target: ModelRunner, choices: torch.Tensor) -> None:
+        """Right after the target's forward of `batch`, before its tokens reach the host: `choices` are
+        the target's tokens at its logits rows (`batch.logits_rows` each), on the device. A proposer
+        that drafts from the target's hidden states queues its own forward here, so that it runs while
+        the host waits for those tokens and then schedules; the others do nothing."""
         ...
 
     def observe(self, work: list[tuple[Sequence, int]], starts: list[int], target: ModelRunner) -> None:

@@ -55,10 +55,12 @@ def cached_models(config: EngineConfig, target: nn.Module, draft: nn.Module | No
 
 def draft_runner(config: EngineConfig, draft: nn.Module | None, target: ModelRunner) -> ModelRunner | None:
     """The runner of the draft's forwards, with the target's pages (and, for the target's own first
-    layers, the target's cache of those layers); its graphs are captured here."""
+    layers, the target's cache of those layers); its graphs are captured here, an EAGLE head's with the
+    verify batches' shapes too (it runs the target's rows after each forward)."""
     if draft is None:
         return None
     layers = config.speculative.speculative_draft_layers
     kv = target.kv
     shared = replace(kv, k=kv.k[:layers], v=kv.v[:layers]) if layers is not None else None
-    return ModelRunner(draft, config, num_pages=target.kv.num_pages, kv=shared, verifies=False)
+    eagle = config.speculative.algorithm == "EAGLE"
+    return ModelRunner(draft, config, num_pages=target.kv.num_pages, kv=shared, verifies=eagle)

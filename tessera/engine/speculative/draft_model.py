@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from tessera.engine.batch import Row, build_rows
+from tessera.engine.batch import Row, ScheduledBatch, build_rows
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sequence import Sequence
 from tessera.engine.speculative import DeviceDrafts, chain
@@ -42,6 +42,9 @@ class DraftModelProposer:
         return min(ran, seq.num_cached)
 
     @torch.no_grad()
+    def follow(self, batch: ScheduledBatch, target: ModelRunner, choices: torch.Tensor) -> None:
+        pass
+
     def observe(self, work: list[tuple[Sequence, int]], starts: list[int], target: ModelRunner) -> None:
         if self.shares_target_cache:
             return

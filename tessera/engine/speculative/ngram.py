@@ -12,6 +12,9 @@ import numpy as np
 from tessera.engine.sequence import Sequence
 
 if TYPE_CHECKING:
+    import torch
+
+    from tessera.engine.batch import ScheduledBatch
     from tessera.engine.model_runner import ModelRunner
 
 # tokens searched back from the end of a request: bounds the host work per request and step
@@ -60,6 +63,9 @@ class NgramProposer:
             tokens = known.update(seq)
             drafts.append(self.draft(tokens[max(0, tokens.size - self.window) :], k))
         return drafts
+
+    def follow(self, batch: ScheduledBatch, target: ModelRunner, choices: torch.Tensor) -> None:
+        pass
 
     def observe(self, work: list[tuple[Sequence, int]], starts: list[int], target: ModelRunner) -> None:
         pass  # nothing of the target's forward to follow

@@ -19,6 +19,8 @@ counted from there, temperature, top-k/p, min-p).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tessera.engine.sampling import (
@@ -38,11 +40,14 @@ def verify_batch(
     seqs: list[Sequence],
     stops: StopChecker | None,
     drafts: DeviceDrafts | None = None,
+    before_copy: Callable[[torch.Tensor], None] | None = None,
 ) -> list[Verified]:
     """Each sampling sequence's tokens from its rows of `logits` [sum(1 + drafts), V] (float32): one row
     for a plain decode or prefill end, 1 + K for a verify of K drafts, in `seqs`' order. `drafts`: the
     verifies' drafts if they are still on the device (the sequences hold placeholders): they come to the
-    host with the choices, in one copy, and are written into the sequences."""
+    host with the choices, in one copy, and are written into the sequences. `before_copy`: called with
+    the choice at every row, on the device, before the host waits for them (an EAGLE head queues its
+    forward there)."""
     counts = [1 + len(s.draft_token_ids) for s in seqs]
     banned = [stops.banned(s) if stops is not None else () for s in seqs]
     all_logprobs = torch.log_softmax(logits, dim=-1)
@@ -58,6 +63,8 @@ def verify_batch(
         for seq, n in zip(seqs, counts, strict=True):
             choices[start : start + n] = _choose(logits[start : start + n], seq, stops)
             start += n
+    if before_copy is not None:
+        before_copy(choices)
     chosen_logprobs = all_logprobs.gather(1, choices[:, None])[:, 0]
     parts = [choices, chosen_logprobs] + ([drafts.tokens] if drafts is not None else [])
     host = torch.cat([p.to(torch.float64) for p in parts]).tolist()  # (float64: ids stay exact)
