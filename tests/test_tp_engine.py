@@ -119,10 +119,16 @@ def test_two_ranks_draft_with_a_model_on_both(folder: Path, drafter: str, tmp_pa
     _closed_cleanly(llm)
 
 
-def test_a_worker_killed_mid_run_is_named_within_the_timeout(folder: Path) -> None:
-    llm = LLM(str(folder), **BASE, tensor_parallel_size=2)
+@pytest.mark.parametrize("runner", ["target", "draft"])
+def test_a_worker_killed_mid_run_is_named_within_the_timeout(folder: Path, runner: str) -> None:
+    """Killed before the target's third forward, or a first-layer draft's (inside drafting)."""
+    spec = {"speculative_algorithm": "STANDALONE", "speculative_draft_layers": 1} if runner == "draft" else {}
+    llm = LLM(str(folder), **BASE, **spec, tensor_parallel_size=2)
     assert llm.tp is not None
-    publish, forwards = llm.tp.publish, []
+    killed = llm.runner if runner == "target" else llm.draft_runner
+    assert killed is not None
+    publish, forwards = killed.on_forward, []
+    assert publish is not None
 
     def kill_on_the_third(batch: Any, d: BatchDescriptor) -> None:
         forwards.append(d)
@@ -130,7 +136,7 @@ def test_a_worker_killed_mid_run_is_named_within_the_timeout(folder: Path) -> No
             os.kill(llm.tp.pids[0], signal.SIGKILL)  # type: ignore[union-attr]
         publish(batch, d)
 
-    llm.runner.on_forward = kill_on_the_third
+    killed.on_forward = kill_on_the_third
     start = time.monotonic()
     with pytest.raises(WorkerError, match="rank 1 died: killed by SIGKILL") as raised:
         llm.generate(PROMPTS, PARAMS)

@@ -73,8 +73,7 @@ class ForwardBatch:
         self.device = device
         self.num_seqs = b = host_pages.shape[0]
         self.num_tokens = t = (host.shape[0] - 4 * b) // 3
-        self.q_lens: list[int] = host[3 * t + 2 * b : 3 * t + 3 * b].tolist()
-        self.max_q_len = max(self.q_lens)
+        self.max_q_len = int(host[3 * t + 2 * b : 3 * t + 3 * b].max())
         self.host_logits: np.ndarray = host[3 * t : 3 * t + b]  # the rows that get logits, on the host
         self.seqs: list[Sequence] = []
         self.ids_on_device = False  # the token ids came from the device: `host` holds placeholders
@@ -106,8 +105,8 @@ class ForwardBatch:
 
     def feed_ids(self, ids: torch.Tensor) -> None:
         """Take the token ids from the device (a previous forward's output) rather than the host, so no
-        one waits for them to reach the host. The host arrays keep placeholders: only this process can
-        run the batch (a tensor-parallel rank 0 publishes the host arrays)."""
+        one waits for them to reach the host. The host arrays keep placeholders (under tensor
+        parallelism rank 0 sends the other ranks these ids from its device: `TensorParallel.publish`)."""
         if ids.shape != (self.num_tokens,):
             raise ValueError(f"{tuple(ids.shape)} token ids for a batch of {self.num_tokens} tokens")
         self._ids = ids
@@ -156,8 +155,8 @@ class _OnDevice:
 
     @classmethod
     def of(cls, batch: ForwardBatch) -> _OnDevice:
-        host, t, b, q_lens = batch.host, batch.num_tokens, batch.num_seqs, batch.q_lens
-        ctx_len = host[3 * t + 3 * b :].tolist()
+        host, t, b = batch.host, batch.num_tokens, batch.num_seqs
+        q_lens, ctx_len = host[3 * t + 2 * b : 3 * t + 3 * b].tolist(), host[3 * t + 3 * b :].tolist()
         layouts = [SeqLayout(n, end) for n, end in zip(q_lens, ctx_len, strict=True)]
         on_device = to_device(host, batch.device)
         input_ids, positions, slots = on_device[: 3 * t].view(3, t)
