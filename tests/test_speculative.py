@@ -17,6 +17,8 @@ from tessera.engine.llm import LLM
 from tessera.engine.sampling import SamplingParams
 from tessera.engine.speculative import DeviceDrafts
 
+from .conftest import assert_greedy_close, needs_triton_on_cpu
+
 # vocabulary of the embedded model's tokenizer, which a dummy-weight folder without one borrows
 VOCAB = 49152
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -206,12 +208,27 @@ def test_penalties_and_logprobs_match_plain_decoding(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- EAGLE
 
 
-def _eagle(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+def _eagle(tmp_path: Path, echo: bool = False, layers: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """The Llama target (of `layers` layers, if given) and a random EAGLE head; `echo`: a head whose
+    output is its feature (its fc passes the feature through, its layer adds nothing), which drafts the
+    target's last choice again."""
+    from safetensors.torch import load_file, save_file
+
     from tessera.testing.eagle_checkpoint import save_random_eagle_head
 
     folder = _folder(tmp_path, "llama")
+    if layers is not None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"num_hidden_layers": layers}))
     head = tmp_path / "eagle-head"
     save_random_eagle_head(head, BASE | CONFIGS["llama"], seed=3)
+    if echo:
+        weights = load_file(head / "model.safetensors")
+        h = BASE["hidden_size"]
+        weights["fc.weight"] = torch.cat((torch.zeros(h, h), torch.eye(h)), dim=1)
+        for name in ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
+            weights[name] = torch.zeros_like(weights[name])
+        save_file(weights, head / "model.safetensors")
     return folder, {"speculative_algorithm": "EAGLE", "speculative_draft_model_path": str(head)}
 
 
@@ -230,20 +247,10 @@ def test_eagle_keeps_greedy_output_and_replays_its_head_in_graphs(
 def test_eagle_drafts_accepted_in_a_loop_keep_greedy_output(
     plain: dict[str, list[list[int]]], tmp_path: Path
 ) -> None:
-    """A head whose output is the target's feature (its fc passes the feature through, its layer adds
-    nothing) drafts the target's last choice again: accepted wherever the target repeats a token, as
-    the random target does in a loop. Verifies then keep drafts, and the head goes on from the row
-    past them, picked on the device before the verify's tokens reach the host."""
-    from safetensors.torch import load_file, save_file
-
-    folder, spec = _eagle(tmp_path)
-    path = Path(spec["speculative_draft_model_path"]) / "model.safetensors"
-    weights = load_file(path)
-    h = BASE["hidden_size"]
-    weights["fc.weight"] = torch.cat((torch.zeros(h, h), torch.eye(h)), dim=1)
-    for name in ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
-        weights[name] = torch.zeros_like(weights[name])
-    save_file(weights, path)
+    """An echoing head drafts the target's last choice again: accepted wherever the target repeats a
+    token, as the random target does in a loop. Verifies then keep drafts, and the head goes on from the
+    row past them, picked on the device before the verify's tokens reach the host."""
+    folder, spec = _eagle(tmp_path, echo=True)
     llm = LLM(str(folder), **SETTINGS, **spec, speculative_num_steps=3)
     proposer = llm.proposer
     observe, checked = proposer.observe, []  # type: ignore[union-attr]
@@ -407,3 +414,28 @@ def test_eagle_drafts_next_from_the_last_row_the_verify_keeps() -> None:
     plain = SimpleNamespace(host_logits=np.array([2, 5]), input_ids=ids)
     kept = _kept_rows(SimpleNamespace(logits_rows=[1, 1]), plain, torch.tensor([1, 2]))  # type: ignore[arg-type]
     assert kept.tolist() == [0, 1]
+
+
+@needs_triton_on_cpu
+def test_eagle_through_full_graphs_keeps_greedy_output(tmp_path: Path) -> None:
+    """Verifies and the head's forwards replay full graphs (Triton attention in its interpreter): the
+    drafts fed from the device, the head's features, the logits rows and page tables staged by the
+    replays (which upload nothing of their batches). An echoing head, so drafts are accepted too. The
+    reference is plain decoding with torch's attention, eagerly (the interpreter is slow): equal but
+    where a near tie rounds the other way."""
+    folder, spec = _eagle(tmp_path, echo=True, layers=3)
+    params = [SamplingParams(max_tokens=10, ignore_eos=True, top_logprobs=2)]
+    with LLM(str(folder), device="cpu", load_format="dummy") as llm:
+        want = llm.generate(PROMPTS[1:2], params)
+    full = {"device": "cpu", "load_format": "dummy", "attention_backend": "triton",
+            "emulate_graphs_on_cpu": True, "piecewise_cuda_graph_tokens": (4, 16), "cuda_graph_max_bs": 1,
+            "extend_cuda_graph_max_tokens": 4, "extend_cuda_graph_max_seqs": 1}  # fmt: skip
+    with LLM(str(folder), **full, **spec, speculative_num_steps=1) as llm:
+        got = llm.generate(PROMPTS[1:2], params)
+        _no_leak(llm)
+        stats, head = llm.stats(), llm.proposer.runner.graph_stats()  # type: ignore[union-attr]
+    assert_greedy_close(got, want)
+    assert stats["spec_accepted"][1] > 0, stats["spec_accepted"]
+    for graphs in (stats["graphs"], head):  # the verifies, and the head's forwards over their rows
+        assert sum(graphs["replays"].get("full-extend", {}).values()) > 0, graphs
+        assert not graphs["eager_fallbacks"], graphs
