@@ -95,14 +95,6 @@ case "${1:-}" in
     for s in ngram self-draft-8; do
       step "gsm8k_$s" 90 python3 -m benchmarks.eval_gsm8k --speculative "$s" --out "$OUT/gsm8k_$s.json"
     done ;;
-  spec-core)  # (carry .wheels/gpu .wheels/stage/part-ab, within 30 s of `stage spec`) issue 20 in one
-    # call: speculative decoding's GPU tests, then EAGLE's overhead on the Llama-3-8B config
-    step stage 60 bash scripts/stage-model.sh second
-    step setup 120 bash scripts/gpu-setup.sh
-    step test_spec 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speculative_gpu.py
-    step bench_eagle 240 python3 -m benchmarks.speculative --model benchmarks/configs/llama3-8b \
-      --load-format dummy --proposers plain eagle-random eagle-random-k1 \
-      --workloads gsm8k --batch-sizes 1 --out "$OUT/speculative_eagle.json" ;;
   spec-ab)  # (carry .wheels/gpu .wheels/stage/part-ab and BEFORE_DIR, a `git archive` of commit BEFORE,
     # within 30 s of `stage spec`; args: BEFORE_DIR BEFORE) speculative decoding's GPU tests, then
     # EAGLE's cost at batch 1 on the Llama-3-8B config, this tree and BEFORE in turn on this card
@@ -117,7 +109,7 @@ case "${1:-}" in
         plain eagle-random-k1 eagle-random --workloads gsm8k --batch-sizes 1 \
         --out "$OUT/speculative_eagle_$side.json")
     done ;;
-  ngram-mxfp4)  # (carry .wheels/gpu, after `spec-core`: the model is installed) n-gram at 4 and 8
+  ngram-mxfp4)  # (carry .wheels/gpu, after `spec-ab`: the model is installed) n-gram at 4 and 8
     # drafted tokens on repeating text, then issue 21's decode GEMM tests and MXFP4 against bf16
     step setup 120 bash scripts/gpu-setup.sh
     step bench_ngram 150 python3 -m benchmarks.speculative --proposers plain ngram ngram-8 \
@@ -193,7 +185,7 @@ case "${1:-}" in
       --extend 16 128 512 2048 --decode 1 32 128 --num-pages 2500 --out "$OUT/step_$model.json" ;;
   4)
     serve serve_llama3_8b 590 "benchmarks/configs/llama3-8b --load-format dummy" ;;
-  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm|mxfp4|spec]|spec|spec-core|spec-ab DIR C|ngram-mxfp4|models [stage]|models-extra|kernels|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
+  *) echo "usage: $0 1 [quick]|2 [MODEL]|3|4|5|5a|5b|5c|gsm8k|stage [quant|gemm|mxfp4|spec]|spec|spec-ab DIR C|ngram-mxfp4|models [stage]|models-extra|kernels|quant [nogemm]|tp1 DIR|tp [N]|tp-serve" >&2
      exit 2 ;;
 esac
 cat "$OUT/summary.txt"

@@ -28,6 +28,7 @@ from tessera.engine.config import EngineConfig
 from tessera.engine.llm import LLM
 from tessera.engine.parallel import WorkerError
 from tessera.engine.sampling import SamplingParams
+from tessera.engine.speculative import DeviceDrafts
 from tessera.engine.torchrun import check_parallel
 from tessera.graphs import BatchDescriptor, GraphMode
 from tessera.server.engine_loop import AsyncEngine, Update
@@ -111,9 +112,25 @@ def test_two_ranks_draft_with_a_model_on_both(folder: Path, drafter: str, tmp_pa
         head = save_random_eagle_head(tmp_path, CONFIG)
         spec = {"speculative_algorithm": "EAGLE", "speculative_draft_model_path": str(head)}
     plain, _ = _generate(folder, **GRAPHS)
-    want, one = _generate(folder, **GRAPHS, **spec, speculative_num_steps=3)
-    got, llm = _generate(folder, **GRAPHS, **spec, speculative_num_steps=3, tensor_parallel_size=2)
+    runs = []
+    for ranks in (1, 2):
+        llm = LLM(str(folder), **BASE, **GRAPHS, **spec, speculative_num_steps=3, tensor_parallel_size=ranks)
+        drafted: list[list[list[int]]] = []
+        propose = llm.proposer.propose  # type: ignore[union-attr]
+
+        def recording(
+            seqs: list[Any], rooms: list[int], propose: Any = propose, drafted: Any = drafted
+        ) -> Any:
+            drafts = propose(seqs, rooms)
+            drafted.append(drafts.on_host() if isinstance(drafts, DeviceDrafts) else drafts)
+            return drafts
+
+        llm.proposer.propose = recording  # type: ignore[union-attr,method-assign]
+        runs.append(([o.token_ids for o in llm.generate(PROMPTS, PARAMS)], drafted, llm))
+    (want, want_drafts, one), (got, got_drafts, llm) = runs
     assert got == want == plain
+    # the same drafts: the worker's half of each draft forward saw the same ids and features
+    assert got_drafts == want_drafts and any(d for step in got_drafts for d in step)
     assert llm.tp is not None and llm.tp.steps > llm.steps  # the draft's forwards went to the worker too
     assert llm.stats()["spec_accepted"] == one.stats()["spec_accepted"]
     _closed_cleanly(llm)

@@ -52,8 +52,9 @@ _MODES = list(GraphMode)
 # then the payload; a payload longer than INLINE goes in a second broadcast
 HEADER, INLINE = 10, 8192
 _STOP, _STEP = 0, 1
-# flags: the draft's runner runs it; its token ids, its features follow from rank 0's device
-_DRAFT, _IDS, _FEATURES = 1, 2, 4
+# flags: the draft's runner runs it; its token ids, its features follow from rank 0's device; its
+# features are the target's last hidden states, which every rank holds (an EAGLE head's catch-up)
+_DRAFT, _IDS, _FEATURES, _TARGET_FEATURES = 1, 2, 4, 8
 
 
 class TensorParallel:
@@ -68,6 +69,7 @@ class TensorParallel:
         self.steps = 0
         self.started = self.closed = False
         self.error: WorkerError | None = None  # why the ranks were abandoned
+        self._target: ModelRunner | None = None  # the target's runner, once ready
 
     @classmethod
     def start(cls, config: EngineConfig) -> TensorParallel | None:
@@ -114,6 +116,7 @@ class TensorParallel:
         of `draft` (a draft's, if any) is published."""
         self._wait(dist.barrier(group=self.group, async_op=True), "start-up")
         runner.on_forward = self.publish
+        self._target = runner
         if draft is not None:
             draft.on_forward = functools.partial(self.publish, draft=True)
         self.started = True
@@ -127,7 +130,12 @@ class TensorParallel:
         if self.workers is not None:
             self.workers.check()  # a dead worker named before anything waits on it
         self.settle()
-        flags = _DRAFT * draft | _IDS * batch.ids_on_device | _FEATURES * (batch.features is not None)
+        features = batch.features
+        if features is not None and self._target is not None and _is_last_hidden(features, self._target):
+            features, flags = None, _TARGET_FEATURES
+        else:
+            flags = _FEATURES * (features is not None)
+        flags |= _DRAFT * draft | _IDS * batch.ids_on_device
         message = pack(batch, d, flags)
         if len(message) <= HEADER + INLINE:
             self._buffer[: len(message)] = torch.from_numpy(message)
@@ -138,8 +146,8 @@ class TensorParallel:
             self._send(torch.from_numpy(message[HEADER:]))
         if batch.ids_on_device:
             dist.broadcast(batch.input_ids.contiguous(), 0, group=tp_group())
-        if batch.features is not None:
-            dist.broadcast(batch.features.contiguous(), 0, group=tp_group())
+        if features is not None:
+            dist.broadcast(features.contiguous(), 0, group=tp_group())
         self.steps += 1
 
     def settle(self) -> None:
@@ -290,7 +298,22 @@ def _forward(runners: list[ModelRunner | None], batch: ForwardBatch, d: BatchDes
         features = torch.empty(t, runner.model_config.hidden_size, dtype=runner.dtype, device=runner.device)
         dist.broadcast(features, 0, group=tp_group())
         batch.features = features
+    if flags & _TARGET_FEATURES:
+        hidden = runners[0].last_hidden  # type: ignore[union-attr]
+        assert hidden is not None
+        batch.features = hidden[:t]
     runner.forward(batch, d)
+
+
+def _is_last_hidden(features: torch.Tensor, target: ModelRunner) -> bool:
+    """Whether `features` are the first rows of `target`'s last hidden states (a view of them)."""
+    hidden = target.last_hidden
+    return (
+        hidden is not None
+        and features.data_ptr() == hidden.data_ptr()
+        and features.stride() == hidden.stride()
+        and features.shape[0] <= hidden.shape[0]
+    )
 
 
 def serve_torchrun_worker(config: EngineConfig) -> None:
