@@ -45,6 +45,9 @@ PROPOSERS: dict[str, dict[str, Any]] = {
     # drafting from a hot vocabulary of 32,768 tokens (FR-Spec's size; with a random head which ones
     # changes nothing of the cost): a quarter of Llama-3's lm_head read a draft step
     "eagle-random-hot32k": {"speculative_algorithm": "EAGLE", "speculative_num_steps": 3, "hot_vocab": 32768},
+    "eagle-random-hot32k-k1": {
+        "speculative_algorithm": "EAGLE", "speculative_num_steps": 1, "hot_vocab": 32768,
+    },
 }  # fmt: skip
 
 

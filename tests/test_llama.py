@@ -132,18 +132,18 @@ def test_prefix_cached_extend_equals_full_prefill() -> None:
 def test_mixed_batch_equals_each_sequence_alone(backend: str, decodes: int) -> None:
     """Decodes and a whole prefill in one batch, the prefill listed among the decodes: its rows are
     reordered (short sequences first) and, with enough decodes, attention runs as two launches; the
-    logits still come back in the order asked, equal to each sequence run alone."""
+    logits still come back in the order asked, equal to the decodes run as a decode batch of their own
+    and the prefill run alone."""
     _, ours = hf_and_ours("Qwen3ForCausalLM")
     gen = torch.Generator().manual_seed(decodes)
     prompts = [torch.randint(0, 256, (4 + i % 7,), generator=gen).tolist() for i in range(decodes)]
     prompts.insert(1, torch.randint(0, 256, (SHORT_QUERY_LEN + 5,), generator=gen).tolist())
     runner = _runner(ours, backend, num_pages=128)
-    alone = []
-    for i, ids in enumerate(prompts):
-        seq = _seq(ids)
-        if i != 1:
-            runner.run([(seq, len(ids) - 1)])
-        alone.append(runner.run([(seq, 1 if i != 1 else len(ids))])[0])
+    apart = [_seq(ids) for ids in prompts]
+    runner.run([(s, len(s.prompt_token_ids) - 1) for i, s in enumerate(apart) if i != 1])
+    decoded = runner.run([(s, 1) for i, s in enumerate(apart) if i != 1])
+    prefilled = runner.run([(apart[1], len(prompts[1]))])
+    alone = [decoded[0], prefilled[0], *decoded[1:]]
     seqs = [_seq(ids) for ids in prompts]
     runner.run([(s, len(s.prompt_token_ids) - 1) for i, s in enumerate(seqs) if i != 1])  # cached
     work = [(s, 1 if i != 1 else len(s.prompt_token_ids)) for i, s in enumerate(seqs)]
@@ -160,12 +160,18 @@ def test_unknown_checkpoint_tensor_is_an_error() -> None:
 
 
 @needs_triton_on_cpu
-@pytest.mark.parametrize("strategy", ["breakable", "compile"])
 @pytest.mark.parametrize(
-    ("family", "moe_backend"),
-    [("LlamaForCausalLM", "auto"), ("Qwen3MoeForCausalLM", "auto"), ("Qwen3MoeForCausalLM", "grouped_mm")],
+    ("family", "moe_backend", "strategy"),
+    # each strategy with each family; grouped_mm under one of them (the experts' kernel and the
+    # strategy meet nowhere)
+    [
+        ("LlamaForCausalLM", "auto", "breakable"),
+        ("LlamaForCausalLM", "auto", "compile"),
+        ("Qwen3MoeForCausalLM", "auto", "breakable"),
+        ("Qwen3MoeForCausalLM", "grouped_mm", "compile"),
+    ],
 )
-def test_decode_and_piecewise_graphs_match_eager(strategy: str, family: str, moe_backend: str) -> None:
+def test_decode_and_piecewise_graphs_match_eager(family: str, moe_backend: str, strategy: str) -> None:
     """Graphs (emulated: the same static buffers and padding) against eager. For the MoE family the
     padded rows of every replay are routed nowhere by a mask computed on the device at replay time; with
     grouped_mm the experts run as torch._grouped_mm, against the eager reference loop."""
