@@ -380,7 +380,8 @@ def test_compiled_replays_call_split_ops_as_bound_at_capture() -> None:
 @torch.no_grad()
 def test_a_dropped_runner_frees_its_model(strategy: str) -> None:
     """Nothing a runner hands to Dynamo (which keeps code objects and backends for the process's life)
-    may keep its model, graphs or KV cache alive once the runner is dropped."""
+    may keep its model, graphs or KV cache alive once the runner is dropped, and one collection frees
+    them, the runner in a reference cycle as an engine's is (the collector, not a refcount, drops it)."""
     import gc
     import weakref
 
@@ -390,6 +391,8 @@ def test_a_dropped_runner_frees_its_model(strategy: str) -> None:
     # the compile strategy's pieces hold its graphs and what split ops were bound to (the KV cache)
     held = [model, runner.strategy, *getattr(runner.strategy, "pieces", [])]
     dead = [weakref.ref(x) for x in held]
-    del model, runner, held
+    cycle: list[object] = [runner]
+    cycle.append(cycle)
+    del model, runner, held, cycle
     gc.collect()
     assert [ref() for ref in dead] == [None] * len(dead)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,6 +182,7 @@ class _Shared:
         self.stable: set[int] = set()  # data pointers a graph may read without a copy
         self.pieces: list[Piece] = []
         self.splits: list[str] = []
+        self._installed: list[tuple[torch.fx.GraphModule, str]] = []  # (split module, attribute) set here
 
     def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """The Dynamo backend."""
@@ -198,11 +200,25 @@ class _Shared:
         # replace them; done after compiling, which runs the split module on fake tensors.
         for name, piece in zip(piece_names, self.pieces, strict=True):
             split_gm.__dict__[name] = piece
+            self._installed.append((split_gm, name))
         for name, split in splits:
             call = _direct_call(getattr(split_gm, name), split, self)
             if call is not None:
                 split_gm.__dict__[name] = call
+                self._installed.append((split_gm, name))
         return split_gm
+
+    def release(self) -> None:
+        """Drop the pieces, their graphs and held outputs, and the bound split calls, now. (The strategy's
+        finalizer, after Dynamo's cache let go of the split module: that module and its FX graph are a
+        reference cycle, which the collector frees one pass later; until then it would keep the graphs,
+        their outputs and what the split calls were bound to, the KV cache.)"""
+        for module, name in self._installed:
+            module.__dict__.pop(name, None)
+        for piece in self.pieces:
+            piece.entries.clear()
+        self._installed, self.pieces = [], []
+        self.stable.clear()
 
     def _general_after_recompile(self, gm: torch.fx.GraphModule) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
@@ -237,7 +253,7 @@ class CompileStrategy(CaptureStrategy):
         self._compiled = torch.compile(entry, fullgraph=True, backend=_WeakBackend(shared))
         # NOTE: Dynamo's C side keeps the code object, and on it the compiled graphs, their pieces and the
         # attention launches bound to the KV cache, after the strategy is gone: they are dropped with it.
-        weakref.finalize(self, remove_from_cache, entry.__code__)
+        weakref.finalize(self, _forget, entry.__code__, shared)
 
     @property
     def num_pieces(self) -> int:
@@ -295,6 +311,12 @@ class CompileStrategy(CaptureStrategy):
             return self._compiled(*inputs)
         finally:
             shared.graph_size = None
+
+
+def _forget(code: types.CodeType, shared: _Shared) -> None:
+    """A dropped strategy's compiled code out of Dynamo's cache, and what its pieces held released."""
+    remove_from_cache(code)
+    shared.release()
 
 
 def _own_code(forward: Callable[..., Any]) -> Callable[..., Any]:
