@@ -129,7 +129,7 @@ def test_prefix_cached_extend_equals_full_prefill() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decodes", [2, SPLIT_MIN_SHORT], ids=["one-launch", "two-launches"])
-def test_mixed_batch_equals_each_sequence_alone(backend: str, decodes: int) -> None:
+def test_mixed_batch_equals_its_decodes_and_prefill_run_apart(backend: str, decodes: int) -> None:
     """Decodes and a whole prefill in one batch, the prefill listed among the decodes: its rows are
     reordered (short sequences first) and, with enough decodes, attention runs as two launches; the
     logits still come back in the order asked, equal to the decodes run as a decode batch of their own
@@ -162,8 +162,7 @@ def test_unknown_checkpoint_tensor_is_an_error() -> None:
 @needs_triton_on_cpu
 @pytest.mark.parametrize(
     ("family", "moe_backend", "strategy"),
-    # each strategy with each family; grouped_mm under one of them (the experts' kernel and the
-    # strategy meet nowhere)
+    # each strategy with each family; grouped_mm under the strategy that traces it with Dynamo
     [
         ("LlamaForCausalLM", "auto", "breakable"),
         ("LlamaForCausalLM", "auto", "compile"),
