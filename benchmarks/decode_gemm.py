@@ -153,7 +153,7 @@ def sweep_configs(fmt: str, n: int, k: int, m: int) -> list[GemvConfig]:
     """The default config first, then N tiles 32 / 64 x the format's two K tiles x (no split; the split
     that makes ~256 programs, with 4 or 8 warps), with as many stages as fit: at most 13; quantized
     formats also the split one with `native_mma` (at most 17). MXFP4 at M = 1 also `_fma_configs` (at
-    most 35); elsewhere `fma` is off in every config (the MMA kernel runs them all, the default too)."""
+    most 53); elsewhere `fma` is off in every config (the MMA kernel runs them all, the default too)."""
     _, default, block_ks, weight_bytes = SWEEP[fmt]
     one_row = m == 1 and fmt in ONE_ROW
     configs = [default(n, k) if one_row else dataclasses.replace(default(n, k), fma=False)]
@@ -175,16 +175,18 @@ def sweep_configs(fmt: str, n: int, k: int, m: int) -> list[GemvConfig]:
 def _fma_configs(n: int, k: int) -> list[GemvConfig]:
     """The one-row MXFP4 kernel's grid: N tiles 32 / 64 / 128 x K tiles 256 / 512 x (the split for ~256
     programs with 4 or 8 warps; the split for ~512 with 4 warps: more programs an SM to cover the
-    loads' latency). 4 stages, as the default (its loads feed no MMA): at most 18."""
+    loads' latency) x either decode (`f32_decode`). 4 stages, as the default (its loads feed no MMA): at
+    most 36."""
     configs = []
-    for block_n in (32, 64, 128):
-        for block_k in (256, 512):
-            n_tiles, k_steps = -(-n // block_n), -(-k // block_k)
-            split, more = _splits(n_tiles, k_steps), _splits(n_tiles, k_steps, 512)
-            for s, warps in ((split, 4), (split, 8), (more, 4)):
-                cfg = GemvConfig(block_n, block_k, s, warps, 4, fma=True)
-                if cfg not in configs:
-                    configs.append(cfg)
+    for f32_decode in (False, True):
+        for block_n in (32, 64, 128):
+            for block_k in (256, 512):
+                n_tiles, k_steps = -(-n // block_n), -(-k // block_k)
+                split, more = _splits(n_tiles, k_steps), _splits(n_tiles, k_steps, 512)
+                for s, warps in ((split, 4), (split, 8), (more, 4)):
+                    cfg = GemvConfig(block_n, block_k, s, warps, 4, fma=True, f32_decode=f32_decode)
+                    if cfg not in configs:
+                        configs.append(cfg)
     return configs
 
 

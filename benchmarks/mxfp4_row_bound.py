@@ -6,10 +6,9 @@ shapes with this card's tuned "mxfp4_m1" configs:
 * `no_cvt`: the same loads and integer decode, the float16 -> float32 conversion replaced by a bitcast
   (wrong values: it times the conversion's share);
 * `loads`: the loads and one float add per word (no decode at all: the memory's share);
-* `f32_bits`: an exact decode straight into float32 bits (sign to bit 31, exponent and mantissa to bits
-  22 - 24: 2^-126 of the e2m1 value, e = 0 a float32 subnormal, which FMAs take at full rate), x scaled
-  by 2^63 so the products stay normal, each group's sum scaled back: no conversion instruction, more
-  integer ones. Its largest relative difference from `kernel` is printed.
+* `f32_decode`: the kernel with its other decode (`GemvConfig.f32_decode`: each code straight into
+  float32 bits, no conversion instruction, more integer ones); its largest relative difference from
+  `kernel` is printed.
 
 `python -m benchmarks.mxfp4_row_bound [--out FILE]`: microseconds and the fraction of the copy
 bandwidth each reaches.
@@ -18,6 +17,7 @@ bandwidth each reaches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -28,29 +28,11 @@ from benchmarks.common import graph_ms, write_json
 from benchmarks.quant import gpu_bandwidth
 from tessera.layers.gemv import config_for, launch, slab, store
 from tessera.quant import mxfp4
-from tessera.quant.gemv_kernels import MX_EM2, MX_GROUP, MX_SIGNS2, MX_UNSCALE, mxfp4_config, mxfp4_gemv
+from tessera.quant.gemv_kernels import MX_GROUP, MX_UNSCALE, mxfp4_config, mxfp4_gemv
+from tessera.quant.gemv_kernels import _nibble_halves as halves
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-VARIANTS = {"no_cvt": 1, "loads": 2, "f32_bits": 3}
-SIGN32, EM32 = tl.constexpr(-0x80000000), tl.constexpr(0x01C00000)
-# x times 2^63, a product 2^-63 of x * w: each group's sum times 2^63 again
-X_UP = tl.constexpr(2.0**63)
-
-
-@triton.jit
-def _halves(words, NIBBLE: tl.constexpr):
-    if NIBBLE == 3:
-        return (words & MX_SIGNS2) | ((words >> 3) & MX_EM2)
-    return ((words << (12 - 4 * NIBBLE)) & MX_SIGNS2) | ((words << (9 - 4 * NIBBLE)) & MX_EM2)
-
-
-@triton.jit
-def _f32_bits(words, NIBBLE: tl.constexpr):
-    """float32 of nibble NIBBLE (0 .. 7) of each word: 2^-126 of its e2m1 value."""
-    sign = (words << (28 - 4 * NIBBLE)) & SIGN32
-    if NIBBLE <= 5:
-        return (sign | ((words << (22 - 4 * NIBBLE)) & EM32)).to(tl.float32, bitcast=True)
-    return (sign | ((words >> (4 * NIBBLE - 22)) & EM32)).to(tl.float32, bitcast=True)
+VARIANTS = {"no_cvt": 1, "loads": 2}
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -73,22 +55,15 @@ def _variant_kernel(
         part = tl.zeros([BLOCK_N, BLOCK_K // MX_GROUP, MX_GROUP // 8], dtype=tl.float32)
         if MODE == 2:
             part += words.to(tl.float32, bitcast=True)
-        elif MODE == 3:
-            for j in tl.static_range(8):
-                xj = tl.load(x_at + j, mask=g_ok[:, None], other=0.0).to(tl.float32) * X_UP
-                part += _f32_bits(words, j) * xj[None, :, :]
         else:
             for i in tl.static_range(4):
-                bits = _halves(words, i)
+                bits = halves(words, i)
                 x_lo = tl.load(x_at + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
                 x_hi = tl.load(x_at + 4 + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
                 part += bits.to(tl.float32, bitcast=True) * x_lo[None, :, :]
                 part += (bits >> 16).to(tl.float32, bitcast=True) * x_hi[None, :, :]
         s = tl.load(Ws + rows * stride_sn + kg[None, :], mask=ok, other=0).to(tl.int32)
-        if MODE == 3:
-            acc += (tl.sum(part, 2) * X_UP) * (s << 23).to(tl.float32, bitcast=True)
-        else:
-            acc += tl.sum(part, 2) * ((s << 23).to(tl.float32, bitcast=True) * MX_UNSCALE)
+        acc += tl.sum(part, 2) * ((s << 23).to(tl.float32, bitcast=True) * MX_UNSCALE)
     store(tl.sum(acc, 1)[None, :], Out, Bias, offs_n, n_ok, M, N, stride_om, HAS_BIAS, PARTIAL, 1)
 
 
@@ -101,13 +76,18 @@ def run_shape(name: str, bandwidth: float) -> list[dict]:
     cfg = config_for(x.device, "mxfp4_m1", n, k) or mxfp4_config(n, k)
     codes = blocks.contiguous().view(torch.int32)
     nbytes = blocks.numel() + scales.numel() + x.numel() * 2 + n * 2
-    calls = {"kernel": lambda: mxfp4_gemv(x, blocks, scales, config=cfg)}
+    cfg = dataclasses.replace(cfg, fma=True, f32_decode=False)
+    f32 = dataclasses.replace(cfg, f32_decode=True)
+    calls = {
+        "kernel": lambda: mxfp4_gemv(x, blocks, scales, config=cfg),
+        "f32_decode": lambda: mxfp4_gemv(x, blocks, scales, config=f32),
+    }
     for variant, mode in VARIANTS.items():
         calls[variant] = lambda mode=mode: launch(
             _variant_kernel, x, (codes, scales.contiguous()), n, k, None, cfg, x.dtype, MODE=mode
         )
     want = calls["kernel"]().float()
-    got = calls["f32_bits"]().float()
+    got = calls["f32_decode"]().float()
     rel = ((got - want).abs().max() / want.abs().max()).item()
     out = []
     for variant, fn in calls.items():
@@ -116,8 +96,8 @@ def run_shape(name: str, bandwidth: float) -> list[dict]:
         print(f"  {name:8s} {variant:9s} {us:7.1f} us  {frac:.2f} of copy bandwidth", flush=True)
         out.append({"shape": name, "n": n, "k": k, "variant": variant, "us": round(us, 2),
                     "of_copy_bandwidth": round(frac, 3), "config": vars(cfg)} | (
-                        {"max_rel_diff_vs_kernel": rel} if variant == "f32_bits" else {}))  # fmt: skip
-    print(f"  {name:8s} f32_bits vs kernel: max relative difference {rel:.2e}", flush=True)
+                        {"max_rel_diff_vs_kernel": rel} if variant == "f32_decode" else {}))  # fmt: skip
+    print(f"  {name:8s} f32_decode vs kernel: max relative difference {rel:.2e}", flush=True)
     return out
 
 

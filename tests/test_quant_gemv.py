@@ -141,13 +141,15 @@ ROW_KERNEL, MMA_KERNEL = "_mxfp4_row_kernel", "_mxfp4_gemv_kernel"
 def test_mxfp4_one_row_kernel_matches_float64(n: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """One row of x: the FMA kernel by default (no split at these sizes) and with `fma` configs: split K
     in 3 (2 where K = 256), N tiles of 16 and 32 (130 rows: a partial one), K steps of 64 to 256 (of 32:
-    `test_mxfp4_one_row_decode_is_exact_for_every_code`)."""
+    `test_mxfp4_one_row_decode_is_exact_for_every_code`), either decode (`f32_decode`)."""
     blocks, scales = mxfp4.quantize(_weight(n, k, seed=n + k))
     w = mxfp4.dequantize(blocks, scales)
     blocks, scales = _on_device(blocks, scales)
     split = dataclasses.replace(SPLIT, fma=True)
+    f32 = dataclasses.replace(split, f32_decode=True)
     cases = [(torch.float32, True, None), (torch.bfloat16, False, split), (torch.float16, True, split),
-             (torch.bfloat16, True, gemv.GemvConfig(16, 128, fma=True))]  # fmt: skip
+             (torch.bfloat16, True, gemv.GemvConfig(16, 128, fma=True)), (torch.bfloat16, True, f32),
+             (torch.float32, False, gemv.GemvConfig(16, 64, fma=True, f32_decode=True))]  # fmt: skip
     launched = _launched(monkeypatch)
     for dtype, with_bias, config in cases:
         x, bias = _activations(1, n, k, dtype, with_bias)
@@ -166,7 +168,8 @@ def test_mxfp4_one_row_decode_is_exact_for_every_code() -> None:
     scales = torch.tensor([127] * 6 + [100] * 5 + [150] * 5 + [127, 0], dtype=torch.uint8)[:, None]
     want = mxfp4.dequantize(blocks, scales)
     dev_blocks, dev_scales = _on_device(blocks, scales)
-    for config in (None, gemv.GemvConfig(16, 32, fma=True)):
+    fma = gemv.GemvConfig(16, 32, fma=True)
+    for config in (None, fma, dataclasses.replace(fma, f32_decode=True)):
         got = torch.cat([gemv.mxfp4_gemv(row[None], dev_blocks, dev_scales, config=config).cpu()
                          for row in torch.eye(32, device=DEVICE)])  # fmt: skip
         assert torch.equal(got, want.T)
@@ -201,6 +204,8 @@ def test_mxfp4_dispatch_by_rows_and_config(monkeypatch: pytest.MonkeyPatch) -> N
     q, scale = _on_device(*fp8.quantize_weight(_weight(48, 256, seed=5), "block"))
     with pytest.raises(ValueError, match="fma"):
         gemv.fp8_gemv(xq, xs, q, scale, "block", torch.bfloat16, config=gemv.GemvConfig(32, 128, fma=True))
+    with pytest.raises(ValueError, match="f32_decode"):
+        gemv.mxfp4_gemv(x, blocks, scales, config=gemv.GemvConfig(32, 128, f32_decode=True))
 
 
 def _poison(x: torch.Tensor) -> torch.Tensor:
@@ -384,7 +389,7 @@ def test_the_sweep_picks_the_config_closest_to_each_rows_best() -> None:
 
     def fields(block_n: int) -> dict:
         return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4,
-                "native_mma": False, "fma": False}  # fmt: skip
+                "native_mma": False, "fma": False, "f32_decode": False}  # fmt: skip
 
     def trial(block_n: int, us: float | None) -> dict:
         return {**fields(block_n), **({"us": us} if us is not None else {"error": "OutOfResources"})}
@@ -415,7 +420,9 @@ def test_the_sweep_picks_mxfp4_one_row_configs_apart() -> None:
     one, more = sweep_configs("mxfp4", 4096, 14336, 1), sweep_configs("mxfp4", 4096, 14336, 4)
     assert one[0] == gemv.mxfp4_config(4096, 14336) and one[0].fma
     assert not any(cfg.fma for cfg in more) and more[0] == dataclasses.replace(one[0], fma=False)
-    assert [cfg for cfg in one if not cfg.fma] == more[1:] and len(one) <= 35
+    assert [cfg for cfg in one if not cfg.fma] == more[1:] and len(one) <= 53
+    assert {cfg.f32_decode for cfg in one if cfg.fma} == {False, True}
+    assert not any(cfg.f32_decode for cfg in more)
     assert not any(cfg.fma for cfg in sweep_configs("fp8", 4096, 14336, 1))
 
     def trial(cfg: gemv.GemvConfig, us: float) -> dict:

@@ -61,7 +61,9 @@ class GemvConfig:
     activations' dtype in registers: FP8's to an fp8 MMA, MXFP4's codes and scales to `tl.dot_scaled`
     (Triton's own e2m1 upcast where the card has no MXFP4 MMA, the MMA itself where it has). `fma`
     (MXFP4 only): one row of x takes CUDA-core FMAs in registers, no MMA, with these tiles; more rows take
-    the MMA kernel (the other fields) as if it were off."""
+    the MMA kernel (the other fields) as if it were off. `f32_decode` (with `fma`): that kernel decodes
+    each code straight into float32 bits rather than into float16 ones it then converts (more integer
+    operations, no conversions: which is faster is the card's, so the sweep tries both)."""
 
     block_n: int
     block_k: int
@@ -70,6 +72,7 @@ class GemvConfig:
     num_stages: int = 4
     native_mma: bool = False
     fma: bool = False
+    f32_decode: bool = False
 
 
 # The shape rule for cards and shapes without a tuned entry. H100 / H200 have 132 SMs. Two programs an
@@ -107,6 +110,8 @@ def check_config(
         raise ValueError("native_mma: a config of quantized weights only")
     if cfg.fma and not has_fma:
         raise ValueError("fma: a config of MXFP4 weights only")
+    if cfg.f32_decode and not cfg.fma:
+        raise ValueError("f32_decode: a config of the one-row FMA kernel only (with fma)")
     for name in ("block_n", "block_k"):
         size = getattr(cfg, name)
         if size < 16 or size != next_pow2(size):

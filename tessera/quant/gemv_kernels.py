@@ -59,6 +59,9 @@ MX_GROUP = tl.constexpr(32)
 PER_TENSOR, PER_CHANNEL, BLOCKWISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _SCHEME_IDS = {"per_tensor": PER_TENSOR.value, "per_channel": PER_CHANNEL.value, "block": BLOCKWISE.value}
 MX_UNSCALE = tl.constexpr(16384.0)  # 2^14: the float16 decode's values are 2^-14 of e2m1's
+# the float32 decode (`_f32_bits`): its sign and exponent-mantissa bits; x times 2^63 (each group's sum
+# times 2^63 again), so products of its 2^-126-scaled values stay normal
+MX_SIGN32, MX_EM32, MX_X_UP = tl.constexpr(-0x80000000), tl.constexpr(0x01C00000), tl.constexpr(2.0**63)
 # the float16 sign bits and exponent-mantissa bits of both halves of an int32 (0x80008000 as int32)
 MX_SIGNS2, MX_EM2 = tl.constexpr(-0x7FFF8000), tl.constexpr(0x0E000E00)
 # `tl.dot_scaled`'s names of the activations' dtypes
@@ -208,6 +211,17 @@ def _nibble_halves(words, NIBBLE: tl.constexpr):
 
 
 @triton.jit
+def _f32_bits(words, NIBBLE: tl.constexpr):
+    """float32 of nibble NIBBLE (0 .. 7) of each int32 word: its sign to bit 31, its exponent and mantissa
+    to bits 22 .. 24, which is 2^-126 of the e2m1 value exactly (e = 0, 0.5, a float32 subnormal: FMAs
+    take those at full rate, and the products, with x scaled by 2^63, are normal)."""
+    sign = (words << (28 - 4 * NIBBLE)) & MX_SIGN32
+    if NIBBLE <= 5:
+        return (sign | ((words << (22 - 4 * NIBBLE)) & MX_EM32)).to(tl.float32, bitcast=True)
+    return (sign | ((words >> (4 * NIBBLE - 22)) & MX_EM32)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _f16_half(bits, HIGH: tl.constexpr):
     """float32 of the float16 in the low (or HIGH) 16 bits of int32 `bits`."""
     if HIGH:
@@ -219,12 +233,14 @@ def _f16_half(bits, HIGH: tl.constexpr):
 def _mxfp4_row_kernel(
     X, Wq, Ws, Bias, Out, M, N, K, K_SPLIT, stride_xm, stride_qn, stride_sn, stride_om,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_IN_F32: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, F32_DECODE: tl.constexpr,
 ):  # fmt: skip
     """Out[0, n] = sum_k X[0, k] * W[n, k] (+ Bias[n]) over this program's K split, for x of one row (M =
     1) and W in MXFP4 (K a multiple of 32), by CUDA-core FMAs in float32 on the weights where they were
     loaded: no MMA, so no layout conversion of W (DOT_IN_F32, which `launch` passes every kernel, is
-    unused). `Wq`: the codes as int32 [N, K/8], four bytes (eight codes) a word, as stored.
+    unused). `Wq`: the codes as int32 [N, K/8], four bytes (eight codes) a word, as stored. F32_DECODE:
+    each code decoded into float32 bits on its own (`_f32_bits`) instead of the paired float16 decode
+    below and its conversions.
 
     A K step loads W as [BLOCK_N, groups, 4] words (a scale group of a row: 16 contiguous bytes, which
     Triton's layout gives one thread as one vectorized load) and decodes two codes per integer op: word w
@@ -246,14 +262,23 @@ def _mxfp4_row_kernel(
         words = tl.load(Wq + rows[:, :, None] * stride_qn + word, mask=ok[:, :, None], other=0)
         x_at = X + kg[:, None] * MX_GROUP + 8 * w4[None, :]  # [groups, words]: each word's element 0
         part = tl.zeros([BLOCK_N, BLOCK_K // MX_GROUP, MX_GROUP // 8], dtype=tl.float32)
-        for i in tl.static_range(4):
-            bits = _nibble_halves(words, i)
-            x_lo = tl.load(x_at + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            x_hi = tl.load(x_at + 4 + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            part += _f16_half(bits, False) * x_lo[None, :, :]
-            part += _f16_half(bits, True) * x_hi[None, :, :]
+        if F32_DECODE:
+            for j in tl.static_range(8):
+                x_j = tl.load(x_at + j, mask=g_ok[:, None], other=0.0).to(tl.float32) * MX_X_UP
+                part += _f32_bits(words, j) * x_j[None, :, :]
+        else:
+            for i in tl.static_range(4):
+                bits = _nibble_halves(words, i)
+                x_lo = tl.load(x_at + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                x_hi = tl.load(x_at + 4 + i, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                part += _f16_half(bits, False) * x_lo[None, :, :]
+                part += _f16_half(bits, True) * x_hi[None, :, :]
         s = tl.load(Ws + rows * stride_sn + kg[None, :], mask=ok, other=0).to(tl.int32)
-        acc += tl.sum(part, 2) * ((s << 23).to(tl.float32, bitcast=True) * MX_UNSCALE)
+        scale = (s << 23).to(tl.float32, bitcast=True)
+        if F32_DECODE:  # the products are 2^-63 of x * w: back first, then the group's scale
+            acc += (tl.sum(part, 2) * MX_X_UP) * scale
+        else:
+            acc += tl.sum(part, 2) * (scale * MX_UNSCALE)
     store(tl.sum(acc, 1)[None, :], Out, Bias, offs_n, n_ok, M, N, stride_om, HAS_BIAS, PARTIAL, 1)
 
 
@@ -306,7 +331,10 @@ def mxfp4_gemv(
     if cfg.fma and one_row:
         # int32 words of codes: a byte offset that is not a multiple of 4 takes a copy
         codes = operands[0] if operands[0].storage_offset() % 4 == 0 else operands[0].clone()
-        return launch(_mxfp4_row_kernel, x, (codes.view(torch.int32), operands[1]), n, k, bias, cfg, x.dtype)
+        return launch(
+            _mxfp4_row_kernel, x, (codes.view(torch.int32), operands[1]), n, k, bias, cfg, x.dtype,
+            F32_DECODE=cfg.f32_decode,
+        )  # fmt: skip
     x_format = _DOT_SCALED_FORMATS.get(x.dtype)
     if cfg.native_mma and x_format is None:
         if config is not None:
