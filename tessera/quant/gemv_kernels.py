@@ -240,7 +240,7 @@ def _mxfp4_row_kernel(
     loaded: no MMA, so no layout conversion of W (DOT_IN_F32, which `launch` passes every kernel, is
     unused). `Wq`: the codes as int32 [N, K/8], four bytes (eight codes) a word, as stored. F32_DECODE:
     each code decoded into float32 bits on its own (`_f32_bits`) instead of the paired float16 decode
-    below and its conversions.
+    below and its conversions (x times 2^63 overflows past 2^65 in magnitude, far beyond activations).
 
     A K step loads W as [BLOCK_N, groups, 4] words (a scale group of a row: 16 contiguous bytes, which
     Triton's layout gives one thread as one vectorized load) and decodes two codes per integer op: word w
