@@ -208,18 +208,14 @@ def test_penalties_and_logprobs_match_plain_decoding(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- EAGLE
 
 
-def _eagle(tmp_path: Path, echo: bool = False, layers: int | None = None) -> tuple[Path, dict[str, Any]]:
-    """The Llama target (of `layers` layers, if given) and a random EAGLE head; `echo`: a head whose
-    output is its feature (its fc passes the feature through, its layer adds nothing), which drafts the
-    target's last choice again."""
+def _eagle(tmp_path: Path, echo: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The Llama target and a random EAGLE head; `echo`: a head whose output is its feature (its fc
+    passes the feature through, its layer adds nothing), which drafts the target's last choice again."""
     from safetensors.torch import load_file, save_file
 
     from tessera.testing.eagle_checkpoint import save_random_eagle_head
 
     folder = _folder(tmp_path, "llama")
-    if layers is not None:
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps(config | {"num_hidden_layers": layers}))
     head = tmp_path / "eagle-head"
     save_random_eagle_head(head, BASE | CONFIGS["llama"], seed=3)
     if echo:
@@ -423,7 +419,7 @@ def test_eagle_through_full_graphs_keeps_greedy_output(tmp_path: Path) -> None:
     replays (which upload nothing of their batches). An echoing head, so drafts are accepted too. The
     reference is plain decoding with torch's attention, eagerly (the interpreter is slow): equal but
     where a near tie rounds the other way."""
-    folder, spec = _eagle(tmp_path, echo=True, layers=3)
+    folder, spec = _eagle(tmp_path, echo=True)
     params = [SamplingParams(max_tokens=10, ignore_eos=True, top_logprobs=2)]
     with LLM(str(folder), device="cpu", load_format="dummy") as llm:
         want = llm.generate(PROMPTS[1:2], params)
